@@ -1,0 +1,6 @@
+"""jaxft: fine-tune Hugging Face language models in JAX/Flax and hand them back to PyTorch."""
+
+from jaxft.errors import JaxftError
+from jaxft.hf_io import from_pretrained, save_pretrained
+
+__all__ = ["JaxftError", "from_pretrained", "save_pretrained"]

@@ -1,0 +1,37 @@
+r"""Convert a checkpoint jaxft can read (HF directory, hub id, `.gguf` file) to a HF directory.
+
+  python -m jaxft.convert --model=path/to/model.gguf --out=/tmp/smollm2-hf
+
+Loads the weights into jaxft (checking every tensor against the model), writes them back with
+Hugging Face names as safetensors, and copies the tokenizer, so `transformers` can load the result.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from absl import app, flags
+
+from jaxft import hf_io
+from jaxft.errors import JaxftError
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("model", None, "HF model directory, hub id or .gguf file.", required=True)
+flags.DEFINE_string("out", None, "Output directory.", required=True)
+flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16", "float16"], "Output dtype.")
+flags.DEFINE_bool("overwrite", False, "Write into an existing non-empty directory.")
+
+
+def main(argv: list[str]) -> None:
+    del argv
+    try:
+        model = hf_io.from_pretrained(FLAGS.model)
+        out = hf_io.save_pretrained(model, FLAGS.out, dtype=FLAGS.dtype, overwrite=FLAGS.overwrite)
+        hf_io.copy_tokenizer(FLAGS.model, out)
+    except JaxftError as e:
+        sys.exit(f"error: {e}")
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,0 +1,1 @@
+"""Data pipeline: sources, formats, tokenization, packing, resumable batches."""

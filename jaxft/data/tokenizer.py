@@ -1,0 +1,54 @@
+"""Load the tokenizer that belongs to a checkpoint, whatever form the checkpoint arrived in.
+
+`load_tokenizer` accepts an HF model directory, a hub id, or a `.gguf` file (whose embedded
+vocabulary and chat template transformers can rebuild). Remote code is never trusted: a tokenizer
+that needs it is a checkpoint we cannot reproduce, so it fails loudly instead.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+
+import transformers
+from transformers import PreTrainedTokenizerBase
+
+from jaxft.errors import JaxftError
+
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.txt",
+                    "vocab.json")
+
+
+def load_tokenizer(model_path: str) -> PreTrainedTokenizerBase:
+    """The tokenizer of `model_path`: an HF directory, a hub id, or a path to a `.gguf` file.
+
+    A directory holding no tokenizer files but exactly one `.gguf` file loads from that file, so
+    the same path can be given for weights and tokenizer.
+    """
+    path = os.fspath(model_path)
+    if path.lower().endswith(".gguf"):
+        if not os.path.isfile(path):
+            raise JaxftError(f"GGUF file not found: {path}")
+        return _from_pretrained(os.path.dirname(os.path.abspath(path)), path,
+                                gguf_file=os.path.basename(path))
+    if os.path.isdir(path):
+        has_files = any(os.path.exists(os.path.join(path, f)) for f in _TOKENIZER_FILES)
+        ggufs = sorted(glob.glob(os.path.join(path, "*.gguf")))
+        if not has_files and len(ggufs) == 1:
+            return load_tokenizer(ggufs[0])
+        if not has_files:
+            raise JaxftError(f"{path}: no tokenizer files found (expected one of "
+                             f"{', '.join(_TOKENIZER_FILES)}, or a single .gguf file)")
+        return _from_pretrained(path, path)
+    if os.path.exists(path) or path.startswith((".", "/", "~")):
+        raise JaxftError(f"tokenizer path is not a model directory or .gguf file: {path}")
+    return _from_pretrained(path, path)  # a hub id such as 'HuggingFaceTB/SmolLM2-135M-Instruct'
+
+
+def _from_pretrained(location: str, shown: str, **kwargs) -> PreTrainedTokenizerBase:
+    try:
+        return transformers.AutoTokenizer.from_pretrained(location, trust_remote_code=False,
+                                                          **kwargs)
+    except (OSError, ValueError) as e:  # transformers reports missing files/ids as these
+        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise JaxftError(f"could not load a tokenizer from {shown}: {first_line}") from e

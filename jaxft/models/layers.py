@@ -1,0 +1,265 @@
+"""Building blocks shared by every model family.
+
+Einsum axis letters used throughout the models:
+  B batch, T query positions, S key positions, D model width, F MLP width,
+  N query heads, K key/value heads, G query heads per key/value head (N = K·G), H head dim, V vocab.
+
+Every parameter carries `axes`: a tuple of logical axis names, one per array dimension. They mean
+nothing to the model; `jaxft.sharding` maps them onto a device mesh through one rules table.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from jaxft.errors import JaxftError
+
+Array = jax.Array
+# A finite stand-in for -inf: fully masked rows (padding attending to nothing) stay NaN-free.
+MASK_VALUE = -0.7 * float(np.finfo(np.float32).max)
+
+
+def param(rngs: nnx.Rngs, init: Callable, shape: Sequence[int], axes: tuple, dtype) -> nnx.Param:
+    """A parameter with its logical axis names attached."""
+    return nnx.Param(init(rngs.params(), tuple(shape), dtype), axes=axes)
+
+
+class Linear(nnx.Module):
+    """`x @ kernel + bias`, with the kernel stored [in, out] and an optional additive adapter.
+
+    `adapter` is None unless LoRA is applied (`jaxft.lora`); the model never needs to know what
+    the adapter is, only that its output adds to the projection.
+    """
+
+    def __init__(
+        self,
+        d_in: int,
+        d_out: int,
+        axes: tuple[str | None, str | None],
+        *,
+        bias: bool,
+        rngs: nnx.Rngs,
+        param_dtype=jnp.float32,
+        dtype=None,
+    ):
+        self.kernel = param(rngs, nnx.initializers.normal(0.02), (d_in, d_out), axes, param_dtype)
+        self.bias = (
+            param(rngs, nnx.initializers.zeros, (d_out,), (axes[1],), param_dtype) if bias else None
+        )
+        self.adapter: nnx.Module | None = None
+        self.dtype = dtype
+
+    def __call__(self, x: Array) -> Array:
+        dtype = self.dtype or self.kernel[...].dtype
+        y = jnp.einsum("...i,io->...o", x.astype(dtype), self.kernel[...].astype(dtype))
+        if self.bias is not None:
+            y = y + self.bias[...].astype(dtype)
+        if self.adapter is not None:
+            y = y + self.adapter(x).astype(dtype)
+        return y
+
+
+class Embed(nnx.Module):
+    """A token (or position) table [V, D]; `attend` reuses it as a tied output head."""
+
+    def __init__(
+        self,
+        num: int,
+        dim: int,
+        axes: tuple[str, str],
+        *,
+        rngs: nnx.Rngs,
+        param_dtype=jnp.float32,
+        dtype=None,
+    ):
+        self.embedding = param(rngs, nnx.initializers.normal(0.02), (num, dim), axes, param_dtype)
+        self.dtype = dtype
+
+    def __call__(self, ids: Array) -> Array:
+        table = self.embedding[...]
+        return jnp.take(table, ids, axis=0).astype(self.dtype or table.dtype)
+
+    def attend(self, x: Array) -> Array:
+        """Logits against the table, for tied input/output embeddings."""
+        dtype = self.dtype or self.embedding[...].dtype
+        return jnp.einsum("btd,vd->btv", x.astype(dtype), self.embedding[...].astype(dtype))
+
+
+class RMSNorm(nnx.Module):
+    """LLaMA's RMSNorm, computed in float32 and cast back before the scale, exactly as HF does."""
+
+    def __init__(self, dim: int, eps: float, *, param_dtype=jnp.float32):
+        self.weight = nnx.Param(jnp.ones((dim,), param_dtype), axes=("norm",))
+        self.eps = eps
+
+    def __call__(self, x: Array) -> Array:
+        h = x.astype(jnp.float32)
+        h = h * jax.lax.rsqrt(jnp.mean(h * h, axis=-1, keepdims=True) + self.eps)
+        return self.weight[...] * h.astype(x.dtype)
+
+
+class LayerNorm(nnx.Module):
+    """GPT-2/BERT LayerNorm with weight and bias, statistics in float32."""
+
+    def __init__(self, dim: int, eps: float, *, param_dtype=jnp.float32):
+        self.weight = nnx.Param(jnp.ones((dim,), param_dtype), axes=("norm",))
+        self.bias = nnx.Param(jnp.zeros((dim,), param_dtype), axes=("norm",))
+        self.eps = eps
+
+    def __call__(self, x: Array) -> Array:
+        h = x.astype(jnp.float32)
+        mean = jnp.mean(h, axis=-1, keepdims=True)
+        var = jnp.mean(jnp.square(h - mean), axis=-1, keepdims=True)
+        h = (h - mean) * jax.lax.rsqrt(var + self.eps)
+        return (h * self.weight[...] + self.bias[...]).astype(x.dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# Attention
+# ---------------------------------------------------------------------------------------------
+
+
+def attention_mask(
+    q_segments: Array,
+    kv_segments: Array,
+    q_positions: Array | None = None,
+    kv_positions: Array | None = None,
+    *,
+    causal: bool,
+    sliding_window: int | None = None,
+) -> Array:
+    """A boolean [B, 1, T, S] mask: who may attend to whom.
+
+    Segment ids say which example a token belongs to (0 = padding, 1, 2, … for packed examples),
+    so attention never crosses examples; a KV cache marks its empty slots with segment 0. Causality
+    is decided by positions, which restart inside each packed example.
+    """
+    mask = q_segments[:, :, None] == kv_segments[:, None, :]
+    if causal:
+        delta = q_positions[:, :, None] - kv_positions[:, None, :]
+        mask &= delta >= 0
+        if sliding_window is not None:
+            mask &= delta < sliding_window
+    return mask[:, None, :, :]
+
+
+def dot_product_attention(q: Array, k: Array, v: Array, mask: Array, scale: float) -> Array:
+    """Grouped-query attention: q [B,T,N,H], k/v [B,S,K,H], mask [B,1,T,S] -> [B,T,N,H].
+
+    Scores and softmax run in float32 whatever the compute dtype, as HF's eager path does.
+    """
+    b, t, n, h = q.shape
+    kv_heads = k.shape[2]
+    q = q.reshape(b, t, kv_heads, n // kv_heads, h)  # B T K G H
+    scores = jnp.einsum("btkgh,bskh->bkgts", q, k, preferred_element_type=jnp.float32) * scale
+    scores = jnp.where(mask[:, :, None], scores, MASK_VALUE)  # mask: B 1 1 T S
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    out = jnp.einsum("bkgts,bskh->btkgh", probs, v)
+    return out.reshape(b, t, n, h)
+
+
+# ---------------------------------------------------------------------------------------------
+# Rotary position embeddings (LLaMA family)
+# ---------------------------------------------------------------------------------------------
+
+ROPE_TYPES = ("default", "linear", "llama3")
+
+
+def rope_inverse_frequencies(head_dim: int, theta: float, scaling: dict | None) -> np.ndarray:
+    """The [H/2] inverse frequencies, computed in float32 as transformers does."""
+    exponents = np.arange(0, head_dim, 2, dtype=np.int64).astype(np.float32) / np.float32(head_dim)
+    inv_freq = (1.0 / (np.float32(theta) ** exponents)).astype(np.float32)
+    rope_type = (scaling or {}).get("rope_type", (scaling or {}).get("type", "default"))
+    if rope_type == "default":
+        return inv_freq
+    if rope_type == "linear":
+        return (inv_freq / np.float32(scaling["factor"])).astype(np.float32)
+    if rope_type == "llama3":
+        factor, low, high = (
+            scaling["factor"],
+            scaling["low_freq_factor"],
+            scaling["high_freq_factor"],
+        )
+        old_len = scaling["original_max_position_embeddings"]
+        low_wavelen, high_wavelen = old_len / low, old_len / high
+        wavelen = (2 * math.pi / inv_freq).astype(np.float32)
+        scaled = np.where(wavelen > low_wavelen, inv_freq / factor, inv_freq).astype(np.float32)
+        smooth = ((old_len / wavelen - low) / (high - low)).astype(np.float32)
+        smoothed = ((1 - smooth) * scaled / factor + smooth * scaled).astype(np.float32)
+        medium = ~(wavelen < high_wavelen) & ~(wavelen > low_wavelen)
+        return np.where(medium, smoothed, scaled).astype(np.float32)
+    raise JaxftError(
+        f"rope type {rope_type!r} is not supported (supported: {', '.join(ROPE_TYPES)})"
+    )
+
+
+def apply_rope(x: Array, positions: Array, inv_freq: np.ndarray) -> Array:
+    """Rotate x [B,T,heads,H] by its positions [B,T], HF's half-split layout (rotate_half)."""
+    freqs = positions[..., None].astype(jnp.float32) * jnp.asarray(inv_freq)  # B T H/2
+    emb = jnp.concatenate([freqs, freqs], axis=-1)[:, :, None, :]  # B T 1 H
+    cos, sin = jnp.cos(emb).astype(x.dtype), jnp.sin(emb).astype(x.dtype)
+    x1, x2 = jnp.split(x, 2, axis=-1)
+    rotated = jnp.concatenate([-x2, x1], axis=-1)
+    return x * cos + rotated * sin
+
+
+# ---------------------------------------------------------------------------------------------
+# Layer stacks: one set of arrays with a leading `layers` axis, run under `jax.lax.scan`
+# ---------------------------------------------------------------------------------------------
+
+REMAT_POLICIES: dict[str, Any] = {
+    "none": None,
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots_saveable": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+def stack_layers(layers: list[nnx.Module]) -> nnx.Module:
+    """Fuse identical layers into one module whose arrays gain a leading `layers` axis.
+
+    Scanning over a stacked layer keeps compile time flat in depth; the extra axis is named so
+    sharding rules can leave it unsharded.
+    """
+    graphdef, first = nnx.split(layers[0])
+    states = [first] + [nnx.split(layer)[1] for layer in layers[1:]]
+
+    def stack(*variables: nnx.Variable) -> nnx.Variable:
+        axes = variables[0].get_metadata().get("axes")
+        value = jnp.stack([v.get_value() for v in variables])
+        return variables[0].replace(value=value, axes=("layers", *axes) if axes else None)
+
+    stacked = jax.tree.map(stack, *states, is_leaf=lambda x: isinstance(x, nnx.Variable))
+    return nnx.merge(graphdef, stacked)
+
+
+def scan_layers(
+    stack: nnx.Module, h: Array, *, remat: str = "none", cache: Any = None, **kwargs
+) -> tuple[Array, Any]:
+    """Run `h, layer_cache = layer(h, cache=layer_cache, **kwargs)` over a stacked module.
+
+    `cache` (a pytree with a leading layer axis, or None when training) goes in one layer slice
+    at a time and comes back updated, so generation needs no second code path.
+    """
+    graphdef, state = nnx.split(stack)
+
+    def body(carry: Array, xs) -> tuple[Array, Any]:
+        layer_state, layer_cache = xs
+        return nnx.merge(graphdef, layer_state)(carry, cache=layer_cache, **kwargs)
+
+    if remat not in REMAT_POLICIES:
+        raise JaxftError(f"remat policy {remat!r} unknown (known: {', '.join(REMAT_POLICIES)})")
+    if remat != "none":
+        body = jax.checkpoint(body, policy=REMAT_POLICIES[remat])
+    return jax.lax.scan(body, h, (state, cache))
+
+
+def num_layers(stack: nnx.Module) -> int:
+    """How many layers a stacked module holds."""
+    return jax.tree.leaves(nnx.state(stack))[0].shape[0]

@@ -1,0 +1,106 @@
+"""Each broken checkpoint ends in one clear line naming the culprit."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from safetensors.numpy import load_file, save_file
+
+import jaxft
+from tests import hf_models
+
+
+@pytest.fixture
+def llama_dir(tmp_path):
+    hf_models.build(hf_models.llama_config()).save_pretrained(tmp_path)
+    return tmp_path
+
+
+def one_line(error: pytest.ExceptionInfo) -> str:
+    message = str(error.value)
+    assert "\n" not in message
+    return message
+
+
+def test_directory_without_config(tmp_path):
+    with pytest.raises(jaxft.JaxftError) as e:
+        jaxft.from_pretrained(tmp_path)
+    assert one_line(e) == f"{tmp_path}: no config.json (expected a Hugging Face model directory)"
+
+
+def test_missing_path_is_not_sent_to_the_hub(tmp_path):
+    with pytest.raises(jaxft.JaxftError, match="no such file or directory"):
+        jaxft.from_pretrained(tmp_path / "nope")
+
+
+def test_unreachable_hub_id(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(jaxft.JaxftError) as e:
+        jaxft.from_pretrained("some-org/some-model")
+    assert one_line(e).startswith("some-org/some-model: not a local path, and the hub download")
+
+
+def test_unsupported_model_type(llama_dir):
+    config = json.loads((llama_dir / "config.json").read_text())
+    config["model_type"] = "t5"
+    (llama_dir / "config.json").write_text(json.dumps(config))
+    with pytest.raises(jaxft.JaxftError) as e:
+        jaxft.from_pretrained(llama_dir)
+    assert one_line(e) == (
+        f"{llama_dir / 'config.json'}: model_type 't5' is not supported "
+        "(supported: llama, mistral, qwen2, gpt2, bert)"
+    )
+
+
+def test_missing_tensor_is_named(llama_dir):
+    tensors = load_file(llama_dir / "model.safetensors")
+    del tensors["model.layers.1.mlp.up_proj.weight"]
+    save_file(tensors, llama_dir / "model.safetensors")
+    with pytest.raises(jaxft.JaxftError) as e:
+        jaxft.from_pretrained(llama_dir)
+    assert one_line(e) == f"{llama_dir}: missing tensor model.layers.1.mlp.up_proj.weight"
+
+
+def test_wrong_shape_names_both_shapes(llama_dir):
+    tensors = load_file(llama_dir / "model.safetensors")
+    tensors["model.layers.0.self_attn.k_proj.weight"] = np.zeros((32, 64), np.float32)
+    save_file(tensors, llama_dir / "model.safetensors")
+    with pytest.raises(jaxft.JaxftError) as e:
+        jaxft.from_pretrained(llama_dir)
+    assert one_line(e) == (
+        f"{llama_dir}: tensor model.layers.0.self_attn.k_proj.weight has "
+        "shape (32, 64) but the model expects (64, 64)"
+    )
+
+
+def test_missing_config_field(llama_dir):
+    config = json.loads((llama_dir / "config.json").read_text())
+    del config["hidden_size"]
+    (llama_dir / "config.json").write_text(json.dumps(config))
+    with pytest.raises(jaxft.JaxftError) as e:
+        jaxft.from_pretrained(llama_dir)
+    assert one_line(e) == f"{llama_dir / 'config.json'}: missing field 'hidden_size'"
+
+
+class Payload:
+    """An object whose unpickling would run code: weights_only must refuse it."""
+
+    def __reduce__(self):
+        return (print, ("pwned",))
+
+
+def test_pickled_bin_with_code_is_refused(llama_dir):
+    (llama_dir / "model.safetensors").unlink()
+    torch.save({"model.embed_tokens.weight": Payload()}, llama_dir / "pytorch_model.bin")
+    with pytest.raises(jaxft.JaxftError) as e:
+        jaxft.from_pretrained(llama_dir)
+    assert one_line(e).startswith(
+        f"{llama_dir / 'pytorch_model.bin'}: refused by torch.load(weights_only=True)"
+    )
+
+
+def test_directory_without_weights(llama_dir):
+    (llama_dir / "model.safetensors").unlink()
+    with pytest.raises(jaxft.JaxftError, match="no weights found"):
+        jaxft.from_pretrained(llama_dir)
