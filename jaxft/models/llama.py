@@ -264,7 +264,8 @@ class Model(nnx.Module):
 
         `attention_mask` (1 = token, 0 = padding) or `segment_ids` (packed examples) keep
         attention inside each example; `positions` default to 0..T-1 as in transformers. With a
-        `cache` (see `jaxft.generate`) the call returns `(logits, cache)`.
+        `cache` (`jaxft.kv_cache.Cache`) the tokens are appended to it and the call returns
+        `(logits, cache)`; `jaxft.generate` drives it.
         """
         b, t = input_ids.shape
         if segment_ids is None:
@@ -284,20 +285,23 @@ class Model(nnx.Module):
                 causal=True,
                 sliding_window=self.config.sliding_window,
             )
-        else:
-            mask = cache.mask(segment_ids, positions, self.config.sliding_window)
+        else:  # the new tokens take the next slots; they see every slot of their segment
+            cache = cache.add(segment_ids, positions)
+            mask = cache.mask(segment_ids, positions, self.config.sliding_window)  # B 1 T S
         h = self.model.embed_tokens(input_ids)  # B T D
-        h, cache = layers.scan_layers(
+        h, layer_cache = layers.scan_layers(
             self.model.layers,
             h,
             remat=self.config.remat,
-            cache=cache,
+            cache=None if cache is None else cache.layers,
             positions=positions,
             mask=mask,
         )
         h = self.model.norm(h)
+        if cache is not None:
+            cache = cache.replace(layers=layer_cache)
         if return_hidden:
-            return h
+            return h if cache is None else (h, cache)
         logits = (
             self.model.embed_tokens.attend(h) if self.lm_head is None else self.lm_head(h)
         )  # B T V

@@ -106,7 +106,7 @@ def load_state(
     problems: list[str] = []
     unexpected: list[str] = []
     rejected: set[str] = set()  # reported already: not missing as well
-    place = place or (lambda path, array: jnp.asarray(array))
+    place = place or (lambda var, array: jnp.asarray(array))
 
     for raw_name, array in tensors:
         name = mapping.normalize(raw_name)
@@ -176,7 +176,7 @@ def load_state(
         path = ".".join(str(p) for p in path_tuple)
         if path in missing_paths:
             return var
-        return var.replace(value=place(path, buffers.pop(path)))
+        return var.replace(value=place(var, buffers.pop(path)))
 
     state = nnx.from_flat_state([(p, fill(p, v)) for p, v in nnx.to_flat_state(abstract)])
     return state, missing_paths

@@ -1,0 +1,113 @@
+"""Lay examples out in fixed-length rows, and turn rows into the arrays the train step consumes.
+
+The language-model batch contract, every array `[B, T]` with T = data.max_len:
+
+| key              | dtype   | meaning                                                           |
+|------------------|---------|-------------------------------------------------------------------|
+| `input_ids`      | int32   | tokens; pad id in padding slots                                   |
+| `targets`        | int32   | the next token of the same example; 0 where there is none         |
+| `loss_mask`      | float32 | 1.0 exactly where `targets` is a trained token (0 on prompt tokens, |
+|                  |         | padding and each example's last token)                            |
+| `segment_ids`    | int32   | 1, 2, 3... for the examples packed in the row; 0 for padding      |
+| `positions`      | int32   | 0, 1, 2... restarting at every example; 0 for padding             |
+| `attention_mask` | int32   | segment_ids > 0                                                   |
+
+The model must let a token attend only within its own segment (causal and
+`segment_ids[q] == segment_ids[k]`), and use `positions` for RoPE / position embeddings.
+
+Classification batches hold `input_ids`, `attention_mask`, `token_type_ids` `[B, T]` int32,
+`labels` `[B]` int32 and `valid` `[B]` float32 (0 for the rows that pad the last eval batch);
+one example per row.
+
+Packing is first-fit over a window of the 64 most recently opened rows: each example goes into the
+oldest open row with room for it, else opens a new row. It is deterministic in the visiting order,
+never splits an example, and wastes little: a long example no longer strands the row before it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+from jaxft.data.encode import Examples
+
+OPEN_ROWS = 64  # how far back first-fit looks; more packs a little tighter but costs more time
+
+
+def plan_rows(lengths: np.ndarray, order: np.ndarray, seq_len: int,
+              packing: bool) -> list[list[int]]:
+    """Example indices for each row, visiting examples in `order`; one per row without packing."""
+    if not packing:
+        return [[int(i)] for i in order]
+    rows: list[list[int]] = []
+    open_rows: list[int] = []  # indices into `rows` that may still take examples, oldest first
+    room: list[int] = []  # free slots of each open row
+    for i in order:
+        n = int(lengths[i])
+        k = next((k for k, r in enumerate(room) if r >= n), None)
+        if k is None:
+            rows.append([int(i)])
+            open_rows.append(len(rows) - 1)
+            room.append(seq_len - n)
+            if len(open_rows) > OPEN_ROWS:
+                del open_rows[0], room[0]
+            continue
+        rows[open_rows[k]].append(int(i))
+        room[k] -= n
+        if room[k] == 0:
+            del open_rows[k], room[k]
+    return rows
+
+
+def efficiency(lengths: np.ndarray, n_rows: int, seq_len: int) -> float:
+    """Real tokens / token slots over a set of rows."""
+    return float(lengths.sum()) / float(max(1, n_rows) * seq_len)
+
+
+def lm_batch(ex: Examples, rows: Sequence[Sequence[int]], seq_len: int,
+             pad_id: int) -> dict[str, np.ndarray]:
+    """The language-model arrays for `rows` (an empty row is all padding)."""
+    shape = (len(rows), seq_len)
+    input_ids = np.full(shape, pad_id, np.int32)
+    targets = np.zeros(shape, np.int32)
+    loss_mask = np.zeros(shape, np.float32)
+    segment_ids = np.zeros(shape, np.int32)
+    positions = np.zeros(shape, np.int32)
+    for r, row in enumerate(rows):
+        col = 0
+        for segment, i in enumerate(row, 1):
+            a, b = ex.offsets[i], ex.offsets[i + 1]
+            n = b - a
+            input_ids[r, col:col + n] = ex.tokens[a:b]
+            targets[r, col:col + n - 1] = ex.tokens[a + 1:b]  # shifted within the example only
+            loss_mask[r, col:col + n - 1] = ex.target_mask[a + 1:b]
+            segment_ids[r, col:col + n] = segment
+            positions[r, col:col + n] = np.arange(n)
+            col += n
+    return {"input_ids": input_ids, "targets": targets, "loss_mask": loss_mask,
+            "segment_ids": segment_ids, "positions": positions,
+            "attention_mask": (segment_ids > 0).astype(np.int32)}
+
+
+def classification_batch(ex: Examples, rows: Sequence[Sequence[int]], seq_len: int,
+                         pad_id: int) -> dict[str, np.ndarray]:
+    """The classification arrays for `rows`, each holding one example (or none: padding)."""
+    shape = (len(rows), seq_len)
+    input_ids = np.full(shape, pad_id, np.int32)
+    attention_mask = np.zeros(shape, np.int32)
+    token_type_ids = np.zeros(shape, np.int32)
+    labels = np.zeros(len(rows), np.int32)
+    valid = np.zeros(len(rows), np.float32)
+    for r, row in enumerate(rows):
+        if not row:
+            continue
+        (i,) = row
+        a, b = ex.offsets[i], ex.offsets[i + 1]
+        input_ids[r, : b - a] = ex.tokens[a:b]
+        attention_mask[r, : b - a] = 1
+        token_type_ids[r, : b - a] = ex.token_types[a:b]
+        labels[r] = ex.labels[i]
+        valid[r] = 1.0
+    return {"input_ids": input_ids, "attention_mask": attention_mask,
+            "token_type_ids": token_type_ids, "labels": labels, "valid": valid}

@@ -1,0 +1,123 @@
+"""`build_data`: from the `data` config section to batches the train step can consume.
+
+    rows (sources.py) -> format (formats.py) -> examples (encode.py) -> rows of max_len tokens
+    (packing.py) -> local batches in a resumable order (iterator.py)
+
+The trainer calls it once, takes `bundle.train` (endless, `get_state`/`set_state` for
+checkpoints) and `bundle.eval_batches()` (one finite pass), saves `bundle.save_label_map(path)`
+for classification, and logs `bundle.stats`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+from collections.abc import Iterator
+
+import ml_collections
+from transformers import PreTrainedTokenizerBase
+
+from jaxft.data import encode, formats, labels, packing, sources
+from jaxft.data.files import LOCATION_COLUMNS, Loaded
+from jaxft.data.iterator import Batch, EvalBatches, TrainIterator
+from jaxft.errors import JaxftError
+
+log = logging.getLogger(__name__)
+_LOSSES = {  # stats that mean data was altered or left out: always worth a warning
+    "truncated": "were truncated to data.max_len (data.overlong='truncate')",
+    "dropped_overlong": "were longer than data.max_len and dropped (data.overlong='drop')",
+    "dropped_no_target": "had no tokens left to train on after truncation and were dropped",
+    "skipped_bad_rows": "were malformed and skipped",
+}
+
+
+@dataclasses.dataclass
+class DataBundle:
+    """Everything the trainer needs from the data, built by `build_data`."""
+
+    train: TrainIterator  # endless local batches; get_state()/set_state() for exact resumption
+    eval: EvalBatches | None  # one pass per iteration; None when there is no eval data
+    label_map: dict[str, int] | None  # {name: id} for classification, else None
+    stats: dict[str, float]  # counts of rows, truncations, drops, tokens; packing efficiency
+    format: str  # the resolved data format
+    seq_len: int  # T of every [B, T] array
+
+    def eval_batches(self) -> Iterator[Batch]:
+        """One pass over the eval set as local batches (nothing when there is no eval set)."""
+        return iter(self.eval) if self.eval is not None else iter(())
+
+    def save_label_map(self, path: str | os.PathLike) -> None:
+        """Write the label map as JSON {name: id}; an error for a task without labels."""
+        if self.label_map is None:
+            raise JaxftError("there is no label map to save: the data task is not classification")
+        labels.save_label_map(self.label_map, path)
+
+
+def build_data(cfg: ml_collections.ConfigDict, tokenizer: PreTrainedTokenizerBase, *,
+               global_batch_size: int, task: str = "lm", process_index: int | None = None,
+               process_count: int | None = None) -> DataBundle:
+    """Load, tokenize and lay out the data named by `cfg` (see `jaxft.data.config`).
+
+    Each process gets `global_batch_size / process_count` rows of every global batch; process
+    index and count default to `jax.process_index()` / `jax.process_count()`.
+    """
+    split = sources.load_split(cfg.train_path, cfg.eval_path, eval_fraction=cfg.eval_fraction,
+                               seed=cfg.seed, skip_bad_rows=cfg.skip_bad_rows,
+                               text_column=cfg.text_column)
+    schema = formats.resolve(cfg, _data_columns(split.train), task, str(split.train.origin))
+    if split.eval is not None:
+        formats.require(schema, _data_columns(split.eval), str(split.eval.origin))
+    label_map = _label_map(cfg, split, schema) if task == "classification" else None
+    classification = task == "classification"
+
+    train_examples, stats = encode.encode(split.train, schema, tokenizer, cfg, label_map=label_map)
+    layout = dict(seq_len=cfg.max_len, global_batch_size=global_batch_size,
+                  packing=bool(cfg.packing) and not classification, pad_id=_pad_id(tokenizer),
+                  classification=classification, process_index=process_index,
+                  process_count=process_count)
+    train = TrainIterator(train_examples, seed=cfg.seed, **layout)
+    rows_per_epoch = len(train.epoch_rows(0))
+    stats.update(rows_per_epoch=rows_per_epoch,
+                 packing_efficiency=round(packing.efficiency(train_examples.lengths,
+                                                             rows_per_epoch, cfg.max_len), 4))
+    eval_set = None
+    if split.eval is not None:
+        eval_examples, eval_stats = encode.encode(split.eval, schema, tokenizer, cfg,
+                                                  label_map=label_map)
+        eval_set = EvalBatches(eval_examples, **layout)
+        stats.update({f"eval_{k}": v for k, v in eval_stats.items()})
+    log.info("data: %s (format %s): %s", split.train.origin, schema.format,
+             ", ".join(f"{k}={v}" for k, v in stats.items()))
+    for prefix in ("", "eval_"):
+        for key, what in _LOSSES.items():
+            if stats.get(prefix + key):
+                log.warning("data: %d %s rows %s", stats[prefix + key],
+                            "eval" if prefix else "train", what)
+    return DataBundle(train, eval_set, label_map, stats, schema.format, cfg.max_len)
+
+
+def _data_columns(loaded: Loaded) -> list[str]:
+    return [c for c in loaded.rows.column_names if c not in LOCATION_COLUMNS]
+
+
+def _label_map(cfg: ml_collections.ConfigDict, split: sources.Split,
+               schema: formats.Schema) -> dict[str, int]:
+    """The given label map, else one over the train and eval labels (a class seen only in eval
+    still needs an id; a map from train alone would reject it)."""
+    if cfg.label_map is not None:
+        return labels.load_label_map(cfg.label_map)
+    column = schema.columns["label"]
+    values = list(split.train.rows[column])
+    if split.eval is not None:
+        values += list(split.eval.rows[column])
+    return labels.build_label_map(values, str(split.train.origin))
+
+
+def _pad_id(tokenizer: PreTrainedTokenizerBase) -> int:
+    """The id written into padding slots; any id works (masks exclude them), pad is clearest."""
+    for candidate in (tokenizer.pad_token_id, tokenizer.eos_token_id):
+        if candidate is not None:
+            return int(candidate)
+    return 0
+

@@ -1,0 +1,193 @@
+"""LoRA as a partition of the parameter pytree.
+
+`apply_lora` attaches a `LoRA` adapter to every targeted `Linear`. Its factors are `nnx.LoRAParam`
+variables, so one filter (`trainable_filter`) splits the model state into what trains and what
+stays frozen, and the optimizer never sees the frozen base. B starts at zero, so a fresh adapter
+leaves every logit bitwise equal to the base model's.
+
+Targets use Hugging Face module names, as PEFT's `target_modules` does: a list of names matches
+any module whose dotted path ends with one of them (`q_proj`, `c_attn`, `query`); a single
+string is a regular expression matched against full Hugging Face paths
+(`model.layers.3.self_attn.q_proj`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import re
+from typing import Iterator, Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jaxft.errors import JaxftError
+from jaxft.models.layers import Linear
+
+
+class DropoutKey(nnx.Variable):
+    """The PRNG key LoRA dropout uses; the train step writes a fresh one every step."""
+
+
+@dataclasses.dataclass(frozen=True)
+class LoraConfig:
+    """What `apply_lora` builds: PEFT's LoraConfig fields, with the same meaning."""
+
+    rank: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    targets: tuple[str, ...] | str = ("q_proj", "v_proj")
+    use_rslora: bool = False
+    rank_pattern: tuple[tuple[str, int], ...] = ()  # (module name, rank) overrides
+    modules_to_save: tuple[str, ...] = ()  # non-LoRA modules that train fully (e.g. classifier)
+
+    def rank_for(self, name: str) -> int:
+        for key, rank in self.rank_pattern:
+            if name == key or name.endswith("." + key):
+                return rank
+        return self.rank
+
+    def scale(self, rank: int) -> float:
+        """alpha/r, or alpha/sqrt(r) with rsLoRA (stable at high rank)."""
+        return self.alpha / math.sqrt(rank) if self.use_rslora else self.alpha / rank
+
+
+class LoRA(nnx.Module):
+    """The low-rank update `dropout(x) @ A @ B * scale` added to a frozen projection."""
+
+    def __init__(self, d_in: int, d_out: int, rank: int, scale: float, dropout: float, *,
+                 axes: tuple, layers: int | None, rngs: nnx.Rngs, param_dtype=jnp.float32):
+        lead = () if layers is None else (layers,)
+        lead_axes = () if layers is None else ("layers",)
+        # PEFT's default: kaiming_uniform(a=sqrt(5)) on A[r, in], i.e. U(-1/sqrt(in), 1/sqrt(in)).
+        bound = 1.0 / math.sqrt(d_in)
+        a = jax.random.uniform(rngs.params(), (*lead, d_in, rank), param_dtype, -bound, bound)
+        self.lora_a = nnx.LoRAParam(a, axes=(*lead_axes, axes[0], None))
+        self.lora_b = nnx.LoRAParam(jnp.zeros((*lead, rank, d_out), param_dtype),
+                                    axes=(*lead_axes, None, axes[1]))
+        self.scale = scale
+        self.dropout = dropout
+        self.dropout_key = (DropoutKey(jnp.zeros((*lead, 2), jnp.uint32), axes=(*lead_axes, None))
+                            if dropout > 0 else None)
+        self.deterministic = False  # `model.eval()` sets it: no dropout in eval and generation
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        if self.dropout_key is not None and not self.deterministic:
+            keep = jax.random.bernoulli(self.dropout_key[...], 1.0 - self.dropout, x.shape)
+            x = jnp.where(keep, x / (1.0 - self.dropout), 0).astype(x.dtype)
+        a, b = self.lora_a[...].astype(x.dtype), self.lora_b[...].astype(x.dtype)
+        return (x @ a @ b) * jnp.asarray(self.scale, x.dtype)
+
+
+def hf_paths(path: str, num_layers: int) -> list[str]:
+    """The Hugging Face module paths a stacked jaxft path stands for (one per layer)."""
+    for stack in ("model.layers.", "transformer.h.", "bert.encoder.layer."):
+        if path.startswith(stack):
+            rest = path[len(stack):]
+            return [f"{stack}{i}.{rest}" for i in range(num_layers)]
+    return [path]
+
+
+def linear_modules(model: nnx.Module) -> Iterator[tuple[str, Linear]]:
+    """Every `Linear` in the model with its dotted jaxft path."""
+    for path, module in nnx.iter_modules(model):
+        if isinstance(module, Linear):
+            yield ".".join(str(p) for p in path), module
+
+
+# Output heads never get adapters under 'all-linear' (PEFT excludes them too).
+_HEADS = ("lm_head", "classifier")
+
+
+def _matches(cfg: LoraConfig, path: str, num_layers: int) -> bool:
+    names = hf_paths(path, num_layers)
+    if cfg.targets == "all-linear":
+        return path.rsplit(".", 1)[-1] not in _HEADS
+    if isinstance(cfg.targets, str):
+        hits = [bool(re.fullmatch(cfg.targets, n)) for n in names]
+        if any(hits) and not all(hits):
+            raise JaxftError(f"lora.targets regex {cfg.targets!r} selects only some layers of "
+                             f"{path}; adapters apply to all layers of a module or none")
+        return all(hits)
+    return any(path == t or path.endswith("." + t) for t in cfg.targets)
+
+
+def apply_lora(model: nnx.Module, cfg: LoraConfig, *, seed: int = 0) -> nnx.Module:
+    """Attach adapters to the targeted projections, in place; returns the model.
+
+    Raises if a target matches nothing, so a misspelt or wrong-family target never trains
+    silently without adapters.
+    """
+    if cfg.rank <= 0 or any(r <= 0 for _, r in cfg.rank_pattern):
+        raise JaxftError(f"lora.rank must be positive, got {cfg.rank}")
+    if not 0.0 <= cfg.dropout < 1.0:
+        raise JaxftError(f"lora.dropout must be in [0, 1), got {cfg.dropout}")
+    num_layers = model.config.num_hidden_layers
+    rngs = nnx.Rngs(seed)
+    applied = []
+    for path, linear in list(linear_modules(model)):
+        if not _matches(cfg, path, num_layers) or set(path.split(".")) & set(cfg.modules_to_save):
+            continue
+        kernel = linear.kernel
+        stacked = kernel.ndim == 3
+        d_in, d_out = kernel.shape[-2:]
+        rank = cfg.rank_for(path)
+        axes = kernel.get_metadata().get("axes") or (None, None, None)
+        linear.adapter = LoRA(d_in, d_out, rank, cfg.scale(rank), cfg.dropout, axes=axes[-2:],
+                              layers=kernel.shape[0] if stacked else None, rngs=rngs,
+                              param_dtype=kernel.dtype)
+        applied.append(path)
+    if not applied:
+        available = sorted({p.rsplit(".", 1)[-1] for p, _ in linear_modules(model)})
+        raise JaxftError(f"lora.targets {_show(cfg.targets)} match no module of this "
+                         f"{model.config.model_type} model (its projections: "
+                         f"{', '.join(available)})")
+    if isinstance(cfg.targets, (list, tuple)) and cfg.targets != "all-linear":
+        for target in cfg.targets:
+            if not any(p == target or p.endswith("." + target) for p in applied):
+                raise JaxftError(f"lora target {target!r} matches no module of this "
+                                 f"{model.config.model_type} model")
+    return model
+
+
+def _show(targets: Sequence[str] | str) -> str:
+    return repr(targets) if isinstance(targets, str) else "[" + ", ".join(targets) + "]"
+
+
+def trainable_filter(lora: LoraConfig | None) -> nnx.filterlib.Filter:
+    """What trains: everything (full fine-tuning) or the adapters plus `modules_to_save`."""
+    if lora is None:
+        return nnx.Param
+    saved = [nnx.PathContains(name) for name in lora.modules_to_save]
+    return nnx.Any(nnx.LoRAParam, *[nnx.All(nnx.Param, s) for s in saved])
+
+
+def count_parameters(state: nnx.State) -> int:
+    return sum(x.size for x in jax.tree.leaves(state))
+
+
+def log_trainable(model: nnx.Module, lora: LoraConfig | None) -> tuple[int, int]:
+    """Print and return (trainable, total) parameter counts."""
+    trainable = count_parameters(nnx.state(model, trainable_filter(lora)))
+    total = count_parameters(nnx.state(model, nnx.Param))
+    message = (f"trainable params: {trainable:,} || all params: {total:,} || "
+               f"trainable%: {100 * trainable / total:.4f}")
+    logging.info(message)
+    print(message)
+    return trainable, total
+
+
+def merge_lora(model: nnx.Module) -> nnx.Module:
+    """Fold every adapter into its kernel (W + scale·A·B) and drop it, in place."""
+    for _, linear in linear_modules(model):
+        adapter = linear.adapter
+        if isinstance(adapter, LoRA):
+            a = adapter.lora_a[...].astype(jnp.float32)
+            b = adapter.lora_b[...].astype(jnp.float32)
+            delta = jnp.einsum("...ir,...ro->...io", a, b) * adapter.scale
+            linear.kernel[...] = (linear.kernel[...].astype(jnp.float32) + delta).astype(
+                linear.kernel.dtype)
+            linear.adapter = None
+    return model

@@ -1,0 +1,71 @@
+"""What the user watches: a progress bar, `metrics.jsonl`, and TensorBoard event files.
+
+Only the main process writes; every other process gets a writer that does nothing, so the
+training loop never branches on the process index.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+from tqdm.auto import tqdm
+
+METRICS_FILE = "metrics.jsonl"
+
+
+class MetricsWriter:
+    """Appends `{"step": …, metric: value}` lines to workdir/metrics.jsonl and TensorBoard."""
+
+    def __init__(self, workdir: str | Path, *, enabled: bool = True):
+        self.enabled = enabled
+        self.path = Path(workdir) / METRICS_FILE
+        self._tb = None
+        if enabled:
+            try:
+                from tensorboardX import SummaryWriter
+
+                self._tb = SummaryWriter(str(Path(workdir) / "tensorboard"))
+            except ImportError:  # TensorBoard files are a convenience, metrics.jsonl the record
+                self._tb = None
+
+    def write(self, step: int, metrics: dict[str, Any]) -> None:
+        if not self.enabled or not metrics:
+            return
+        record = {"step": step, "time": round(time.time(), 3), **metrics}
+        with self.path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self._tb is not None:
+            for name, value in metrics.items():
+                if isinstance(value, (int, float)):
+                    self._tb.add_scalar(name, value, step)
+            self._tb.flush()
+
+    def progress(self, total: int, initial: int) -> Progress:
+        return Progress(total, initial, enabled=self.enabled)
+
+    def close(self) -> None:
+        if self._tb is not None:
+            self._tb.close()
+            self._tb = None
+
+
+class Progress:
+    """A tqdm bar showing loss, learning rate, tokens/s; tqdm itself estimates the ETA."""
+
+    def __init__(self, total: int, initial: int, *, enabled: bool):
+        self.bar = tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True,
+                        disable=not enabled)
+
+    def update(self, step: int, metrics: dict[str, Any]) -> None:
+        self.bar.update(step - self.bar.n)
+        if metrics:
+            self.bar.set_postfix(
+                loss=f"{metrics.get('train_loss', float('nan')):.4f}",
+                lr=f"{metrics.get('lr', 0.0):.2e}",
+                tok_s=f"{metrics.get('tokens_per_s', 0.0):,.0f}", refresh=False)
+
+    def close(self) -> None:
+        self.bar.close()

@@ -1,0 +1,126 @@
+"""The device mesh and the one table that maps logical axis names onto it.
+
+Mesh axes: `data` (pure data parallel: parameters replicated), `fsdp` (data parallel with
+parameters and optimizer state sharded), `tensor` (model parallel inside each layer). Batches are
+split over `data`×`fsdp`. A dimension whose size the mesh axis does not divide stays replicated,
+so odd vocabularies or head counts still run, just less sharded.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from jaxft.errors import JaxftError
+
+MESH_AXES = ("data", "fsdp", "tensor")
+BATCH_AXES = ("data", "fsdp")
+
+# logical axis -> mesh axis (None: replicated)
+RULES: dict[str | None, str | None] = {
+    "batch": BATCH_AXES,
+    "embed": "fsdp",
+    "vocab": "tensor",
+    "heads": "tensor",
+    "kv_heads": "tensor",
+    "qkv": "tensor",
+    "mlp": "tensor",
+    "embed_out": None,
+    "layers": None,
+    "norm": None,
+    None: None,
+}
+
+
+def mesh_shape(data: int, fsdp: int, tensor: int, device_count: int) -> tuple[int, int, int]:
+    """Resolve one `-1` to "the rest of the devices" and check the product."""
+    sizes = [data, fsdp, tensor]
+    if sizes.count(-1) > 1:
+        raise JaxftError(f"mesh: at most one of mesh.data/fsdp/tensor may be -1, got {sizes}")
+    if any(s == 0 or s < -1 for s in sizes):
+        raise JaxftError(f"mesh: sizes must be positive or -1, got {sizes}")
+    known = math.prod(s for s in sizes if s != -1)
+    if -1 in sizes:
+        if device_count % known:
+            raise JaxftError(f"mesh: {known} (product of the fixed sizes {sizes}) does not divide "
+                             f"the {device_count} devices")
+        sizes[sizes.index(-1)] = device_count // known
+    if math.prod(sizes) != device_count:
+        raise JaxftError(f"mesh: data×fsdp×tensor = {math.prod(sizes)} but there are "
+                         f"{device_count} devices (use -1 for one axis to take the rest)")
+    return tuple(sizes)
+
+
+def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1,
+              devices: list | None = None) -> Mesh:
+    devices = devices if devices is not None else jax.devices()
+    shape = mesh_shape(data, fsdp, tensor, len(devices))
+    return Mesh(np.asarray(devices).reshape(shape), MESH_AXES)
+
+
+def spec_for(axes: tuple | None, shape: tuple[int, ...], mesh: Mesh) -> PartitionSpec:
+    """The PartitionSpec of one array from its logical axes, replicating what cannot divide."""
+    if not axes:
+        return PartitionSpec()
+    used: set[str] = set()
+    spec = []
+    for name, size in zip(axes, shape, strict=True):
+        target = RULES.get(name)
+        targets = (target,) if isinstance(target, str) else tuple(target or ())
+        if (not targets or any(t in used for t in targets)
+                or size % math.prod(mesh.shape[t] for t in targets)):
+            spec.append(None)
+            continue
+        used.update(targets)
+        spec.append(targets[0] if len(targets) == 1 else targets)
+    return PartitionSpec(*spec)
+
+
+def variable_sharding(var: nnx.Variable, mesh: Mesh) -> NamedSharding:
+    """Where one variable lives, from its `axes` metadata."""
+    shape = var.get_value().shape
+    return NamedSharding(mesh, spec_for(var.get_metadata().get("axes"), shape, mesh))
+
+
+def state_shardings(state: nnx.State, mesh: Mesh) -> nnx.State:
+    """A NamedSharding for every variable of a state (a prefix tree for `jax.jit`)."""
+    return jax.tree.map(lambda v: variable_sharding(v, mesh), state,
+                        is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+def put(array, target: NamedSharding) -> jax.Array:
+    """Place a host (or single-device) array on a sharding, on one host or many.
+
+    Each process supplies only the shards its own devices hold, so this also works when the
+    sharding spans devices of other processes.
+    """
+    host = np.asarray(array)
+    return jax.make_array_from_callback(host.shape, target, lambda index: host[index])
+
+
+def put_state(state: nnx.State, shardings: nnx.State) -> nnx.State:
+    """`put` for every array of a state."""
+    return jax.tree.map(lambda target, x: put(x, target), shardings, state)
+
+
+def batch_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:
+    """Rows over data×fsdp, every other dimension whole."""
+    return NamedSharding(mesh, PartitionSpec(BATCH_AXES, *([None] * (ndim - 1))))
+
+
+def data_parallel_size(mesh: Mesh) -> int:
+    return mesh.shape["data"] * mesh.shape["fsdp"]
+
+
+def data_parallel_size_of(shape: tuple[int, int, int]) -> int:
+    """data×fsdp of a (data, fsdp, tensor) mesh shape."""
+    return shape[0] * shape[1]
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    """Whole on every device: scalars, RNG keys, metrics."""
+    return NamedSharding(mesh, PartitionSpec())
