@@ -1,8 +1,9 @@
 """Orbax checkpoints that survive kill -9, preemption and a changed mesh.
 
 A checkpoint holds what training cannot recompute: the trainable parameters (in LoRA mode the
-adapters only, never the frozen base), the optimizer state, the step RNG, and a JSON record with
-the data iterator position and a fingerprint of what the run trains. Orbax writes each step to
+adapters only, never the frozen base), the optimizer state, and a JSON record with
+the data iterator position and a fingerprint of what the run trains (step keys derive from the
+seed and step number, so there is no RNG state). Orbax writes each step to
 a temporary directory and renames it when complete, so a kill during a save leaves the previous
 checkpoint intact; a latest checkpoint that still fails to restore is skipped with a warning.
 Arrays restore onto whatever shardings the new run asks for, so the mesh may change.
@@ -11,6 +12,8 @@ Arrays restore onto whatever shardings the new run asks for, so the mesh may cha
 from __future__ import annotations
 
 import logging
+import shutil
+import time
 from pathlib import Path
 from typing import Any
 
@@ -58,6 +61,7 @@ class Checkpoints:
             except Exception as e:  # unreadable record: a damaged checkpoint
                 logging.warning("skipping checkpoint %s: its record does not load (%s)", path,
                                 _first_line(e))
+                self._set_aside(step)
                 continue
             self._check_fingerprint(meta.get("fingerprint", {}), path)
             try:
@@ -66,9 +70,24 @@ class Checkpoints:
             except Exception as e:
                 logging.warning("skipping checkpoint %s: it does not restore (%s)", path,
                                 _first_line(e))
+                self._set_aside(step)
                 continue
             return step, restored.state, meta
         return None
+
+    def _set_aside(self, step: int) -> None:
+        """Move a damaged checkpoint out of the way (kept for inspection) so its step can be
+        saved again."""
+        if jax.process_index() == 0:
+            aside = self.directory.parent / "damaged_checkpoints" / f"{step}-{int(time.time())}"
+            aside.parent.mkdir(parents=True, exist_ok=True)
+            shutil.move(str(self.directory / str(step)), str(aside))
+            logging.warning("moved damaged checkpoint %s to %s", self.directory / str(step), aside)
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            multihost_utils.sync_global_devices("jaxft_set_aside_checkpoint")
+        self.manager.reload()
 
     def _check_fingerprint(self, saved: dict[str, Any], path: Path) -> None:
         for field in FINGERPRINT_FIELDS:

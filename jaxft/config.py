@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import ml_collections
 
-from jaxft import data
+from jaxft import data, lora
 from jaxft.errors import JaxftError
 
 TASKS = ("lm", "classification")
@@ -43,8 +43,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.train.eval_every = 50  # 0 = only at the end
     c.train.eval_batches = 0  # cap on eval batches (0 = the whole eval split)
     c.train.on_nonfinite = "skip"  # a NaN/inf loss or gradient: 'skip' the update, or 'stop'
-    c.train.sample_prompts = ()  # prompts whose greedy completions are logged at each eval
-    c.train.sample_tokens = 32
+    c.train.corrupt_batch_at = 0  # fault drill: feed NaN into this step's loss (0 = never)
 
     c.optim = ml_collections.ConfigDict()
     c.optim.lr = 1e-4
@@ -112,6 +111,22 @@ def validate(c: ml_collections.ConfigDict, device_count: int) -> None:
                          f"data-parallel size {dp} (mesh.data×mesh.fsdp) × train.accum_steps "
                          f"{c.train.accum_steps}")
     parse_rank_pattern(c.lora.rank_pattern)
+
+
+def lora_config(c: ml_collections.ConfigDict) -> lora.LoraConfig | None:
+    """The `LoraConfig` a run's config describes, or None for full fine-tuning.
+
+    The one place a LoraConfig is built from a config: train, evaluate, generate and export all
+    rebuild the same adapters from it.
+    """
+    if not c.lora.enabled:
+        return None
+    targets = c.lora.targets
+    return lora.LoraConfig(
+        rank=c.lora.rank, alpha=c.lora.alpha, dropout=c.lora.dropout,
+        targets=targets if isinstance(targets, str) else tuple(targets),
+        use_rslora=c.lora.use_rslora, rank_pattern=parse_rank_pattern(c.lora.rank_pattern),
+        modules_to_save=tuple(c.lora.modules_to_save))
 
 
 def _one_of(name: str, value, allowed) -> None:

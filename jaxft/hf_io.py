@@ -166,6 +166,7 @@ def from_pretrained(
     seed: int = 0,
     remat: str = "none",
     mesh: Mesh | None = None,
+    adapter: str | os.PathLike | None = None,
 ) -> nnx.Module:
     """Load a Hugging Face checkpoint (directory, hub id or .gguf file) as a jaxft model.
 
@@ -173,6 +174,8 @@ def from_pretrained(
     encoder into a sequence classifier with a freshly initialised head (or checks an existing
     one). `remat` is the layer rematerialisation policy for training. With a `mesh`, each tensor
     goes straight onto its sharding as it is read, so no device ever holds the whole model.
+    `adapter` is a PEFT LoRA adapter directory (or hub id) to load on top, e.g. one trained in
+    PyTorch, for inference or to continue training.
     """
     path = resolve(path_or_id)
     hf_config = read_config(path)
@@ -212,7 +215,12 @@ def from_pretrained(
                 for p, v in nnx.to_flat_state(state)
             ]
         )
-    return nnx.merge(graphdef, state)
+    model = nnx.merge(graphdef, state)
+    if adapter is not None:  # adapters builds on this module, so it is imported here
+        from jaxft.adapters import load_peft_adapter
+
+        load_peft_adapter(model, adapter)
+    return model
 
 
 def _placer(mesh: Mesh) -> Callable[[nnx.Variable, np.ndarray], jax.Array]:

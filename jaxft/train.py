@@ -5,7 +5,7 @@ r"""Fine-tune a Hugging Face model, full or LoRA, on one device or a mesh of man
 Read top to bottom: config → mesh → data → model → shard → step → checkpoint → loop. Starting
 again with the same workdir resumes from its latest checkpoint. SIGTERM (preemption) saves a
 checkpoint at the next step boundary and exits 0. Multi-host: run the same command on every
-host with JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and JAX_PROCESS_ID set (TPU VMs need none).
+host (see `maybe_initialize_distributed` for the environment it reads).
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ import numpy as np
 from absl import app, flags
 from absl import logging as absl_logging
 from flax import nnx
+from jax.sharding import NamedSharding
 from ml_collections import config_flags
 
 from jaxft import checkpoint, data, hf_io, lora, optim, sharding, train_step
@@ -59,8 +60,21 @@ class Preemption:
 
 
 def maybe_initialize_distributed() -> None:
-    """Join a multi-process run when the launcher says there is one."""
-    if os.environ.get("JAX_COORDINATOR_ADDRESS") and not jax.distributed.is_initialized():
+    """Join a multi-process run when the environment describes one.
+
+    TPU pods and Slurm are detected by `jax.distributed.initialize()` itself (set
+    JAXFT_DISTRIBUTED=1); elsewhere set JAX_COORDINATOR_ADDRESS (host:port of process 0),
+    JAX_NUM_PROCESSES and JAX_PROCESS_ID on every process.
+    """
+    if jax.distributed.is_initialized():
+        return
+    address = os.environ.get("JAX_COORDINATOR_ADDRESS")
+    if address:
+        # CPU processes exchange collectives over gloo; accelerators ignore this setting.
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+        jax.distributed.initialize(address, int(os.environ["JAX_NUM_PROCESSES"]),
+                                   int(os.environ["JAX_PROCESS_ID"]))
+    elif os.environ.get("JAXFT_DISTRIBUTED") == "1":
         jax.distributed.initialize()
 
 
@@ -68,18 +82,6 @@ def resolve_dtype(name: str) -> str:
     if name != "auto":
         return name
     return "float32" if jax.default_backend() == "cpu" else "bfloat16"
-
-
-def lora_config(cfg: ml_collections.ConfigDict) -> lora.LoraConfig | None:
-    if not cfg.lora.enabled:
-        return None
-    targets = cfg.lora.targets
-    return lora.LoraConfig(
-        rank=cfg.lora.rank, alpha=cfg.lora.alpha, dropout=cfg.lora.dropout,
-        targets=targets if isinstance(targets, str) else tuple(targets),
-        use_rslora=cfg.lora.use_rslora,
-        rank_pattern=config_lib.parse_rank_pattern(cfg.lora.rank_pattern),
-        modules_to_save=tuple(cfg.lora.modules_to_save))
 
 
 def run(cfg: ml_collections.ConfigDict) -> dict[str, Any]:
@@ -95,7 +97,7 @@ def run(cfg: ml_collections.ConfigDict) -> dict[str, Any]:
         shutil.rmtree(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     compute_dtype = resolve_dtype(cfg.dtype)
-    lora_cfg = lora_config(cfg)
+    lora_cfg = config_lib.lora_config(cfg)
 
     # ----------------------------------------------------------------------------------------
     # Mesh
@@ -144,9 +146,11 @@ def run(cfg: ml_collections.ConfigDict) -> dict[str, Any]:
     dropout = sharding.put_state(dropout, shard["dropout"])
     frozen = sharding.put_state(frozen, shard["frozen"])
     tx, schedule = optim.make_optimizer(cfg.optim, trainable, cfg.train.steps)
-    opt_state = jax.jit(tx.init)(trainable)  # shardings follow the parameters'
-    opt_sharding = jax.tree.map(lambda x: x.sharding, opt_state)
     replicated = sharding.replicated(mesh)
+    opt_state = jax.jit(tx.init)(trainable)  # moments take the shardings of their parameters
+    opt_sharding = jax.tree.map(
+        lambda x: x.sharding if isinstance(x.sharding, NamedSharding) else replicated, opt_state)
+    opt_state = jax.device_put(opt_state, opt_sharding)  # committed, so the step compiles once
     batch_sharding = sharding.batch_sharding(mesh)
     class_sharding = sharding.batch_sharding(mesh, ndim=1)
 
@@ -190,13 +194,15 @@ def run(cfg: ml_collections.ConfigDict) -> dict[str, Any]:
     # ----------------------------------------------------------------------------------------
     # Checkpoint: resume if the workdir has one
     # ----------------------------------------------------------------------------------------
-    rng = jax.random.PRNGKey(cfg.train.seed)
+    # Step keys are fold_in(seed key, step): a pure function of the step, so a resumed run
+    # draws exactly the keys an uninterrupted one would, with no RNG state to checkpoint.
+    base_key = jax.random.PRNGKey(cfg.train.seed)
     ckpts = checkpoint.Checkpoints(
         workdir / "checkpoints", keep=cfg.checkpoint.keep,
         fingerprint=_fingerprint(cfg, model_path, trainable))
     start_step, skipped = 0, 0
     history: dict[str, Any] = {}
-    state = {"trainable": trainable, "opt_state": opt_state, "rng": rng}
+    state = {"trainable": trainable, "opt_state": opt_state}
     if cfg.checkpoint.resume == "never" and ckpts.steps():
         raise JaxftError(f"{ckpts.directory}: holds checkpoints {ckpts.steps()} and "
                          "checkpoint.resume is 'never'")
@@ -206,10 +212,10 @@ def run(cfg: ml_collections.ConfigDict) -> dict[str, Any]:
         bundle.train.set_state(meta["data"])
         skipped, history = meta.get("skipped_steps", 0), meta.get("history", {})
         print(f"resumed from {ckpts.directory / str(start_step)} at step {start_step}")
-    trainable, opt_state, rng = state["trainable"], state["opt_state"], state["rng"]
+    trainable, opt_state = state["trainable"], state["opt_state"]
 
     def save(step: int) -> None:
-        ckpts.save(step, {"trainable": trainable, "opt_state": opt_state, "rng": rng},
+        ckpts.save(step, {"trainable": trainable, "opt_state": opt_state},
                    {"data": bundle.train.get_state(), "skipped_steps": skipped,
                     "history": history})
 
@@ -229,7 +235,9 @@ def run(cfg: ml_collections.ConfigDict) -> dict[str, Any]:
     step = start_step
     while step < cfg.train.steps:
         local = next(bundle.train)
-        rng, step_rng = jax.random.split(rng)
+        if step + 1 == cfg.train.corrupt_batch_at:
+            local = _corrupted(local)
+        step_rng = np.asarray(jax.random.fold_in(base_key, step))
         trainable, opt_state, metrics = train_jit(trainable, frozen, dropout, opt_state,
                                                   global_batch(local), step_rng)
         step += 1
@@ -279,15 +287,24 @@ def run(cfg: ml_collections.ConfigDict) -> dict[str, Any]:
     return final
 
 
+def _corrupted(local: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """A batch whose loss is NaN, to rehearse the non-finite-step handling."""
+    weight = "loss_mask" if "loss_mask" in local else "valid"
+    if weight not in local:
+        local = {**local, "valid": np.ones(len(local["labels"]), np.float32)}
+    return {**local, weight: np.full_like(local[weight], np.nan, dtype=np.float32)}
+
+
 def _fingerprint(cfg, model_path: str, trainable: nnx.State) -> dict[str, Any]:
-    shapes = jax.tree.map(lambda x: list(x.shape), trainable)
-    return {
+    shapes = [list(x.shape) for x in jax.tree.leaves(trainable)]
+    fingerprint = {
         "model": model_path,
         "task": cfg.task,
         "lora": cfg.lora.to_dict() if cfg.lora.enabled else None,
         "param_dtype": cfg.param_dtype,
-        "trainable_shapes": json.loads(json.dumps(jax.tree.leaves(shapes))),
+        "trainable_shapes": shapes,
     }
+    return json.loads(json.dumps(fingerprint))  # as it reads back from the checkpoint
 
 
 def _write_resolved_config(cfg, workdir: Path, model, model_path: str, num_labels) -> None:

@@ -217,8 +217,12 @@ class Model(nnx.Module):
             cache = cache.replace(layers=layer_cache)
         if return_hidden:
             return h if cache is None else (h, cache)
-        logits = self.transformer.wte.attend(h)  # B T V
+        logits = self.logits(h)  # B T V
         return logits if cache is None else (logits, cache)
+
+    def logits(self, h):
+        """The output head (the tied token embedding): [B, T, D] -> [B, T, V]."""
+        return self.transformer.wte.attend(h)
 
     def output_embedding(self) -> jax.Array:
         """The [D, V] output projection (the transposed token embedding)."""

@@ -302,10 +302,13 @@ class Model(nnx.Module):
             cache = cache.replace(layers=layer_cache)
         if return_hidden:
             return h if cache is None else (h, cache)
-        logits = (
-            self.model.embed_tokens.attend(h) if self.lm_head is None else self.lm_head(h)
-        )  # B T V
+        logits = self.logits(h)  # B T V
         return logits if cache is None else (logits, cache)
+
+    def logits(self, h):
+        """The output head on final hidden states [B, T, D] -> [B, T, V] (generation applies
+        it to the last position only)."""
+        return self.model.embed_tokens.attend(h) if self.lm_head is None else self.lm_head(h)
 
     def output_embedding(self) -> jax.Array:
         """The [D, V] output projection (the transposed embedding when tied)."""

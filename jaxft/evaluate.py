@@ -1,0 +1,276 @@
+r"""Evaluate a model on a dataset: loss and perplexity (LM), accuracy and macro-F1 (classification).
+
+  python -m jaxft.evaluate --config=configs/lora.py                 # the base model
+  python -m jaxft.evaluate --workdir=runs/lora                      # a jaxft.train run
+  python -m jaxft.evaluate --config=configs/lora.py --workdir=runs/lora \
+      --config.data.eval_path=held_out.jsonl                        # a run, on other data
+
+Prints one JSON line. With `--workdir` the model is the run's (its base model, LoRA setup and
+the trainable weights of its latest checkpoint, from `W/config.json` and `W/checkpoints/`) and
+the data is `--config`'s when given, else the run's own eval split.
+
+The metric functions are plain numpy over gathered predictions, so the training loop can call
+`classification_metrics` on what its eval step returns. Macro-F1 averages the per-class F1 over
+every class that occurs among the labels or the predictions (scikit-learn's default), so a
+class the model never predicts and never sees counts as nothing rather than as zero.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import itertools
+import json
+import math
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from flax import nnx
+
+from jaxft import config as config_lib
+from jaxft import lora, train_step
+from jaxft.errors import JaxftError
+
+Batch = dict[str, np.ndarray]
+MAX_LOG_PERPLEXITY = 50.0  # exp() overflows float64 near 709; a loss above 50 is already broken
+
+
+# ---------------------------------------------------------------------------------------------
+# Metrics: numpy in, floats out
+# ---------------------------------------------------------------------------------------------
+
+
+def macro_f1(predictions: np.ndarray, labels: np.ndarray, valid: np.ndarray | None = None) -> float:
+    """Mean over classes of 2·TP / (2·TP + FP + FN), classes = those in labels ∪ predictions."""
+    predictions, labels = np.asarray(predictions).ravel(), np.asarray(labels).ravel()
+    if valid is not None:
+        keep = np.asarray(valid).ravel() > 0
+        predictions, labels = predictions[keep], labels[keep]
+    classes = np.union1d(predictions, labels)
+    if classes.size == 0:
+        return float("nan")
+    scores = []
+    for c in classes:
+        tp = np.sum((predictions == c) & (labels == c))
+        fp = np.sum((predictions == c) & (labels != c))
+        fn = np.sum((predictions != c) & (labels == c))
+        scores.append(2 * tp / (2 * tp + fp + fn))
+    return float(np.mean(scores))
+
+
+def classification_metrics(logits: np.ndarray, labels: np.ndarray,
+                           valid: np.ndarray | None = None) -> dict[str, float]:
+    """Cross-entropy loss, accuracy and macro-F1 of logits [N, C] against labels [N] over the
+    rows where `valid` [N] is nonzero (all rows when None)."""
+    logits = np.asarray(logits, np.float64)
+    labels = np.asarray(labels).astype(np.int64)
+    keep = np.ones(len(labels), bool) if valid is None else np.asarray(valid) > 0
+    logits, labels = logits[keep], labels[keep]
+    if not len(labels):
+        raise JaxftError("no valid rows to compute classification metrics on")
+    shifted = logits - logits.max(axis=-1, keepdims=True)
+    log_probs = shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
+    predictions = logits.argmax(axis=-1)
+    return {
+        "loss": float(-log_probs[np.arange(len(labels)), labels].mean()),
+        "accuracy": float(np.mean(predictions == labels)),
+        "macro_f1": macro_f1(predictions, labels),
+        "count": int(len(labels)),
+    }
+
+
+def lm_metrics(loss_sum: float, count: float) -> dict[str, float]:
+    """Mean next-token loss and perplexity from a summed loss over `count` target tokens."""
+    if not count:
+        raise JaxftError("no target tokens to compute language-model metrics on")
+    loss = loss_sum / count
+    return {"loss": loss, "perplexity": math.exp(min(loss, MAX_LOG_PERPLEXITY)),
+            "count": int(count)}
+
+
+# ---------------------------------------------------------------------------------------------
+# Evaluate a model over batches (jaxft.data's batch contract)
+# ---------------------------------------------------------------------------------------------
+
+LM_KEYS = ("input_ids", "segment_ids", "positions", "targets", "loss_mask")
+CLASSIFICATION_KEYS = ("input_ids", "attention_mask", "token_type_ids")
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef",))
+def _lm_sums(graphdef: nnx.GraphDef, state: nnx.State, batch: dict) -> dict[str, jax.Array]:
+    model = nnx.merge(graphdef, state)
+    model.eval()  # a merged copy: LoRA dropout off, the caller's model untouched
+    return train_step.lm_losses(model, batch)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef",))
+def _class_logits(graphdef: nnx.GraphDef, state: nnx.State, batch: dict) -> jax.Array:
+    model = nnx.merge(graphdef, state)
+    model.eval()
+    return model(batch["input_ids"], batch["attention_mask"], batch.get("token_type_ids"))
+
+
+def evaluate(model: nnx.Module, batches: Iterable[Batch], task: str) -> dict[str, float]:
+    """Metrics of `model` over `batches`: loss/perplexity (task 'lm') or loss/accuracy/macro-F1
+    (task 'classification'), each over every target token or valid row of every batch."""
+    if task not in train_step.TASKS:
+        raise JaxftError(f"task {task!r} unknown (known: {', '.join(train_step.TASKS)})")
+    graphdef, state = nnx.split(model)
+    if task == "lm":
+        loss_sum, count = 0.0, 0.0
+        for batch in batches:
+            sums = jax.device_get(_lm_sums(graphdef, state, _take(batch, LM_KEYS)))
+            loss_sum, count = loss_sum + float(sums["loss_sum"]), count + float(sums["count"])
+        return lm_metrics(loss_sum, count)
+    logits, labels, valid = [], [], []
+    for batch in batches:
+        logits.append(np.asarray(_class_logits(graphdef, state,
+                                               _take(batch, CLASSIFICATION_KEYS))))
+        labels.append(np.asarray(batch["labels"]))
+        valid.append(np.asarray(batch.get("valid", np.ones(len(batch["labels"])))))
+    if not logits:
+        raise JaxftError("no eval batches")
+    return classification_metrics(np.concatenate(logits), np.concatenate(labels),
+                                  np.concatenate(valid))
+
+
+def _take(batch: Batch, keys: tuple[str, ...]) -> dict[str, jax.Array]:
+    return {k: jnp.asarray(batch[k]) for k in keys if k in batch}
+
+
+# ---------------------------------------------------------------------------------------------
+# A jaxft.train workdir: W/config.json + W/checkpoints/<step>/state
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Finetuned:
+    """A trained model rebuilt from its workdir."""
+
+    model: nnx.Module
+    model_path: str  # the base checkpoint (also where the tokenizer loads from)
+    config: ml_collections.ConfigDict  # the run's resolved config
+    step: int  # the checkpoint's step
+
+
+def load_workdir(workdir: str | Path, *, dtype: str | None = None) -> Finetuned:
+    """The run's base model with its LoRA setup and the latest checkpoint's trainable weights.
+
+    Only the `trainable` subtree of the checkpoint is read (Orbax partial restore), so the
+    optimizer state never loads. `dtype` overrides the run's parameter dtype.
+    """
+    import orbax.checkpoint as ocp
+
+    from jaxft import hf_io
+
+    workdir = Path(workdir)
+    config_file = workdir / "config.json"
+    if not config_file.is_file():
+        raise JaxftError(f"{workdir}: no config.json (not a jaxft.train workdir)")
+    cfg = ml_collections.ConfigDict(json.loads(config_file.read_text()))
+    steps = sorted(int(p.name) for p in (workdir / "checkpoints").glob("*")
+                   if p.name.isdigit() and (p / "state").is_dir())
+    if not steps:
+        raise JaxftError(f"{workdir / 'checkpoints'}: no checkpoint to load")
+    num_labels = cfg.model.get("num_labels") if cfg.task == "classification" else None
+    model = hf_io.from_pretrained(cfg.model.resolved_path, dtype=dtype or cfg.param_dtype,
+                                  num_labels=num_labels or None, seed=cfg.train.seed)
+    lora_cfg = config_lib.lora_config(cfg)
+    if lora_cfg is not None:
+        lora.apply_lora(model, lora_cfg, seed=cfg.train.seed)
+    trainable = nnx.state(model, lora.trainable_filter(lora_cfg))
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    target = {"trainable": jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
+        nnx.to_pure_dict(trainable))}
+    path = workdir / "checkpoints" / str(steps[-1]) / "state"
+    try:
+        restored = ocp.PyTreeCheckpointer().restore(path, args=ocp.args.PyTreeRestore(
+            item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+            partial_restore=True))
+    except Exception as e:  # shapes or names that do not fit: a different run's checkpoint
+        raise JaxftError(f"{path}: does not restore onto the model its config.json describes "
+                         f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
+                         ) from e
+    nnx.replace_by_pure_dict(trainable, restored["trainable"])
+    nnx.update(model, trainable)
+    return Finetuned(model, cfg.model.resolved_path, cfg, steps[-1])
+
+
+# ---------------------------------------------------------------------------------------------
+# Command line
+# ---------------------------------------------------------------------------------------------
+
+
+def run(config: ml_collections.ConfigDict | None, workdir: str | None = None, *,
+        max_batches: int = 0) -> dict[str, Any]:
+    """The CLI's work: pick model and data, evaluate, return the metrics."""
+    from jaxft import data, hf_io
+
+    if config is None and workdir is None:
+        raise JaxftError("pass --config=configs/<recipe>.py, --workdir=<train workdir>, or both")
+    if workdir is not None:
+        finetuned = load_workdir(workdir)
+        run_cfg, model, model_path = finetuned.config, finetuned.model, finetuned.model_path
+        data_cfg = data.default_config()
+        data_cfg.update((config if config is not None else run_cfg).data.to_dict())
+        label_map = Path(workdir) / "label_map.json"
+        if run_cfg.task == "classification" and data_cfg.label_map is None and label_map.exists():
+            data_cfg.label_map = str(label_map)  # the ids the classifier was trained with
+        task, batch_size = run_cfg.task, run_cfg.train.batch_size
+    else:
+        run_cfg, data_cfg = config, config.data
+        task, batch_size = config.task, config.train.batch_size
+        model_path = str(hf_io.resolve(config.model.path))
+    tokenizer = data.load_tokenizer(model_path)
+    bundle = data.build_data(data_cfg, tokenizer, global_batch_size=batch_size, task=task)
+    if bundle.eval is None:
+        raise JaxftError("no eval data: set data.eval_path, or data.eval_fraction > 0")
+    if workdir is None:
+        num_labels = (config.model.num_labels or len(bundle.label_map)
+                      if task == "classification" else None)
+        model = hf_io.from_pretrained(model_path, dtype=config.param_dtype,
+                                      num_labels=num_labels, seed=config.train.seed)
+    batches = itertools.islice(bundle.eval_batches(), max_batches or None)
+    return {"task": task, "model": model_path, "workdir": workdir,
+            **evaluate(model, batches, task)}
+
+
+def _define_flags() -> None:
+    from absl import flags
+    from ml_collections import config_flags
+
+    config_flags.DEFINE_config_file("config", None, "A configs/*.py file.", lock_config=True)
+    flags.DEFINE_string("workdir", None, "A jaxft.train workdir: evaluate its latest checkpoint.")
+    flags.DEFINE_integer("max_batches", 0, "Evaluate at most this many batches (0 = all).")
+
+
+def main(argv: list[str]) -> None:
+    import sys
+
+    from absl import app, flags
+
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+    f = flags.FLAGS
+    if not f["verbosity"].present:  # Orbax and XLA log at INFO; the output is the point here
+        from absl import logging as absl_logging
+
+        absl_logging.set_verbosity(absl_logging.WARNING)
+    try:
+        metrics = run(f.config, f.workdir, max_batches=f.max_batches)
+    except JaxftError as e:
+        sys.exit(f"error: {e}")
+    print(json.dumps(metrics))
+
+
+if __name__ == "__main__":
+    from absl import app
+
+    _define_flags()
+    app.run(main)

@@ -1,0 +1,231 @@
+r"""Hand a training run back to PyTorch: a PEFT adapter, a merged model, or a full model.
+
+  python -m jaxft.export --workdir=runs/lora --out=exported/lora            # PEFT adapter
+  python -m jaxft.export --workdir=runs/lora --out=exported/merged --merged # one HF model
+
+A LoRA run becomes a PEFT adapter directory (`PeftModel.from_pretrained(base, out)`), or with
+`--merged` a plain Hugging Face model with W + scale·B·A folded into each kernel. A full
+fine-tune always becomes a plain model. The tokenizer (and its chat template) is copied alongside.
+The run is rebuilt from the workdir alone: `config.json` names the base model and the LoRA
+setup, and the checkpoint (the newest, or `--step`) holds what trained.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import ml_collections
+from absl import app, flags
+from absl import logging as absl_logging
+from flax import nnx
+
+from jaxft import adapters, checkpoint, hf_io, lora
+from jaxft import config as config_lib
+from jaxft.errors import JaxftError
+
+# Files an export writes; `overwrite` removes those of the other kind so a directory never holds
+# both a stale adapter and a model (transformers would then load the wrong one).
+_WRITTEN = (adapters.CONFIG_NAME, adapters.WEIGHTS_NAME, hf_io.CONFIG_NAME, hf_io.SAFETENSORS_NAME)
+
+
+@dataclass
+class Run:
+    """A training run rebuilt from its workdir: the model as it was at `step`."""
+
+    model: nnx.Module
+    lora: lora.LoraConfig | None
+    base: str  # the resolved base checkpoint: a local directory or .gguf file
+    base_name: str  # what PyTorch users load: the hub id if the run named one, else `base`
+    step: int
+
+
+def load_run(workdir: str | os.PathLike, step: int | None = None) -> Run:
+    """Rebuild the model of a training run at a checkpointed step (default: the newest)."""
+    workdir = Path(workdir)
+    config_file = workdir / "config.json"
+    if not config_file.is_file():
+        raise JaxftError(f"{workdir}: no config.json (not a jaxft training workdir)")
+    cfg = ml_collections.ConfigDict(json.loads(config_file.read_text()))
+    lora_cfg = config_lib.lora_config(cfg)
+    directory = workdir / "checkpoints"
+    manager = _manager(directory)
+    steps = sorted(manager.all_steps()) if manager else []
+    if not steps:
+        raise JaxftError(f"{workdir}: no checkpoint in {directory} (train first, or wait for "
+                         "the first save)")
+    if step is None:
+        step = steps[-1]
+    elif step not in steps:
+        raise JaxftError(f"{workdir}: no checkpoint for step {step} (saved steps: "
+                         f"{', '.join(map(str, steps))})")
+    num_labels = None
+    if cfg.task == "classification":  # the head size training settled on (0: none recorded)
+        num_labels = cfg.model.get("num_labels") or None
+    model = hf_io.from_pretrained(cfg.model.resolved_path, dtype=cfg.param_dtype,
+                                  num_labels=num_labels, seed=cfg.train.seed)
+    if lora_cfg is not None:
+        lora.apply_lora(model, lora_cfg, seed=cfg.train.seed)
+    trainable = nnx.state(model, lora.trainable_filter(lora_cfg))
+    restored = _restore_trainable(manager, step, trainable.to_pure_dict(), directory)
+    nnx.replace_by_pure_dict(trainable, restored)
+    nnx.update(model, trainable)
+    return Run(model, lora_cfg, cfg.model.resolved_path, _base_name(cfg), step)
+
+
+def _base_name(cfg: ml_collections.ConfigDict) -> str:
+    """A hub id stays a hub id (a shared adapter names it), not this machine's cache path."""
+    given = str(cfg.model.path)
+    if given.startswith(hf_io.PACKAGE_PREFIX) or Path(given).expanduser().exists():
+        return cfg.model.resolved_path
+    return given
+
+
+def _manager(directory: Path):
+    import orbax.checkpoint as ocp
+
+    if not directory.is_dir():
+        return None
+    options = ocp.CheckpointManagerOptions(create=False)
+    return ocp.CheckpointManager(directory, options=options, item_names=("state", "meta"))
+
+
+def _restore_trainable(manager, step: int, target: dict, directory: Path) -> dict:
+    """Only the trained parameters of a checkpoint: the optimizer state is never read."""
+    import orbax.checkpoint as ocp
+
+    abstract = checkpoint.abstract_like(target)
+    try:
+        restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+            item={"trainable": abstract}, partial_restore=True,
+            restore_args=ocp.checkpoint_utils.construct_restore_args({"trainable": abstract}))))
+    except Exception as e:  # a damaged checkpoint, or one from a different setup
+        text = str(e).strip()
+        raise JaxftError(f"{directory / str(step)}: does not restore into this run's model "
+                         f"({type(e).__name__}: {text.splitlines()[0] if text else ''})") from e
+    return restored.state["trainable"]
+
+
+def export_model(
+    model: nnx.Module,
+    lora_cfg: lora.LoraConfig | None,
+    out: str | os.PathLike,
+    *,
+    base: str | None = None,
+    base_name: str | None = None,
+    merged: bool = False,
+    dtype: str = "float32",
+    overwrite: bool = False,
+) -> Path:
+    """Write a model as a PEFT adapter (it has adapters and not `merged`) or a full HF model.
+
+    `base` is the base checkpoint, whose tokenizer is copied; an adapter names `base_name`
+    (default: `base`) as its base model. Merging changes the model in place.
+    """
+    out = _prepare(out, overwrite, clear=True)
+    has_adapters = any(isinstance(linear.adapter, lora.LoRA)
+                       for _, linear in lora.linear_modules(model))
+    if has_adapters and not merged:
+        if lora_cfg is None:
+            raise JaxftError("exporting an adapter needs the LoraConfig it was built with")
+        adapters.save_peft_adapter(model, lora_cfg, out, base_name=base_name or base,
+                                   dtype=dtype, overwrite=True)
+    else:
+        lora.merge_lora(model)
+        hf_io.save_pretrained(model, out, dtype=dtype, overwrite=True)
+    if base is not None:
+        hf_io.copy_tokenizer(base, out)
+    return out
+
+
+def _prepare(out: str | os.PathLike, overwrite: bool, *, clear: bool = False) -> Path:
+    """Refuse a non-empty `out` unless overwriting; with `clear`, remove a previous export."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise JaxftError(f"{out}: exists and is not a directory")
+    if out.exists() and any(out.iterdir()):
+        if not overwrite:
+            raise JaxftError(f"{out}: output directory exists and is not empty "
+                             "(pass --overwrite to replace its export)")
+        for name in _WRITTEN if clear else ():
+            (out / name).unlink(missing_ok=True)
+    return out
+
+
+def export_workdir(
+    workdir: str | os.PathLike,
+    out: str | os.PathLike,
+    *,
+    step: int | None = None,
+    merged: bool = False,
+    dtype: str = "float32",
+    overwrite: bool = False,
+) -> Path:
+    """`python -m jaxft.export` as a function: export a run's checkpoint to `out`."""
+    if dtype not in hf_io.DTYPES:
+        raise JaxftError(f"dtype {dtype!r} is not supported (expected one of "
+                         f"{', '.join(hf_io.DTYPES)})")
+    _prepare(out, overwrite)  # refuse before minutes of loading, not after
+    run = load_run(workdir, step)
+    return export_model(run.model, run.lora, out, base=run.base, base_name=run.base_name,
+                        merged=merged, dtype=dtype, overwrite=overwrite)
+
+
+# ------------------------------------------------------------------------------------------------
+# Command line
+# ------------------------------------------------------------------------------------------------
+
+FLAGS = flags.FLAGS
+
+
+def define_flags() -> None:
+    """The command's flags, defined only when it runs: importing jaxft.export defines none."""
+    flags.DEFINE_string("workdir", None, "The training run's workdir (config.json, checkpoints/).")
+    flags.DEFINE_string("out", None, "Directory to write.")
+    flags.DEFINE_integer("step", None, "Checkpoint step to export (default: the newest).")
+    flags.DEFINE_bool("merged", False, "Fold LoRA into the base weights: write a full model.")
+    flags.DEFINE_enum("dtype", "float32", list(hf_io.DTYPES), "dtype of the written tensors.")
+    flags.DEFINE_bool("overwrite", False, "Replace an existing export in --out.")
+
+
+def main(argv: list[str]) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+    if not FLAGS.workdir or not FLAGS.out:
+        raise app.UsageError("--workdir and --out are required")
+    if not FLAGS["verbosity"].present:  # Orbax logs every restore at INFO
+        absl_logging.set_verbosity(absl_logging.WARNING)
+    try:
+        out = export_workdir(FLAGS.workdir, FLAGS.out, step=FLAGS.step, merged=FLAGS.merged,
+                             dtype=FLAGS.dtype, overwrite=FLAGS.overwrite)
+    except JaxftError as e:
+        sys.exit(f"error: {e}")
+    print(_describe(out, Path(FLAGS.workdir)))
+
+
+def _describe(out: Path, workdir: Path) -> str:
+    """What was written, and the PyTorch line that loads it."""
+    if not (out / adapters.CONFIG_NAME).is_file():
+        return f"wrote a Hugging Face model to {out}; load it with transformers' from_pretrained"
+    config = json.loads((out / adapters.CONFIG_NAME).read_text())
+    base = repr(config["base_model_name_or_path"])
+    if base.endswith(".gguf'"):  # transformers dequantizes it; --merged avoids the question
+        path = Path(config["base_model_name_or_path"])
+        base = f"{str(path.parent)!r}, gguf_file={path.name!r}"
+    if config["task_type"] == "SEQ_CLS":  # PyTorch must build the head the adapter fills
+        labels = json.loads((workdir / "config.json").read_text())["model"].get("num_labels")
+        base = f"AutoModelForSequenceClassification.from_pretrained({base}, num_labels={labels})"
+    elif config["task_type"] == "FEATURE_EXTRACTION":
+        base = f"AutoModel.from_pretrained({base})"
+    else:
+        base = f"AutoModelForCausalLM.from_pretrained({base})"
+    return (f"wrote a PEFT LoRA adapter to {out}; load it with "
+            f"PeftModel.from_pretrained({base}, {str(out)!r})")
+
+
+if __name__ == "__main__":
+    define_flags()
+    app.run(main)

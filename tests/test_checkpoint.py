@@ -1,0 +1,194 @@
+"""Checkpoints: exact resume after SIGKILL, SIGTERM saves and exits 0, mesh changes, bad steps."""
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+import jaxft
+from jaxft import train
+from tests.tiny_run import (
+    REPO,
+    read_metrics,
+    subprocess_env,
+    tiny_config,
+    tiny_model_dir,
+    train_losses,
+    write_config_file,
+)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return tiny_model_dir(tmp_path_factory.mktemp("llama"), "llama", num_key_value_heads=2)
+
+
+def saved_state(workdir: Path, step: int) -> list[np.ndarray]:
+    """Every array of a checkpoint's state, in tree order, as numpy."""
+    tree = ocp.PyTreeCheckpointer().restore(workdir / "checkpoints" / str(step) / "state")
+    return [np.asarray(x) for x in jax.tree.leaves(tree)]
+
+
+def start(config: Path) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "jaxft.train", f"--config={config}"],
+                            cwd=REPO, env=subprocess_env(8), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+
+
+def wait_for_step(workdir: Path, step: int, proc: subprocess.Popen, timeout: float = 240):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if (workdir / "metrics.jsonl").exists() and any(
+                m.get("step", 0) >= step and "train_loss" in m for m in read_metrics(workdir)):
+            return
+        if proc.poll() is not None:
+            raise AssertionError(proc.stdout.read()[-3000:])
+        time.sleep(0.05)
+    raise TimeoutError(f"step {step} not reached")
+
+
+def finish(proc: subprocess.Popen) -> str:
+    out = proc.communicate(timeout=300)[0]
+    assert proc.returncode == 0, out[-3000:]
+    return out
+
+
+@pytest.mark.parametrize("mode", ["lora", "full"])
+def test_resume_after_sigkill_is_bitwise_exact(mode, model_dir, tmp_path):
+    overrides = {"train.steps": 8, "checkpoint.every": 3, "lora.enabled": mode == "lora",
+                 "optim.lr": 3e-3 if mode == "lora" else 1e-3, "data.eval_fraction": 0.0,
+                 "lora.dropout": 0.1 if mode == "lora" else 0.0}
+    straight = tmp_path / "straight"
+    train.run(tiny_config(model_dir, straight, **overrides))
+
+    killed = tmp_path / "killed"
+    config = write_config_file(tmp_path / "cfg.py", model_dir, killed, **overrides)
+    proc = start(config)
+    wait_for_step(killed, 4, proc)  # after checkpoint 3, before checkpoint 6
+    while not (killed / "checkpoints" / "3").exists():  # committed (renamed) by Orbax
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    resumed_from = max(int(p.name) for p in (killed / "checkpoints").iterdir()
+                       if p.name.isdigit())
+    out = finish(start(config))
+    assert f"resumed from {killed / 'checkpoints' / str(resumed_from)}" in out
+
+    for a, b in zip(saved_state(straight, 8), saved_state(killed, 8), strict=True):
+        np.testing.assert_array_equal(a, b)
+    expected, got = train_losses(straight), train_losses(killed)
+    for step in range(resumed_from + 1, 9):
+        assert got[step] == expected[step]
+
+
+def test_sigkill_during_async_saves_never_breaks_resume(model_dir, tmp_path):
+    workdir = tmp_path / "run"
+    config = write_config_file(tmp_path / "cfg.py", model_dir, workdir, **{
+        "train.steps": 40, "checkpoint.every": 1, "checkpoint.keep": 2,
+        "data.eval_fraction": 0.0, "lora.enabled": False, "optim.lr": 1e-3})
+    for delay in (0.0, 0.15, 0.4):  # kills land at different points of the save cycle
+        proc = start(config)
+        reached = 1 + max([m["step"] for m in read_metrics(workdir) if "train_loss" in m]
+                          if (workdir / "metrics.jsonl").exists() else [0])
+        wait_for_step(workdir, reached + 2, proc)
+        time.sleep(delay)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    out = finish(start(config))
+    assert "resumed from" in out
+    assert max(m["step"] for m in read_metrics(workdir)) == 40
+
+
+def test_sigterm_saves_and_exits_zero(model_dir, tmp_path):
+    workdir = tmp_path / "run"
+    config = write_config_file(tmp_path / "cfg.py", model_dir, workdir, **{
+        "train.steps": 500, "checkpoint.every": 0, "data.eval_fraction": 0.0})
+    proc = start(config)
+    wait_for_step(workdir, 2, proc)
+    proc.send_signal(signal.SIGTERM)
+    out = finish(proc)
+    assert "preempted: saved step" in out
+    steps = [int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit()]
+    assert len(steps) == 1 and steps[0] >= 2
+
+
+def test_checkpoint_restores_onto_another_mesh(model_dir, tmp_path):
+    overrides = {"train.steps": 6, "checkpoint.every": 3, "lora.enabled": False,
+                 "optim.lr": 1e-3, "data.eval_fraction": 0.0}
+    straight = tmp_path / "straight"
+    train.run(tiny_config(model_dir, straight, **overrides, **{"mesh.data": 8}))
+    moved = tmp_path / "moved"
+    shutil.copytree(straight, moved)
+    shutil.rmtree(moved / "checkpoints" / "6")
+    train.run(tiny_config(model_dir, moved, **overrides, **{
+        "mesh.data": 2, "mesh.fsdp": 2, "mesh.tensor": 2}))
+    expected = train_losses(straight)
+    got = {m["step"]: m["train_loss"] for m in read_metrics(moved)[-4:] if "train_loss" in m}
+    assert sorted(got) == [4, 5, 6]
+    np.testing.assert_allclose([got[s] for s in (4, 5, 6)], [expected[s] for s in (4, 5, 6)],
+                               rtol=1e-4)
+
+
+def test_corrupted_latest_checkpoint_is_skipped(model_dir, tmp_path, caplog):
+    overrides = {"train.steps": 6, "checkpoint.every": 3, "data.eval_fraction": 0.0}
+    workdir = tmp_path / "run"
+    train.run(tiny_config(model_dir, workdir, **overrides))
+    for f in (workdir / "checkpoints" / "6" / "state").rglob("*"):
+        if f.is_file() and f.stat().st_size > 0:
+            f.write_bytes(b"\0garbage")
+    final = train.run(tiny_config(model_dir, workdir, **{**overrides, "train.steps": 7}))
+    assert final["step"] == 7
+    assert any(f"skipping checkpoint {workdir / 'checkpoints' / '6'}" in r.getMessage()
+               for r in caplog.records)
+    steps = [m["step"] for m in read_metrics(workdir) if "train_loss" in m]
+    assert steps[-4:] == [4, 5, 6, 7]  # resumed from 3
+
+
+def test_changed_lora_setup_refuses_to_resume(model_dir, tmp_path):
+    workdir = tmp_path / "run"
+    train.run(tiny_config(model_dir, workdir, **{"train.steps": 2}))
+    with pytest.raises(jaxft.JaxftError, match=r"checkpoints/2: checkpoint was written by a run "
+                       r"with a different lora"):
+        train.run(tiny_config(model_dir, workdir, **{"train.steps": 4, "lora.rank": 8}))
+    with pytest.raises(jaxft.JaxftError, match="checkpoint.resume is 'never'"):
+        train.run(tiny_config(model_dir, workdir, **{"checkpoint.resume": "never"}))
+    final = train.run(tiny_config(model_dir, workdir, **{"train.steps": 2, "lora.rank": 8,
+                                                         "checkpoint.resume": "fresh"}))
+    assert final["step"] == 2
+
+
+def test_nonfinite_step_is_skipped_or_stops(model_dir, tmp_path):
+    skip = tmp_path / "skip"
+    final = train.run(tiny_config(model_dir, skip, **{
+        "train.steps": 5, "train.corrupt_batch_at": 3, "checkpoint.every": 2}))
+    assert final["skipped_steps"] == 1 and np.isfinite(final["train_loss"])
+    stop = tmp_path / "stop"
+    with pytest.raises(jaxft.JaxftError, match=r"step 3: loss or gradient is not finite; "
+                       r"stopped without saving \(last checkpoint: \[2\]\)"):
+        train.run(tiny_config(model_dir, stop, **{
+            "train.steps": 5, "train.corrupt_batch_at": 3, "checkpoint.every": 2,
+            "train.on_nonfinite": "stop"}))
+    assert sorted(p.name for p in (stop / "checkpoints").iterdir()) == ["2"]
+
+
+def test_lora_checkpoint_is_adapter_sized(tmp_path):
+    model_dir = tiny_model_dir(tmp_path / "model", "llama", hidden_size=128,
+                               intermediate_size=256, num_hidden_layers=4)
+    workdir = tmp_path / "run"
+    train.run(tiny_config(model_dir, workdir, **{"train.steps": 1, "lora.rank": 2,
+                                                 "lora.targets": ("q_proj", "v_proj")}))
+    adapter_bytes = 4 * 4 * 2 * (2 * 128 + 2 * 128)  # layers × (A + B) of q and v, float32
+    on_disk = sum(f.stat().st_size for f in (workdir / "checkpoints" / "1").rglob("*")
+                  if f.is_file())
+    base_bytes = os.path.getsize(model_dir / "model.safetensors")
+    # parameters + two AdamW moments, plus Orbax's metadata; nowhere near the base model
+    assert 3 * adapter_bytes <= on_disk + 4096
+    assert on_disk < 3 * adapter_bytes + 64 * 1024 < base_bytes / 8

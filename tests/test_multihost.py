@@ -1,0 +1,54 @@
+"""Two processes (gloo collectives on 127.0.0.1) train on one global mesh like one process."""
+
+import socket
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from jaxft import train
+from tests.tiny_run import (
+    REPO,
+    subprocess_env,
+    tiny_config,
+    tiny_model_dir,
+    train_losses,
+    write_config_file,
+)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return tiny_model_dir(tmp_path_factory.mktemp("llama"), "llama", num_key_value_heads=2)
+
+
+def test_two_processes_match_one_process(model_dir, tmp_path):
+    overrides = {"train.steps": 4, "lora.enabled": False, "optim.lr": 1e-3,
+                 "mesh.data": 2, "mesh.fsdp": 2, "mesh.tensor": 2, "data.eval_fraction": 0.0,
+                 "checkpoint.every": 2}
+    train.run(tiny_config(model_dir, tmp_path / "single", **overrides))
+    expected = train_losses(tmp_path / "single")
+
+    workdir = tmp_path / "multi"
+    config = write_config_file(tmp_path / "cfg.py", model_dir, workdir, **overrides)
+    port = free_port()
+    procs = [subprocess.Popen(
+        [sys.executable, "-m", "jaxft.train", f"--config={config}"], cwd=REPO,
+        env=subprocess_env(4, JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}",
+                           JAX_NUM_PROCESSES="2", JAX_PROCESS_ID=str(i)),
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(2)]
+    outputs = [p.communicate(timeout=300)[0] for p in procs]
+    for p, out in zip(procs, outputs, strict=True):
+        assert p.returncode == 0, out[-3000:]
+    got = train_losses(workdir)
+    np.testing.assert_allclose([got[s] for s in sorted(got)],
+                               [expected[s] for s in sorted(expected)], rtol=1e-4)
+    # both processes wrote their shards of the sharded checkpoint, and it restores
+    assert sorted(p.name for p in (workdir / "checkpoints").iterdir()) == ["2", "4"]

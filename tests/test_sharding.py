@@ -1,0 +1,69 @@
+"""Sharded training equals single-device training, and parameters really are sharded."""
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from jax.sharding import PartitionSpec as P
+
+import jaxft
+from jaxft import sharding, train
+from tests.tiny_run import (
+    REPO,
+    subprocess_env,
+    tiny_config,
+    tiny_model_dir,
+    train_losses,
+    write_config_file,
+)
+
+STEPS = 5
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    # 4 heads, 2 kv heads, hidden 64: every sharded dimension divides 2 and 4.
+    return tiny_model_dir(tmp_path_factory.mktemp("llama"), "llama", num_key_value_heads=2)
+
+
+def single_device_losses(model_dir, tmp_path, **overrides) -> dict[int, float]:
+    workdir = tmp_path / "one-device"
+    config = write_config_file(tmp_path / "cfg.py", model_dir, workdir, **overrides)
+    subprocess.run([sys.executable, "-m", "jaxft.train", f"--config={config}"], check=True,
+                   cwd=REPO, env=subprocess_env(1), capture_output=True)
+    return train_losses(workdir)
+
+
+@pytest.mark.parametrize("mode", ["lora", "full"])
+def test_meshes_give_single_device_losses(mode, model_dir, tmp_path):
+    overrides = {"train.steps": STEPS, "lora.enabled": mode == "lora",
+                 "optim.lr": 3e-3 if mode == "lora" else 1e-3, "data.eval_fraction": 0.0}
+    expected = single_device_losses(model_dir, tmp_path, **overrides)
+    assert len(expected) == STEPS
+    for mesh in [(8, 1, 1), (2, 4, 1), (2, 2, 2)]:
+        workdir = tmp_path / f"mesh-{'x'.join(map(str, mesh))}"
+        cfg = tiny_config(model_dir, workdir, **overrides, **{
+            "mesh.data": mesh[0], "mesh.fsdp": mesh[1], "mesh.tensor": mesh[2]})
+        train.run(cfg)
+        got = train_losses(workdir)
+        np.testing.assert_allclose([got[s] for s in sorted(got)],
+                                   [expected[s] for s in sorted(expected)], rtol=1e-4,
+                                   err_msg=f"mesh {mesh}")
+
+
+def test_parameters_are_sharded_on_the_mesh(model_dir):
+    mesh = sharding.make_mesh(2, 2, 2)
+    model = jaxft.from_pretrained(model_dir, mesh=mesh)
+    q = model.model.layers.self_attn.q_proj.kernel[...]  # [layers, embed, heads]
+    assert q.sharding.spec == P(None, "fsdp", "tensor")
+    assert q.addressable_shards[0].data.shape == (q.shape[0], q.shape[1] // 2, q.shape[2] // 2)
+    embed = model.model.embed_tokens.embedding[...]  # [vocab, embed]
+    assert embed.sharding.spec[1] == "fsdp"
+
+
+def test_dimension_the_mesh_cannot_divide_stays_replicated():
+    mesh = sharding.make_mesh(2, 2, 2)
+    assert sharding.spec_for(("vocab", "embed"), (601, 64), mesh) == P(None, "fsdp")
+    assert sharding.spec_for(("layers", "embed", "mlp"), (2, 64, 96), mesh) == \
+        P(None, "fsdp", "tensor")

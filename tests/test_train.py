@@ -1,0 +1,103 @@
+"""The train command end to end on tiny models: it learns, logs, and refuses bad configs early."""
+
+import json
+import logging
+import subprocess
+import sys
+
+import jax
+import pytest
+
+import jaxft
+from jaxft import train
+from tests.tiny_run import DATA, read_metrics, tiny_config, tiny_model_dir
+
+
+@pytest.fixture(scope="module")
+def llama_dir(tmp_path_factory):
+    return tiny_model_dir(tmp_path_factory.mktemp("llama"), "llama")
+
+
+@pytest.mark.parametrize("mode", ["lora", "full"])
+def test_training_lowers_eval_loss(mode, llama_dir, tmp_path):
+    cfg = tiny_config(llama_dir, tmp_path, **{
+        "lora.enabled": mode == "lora", "optim.lr": 3e-3 if mode == "lora" else 1e-3,
+        "train.steps": 12, "data.eval_fraction": 0.25})
+    final = train.run(cfg)
+    assert final["eval_loss"] < final["base_eval_loss"] - 0.05
+    metrics = read_metrics(tmp_path)
+    assert [m["step"] for m in metrics if "train_loss" in m] == list(range(1, 13))
+    assert all({"train_loss", "lr", "tokens_per_s"} <= m.keys() for m in metrics
+               if "train_loss" in m)
+    assert json.loads((tmp_path / "config.json").read_text())["lora"]["enabled"] == (mode == "lora")
+    assert list((tmp_path / "tensorboard").iterdir())
+
+
+def test_text_format_full_fine_tune_of_gpt2(tmp_path):
+    model_dir = tiny_model_dir(tmp_path / "gpt2", "gpt2")
+    cfg = tiny_config(model_dir, tmp_path / "run", **{
+        "lora.enabled": False, "optim.lr": 1e-3, "train.steps": 8,
+        "data.train_path": str(DATA / "medical_text.txt"), "data.eval_fraction": 0.2})
+    final = train.run(cfg)
+    assert final["eval_loss"] < final["base_eval_loss"]
+
+
+def test_bert_classifier_lora_learns(tmp_path):
+    model_dir = tiny_model_dir(tmp_path / "bert", "bert")
+    cfg = tiny_config(model_dir, tmp_path / "run", **{
+        "task": "classification", "data.train_path": str(DATA / "tickets_classify.csv"),
+        "lora.targets": ("query", "value"), "lora.modules_to_save": ("classifier",),
+        "train.steps": 30, "optim.lr": 1e-2, "data.eval_fraction": 0.3})
+    final = train.run(cfg)
+    assert 0 <= final["eval_accuracy"] <= 1
+    losses = [m["train_loss"] for m in read_metrics(tmp_path / "run") if "train_loss" in m]
+    assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 - 0.1  # a random encoder still fits
+    assert json.loads((tmp_path / "run" / "label_map.json").read_text())
+
+
+def test_train_step_compiles_once(llama_dir, tmp_path, caplog):
+    jax.config.update("jax_log_compiles", True)
+    try:
+        with caplog.at_level(logging.WARNING):
+            train.run(tiny_config(llama_dir, tmp_path, **{"train.steps": 4}))
+    finally:
+        jax.config.update("jax_log_compiles", False)
+    compiles = [r for r in caplog.records if "Finished XLA compilation of jit(step)"
+                in r.getMessage()]
+    assert len(compiles) == 1
+
+
+@pytest.mark.parametrize("override, message", [
+    ({"lora.rank": 0}, "config: lora.rank must be positive, got 0"),
+    ({"mesh.data": 3}, "mesh: data×fsdp×tensor = 3 but there are 8 devices"),
+    ({"mesh.fsdp": 3, "mesh.data": -1}, "mesh: 3 (product of the fixed sizes [-1, 3, 1]) does "
+     "not divide the 8 devices"),
+    ({"train.batch_size": 12}, "config: train.batch_size 12 is not divisible by the "
+     "data-parallel size 8"),
+    ({"task": "summarize"}, "config: task is 'summarize', expected one of lm, classification"),
+])
+def test_bad_config_fails_before_loading(override, message, tmp_path):
+    cfg = tiny_config(tmp_path / "no-model-here", tmp_path, **override)
+    with pytest.raises(jaxft.JaxftError) as e:
+        train.run(cfg)
+    assert str(e.value).startswith(message)
+
+
+def test_command_line_errors_are_one_line(tmp_path):
+    config_file = tmp_path / "cfg.py"
+    config_file.write_text(
+        "from jaxft.config import base_config\n"
+        "def get_config():\n"
+        "    c = base_config()\n"
+        f"    c.workdir = {str(tmp_path / 'w')!r}\n"
+        f"    c.model.path = {str(tmp_path / 'missing')!r}\n"
+        "    c.data.train_path = 'x.jsonl'\n"
+        "    return c\n")
+    run = subprocess.run([sys.executable, "-m", "jaxft.train", f"--config={config_file}",
+                          "--config.lora.rank=-2"], capture_output=True, text=True)
+    assert run.returncode == 1
+    assert run.stderr.strip().splitlines()[-1] == \
+        "error: config: lora.rank must be positive, got -2"
+    run = subprocess.run([sys.executable, "-m", "jaxft.train", f"--config={config_file}",
+                          "--config.lora.rnak=4"], capture_output=True, text=True)
+    assert run.returncode != 0 and "rnak" in run.stderr

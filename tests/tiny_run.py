@@ -1,0 +1,87 @@
+"""A tiny model directory (with its tokenizer) and a config to train it in seconds."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import ml_collections
+import transformers
+
+from jaxft.config import base_config
+from tests import hf_models
+from tests.test_data_helpers import tiny_bpe
+
+DATA = Path(__file__).parent / "data"
+
+
+def tiny_model_dir(path: Path, family: str = "llama", **overrides) -> Path:
+    """A random-init HF model whose vocabulary fits a tiny trained BPE tokenizer, saved to path."""
+    path.mkdir(parents=True, exist_ok=True)
+    tokenizer = tiny_bpe(str(path))
+    vocab = len(tokenizer)
+    if family == "bert":
+        config = hf_models.bert_config(vocab_size=vocab, **overrides)
+        model = hf_models.build(config, cls=transformers.BertModel)
+    else:
+        config = hf_models.CAUSAL_CONFIGS[family]()
+        config.vocab_size = vocab
+        for key, value in overrides.items():
+            setattr(config, key, value)
+        model = hf_models.build(config)
+    model.save_pretrained(path)
+    return path
+
+
+def tiny_config(model_dir: Path, workdir: Path, **overrides) -> ml_collections.ConfigDict:
+    """A fast LoRA run on the sample support chats; dotted overrides like `lora.rank=4`."""
+    c = base_config()
+    c.workdir = str(workdir)
+    c.dtype = "float32"
+    c.model.path = str(model_dir)
+    c.data.train_path = str(DATA / "support_chat.jsonl")
+    c.data.max_len = 64
+    c.train.steps = 5
+    c.train.batch_size = 8
+    c.train.log_every = 1
+    c.train.eval_every = 0
+    c.optim.lr = 3e-3
+    c.optim.warmup_steps = 0
+    c.checkpoint.every = 0
+    c.lora.rank = 4
+    for dotted, value in overrides.items():
+        section, _, field = dotted.rpartition(".")
+        (c[section] if section else c)[field] = value
+    return c
+
+
+def read_metrics(workdir: Path) -> list[dict]:
+    return [json.loads(line) for line in (Path(workdir) / "metrics.jsonl").read_text().splitlines()]
+
+
+def train_losses(workdir: Path) -> dict[int, float]:
+    return {m["step"]: m["train_loss"] for m in read_metrics(workdir) if "train_loss" in m}
+
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def write_config_file(path: Path, model_dir: Path, workdir: Path, **overrides) -> Path:
+    """A configs/*.py-style file returning `tiny_config(...)`, for runs in a subprocess."""
+    path.write_text(
+        "from pathlib import Path\n"
+        "from tests.tiny_run import tiny_config\n"
+        "def get_config():\n"
+        f"    return tiny_config(Path({str(model_dir)!r}), Path({str(workdir)!r}), "
+        f"**{overrides!r})\n")
+    return path
+
+
+def subprocess_env(devices: int, **extra: str) -> dict[str, str]:
+    """The environment of a child `python -m jaxft.train` with `devices` CPU devices."""
+    import os
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("JAX_")}
+    env.update(XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+               PYTHONPATH=str(REPO), HF_HUB_OFFLINE="1", **extra)
+    return env
