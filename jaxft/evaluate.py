@@ -17,7 +17,6 @@ class the model never predicts and never sees counts as nothing rather than as z
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import itertools
 import json
@@ -32,8 +31,7 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from jaxft import config as config_lib
-from jaxft import lora, train_step
+from jaxft import train_step
 from jaxft.errors import JaxftError
 
 Batch = dict[str, np.ndarray]
@@ -144,65 +142,6 @@ def _take(batch: Batch, keys: tuple[str, ...]) -> dict[str, jax.Array]:
 
 
 # ---------------------------------------------------------------------------------------------
-# A jaxft.train workdir: W/config.json + W/checkpoints/<step>/state
-# ---------------------------------------------------------------------------------------------
-
-
-@dataclasses.dataclass
-class Finetuned:
-    """A trained model rebuilt from its workdir."""
-
-    model: nnx.Module
-    model_path: str  # the base checkpoint (also where the tokenizer loads from)
-    config: ml_collections.ConfigDict  # the run's resolved config
-    step: int  # the checkpoint's step
-
-
-def load_workdir(workdir: str | Path, *, dtype: str | None = None) -> Finetuned:
-    """The run's base model with its LoRA setup and the latest checkpoint's trainable weights.
-
-    Only the `trainable` subtree of the checkpoint is read (Orbax partial restore), so the
-    optimizer state never loads. `dtype` overrides the run's parameter dtype.
-    """
-    import orbax.checkpoint as ocp
-
-    from jaxft import hf_io
-
-    workdir = Path(workdir)
-    config_file = workdir / "config.json"
-    if not config_file.is_file():
-        raise JaxftError(f"{workdir}: no config.json (not a jaxft.train workdir)")
-    cfg = ml_collections.ConfigDict(json.loads(config_file.read_text()))
-    steps = sorted(int(p.name) for p in (workdir / "checkpoints").glob("*")
-                   if p.name.isdigit() and (p / "state").is_dir())
-    if not steps:
-        raise JaxftError(f"{workdir / 'checkpoints'}: no checkpoint to load")
-    num_labels = cfg.model.get("num_labels") if cfg.task == "classification" else None
-    model = hf_io.from_pretrained(cfg.model.resolved_path, dtype=dtype or cfg.param_dtype,
-                                  num_labels=num_labels or None, seed=cfg.train.seed)
-    lora_cfg = config_lib.lora_config(cfg)
-    if lora_cfg is not None:
-        lora.apply_lora(model, lora_cfg, seed=cfg.train.seed)
-    trainable = nnx.state(model, lora.trainable_filter(lora_cfg))
-    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    target = {"trainable": jax.tree.map(
-        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
-        nnx.to_pure_dict(trainable))}
-    path = workdir / "checkpoints" / str(steps[-1]) / "state"
-    try:
-        restored = ocp.PyTreeCheckpointer().restore(path, args=ocp.args.PyTreeRestore(
-            item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
-            partial_restore=True))
-    except Exception as e:  # shapes or names that do not fit: a different run's checkpoint
-        raise JaxftError(f"{path}: does not restore onto the model its config.json describes "
-                         f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
-                         ) from e
-    nnx.replace_by_pure_dict(trainable, restored["trainable"])
-    nnx.update(model, trainable)
-    return Finetuned(model, cfg.model.resolved_path, cfg, steps[-1])
-
-
-# ---------------------------------------------------------------------------------------------
 # Command line
 # ---------------------------------------------------------------------------------------------
 
@@ -215,8 +154,10 @@ def run(config: ml_collections.ConfigDict | None, workdir: str | None = None, *,
     if config is None and workdir is None:
         raise JaxftError("pass --config=configs/<recipe>.py, --workdir=<train workdir>, or both")
     if workdir is not None:
-        finetuned = load_workdir(workdir)
-        run_cfg, model, model_path = finetuned.config, finetuned.model, finetuned.model_path
+        from jaxft.workdir import load_run
+
+        trained = load_run(workdir)
+        run_cfg, model, model_path = trained.config, trained.model, trained.base
         data_cfg = data.default_config()
         data_cfg.update((config if config is not None else run_cfg).data.to_dict())
         label_map = Path(workdir) / "label_map.json"

@@ -15,98 +15,19 @@ from __future__ import annotations
 import json
 import os
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 
-import ml_collections
 from absl import app, flags
 from absl import logging as absl_logging
 from flax import nnx
 
-from jaxft import adapters, checkpoint, hf_io, lora
-from jaxft import config as config_lib
+from jaxft import adapters, hf_io, lora
 from jaxft.errors import JaxftError
+from jaxft.workdir import load_run
 
 # Files an export writes; `overwrite` removes those of the other kind so a directory never holds
 # both a stale adapter and a model (transformers would then load the wrong one).
 _WRITTEN = (adapters.CONFIG_NAME, adapters.WEIGHTS_NAME, hf_io.CONFIG_NAME, hf_io.SAFETENSORS_NAME)
-
-
-@dataclass
-class Run:
-    """A training run rebuilt from its workdir: the model as it was at `step`."""
-
-    model: nnx.Module
-    lora: lora.LoraConfig | None
-    base: str  # the resolved base checkpoint: a local directory or .gguf file
-    base_name: str  # what PyTorch users load: the hub id if the run named one, else `base`
-    step: int
-
-
-def load_run(workdir: str | os.PathLike, step: int | None = None) -> Run:
-    """Rebuild the model of a training run at a checkpointed step (default: the newest)."""
-    workdir = Path(workdir)
-    config_file = workdir / "config.json"
-    if not config_file.is_file():
-        raise JaxftError(f"{workdir}: no config.json (not a jaxft training workdir)")
-    cfg = ml_collections.ConfigDict(json.loads(config_file.read_text()))
-    lora_cfg = config_lib.lora_config(cfg)
-    directory = workdir / "checkpoints"
-    manager = _manager(directory)
-    steps = sorted(manager.all_steps()) if manager else []
-    if not steps:
-        raise JaxftError(f"{workdir}: no checkpoint in {directory} (train first, or wait for "
-                         "the first save)")
-    if step is None:
-        step = steps[-1]
-    elif step not in steps:
-        raise JaxftError(f"{workdir}: no checkpoint for step {step} (saved steps: "
-                         f"{', '.join(map(str, steps))})")
-    num_labels = None
-    if cfg.task == "classification":  # the head size training settled on (0: none recorded)
-        num_labels = cfg.model.get("num_labels") or None
-    model = hf_io.from_pretrained(cfg.model.resolved_path, dtype=cfg.param_dtype,
-                                  num_labels=num_labels, seed=cfg.train.seed)
-    if lora_cfg is not None:
-        lora.apply_lora(model, lora_cfg, seed=cfg.train.seed)
-    trainable = nnx.state(model, lora.trainable_filter(lora_cfg))
-    restored = _restore_trainable(manager, step, trainable.to_pure_dict(), directory)
-    nnx.replace_by_pure_dict(trainable, restored)
-    nnx.update(model, trainable)
-    return Run(model, lora_cfg, cfg.model.resolved_path, _base_name(cfg), step)
-
-
-def _base_name(cfg: ml_collections.ConfigDict) -> str:
-    """A hub id stays a hub id (a shared adapter names it), not this machine's cache path."""
-    given = str(cfg.model.path)
-    if given.startswith(hf_io.PACKAGE_PREFIX) or Path(given).expanduser().exists():
-        return cfg.model.resolved_path
-    return given
-
-
-def _manager(directory: Path):
-    import orbax.checkpoint as ocp
-
-    if not directory.is_dir():
-        return None
-    options = ocp.CheckpointManagerOptions(create=False)
-    return ocp.CheckpointManager(directory, options=options, item_names=("state", "meta"))
-
-
-def _restore_trainable(manager, step: int, target: dict, directory: Path) -> dict:
-    """Only the trained parameters of a checkpoint: the optimizer state is never read."""
-    import orbax.checkpoint as ocp
-
-    abstract = checkpoint.abstract_like(target)
-    try:
-        restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
-            item={"trainable": abstract}, partial_restore=True,
-            restore_args=ocp.checkpoint_utils.construct_restore_args({"trainable": abstract}))))
-    except Exception as e:  # a damaged checkpoint, or one from a different setup
-        text = str(e).strip()
-        raise JaxftError(f"{directory / str(step)}: does not restore into this run's model "
-                         f"({type(e).__name__}: {text.splitlines()[0] if text else ''})") from e
-    return restored.state["trainable"]
 
 
 def export_model(

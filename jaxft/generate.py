@@ -309,10 +309,10 @@ def load_model(model: str, *, adapter: str | None = None, workdir: str | None = 
     if adapter and workdir:
         raise JaxftError("pass --adapter or --workdir, not both")
     if workdir:
-        from jaxft.evaluate import load_workdir
+        from jaxft.workdir import load_run
 
-        finetuned = load_workdir(workdir, dtype=dtype)
-        return finetuned.model, finetuned.model_path
+        run = load_run(workdir, dtype=dtype)
+        return run.model, run.base
     path = str(hf_io.resolve(model))
     loaded = hf_io.from_pretrained(path, dtype=dtype)
     if adapter:

@@ -14,6 +14,7 @@ import jaxft
 from jaxft import evaluate as E
 from jaxft import generate as G
 from jaxft import lora
+from jaxft.workdir import load_run
 from tests import hf_models
 from tests.real_weights import smollm2_gguf_path
 
@@ -145,7 +146,7 @@ def trained_workdir(tmp_path_factory):
 
 def test_workdir_eval_loss_equals_the_runs_own(trained_workdir):
     workdir, final = trained_workdir
-    loaded = E.load_workdir(workdir)
+    loaded = load_run(workdir)
     assert loaded.step == 2
     adapters = [linear.adapter for _, linear in lora.linear_modules(loaded.model)
                 if linear.adapter is not None]
@@ -181,4 +182,4 @@ def test_evaluate_cli_errors_in_one_line(tmp_path):
                          capture_output=True, text=True, timeout=300, cwd=REPO)
     assert out.returncode != 0
     assert out.stderr.strip().splitlines()[-1] == f"error: {tmp_path}: no config.json (not a " \
-                                                  "jaxft.train workdir)"
+                                                  "jaxft training workdir)"

@@ -24,6 +24,7 @@ from safetensors.numpy import load_file
 
 import jaxft
 from jaxft import adapters, export, lora
+from jaxft.workdir import load_run
 from tests import hf_models
 from tests.test_data_helpers import SUPPORT_CHAT, TICKETS, tiny_bpe
 from tests.test_import_peft import assert_close, jaxft_out, real
@@ -228,7 +229,7 @@ def test_cli_exports_trained_lora_run_as_peft_adapter(runs, tmp_path):
     assert np.abs(tensors["base_model.model.model.layers.0.mlp.up_proj.lora_B.weight"]).max() > 0
 
     ids, mask = hf_models.padded_batch()
-    trained = export.load_run(runs["lora"])
+    trained = load_run(runs["lora"])
     assert trained.step == 3
     base = CAUSAL.from_pretrained(config["base_model_name_or_path"]).eval()
     base_out = torch_logits(base, ids, mask)
@@ -243,7 +244,7 @@ def test_merged_export_of_trained_run(runs, tmp_path):
     assert (tmp_path / "merged" / "tokenizer.json").is_file()
     ids, mask = hf_models.padded_batch()
     merged = CAUSAL.from_pretrained(tmp_path / "merged").eval()
-    assert_close(jaxft_out(export.load_run(runs["lora"]).model, ids, mask),
+    assert_close(jaxft_out(load_run(runs["lora"]).model, ids, mask),
                  torch_logits(merged, ids, mask), mask)
 
 
@@ -253,7 +254,7 @@ def test_step_picks_the_checkpoint(runs, tmp_path):
     step2, step3 = (load_file(tmp_path / d / adapters.WEIGHTS_NAME) for d in ("step2", "step3"))
     name = "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight"
     assert not np.array_equal(step2[name], step3[name])
-    at_step2 = export.load_run(runs["lora"], step=2).model.model.layers.self_attn.q_proj
+    at_step2 = load_run(runs["lora"], step=2).model.model.layers.self_attn.q_proj
     np.testing.assert_array_equal(step2[name], np.asarray(at_step2.adapter.lora_b[...])[0].T)
 
 
@@ -262,7 +263,7 @@ def test_full_finetune_exports_a_model(runs, tmp_path):
     assert not (tmp_path / "full" / adapters.CONFIG_NAME).exists()
     ids, mask = hf_models.padded_batch()
     reloaded = CAUSAL.from_pretrained(tmp_path / "full").eval()
-    trained = export.load_run(runs["full"])
+    trained = load_run(runs["full"])
     assert trained.lora is None and trained.step == 2
     got = torch_logits(reloaded, ids, mask)
     assert_close(jaxft_out(trained.model, ids, mask), got, mask)
@@ -272,7 +273,7 @@ def test_full_finetune_exports_a_model(runs, tmp_path):
 
 def test_classification_run_exports_adapter_and_merged_model(runs, tmp_path):
     """The head never trained (no modules_to_save): it still travels, as jaxft drew it."""
-    trained = export.load_run(runs["cls"])
+    trained = load_run(runs["cls"])
     ids, mask = hf_models.padded_batch()
     expected = jaxft_out(trained.model, ids, mask)  # [B, 4]: the run found four labels
     export.export_workdir(runs["cls"], tmp_path / "adapter")

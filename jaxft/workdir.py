@@ -1,0 +1,98 @@
+"""Rebuild a training run from its workdir: export, evaluation and generation all start here.
+
+`W/config.json` names the base checkpoint and the LoRA setup; a checkpoint in `W/checkpoints`
+holds the trained weights. Only the `trainable` subtree is restored (an Orbax partial restore),
+so the optimizer state is never read.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from pathlib import Path
+
+import ml_collections
+import orbax.checkpoint as ocp
+from flax import nnx
+
+from jaxft import checkpoint, hf_io, lora
+from jaxft import config as config_lib
+from jaxft.errors import JaxftError
+
+
+@dataclasses.dataclass
+class Run:
+    """A training run rebuilt from its workdir: the model as it was at `step`."""
+
+    model: nnx.Module
+    lora: lora.LoraConfig | None
+    config: ml_collections.ConfigDict  # the run's resolved config
+    base: str  # the resolved base checkpoint: a local directory or .gguf file (and tokenizer)
+    base_name: str  # what PyTorch users load: the hub id if the run named one, else `base`
+    step: int
+
+
+def load_run(workdir: str | os.PathLike, step: int | None = None, *,
+             dtype: str | None = None) -> Run:
+    """The run's model at a checkpointed step (default: the newest); `dtype` overrides the
+    run's parameter dtype."""
+    workdir = Path(workdir)
+    config_file = workdir / "config.json"
+    if not config_file.is_file():
+        raise JaxftError(f"{workdir}: no config.json (not a jaxft training workdir)")
+    cfg = ml_collections.ConfigDict(json.loads(config_file.read_text()))
+    lora_cfg = config_lib.lora_config(cfg)
+    directory = workdir / "checkpoints"
+    manager = _manager(directory)
+    steps = sorted(manager.all_steps()) if manager else []
+    if not steps:
+        raise JaxftError(f"{workdir}: no checkpoint in {directory} (train first, or wait for "
+                         "the first save)")
+    if step is None:
+        step = steps[-1]
+    elif step not in steps:
+        raise JaxftError(f"{workdir}: no checkpoint for step {step} (saved steps: "
+                         f"{', '.join(map(str, steps))})")
+    num_labels = None
+    if cfg.task == "classification":  # the head size training settled on (0: none recorded)
+        num_labels = cfg.model.get("num_labels") or None
+    model = hf_io.from_pretrained(cfg.model.resolved_path, dtype=dtype or cfg.param_dtype,
+                                  num_labels=num_labels, seed=cfg.train.seed)
+    if lora_cfg is not None:
+        lora.apply_lora(model, lora_cfg, seed=cfg.train.seed)
+    trainable = nnx.state(model, lora.trainable_filter(lora_cfg))
+    restored = _restore_trainable(manager, step, trainable.to_pure_dict(), directory)
+    nnx.replace_by_pure_dict(trainable, restored)
+    nnx.update(model, trainable)
+    return Run(model, lora_cfg, cfg, cfg.model.resolved_path, _base_name(cfg), step)
+
+
+def _base_name(cfg: ml_collections.ConfigDict) -> str:
+    """A hub id stays a hub id (a shared adapter names it), not this machine's cache path."""
+    given = str(cfg.model.path)
+    if given.startswith(hf_io.PACKAGE_PREFIX) or Path(given).expanduser().exists():
+        return cfg.model.resolved_path
+    return given
+
+
+def _manager(directory: Path) -> ocp.CheckpointManager | None:
+    if not directory.is_dir():
+        return None
+    options = ocp.CheckpointManagerOptions(create=False)
+    return ocp.CheckpointManager(directory, options=options, item_names=("state", "meta"))
+
+
+def _restore_trainable(manager: ocp.CheckpointManager, step: int, target: dict,
+                       directory: Path) -> dict:
+    """Only the trained parameters of a checkpoint: the optimizer state is never read."""
+    abstract = checkpoint.abstract_like(target)
+    try:
+        restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+            item={"trainable": abstract}, partial_restore=True,
+            restore_args=ocp.checkpoint_utils.construct_restore_args({"trainable": abstract}))))
+    except Exception as e:  # a damaged checkpoint, or one from a different setup
+        text = str(e).strip()
+        raise JaxftError(f"{directory / str(step)}: does not restore into this run's model "
+                         f"({type(e).__name__}: {text.splitlines()[0] if text else ''})") from e
+    return restored.state["trainable"]
