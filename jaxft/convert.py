@@ -8,12 +8,9 @@ Hugging Face names as safetensors, and copies the tokenizer, so `transformers` c
 
 from __future__ import annotations
 
-import sys
-
 from absl import app, flags
 
-from jaxft import hf_io
-from jaxft.errors import JaxftError
+from jaxft import cli, hf_io
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("model", None, "HF model directory, hub id or .gguf file.", required=True)
@@ -23,13 +20,11 @@ flags.DEFINE_bool("overwrite", False, "Write into an existing non-empty director
 
 
 def main(argv: list[str]) -> None:
-    del argv
-    try:
+    cli.start(argv)
+    with cli.user_errors():
         model = hf_io.from_pretrained(FLAGS.model)
         out = hf_io.save_pretrained(model, FLAGS.out, dtype=FLAGS.dtype, overwrite=FLAGS.overwrite)
         hf_io.copy_tokenizer(FLAGS.model, out)
-    except JaxftError as e:
-        sys.exit(f"error: {e}")
     print(f"wrote {out}")
 
 

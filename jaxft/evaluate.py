@@ -192,21 +192,14 @@ def _define_flags() -> None:
 
 
 def main(argv: list[str]) -> None:
-    import sys
+    from absl import flags
 
-    from absl import app, flags
+    from jaxft import cli
 
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+    cli.start(argv)
     f = flags.FLAGS
-    if not f["verbosity"].present:  # Orbax and XLA log at INFO; the output is the point here
-        from absl import logging as absl_logging
-
-        absl_logging.set_verbosity(absl_logging.WARNING)
-    try:
+    with cli.user_errors():
         metrics = run(f.config, f.workdir, max_batches=f.max_batches)
-    except JaxftError as e:
-        sys.exit(f"error: {e}")
     print(json.dumps(metrics))
 
 

@@ -14,14 +14,12 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 from pathlib import Path
 
 from absl import app, flags
-from absl import logging as absl_logging
 from flax import nnx
 
-from jaxft import adapters, hf_io, lora
+from jaxft import adapters, cli, hf_io, lora
 from jaxft.errors import JaxftError
 from jaxft.workdir import load_run
 
@@ -113,17 +111,12 @@ def define_flags() -> None:
 
 
 def main(argv: list[str]) -> None:
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+    cli.start(argv)
     if not FLAGS.workdir or not FLAGS.out:
         raise app.UsageError("--workdir and --out are required")
-    if not FLAGS["verbosity"].present:  # Orbax logs every restore at INFO
-        absl_logging.set_verbosity(absl_logging.WARNING)
-    try:
+    with cli.user_errors():
         out = export_workdir(FLAGS.workdir, FLAGS.out, step=FLAGS.step, merged=FLAGS.merged,
                              dtype=FLAGS.dtype, overwrite=FLAGS.overwrite)
-    except JaxftError as e:
-        sys.exit(f"error: {e}")
     print(_describe(out, Path(FLAGS.workdir)))
 
 

@@ -323,20 +323,14 @@ def load_model(model: str, *, adapter: str | None = None, workdir: str | None = 
 
 
 def main(argv: list[str]) -> None:
-    import sys
+    from absl import flags
 
-    from absl import app, flags
-
+    from jaxft import cli
     from jaxft.data.tokenizer import load_tokenizer
 
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+    cli.start(argv)
     f = flags.FLAGS
-    if not f["verbosity"].present:  # Orbax and XLA log at INFO; the output is the point here
-        from absl import logging as absl_logging
-
-        absl_logging.set_verbosity(absl_logging.WARNING)
-    try:
+    with cli.user_errors():
         prompts = list(f.prompt)
         if f.prompts_file:
             with open(f.prompts_file) as file:
@@ -348,8 +342,6 @@ def main(argv: list[str]) -> None:
         sampling = Sampling(f.temperature, f.top_k, f.top_p, f.seed)
         completions = generate(model, tokenizer, prompts, max_new_tokens=f.max_new_tokens,
                                chat=f.chat, sampling=sampling, batch_size=f.batch_size)
-    except JaxftError as e:
-        sys.exit(f"error: {e}")
     for prompt, completion in zip(prompts, completions, strict=True):
         print(f"### {prompt}\n{completion}\n")
 
