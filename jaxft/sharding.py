@@ -124,3 +124,24 @@ def data_parallel_size_of(shape: tuple[int, int, int]) -> int:
 def replicated(mesh: Mesh) -> NamedSharding:
     """Whole on every device: scalars, RNG keys, metrics."""
     return NamedSharding(mesh, PartitionSpec())
+
+
+def optimizer_shardings(tx, trainable: nnx.State, param_shardings: nnx.State,
+                        mesh: Mesh) -> object:
+    """Shardings of `tx.init(trainable)`: every moment exactly as its parameter (so fsdp shards
+    optimizer state too), step counters and other scalars replicated.
+
+    A moment is recognised by its key path, which ends with its parameter's path, and its shape.
+    """
+    full = jax.tree.map(lambda target, x: target, param_shardings, trainable)  # one per array
+    params = [(jax.tree_util.keystr(path), x.shape, target) for (path, x), target in zip(
+        jax.tree_util.tree_flatten_with_path(trainable)[0], jax.tree.leaves(full), strict=True)]
+
+    def pick(path, leaf) -> NamedSharding:
+        key = jax.tree_util.keystr(path)
+        for param_key, shape, target in params:
+            if key.endswith(param_key) and leaf.shape == shape:
+                return target
+        return replicated(mesh)
+
+    return jax.tree_util.tree_map_with_path(pick, jax.eval_shape(tx.init, trainable))

@@ -27,7 +27,6 @@ import numpy as np
 from absl import app, flags
 from absl import logging as absl_logging
 from flax import nnx
-from jax.sharding import NamedSharding
 from ml_collections import config_flags
 
 from jaxft import checkpoint, data, hf_io, lora, optim, sharding, train_step
@@ -36,6 +35,11 @@ from jaxft.errors import JaxftError
 from jaxft.metrics import MetricsWriter
 
 config_flags.DEFINE_config_file("config", None, "A configs/*.py file.", lock_config=True)
+# --- dry run (jaxft.plan) ---
+flags.DEFINE_bool("dry_run", False, "Print per-device memory, FLOPs and trainable parameters of "
+                  "the configured step from the model's config alone, then exit: no weights are "
+                  "read, nothing is allocated.")
+# --- end dry run ---
 FLAGS = flags.FLAGS
 
 
@@ -147,10 +151,8 @@ def run(cfg: ml_collections.ConfigDict) -> dict[str, Any]:
     frozen = sharding.put_state(frozen, shard["frozen"])
     tx, schedule = optim.make_optimizer(cfg.optim, trainable, cfg.train.steps)
     replicated = sharding.replicated(mesh)
-    opt_state = jax.jit(tx.init)(trainable)  # moments take the shardings of their parameters
-    opt_sharding = jax.tree.map(
-        lambda x: x.sharding if isinstance(x.sharding, NamedSharding) else replicated, opt_state)
-    opt_state = jax.device_put(opt_state, opt_sharding)  # committed, so the step compiles once
+    opt_sharding = sharding.optimizer_shardings(tx, trainable, shard["trainable"], mesh)
+    opt_state = jax.jit(tx.init, out_shardings=opt_sharding)(trainable)
     batch_sharding = sharding.batch_sharding(mesh)
     class_sharding = sharding.batch_sharding(mesh, ndim=1)
 
@@ -283,8 +285,21 @@ def run(cfg: ml_collections.ConfigDict) -> dict[str, Any]:
     writer.close()
     if is_main:
         (workdir / "final_metrics.json").write_text(json.dumps(final, indent=2) + "\n")
+        _write_plot(workdir)  # --- plot (jaxft.plot) ---
     print(f"done: step {step}: {_describe(final)}; checkpoints in {ckpts.directory}")
     return final
+
+
+# --- plot (jaxft.plot) ---
+def _write_plot(workdir: Path) -> None:
+    """metrics.png beside metrics.jsonl; a plot must never fail a run that trained."""
+    try:
+        from jaxft.plot import plot_metrics
+
+        print(f"plot: {plot_metrics(workdir)}")
+    except Exception as e:  # matplotlib missing, a metrics file edited by hand: log, carry on
+        logging.warning("no plot for %s: %s: %s", workdir, type(e).__name__, e)
+# --- end plot ---
 
 
 def _corrupted(local: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -335,6 +350,11 @@ def main(argv: list[str]) -> None:
     if not FLAGS["verbosity"].present:  # Orbax and XLA log every save at INFO
         absl_logging.set_verbosity(absl_logging.WARNING)
     try:
+        if FLAGS.dry_run:  # --- dry run (jaxft.plan): compile abstractly, read no weights ---
+            from jaxft import plan
+
+            plan.print_plan(FLAGS.config, compute_dtype=resolve_dtype(FLAGS.config.dtype))
+            return
         run(FLAGS.config)
     except JaxftError as e:
         sys.exit(f"error: {e}")

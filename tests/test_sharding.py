@@ -3,6 +3,7 @@
 import subprocess
 import sys
 
+import jax
 import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
@@ -67,3 +68,25 @@ def test_dimension_the_mesh_cannot_divide_stays_replicated():
     assert sharding.spec_for(("vocab", "embed"), (601, 64), mesh) == P(None, "fsdp")
     assert sharding.spec_for(("layers", "embed", "mlp"), (2, 64, 96), mesh) == \
         P(None, "fsdp", "tensor")
+
+
+def test_optimizer_state_is_sharded_like_its_parameters(model_dir):
+    from flax import nnx
+
+    from jaxft import config, lora, optim
+
+    mesh = sharding.make_mesh(2, 4, 1)
+    model = jaxft.from_pretrained(model_dir, mesh=mesh)
+    cfg = lora.LoraConfig(rank=4, targets="all-linear")
+    lora.apply_lora(model, cfg)
+    trainable = nnx.state(model, nnx.Param)  # full fine-tuning: base and adapters
+    targets = sharding.state_shardings(trainable, mesh)
+    tx, _ = optim.make_optimizer(config.base_config().optim, trainable, 10)
+    opt_shardings = sharding.optimizer_shardings(tx, trainable, targets, mesh)
+    flat = jax.tree_util.tree_flatten_with_path(opt_shardings)[0]
+    moments = {jax.tree_util.keystr(p): s for p, s in flat if "q_proj']['kernel" in
+               jax.tree_util.keystr(p)}
+    assert len(moments) == 2  # AdamW's mu and nu
+    assert all(s.spec == P(None, "fsdp", "tensor") for s in moments.values())
+    counters = [s for p, s in flat if "count" in jax.tree_util.keystr(p)]
+    assert counters and all(s.spec == P() for s in counters)

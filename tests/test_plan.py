@@ -1,0 +1,147 @@
+"""The dry run: its numbers against a real run's buffers, an 8B config it must only compile,
+and the `--dry_run` command that reads neither weights nor data."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+
+import jax
+import pytest
+from flax import nnx
+
+import jaxft
+from jaxft import checkpoint, hf_io, plan, train
+from jaxft.plan import array_bytes
+from tests.tiny_run import subprocess_env, tiny_config, tiny_model_dir, write_config_file
+
+# Llama-3-8B's config.json, as the hub serves it (sizes only: this test never sees a weight).
+LLAMA3_8B = {
+    "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 4096,
+    "intermediate_size": 14336, "num_hidden_layers": 32, "num_attention_heads": 32,
+    "num_key_value_heads": 8, "vocab_size": 128256, "rms_norm_eps": 1e-5,
+    "rope_theta": 500000.0, "max_position_embeddings": 8192, "tie_word_embeddings": False,
+    "torch_dtype": "bfloat16",
+}
+LLAMA3_8B_PARAMS = 8_030_261_248  # published; the planner counts it from the shapes
+LLAMA3_8B_LORA_R8_ALL = 20_971_520  # what PEFT reports for r=8 on all seven projections
+
+
+@pytest.fixture(scope="module")
+def llama_dir(tmp_path_factory):
+    # One layer: XLA's cost analysis counts a scanned layer body once, so with a single layer
+    # its FLOPs are the whole step's and can check the analytic count.
+    return tiny_model_dir(tmp_path_factory.mktemp("llama"), "llama", num_hidden_layers=1)
+
+
+@pytest.mark.parametrize("mode", ["lora", "full"])
+def test_plan_matches_the_buffers_of_a_real_run(mode, llama_dir, tmp_path, monkeypatch):
+    cfg = tiny_config(llama_dir, tmp_path, **{"train.steps": 1, "mesh.fsdp": 2,
+                                              "lora.enabled": mode == "lora"})
+    p = plan.make_plan(cfg, compute_dtype="float32")
+
+    # The real run hands its placed trainable parameters and optimizer state to the
+    # checkpointer at the end: measure exactly those arrays, shard by shard.
+    seen = {}
+    save = checkpoint.Checkpoints.save
+
+    def measuring_save(self, step, state, meta):
+        seen.update({k: array_bytes(v) for k, v in state.items()},
+                    params=sum(x.size for x in jax.tree.leaves(state["trainable"])))
+        return save(self, step, state, meta)
+
+    monkeypatch.setattr(checkpoint.Checkpoints, "save", measuring_save)
+    train.run(cfg)
+    assert (tmp_path / "metrics.png").is_file()  # the run plotted its curves at the end
+    assert p.trainable == seen["trainable"]  # total and per device, to the byte
+    assert p.opt_state == seen["opt_state"]
+    assert p.trainable_params == seen["params"]
+
+    base = hf_io.from_pretrained(llama_dir)
+    base_bytes = sum(x.nbytes for x in jax.tree.leaves(nnx.state(base, nnx.Param)))
+    base_count = sum(x.size for x in jax.tree.leaves(nnx.state(base, nnx.Param)))
+    assert p.total_params - p.adapter_params == base_count
+    if mode == "lora":
+        assert p.frozen.total == base_bytes and p.trainable_params == p.adapter_params
+    else:
+        assert p.trainable.total == base_bytes and p.frozen.total == 0
+    # AdamW holds m and v for each trainable array, plus a few scalar step counters.
+    assert 2 * p.trainable.total <= p.opt_state.total <= 2 * p.trainable.total + 64
+    # XLA's argument buffers are these arrays' shards plus the batch (less the inputs the
+    # step never reads, which jit prunes).
+    held = p.trainable.per_device + p.frozen.per_device + p.opt_state.per_device
+    assert held < p.memory["argument"] <= held + p.batch.per_device
+    assert p.memory["alias"] > 0 and p.memory["temp"] > 0  # donation took; activations exist
+    assert p.peak_bytes > p.memory["argument"]
+    # With one layer, XLA counts the whole step: the analytic count is within 20% of it.
+    xla_total = p.xla_flops * p.devices
+    assert 0.8 < p.analytic_flops / xla_total < 1.2, (p.analytic_flops, xla_total)
+
+
+def test_llama3_8b_plans_from_config_json_alone(tmp_path):
+    """8B on 8 host devices with fsdp=8: lowered and compiled, never allocated. Sequence length
+    256 keeps the CPU compile to seconds; the parameter numbers do not depend on it."""
+    model_dir = tmp_path / "llama3-8b"
+    model_dir.mkdir()
+    (model_dir / "config.json").write_text(json.dumps(LLAMA3_8B))
+    cfg = tiny_config(model_dir, tmp_path / "run", **{
+        "mesh.data": 1, "mesh.fsdp": 8, "data.max_len": 256, "train.batch_size": 8,
+        "lora.rank": 8, "param_dtype": "bfloat16",
+        "data.train_path": str(tmp_path / "no-data-needed.jsonl")})
+    live_before = sum(x.nbytes for x in jax.live_arrays())
+    p = plan.make_plan(cfg, compute_dtype="bfloat16")
+    assert sum(x.nbytes for x in jax.live_arrays()) - live_before < 2**20  # nothing allocated
+    assert not (tmp_path / "run").exists()
+
+    assert p.total_params - p.adapter_params == LLAMA3_8B_PARAMS
+    assert p.trainable_params == p.adapter_params == LLAMA3_8B_LORA_R8_ALL
+    assert p.trainable.total == 2 * LLAMA3_8B_LORA_R8_ALL  # bfloat16
+    assert p.frozen.total == 2 * LLAMA3_8B_PARAMS
+    # fsdp=8 splits every matrix along its model dimension; only the norms stay whole.
+    norms = 2 * 4096 * (2 * 32 + 1)
+    assert p.frozen.per_device == (p.frozen.total - norms) // 8 + norms
+    assert 2 * p.trainable.total <= p.opt_state.total <= 2 * p.trainable.total + 64
+    held = p.trainable.per_device + p.frozen.per_device + p.opt_state.per_device
+    assert held < p.memory["argument"] <= held + p.batch.per_device
+    tokens = 8 * 256
+    matmuls = LLAMA3_8B_PARAMS - 128256 * 4096 - 65 * 4096  # less the embedding and norms
+    assert math.isclose(p.analytic_flops, tokens * (4 * matmuls + 6 * LLAMA3_8B_LORA_R8_ALL
+                                                    + 3 * 4 * 256 * 4096 * 32))
+    text = plan.describe(p)
+    assert "20,971,520 trainable" in text and "base model 8,030,261,248" in text
+
+
+def test_dry_run_command_needs_no_weights_tokenizer_or_data(tmp_path):
+    """`--dry_run` on a directory holding only a BERT config.json, for classification with
+    num_labels unset (2 is assumed) and a data path that does not exist."""
+    model_dir = tiny_model_dir(tmp_path / "full", "bert")
+    only_config = tmp_path / "config-only"
+    only_config.mkdir()
+    (only_config / "config.json").write_bytes((model_dir / "config.json").read_bytes())
+    config_file = write_config_file(tmp_path / "cfg.py", only_config, tmp_path / "run", **{
+        "task": "classification", "lora.targets": ("query", "value"),
+        "lora.modules_to_save": ("classifier",),
+        "data.train_path": str(tmp_path / "missing.csv")})
+    result = subprocess.run(
+        [sys.executable, "-m", "jaxft.train", f"--config={config_file}", "--dry_run"],
+        capture_output=True, text=True, env=subprocess_env(8), timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    out = result.stdout
+    assert out.startswith("dry run: bert from ")
+    assert "XLA memory per device" in out and "FLOPs per step" in out
+    assert "mesh data 8 × fsdp 1 × tensor 1 (8 cpu devices)" in out
+    assert not (tmp_path / "run").exists()  # nothing written, no run started
+
+
+@pytest.mark.parametrize("path, message", [
+    ("{tmp}/nowhere", r"nowhere: no such file or directory$"),
+    ("no-such-org/no-such-model", r"^no-such-org/no-such-model: not a local path, and fetching "
+     r"its config.json from the hub failed: \w+"),
+])
+def test_unknown_model_is_one_line(tmp_path, path, message):
+    cfg = tiny_config(path.format(tmp=tmp_path), tmp_path / "run")
+    with pytest.raises(jaxft.JaxftError, match=message) as e:
+        plan.make_plan(cfg, compute_dtype="float32")
+    assert "\n" not in str(e.value)
