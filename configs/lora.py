@@ -28,5 +28,6 @@ def get_config():
     c.optim.warmup_steps = 5
     c.lora.rank = 8
     c.lora.alpha = 16.0
+    c.train.sample_prompts = ("How do I reset my password?", "What is a computer?")
     c.checkpoint.every = 20
     return c

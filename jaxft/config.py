@@ -43,6 +43,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.train.eval_every = 50  # 0 = only at the end
     c.train.eval_batches = 0  # cap on eval batches (0 = the whole eval split)
     c.train.on_nonfinite = "skip"  # a NaN/inf loss or gradient: 'skip' the update, or 'stop'
+    c.train.sample_prompts = ()  # greedy completions logged at each eval (metrics, TensorBoard)
+    c.train.sample_tokens = 32
     c.train.corrupt_batch_at = 0  # fault drill: feed NaN into this step's loss (0 = never)
 
     c.optim = ml_collections.ConfigDict()

@@ -41,6 +41,10 @@ class MetricsWriter:
             for name, value in metrics.items():
                 if isinstance(value, (int, float)):
                     self._tb.add_scalar(name, value, step)
+                elif name == "samples":  # generated text, one entry per fixed prompt
+                    for i, sample in enumerate(value):
+                        self._tb.add_text(f"sample_{i}", f"**{sample['prompt']}**\n\n"
+                                          f"{sample['completion']}", step)
             self._tb.flush()
 
     def progress(self, total: int, initial: int) -> Progress:

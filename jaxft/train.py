@@ -193,6 +193,22 @@ def run(cfg: ml_collections.ConfigDict) -> dict[str, Any]:
             result["eval_accuracy"] = sums["correct"] / sums["count"]
         return result
 
+    def samples() -> dict[str, Any]:
+        """Greedy completions of `train.sample_prompts`, to read what the model has learned."""
+        if not cfg.train.sample_prompts or cfg.task != "lm" or jax.process_count() > 1:
+            return {}
+        from jaxft import generate
+
+        model = nnx.merge(eval_graphdef, trainable, frozen, dropout)
+        prompts = list(cfg.train.sample_prompts)
+        texts = generate.generate(model, tokenizer, prompts,
+                                  max_new_tokens=cfg.train.sample_tokens,
+                                  chat=tokenizer.chat_template is not None)
+        for prompt, text in zip(prompts, texts, strict=True):
+            print(f"  sample: {prompt!r} -> {text!r}")
+        return {"samples": [{"prompt": p, "completion": t}
+                            for p, t in zip(prompts, texts, strict=True)]}
+
     # ----------------------------------------------------------------------------------------
     # Checkpoint: resume if the workdir has one
     # ----------------------------------------------------------------------------------------
@@ -229,8 +245,8 @@ def run(cfg: ml_collections.ConfigDict) -> dict[str, Any]:
         base = evaluate()
         if base:
             history["base_eval_loss"] = base["eval_loss"]
-            writer.write(0, base)
             print(f"step 0 (base model): {_describe(base)}")
+        writer.write(0, {**base, **samples()})
     preemption = Preemption()
     progress = writer.progress(cfg.train.steps, start_step)
     tokens_seen, window_start, last = 0.0, time.perf_counter(), {}
@@ -263,7 +279,7 @@ def run(cfg: ml_collections.ConfigDict) -> dict[str, Any]:
             tokens_seen, window_start = 0.0, time.perf_counter()
         if (cfg.train.eval_every and step % cfg.train.eval_every == 0
                 and step != cfg.train.steps):
-            writer.write(step, evaluate())
+            writer.write(step, {**evaluate(), **samples()})
         progress.update(step, last)
         if cfg.checkpoint.every and step % cfg.checkpoint.every == 0:
             save(step)
@@ -277,7 +293,8 @@ def run(cfg: ml_collections.ConfigDict) -> dict[str, Any]:
     final = {"step": step, **last, **evaluate()}
     if "base_eval_loss" in history:
         final["base_eval_loss"] = history["base_eval_loss"]
-    writer.write(step, {k: v for k, v in final.items() if k.startswith("eval_")})
+    writer.write(step, {**{k: v for k, v in final.items() if k.startswith("eval_")},
+                        **samples()})
     if not ckpts.steps() or ckpts.steps()[-1] != step:
         save(step)
     ckpts.close()

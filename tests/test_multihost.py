@@ -1,5 +1,6 @@
 """Two processes (gloo collectives on 127.0.0.1) train on one global mesh like one process."""
 
+import shutil
 import socket
 import subprocess
 import sys
@@ -38,6 +39,21 @@ def test_two_processes_match_one_process(model_dir, tmp_path):
 
     workdir = tmp_path / "multi"
     config = write_config_file(tmp_path / "cfg.py", model_dir, workdir, **overrides)
+    run_two_processes(config)
+    got = train_losses(workdir)
+    np.testing.assert_allclose([got[s] for s in sorted(got)],
+                               [expected[s] for s in sorted(expected)], rtol=1e-4)
+    assert sorted(p.name for p in (workdir / "checkpoints").iterdir()) == ["2", "4"]
+
+    # Both processes wrote their shards of checkpoint 2; both restore them and go on alike.
+    shutil.rmtree(workdir / "checkpoints" / "4")
+    outputs = run_two_processes(config)
+    assert all(f"resumed from {workdir / 'checkpoints' / '2'}" in out for out in outputs)
+    got = train_losses(workdir)  # the resumed steps 3 and 4 are logged again, last one wins
+    np.testing.assert_allclose([got[3], got[4]], [expected[3], expected[4]], rtol=1e-4)
+
+
+def run_two_processes(config) -> list[str]:
     port = free_port()
     procs = [subprocess.Popen(
         [sys.executable, "-m", "jaxft.train", f"--config={config}"], cwd=REPO,
@@ -47,8 +63,4 @@ def test_two_processes_match_one_process(model_dir, tmp_path):
     outputs = [p.communicate(timeout=300)[0] for p in procs]
     for p, out in zip(procs, outputs, strict=True):
         assert p.returncode == 0, out[-3000:]
-    got = train_losses(workdir)
-    np.testing.assert_allclose([got[s] for s in sorted(got)],
-                               [expected[s] for s in sorted(expected)], rtol=1e-4)
-    # both processes wrote their shards of the sharded checkpoint, and it restores
-    assert sorted(p.name for p in (workdir / "checkpoints").iterdir()) == ["2", "4"]
+    return outputs

@@ -101,3 +101,20 @@ def test_command_line_errors_are_one_line(tmp_path):
     run = subprocess.run([sys.executable, "-m", "jaxft.train", f"--config={config_file}",
                           "--config.lora.rnak=4"], capture_output=True, text=True)
     assert run.returncode != 0 and "rnak" in run.stderr
+
+
+def test_eval_logs_generated_samples(llama_dir, tmp_path):
+    from jaxft import data, generate
+    from jaxft.workdir import load_run
+
+    prompts = ("How do I reset my password?", "Where is my order?")
+    cfg = tiny_config(llama_dir, tmp_path, **{"train.steps": 3, "train.sample_prompts": prompts,
+                                              "train.sample_tokens": 8})
+    train.run(cfg)
+    logged = [m for m in read_metrics(tmp_path) if "samples" in m]
+    assert [m["step"] for m in logged] == [0, 3]
+    trained = load_run(tmp_path).model
+    expected = generate.generate(trained, data.load_tokenizer(str(llama_dir)), list(prompts),
+                                 max_new_tokens=8, chat=True)
+    assert [s["completion"] for s in logged[-1]["samples"]] == expected
+    assert [s["prompt"] for s in logged[-1]["samples"]] == list(prompts)
