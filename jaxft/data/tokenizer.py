@@ -8,6 +8,7 @@ that needs it is a checkpoint we cannot reproduce, so it fails loudly instead.
 from __future__ import annotations
 
 import glob
+import importlib.util
 import os
 
 import transformers
@@ -29,6 +30,10 @@ def load_tokenizer(model_path: str) -> PreTrainedTokenizerBase:
     if path.lower().endswith(".gguf"):
         if not os.path.isfile(path):
             raise JaxftError(f"GGUF file not found: {path}")
+        if importlib.util.find_spec("torch") is None:
+            # transformers rebuilds a GGUF file's tokenizer through its torch-based GGUF loader
+            raise JaxftError(f"{path}: reading the tokenizer inside a .gguf file needs torch "
+                             "(pip install torch==2.13.0, a CPU build), or use an HF directory")
         return _from_pretrained(os.path.dirname(os.path.abspath(path)), path,
                                 gguf_file=os.path.basename(path))
     if os.path.isdir(path):
