@@ -157,6 +157,22 @@ def _iter_torch_bin(file: Path) -> Iterator[tuple[str, np.ndarray]]:
         yield name, (tensor.float() if tensor.is_floating_point() else tensor).numpy()
 
 
+def model_config(hf_config: dict, source: str, *, num_labels: int | None = None,
+                 compute_dtype: str | None = None, remat: str = "none"):
+    """(family module, its Config) for a Hugging Face config, with the run-time options set.
+
+    Shared by loading and by the dry-run planner, so both build exactly the same model.
+    """
+    family = models.family_for(hf_config, source=source)
+    try:
+        cfg = family.Config.from_hf(hf_config, num_labels=num_labels)
+    except KeyError as e:
+        raise JaxftError(f"{source}: missing field {e.args[0]!r}") from e
+    except JaxftError as e:
+        raise JaxftError(f"{source}: {e}") from e
+    return family, dataclasses.replace(cfg, dtype=compute_dtype or None, remat=remat)
+
+
 def from_pretrained(
     path_or_id: str | os.PathLike,
     *,
@@ -180,16 +196,10 @@ def from_pretrained(
     path = resolve(path_or_id)
     hf_config = read_config(path)
     source = str(path / CONFIG_NAME) if path.is_dir() else str(path)
-    family = models.family_for(hf_config, source=source)
     if dtype not in DTYPES:
         raise JaxftError(f"dtype {dtype!r} is not supported (expected one of {', '.join(DTYPES)})")
-    try:
-        cfg = family.Config.from_hf(hf_config, num_labels=num_labels)
-    except KeyError as e:
-        raise JaxftError(f"{source}: missing field {e.args[0]!r}") from e
-    except JaxftError as e:
-        raise JaxftError(f"{source}: {e}") from e
-    cfg = dataclasses.replace(cfg, dtype=compute_dtype or None, remat=remat)
+    family, cfg = model_config(hf_config, source, num_labels=num_labels,
+                               compute_dtype=compute_dtype, remat=remat)
     param_dtype = DTYPES[dtype]
 
     def build(rngs_seed: int) -> nnx.Module:

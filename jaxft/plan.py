@@ -28,7 +28,7 @@ import numpy as np
 from flax import nnx
 
 from jaxft import config as config_lib
-from jaxft import hf_io, lora, models, optim, sharding, train_step
+from jaxft import hf_io, lora, optim, sharding, train_step
 from jaxft.errors import JaxftError
 
 
@@ -162,14 +162,8 @@ def abstract_model(hf_config: dict, source: str, *, param_dtype: str, compute_dt
                    num_labels: int | None, remat: str, lora_cfg: lora.LoraConfig | None,
                    seed: int = 0) -> nnx.Module:
     """The model `hf_io.from_pretrained` would build (plus LoRA), as shapes only."""
-    family = models.family_for(hf_config, source=source)
-    try:
-        model_cfg = family.Config.from_hf(hf_config, num_labels=num_labels)
-    except KeyError as e:
-        raise JaxftError(f"{source}: missing field {e.args[0]!r}") from e
-    except JaxftError as e:
-        raise JaxftError(f"{source}: {e}") from e
-    model_cfg = dataclasses.replace(model_cfg, dtype=compute_dtype, remat=remat)
+    family, model_cfg = hf_io.model_config(hf_config, source, num_labels=num_labels,
+                                           compute_dtype=compute_dtype, remat=remat)
 
     def build() -> nnx.Module:
         model = family.Model(model_cfg, rngs=nnx.Rngs(seed), param_dtype=hf_io.DTYPES[param_dtype])
