@@ -5,3 +5,23 @@ import os
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+import pytest  # noqa: E402  (after the environment above, as jax reads it on import)
+
+
+@pytest.fixture(scope="module")
+def tok(tmp_path_factory):
+    """A tiny byte-level BPE tokenizer with a ChatML template, trained on tests/data."""
+    from tests.test_data_helpers import tiny_bpe
+
+    return tiny_bpe(str(tmp_path_factory.mktemp("tiny_bpe")))
+
+
+@pytest.fixture(scope="module")
+def bert():
+    """The real all-MiniLM-L6-v2 WordPiece tokenizer (skips if its package is missing)."""
+    from jaxft import data
+    from tests.real_weights import minilm_dir
+
+    return data.load_tokenizer(minilm_dir())

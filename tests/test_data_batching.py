@@ -18,15 +18,9 @@ from tests.test_data_helpers import (
     assert_batches_equal,
     config,
     minilm_dir,
-    tiny_bpe,
 )
 
 T = 128
-
-
-@pytest.fixture(scope="module")
-def tok(tmp_path_factory):
-    return tiny_bpe(str(tmp_path_factory.mktemp("tiny_bpe")))
 
 
 def build(tok, path=FAQ, *, global_batch_size=4, process_index=0, process_count=1, **overrides):

