@@ -158,7 +158,8 @@ def _iter_torch_bin(file: Path) -> Iterator[tuple[str, np.ndarray]]:
 
 
 def model_config(hf_config: dict, source: str, *, num_labels: int | None = None,
-                 compute_dtype: str | None = None, remat: str = "none"):
+                 compute_dtype: str | None = None, remat: str = "none",
+                 attention: str = "auto"):
     """(family module, its Config) for a Hugging Face config, with the run-time options set.
 
     Shared by loading and by the dry-run planner, so both build exactly the same model.
@@ -170,7 +171,8 @@ def model_config(hf_config: dict, source: str, *, num_labels: int | None = None,
         raise JaxftError(f"{source}: missing field {e.args[0]!r}") from e
     except JaxftError as e:
         raise JaxftError(f"{source}: {e}") from e
-    return family, dataclasses.replace(cfg, dtype=compute_dtype or None, remat=remat)
+    return family, dataclasses.replace(cfg, dtype=compute_dtype or None, remat=remat,
+                                       attention=attention)
 
 
 def from_pretrained(
@@ -181,6 +183,7 @@ def from_pretrained(
     num_labels: int | None = None,
     seed: int = 0,
     remat: str = "none",
+    attention: str = "auto",
     mesh: Mesh | None = None,
     adapter: str | os.PathLike | None = None,
 ) -> nnx.Module:
@@ -188,7 +191,8 @@ def from_pretrained(
 
     `dtype` is the parameter dtype; `compute_dtype` defaults to it. `num_labels` turns a BERT
     encoder into a sequence classifier with a freshly initialised head (or checks an existing
-    one). `remat` is the layer rematerialisation policy for training. With a `mesh`, each tensor
+    one). `remat` is the layer rematerialisation policy for training; `attention` the attention
+    kernel (`layers.dot_product_attention`). With a `mesh`, each tensor
     goes straight onto its sharding as it is read, so no device ever holds the whole model.
     `adapter` is a PEFT LoRA adapter directory (or hub id) to load on top, e.g. one trained in
     PyTorch, for inference or to continue training.
@@ -199,7 +203,7 @@ def from_pretrained(
     if dtype not in DTYPES:
         raise JaxftError(f"dtype {dtype!r} is not supported (expected one of {', '.join(DTYPES)})")
     family, cfg = model_config(hf_config, source, num_labels=num_labels,
-                               compute_dtype=compute_dtype, remat=remat)
+                               compute_dtype=compute_dtype, remat=remat, attention=attention)
     param_dtype = DTYPES[dtype]
 
     def build(rngs_seed: int) -> nnx.Module:

@@ -40,6 +40,7 @@ class Config:
     model_type: str = "bert"
     dtype: str | None = None
     remat: str = "none"
+    attention: str = "auto"  # 'xla' | 'cudnn' | 'auto' (see layers.dot_product_attention)
     hf_config_json: str = "{}"
     tie_word_embeddings: bool = False
 
@@ -175,6 +176,7 @@ class Attention(nnx.Module):
         self.self = SelfAttention(cfg, rngs=rngs, param_dtype=param_dtype)
         self.output = AttentionOutput(cfg, rngs=rngs, param_dtype=param_dtype)
         self.num_heads = cfg.num_attention_heads
+        self.attention = cfg.attention
 
     def __call__(self, x, mask):
         b, t, d = x.shape
@@ -182,7 +184,8 @@ class Attention(nnx.Module):
             getattr(self.self, n)(x).reshape(b, t, self.num_heads, d // self.num_heads)
             for n in ("query", "key", "value")
         )  # B T N H
-        out = layers.dot_product_attention(q, k, v, mask, (d // self.num_heads) ** -0.5)
+        out = layers.dot_product_attention(q, k, v, mask, (d // self.num_heads) ** -0.5,
+                                           implementation=self.attention)
         return self.output.LayerNorm(x + self.output.dense(out.reshape(b, t, d)))
 
 

@@ -37,6 +37,7 @@ class Config:
     model_type: str = "gpt2"
     dtype: str | None = None
     remat: str = "none"
+    attention: str = "auto"  # 'xla' | 'cudnn' | 'auto' (see layers.dot_product_attention)
     hf_config_json: str = "{}"
     tie_word_embeddings: bool = True  # GPT-2's head is always the token embedding
     has_base_prefix = True
@@ -116,6 +117,7 @@ class Attention(nnx.Module):
         self.c_attn = layers.Linear(d, 3 * d, ("embed", "qkv"), **kw)
         self.c_proj = layers.Linear(d, d, ("heads", "embed"), **kw)
         self.num_heads = cfg.num_attention_heads
+        self.attention = cfg.attention
 
     def __call__(self, x, mask, cache=None):
         b, t, d = x.shape
@@ -123,7 +125,8 @@ class Attention(nnx.Module):
         q, k, v = (a.reshape(b, t, self.num_heads, d // self.num_heads) for a in (q, k, v))
         if cache is not None:
             k, v, cache = cache.update(k, v)
-        out = layers.dot_product_attention(q, k, v, mask, (d // self.num_heads) ** -0.5)
+        out = layers.dot_product_attention(q, k, v, mask, (d // self.num_heads) ** -0.5,
+                                           implementation=self.attention, causal=True)
         return self.c_proj(out.reshape(b, t, d)), cache
 
 
@@ -223,6 +226,10 @@ class Model(nnx.Module):
     def logits(self, h):
         """The output head (the tied token embedding): [B, T, D] -> [B, T, V]."""
         return self.transformer.wte.attend(h)
+
+    def output_head(self) -> jax.Array:
+        """The head as one [D, V] matrix, so the loss can fuse it with the cross-entropy."""
+        return self.transformer.wte.as_head()
 
     def output_embedding(self) -> jax.Array:
         """The [D, V] output projection (the transposed token embedding)."""

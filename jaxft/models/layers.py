@@ -10,6 +10,7 @@ nothing to the model; `jaxft.sharding` maps them onto a device mesh through one 
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -58,12 +59,17 @@ class Linear(nnx.Module):
 
     def __call__(self, x: Array) -> Array:
         dtype = self.dtype or self.kernel[...].dtype
-        y = jnp.einsum("...i,io->...o", x.astype(dtype), self.kernel[...].astype(dtype))
+        # Flattened to [tokens, in]: with the leading axes kept, XLA:CPU lays out the weight
+        # gradients of the stacked layers (and LoRA's) as strided transposes that cost more than
+        # the matmuls themselves.
+        lead = x.shape[:-1]
+        x = x.reshape(-1, x.shape[-1])
+        y = x.astype(dtype) @ self.kernel[...].astype(dtype)
         if self.bias is not None:
             y = y + self.bias[...].astype(dtype)
         if self.adapter is not None:
             y = y + self.adapter(x).astype(dtype)
-        return y
+        return y.reshape(*lead, y.shape[-1])
 
 
 class Embed(nnx.Module):
@@ -90,6 +96,11 @@ class Embed(nnx.Module):
         """Logits against the table, for tied input/output embeddings."""
         dtype = self.dtype or self.embedding[...].dtype
         return jnp.einsum("btd,vd->btv", x.astype(dtype), self.embedding[...].astype(dtype))
+
+    def as_head(self) -> Array:
+        """The table as a [D, V] output-head matrix in the compute dtype (tied embeddings), for
+        a loss that fuses the head with the cross-entropy."""
+        return self.embedding[...].T.astype(self.dtype or self.embedding[...].dtype)
 
 
 class RMSNorm(nnx.Module):
@@ -121,6 +132,33 @@ class LayerNorm(nnx.Module):
         return (h * self.weight[...] + self.bias[...]).astype(x.dtype)
 
 
+@jax.custom_vjp
+def swiglu(gate: Array, up: Array) -> Array:
+    """`silu(gate) * up`, LLaMA's gated MLP activation, in float32 and cast back.
+
+    Its backward keeps only `gate` and `up` (the projections' outputs, which exist anyway) and
+    recomputes the sigmoid: plain autodiff also stores sigmoid(gate), silu(gate) and their
+    products per layer, and reading those back costs more than the arithmetic.
+    """
+    g = gate.astype(jnp.float32)
+    return (g * jax.nn.sigmoid(g) * up.astype(jnp.float32)).astype(gate.dtype)
+
+
+def _swiglu_fwd(gate, up):
+    return swiglu(gate, up), (gate, up)
+
+
+def _swiglu_bwd(residuals, dy):
+    gate, up = residuals
+    g, u, dy32 = gate.astype(jnp.float32), up.astype(jnp.float32), dy.astype(jnp.float32)
+    sig = jax.nn.sigmoid(g)
+    dgate = dy32 * u * sig * (1.0 + g * (1.0 - sig))
+    return dgate.astype(gate.dtype), (dy32 * g * sig).astype(up.dtype)
+
+
+swiglu.defvjp(_swiglu_fwd, _swiglu_bwd)
+
+
 # ---------------------------------------------------------------------------------------------
 # Attention
 # ---------------------------------------------------------------------------------------------
@@ -150,19 +188,92 @@ def attention_mask(
     return mask[:, None, :, :]
 
 
-def dot_product_attention(q: Array, k: Array, v: Array, mask: Array, scale: float) -> Array:
+ATTENTION_IMPLEMENTATIONS = ("auto", "xla", "cudnn")
+
+
+def dot_product_attention(
+    q: Array, k: Array, v: Array, mask: Array, scale: float, *, implementation: str = "auto",
+    causal: bool = False,
+) -> Array:
     """Grouped-query attention: q [B,T,N,H], k/v [B,S,K,H], mask [B,1,T,S] -> [B,T,N,H].
 
-    Scores and softmax run in float32 whatever the compute dtype, as HF's eager path does.
+    `implementation`: 'xla' is einsum-softmax-einsum with a hand-written backward (below), what
+    XLA:CPU runs best; 'cudnn' is `jax.nn.dot_product_attention`'s fused cuDNN flash kernel
+    (GPU, 16-bit dtypes), which takes `mask` as a bias; 'auto' picks cuDNN on a GPU in 16-bit
+    when queries and keys are the same tokens (training and evaluation; decoding from a cache
+    stays on 'xla'), and 'xla' otherwise. `causal` says that `mask` already hides every later
+    token (true of packed causal LMs, whose positions grow within each example), so cuDNN may
+    skip the upper triangle. Scores and softmax run in float32 whatever the compute dtype, as
+    HF's eager path does.
     """
+    if implementation not in ATTENTION_IMPLEMENTATIONS:
+        raise JaxftError(
+            f"attention implementation {implementation!r} unknown "
+            f"(known: {', '.join(ATTENTION_IMPLEMENTATIONS)})"
+        )
+    gpu = jax.default_backend() == "gpu"
+    half = q.dtype in (jnp.bfloat16, jnp.float16)
+    if implementation == "auto":
+        implementation = "cudnn" if gpu and half and q.shape[1] == k.shape[1] else "xla"
+    if implementation == "cudnn":
+        if not (gpu and half):
+            raise JaxftError(
+                f"attention implementation 'cudnn' needs a GPU and a 16-bit compute dtype; "
+                f"this is {jax.default_backend()} with {q.dtype} (use 'auto' or 'xla')"
+            )
+        return jax.nn.dot_product_attention(
+            q, k, v, mask=mask, scale=scale, is_causal=causal and q.shape[1] == k.shape[1],
+            implementation="cudnn",
+        )
     b, t, n, h = q.shape
     kv_heads = k.shape[2]
-    q = q.reshape(b, t, kv_heads, n // kv_heads, h)  # B T K G H
-    scores = jnp.einsum("btkgh,bskh->bkgts", q, k, preferred_element_type=jnp.float32) * scale
-    scores = jnp.where(mask[:, :, None], scores, MASK_VALUE)  # mask: B 1 1 T S
-    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    out = jnp.einsum("bkgts,bskh->btkgh", probs, v)
-    return out.reshape(b, t, n, h)
+    q = q.reshape(b, t, kv_heads, n // kv_heads, h).transpose(0, 2, 3, 1, 4)  # B K G T H
+    k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # B K S H
+    out = _attention(q, k, v, mask[:, :, None], scale)  # mask: B 1 1 T S
+    return out.transpose(0, 3, 1, 2, 4).reshape(b, t, n, h)
+
+
+def _attention_probs(q, k, mask, scale):
+    """Masked scores [B,K,G,T,S] in float32 and their logsumexp over keys [B,K,G,T,1]."""
+    scores = jnp.einsum("bkgth,bksh->bkgts", q, k, preferred_element_type=jnp.float32) * scale
+    scores = jnp.where(mask, scores, MASK_VALUE)
+    return scores, jax.nn.logsumexp(scores, axis=-1, keepdims=True)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _attention(q: Array, k: Array, v: Array, mask: Array, scale: float) -> Array:
+    """softmax(q kᵀ · scale, masked) v in the head-major layout, q [B,K,G,T,H], k/v [B,K,S,H].
+
+    The backward is written out, as flash attention does it: the forward keeps only the
+    logsumexp of each row, and the backward recomputes the probabilities from it. Autodiff of
+    the plain softmax instead keeps every [T, S] intermediate per layer and reduces over them
+    twice, which costs XLA:CPU more than the matmuls do; here the row term of the softmax
+    gradient is `sum(dout * out)`, over H rather than S.
+    """
+    scores, lse = _attention_probs(q, k, mask, scale)
+    return jnp.einsum("bkgts,bksh->bkgth", jnp.exp(scores - lse).astype(v.dtype), v)
+
+
+def _attention_fwd(q, k, v, mask, scale):
+    scores, lse = _attention_probs(q, k, mask, scale)
+    out = jnp.einsum("bkgts,bksh->bkgth", jnp.exp(scores - lse).astype(v.dtype), v)
+    return out, (q, k, v, mask, lse, out)
+
+
+def _attention_bwd(scale, residuals, dout):
+    q, k, v, mask, lse, out = residuals
+    scores, _ = _attention_probs(q, k, mask, scale)
+    probs = jnp.exp(scores - lse)  # B K G T S, float32
+    dv = jnp.einsum("bkgts,bkgth->bksh", probs.astype(dout.dtype), dout)
+    dprobs = jnp.einsum("bkgth,bksh->bkgts", dout, v, preferred_element_type=jnp.float32)
+    row = jnp.sum(dout.astype(jnp.float32) * out.astype(jnp.float32), axis=-1, keepdims=True)
+    dscores = (probs * (dprobs - row) * scale).astype(q.dtype)
+    dq = jnp.einsum("bkgts,bksh->bkgth", dscores, k)
+    dk = jnp.einsum("bkgts,bkgth->bksh", dscores, q)
+    return dq, dk, dv, None
+
+
+_attention.defvjp(_attention_fwd, _attention_bwd)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -44,6 +44,7 @@ class Config:
     model_type: str = "llama"
     dtype: str | None = None  # compute dtype; None computes in the parameter dtype
     remat: str = "none"  # rematerialisation policy of the layer scan (see layers.REMAT_POLICIES)
+    attention: str = "auto"  # 'xla' | 'cudnn' | 'auto' (see layers.dot_product_attention)
     hf_config_json: str = "{}"  # the original config.json, written back on export
 
     has_base_prefix = True  # exported names keep HF's `model.` prefix (a *ForCausalLM checkpoint)
@@ -158,6 +159,7 @@ class Attention(nnx.Module):
             cfg.num_attention_heads * h, d, ("heads", "embed"), bias=cfg.o_bias, **kw
         )
         self.head_dim = h
+        self.attention = cfg.attention
         self.inv_freq = tuple(
             layers.rope_inverse_frequencies(
                 h, cfg.rope_theta, dict(cfg.rope_scaling) if cfg.rope_scaling else None
@@ -173,7 +175,9 @@ class Attention(nnx.Module):
         q, k = layers.apply_rope(q, positions, inv_freq), layers.apply_rope(k, positions, inv_freq)
         if cache is not None:
             k, v, cache = cache.update(k, v)
-        out = layers.dot_product_attention(q, k, v, mask, self.head_dim**-0.5)
+        out = layers.dot_product_attention(
+            q, k, v, mask, self.head_dim**-0.5, implementation=self.attention, causal=True
+        )
         return self.o_proj(out.reshape(b, t, -1)), cache
 
 
@@ -186,7 +190,7 @@ class MLP(nnx.Module):
         self.down_proj = layers.Linear(f, d, ("mlp", "embed"), **kw)
 
     def __call__(self, x):
-        return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(layers.swiglu(self.gate_proj(x), self.up_proj(x)))
 
 
 class DecoderLayer(nnx.Module):
@@ -309,6 +313,15 @@ class Model(nnx.Module):
         """The output head on final hidden states [B, T, D] -> [B, T, V] (generation applies
         it to the last position only)."""
         return self.model.embed_tokens.attend(h) if self.lm_head is None else self.lm_head(h)
+
+    def output_head(self) -> jax.Array | None:
+        """The head as one [D, V] matrix in the compute dtype, so the loss can fuse it with the
+        cross-entropy; None when it is more than a matmul (an adapter on lm_head)."""
+        if self.lm_head is None:
+            return self.model.embed_tokens.as_head()
+        if self.lm_head.adapter is not None or self.lm_head.bias is not None:
+            return None
+        return self.lm_head.kernel[...].astype(self.lm_head.dtype or self.lm_head.kernel.dtype)
 
     def output_embedding(self) -> jax.Array:
         """The [D, V] output projection (the transposed embedding when tied)."""
