@@ -23,7 +23,8 @@ import orbax.checkpoint as ocp
 from jaxft.errors import JaxftError
 
 # Fields of the fingerprint that must match for a checkpoint to be resumed.
-FINGERPRINT_FIELDS = ("model", "task", "lora", "param_dtype", "trainable_shapes")
+FINGERPRINT_FIELDS = ("model", "task", "lora", "param_dtype", "optimizer_state_dtype",
+                      "trainable_shapes")
 
 
 class Checkpoints:

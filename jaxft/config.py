@@ -11,25 +11,24 @@ import ml_collections
 
 from jaxft import data, lora
 from jaxft.errors import JaxftError
+from jaxft.models.layers import ATTENTION_IMPLEMENTATIONS, REMAT_POLICIES
 
 TASKS = ("lm", "classification")
 DTYPES = ("float32", "bfloat16", "float16")
-REMAT = ("none", "full", "dots_saveable")
 
 
 def base_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.workdir = "runs/default"  # metrics.jsonl, TensorBoard events, config.json, checkpoints/
     c.task = "lm"  # 'lm' (causal LM) or 'classification' (BERT sequence classifier)
-    # Compute dtype; 'auto' is bfloat16 on TPU/GPU and float32 on CPU.
-    c.dtype = "auto"
-    c.param_dtype = "float32"  # master weights (and optimizer state) dtype
 
     c.model = ml_collections.ConfigDict()
     # HF directory, hub id, .gguf file, or 'package:<python package>/<file>' for weights shipped
     # inside an installed package (the offline defaults).
     c.model.path = ""
     c.model.num_labels = 0  # classification: classes (0 = from the data's label map)
+    # Attention kernel: auto = cuDNN flash attention on a GPU in 16-bit, XLA elsewhere.
+    c.model.attention = "auto"
 
     c.data = data.default_config()
 
@@ -39,6 +38,12 @@ def base_config() -> ml_collections.ConfigDict:
     c.train.accum_steps = 1  # micro-batches per step (gradient accumulation)
     c.train.seed = 0
     c.train.remat = "none"  # rematerialisation of each layer: none | full | dots_saveable
+    # Precision. The loss, softmax and normalisation statistics are float32 whatever these say,
+    # and LoRA factors are always float32 (as PEFT keeps them).
+    c.train.param_dtype = "float32"  # the weights: full FT's master copy, or LoRA's frozen base
+    # Matmul inputs and activations: auto = bfloat16 on TPU/GPU, float32 on CPU.
+    c.train.compute_dtype = "auto"
+    c.train.optimizer_state_dtype = "float32"  # AdamW's two moments (bfloat16 halves them)
     c.train.log_every = 10
     c.train.eval_every = 50  # 0 = only at the end
     c.train.eval_batches = 0  # cap on eval batches (0 = the whole eval split)
@@ -87,9 +92,18 @@ def validate(c: ml_collections.ConfigDict, device_count: int) -> None:
     from jaxft.sharding import data_parallel_size_of, mesh_shape
 
     _one_of("task", c.task, TASKS)
-    _one_of("dtype", c.dtype, ("auto", *DTYPES))
-    _one_of("param_dtype", c.param_dtype, DTYPES)
-    _one_of("train.remat", c.train.remat, REMAT)
+    _one_of("train.param_dtype", c.train.param_dtype, DTYPES)
+    _one_of("train.compute_dtype", c.train.compute_dtype, ("auto", *DTYPES))
+    _one_of("train.optimizer_state_dtype", c.train.optimizer_state_dtype, DTYPES)
+    _one_of("model.attention", c.model.attention, ATTENTION_IMPLEMENTATIONS)
+    if c.model.attention == "cudnn":
+        import jax
+
+        if jax.default_backend() != "gpu" or compute_dtype(c) == "float32":
+            raise JaxftError(f"config: model.attention 'cudnn' needs a GPU and a 16-bit "
+                             f"train.compute_dtype; this is {jax.default_backend()} with "
+                             f"{compute_dtype(c)} (use 'auto')")
+    _one_of("train.remat", c.train.remat, tuple(REMAT_POLICIES))
     _one_of("train.on_nonfinite", c.train.on_nonfinite, ("skip", "stop"))
     _one_of("checkpoint.resume", c.checkpoint.resume, ("auto", "never", "fresh"))
     if not c.model.path:
@@ -113,6 +127,16 @@ def validate(c: ml_collections.ConfigDict, device_count: int) -> None:
                          f"data-parallel size {dp} (mesh.data×mesh.fsdp) × train.accum_steps "
                          f"{c.train.accum_steps}")
     parse_rank_pattern(c.lora.rank_pattern)
+
+
+def compute_dtype(c: ml_collections.ConfigDict) -> str:
+    """`train.compute_dtype` with 'auto' resolved for this backend: bfloat16 where the matrix
+    units want it (TPU, GPU), float32 on CPU, where bfloat16 matmuls are emulated and slower."""
+    import jax
+
+    if c.train.compute_dtype != "auto":
+        return c.train.compute_dtype
+    return "float32" if jax.default_backend() == "cpu" else "bfloat16"
 
 
 def lora_config(c: ml_collections.ConfigDict) -> lora.LoraConfig | None:

@@ -175,7 +175,7 @@ def run(config: ml_collections.ConfigDict | None, workdir: str | None = None, *,
     if workdir is None:
         num_labels = (config.model.num_labels or len(bundle.label_map)
                       if task == "classification" else None)
-        model = hf_io.from_pretrained(model_path, dtype=config.param_dtype,
+        model = hf_io.from_pretrained(model_path, dtype=config.train.param_dtype,
                                       num_labels=num_labels, seed=config.train.seed)
     batches = itertools.islice(bundle.eval_batches(), max_batches or None)
     return {"task": task, "model": model_path, "workdir": workdir,

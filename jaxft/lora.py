@@ -118,7 +118,9 @@ def apply_lora(model: nnx.Module, cfg: LoraConfig, *, seed: int = 0) -> nnx.Modu
     """Attach adapters to the targeted projections, in place; returns the model.
 
     Raises if a target matches nothing, so a misspelt or wrong-family target never trains
-    silently without adapters.
+    silently without adapters. The factors are float32 whatever the base's dtype (PEFT's
+    `autocast_adapter_dtype` does the same): they are small, and bfloat16 master weights would
+    round away updates of lr-sized steps.
     """
     if cfg.rank <= 0 or any(r <= 0 for _, r in cfg.rank_pattern):
         raise JaxftError(f"lora.rank must be positive, got {cfg.rank}")
@@ -137,7 +139,7 @@ def apply_lora(model: nnx.Module, cfg: LoraConfig, *, seed: int = 0) -> nnx.Modu
         axes = kernel.get_metadata().get("axes") or (None, None, None)
         linear.adapter = LoRA(d_in, d_out, rank, cfg.scale(rank), cfg.dropout, axes=axes[-2:],
                               layers=kernel.shape[0] if stacked else None, rngs=rngs,
-                              param_dtype=kernel.dtype)
+                              param_dtype=jnp.float32)
         applied.append(path)
     if not applied:
         available = sorted({p.rsplit(".", 1)[-1] for p, _ in linear_modules(model)})

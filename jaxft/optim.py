@@ -9,6 +9,7 @@ biases undecayed.
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import optax
 from flax import nnx
@@ -55,9 +56,13 @@ def _decays(path: str, x) -> bool:
     return True
 
 
-def make_optimizer(cfg: ml_collections.ConfigDict, trainable: nnx.State,
-                   steps: int) -> tuple[optax.GradientTransformation, optax.Schedule]:
-    """AdamW over the trainable partition; returns the transform and its LR schedule."""
+def make_optimizer(cfg: ml_collections.ConfigDict, trainable: nnx.State, steps: int, *,
+                   state_dtype: str = "float32",
+                   ) -> tuple[optax.GradientTransformation, optax.Schedule]:
+    """AdamW over the trainable partition; returns the transform and its LR schedule.
+
+    `state_dtype` is the dtype AdamW's moments are stored in (`with_state_dtype`).
+    """
     if cfg.lr <= 0:
         raise JaxftError(f"optim.lr must be positive, got {cfg.lr}")
     schedule = learning_rate(cfg, steps)
@@ -77,6 +82,31 @@ def make_optimizer(cfg: ml_collections.ConfigDict, trainable: nnx.State,
     tx = optax.multi_transform(parts, labels)
     if cfg.clip_norm:
         tx = optax.chain(optax.clip_by_global_norm(cfg.clip_norm), tx)
-    return tx, schedule
+    return with_state_dtype(tx, state_dtype), schedule
+
+
+def with_state_dtype(tx: optax.GradientTransformation,
+                     dtype: str) -> optax.GradientTransformation:
+    """`tx` with its floating-point state stored in `dtype` and updated in float32.
+
+    optax keeps moments in the parameters' dtype (and `mu_dtype` covers only the first), so
+    bfloat16 weights would otherwise get bfloat16 moments and float32 weights could never get
+    smaller ones. Here the storage dtype is a choice of its own: float32 by default, bfloat16 to
+    halve the optimizer's memory; the arithmetic of each update is float32 either way.
+    """
+    store = jnp.dtype(dtype)
+
+    def cast(tree, to):
+        return jax.tree.map(
+            lambda x: x.astype(to) if jnp.issubdtype(x.dtype, jnp.floating) else x, tree)
+
+    def init(params):
+        return cast(tx.init(params), store)
+
+    def update(updates, state, params=None):
+        updates, state = tx.update(updates, cast(state, jnp.float32), params)
+        return updates, cast(state, store)
+
+    return optax.GradientTransformation(init, update)
 
 

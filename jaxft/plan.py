@@ -80,23 +80,26 @@ class Plan:
         return m["argument"] + m["output"] - m["alias"] + m["temp"] + m["generated_code"]
 
 
-def make_plan(cfg: ml_collections.ConfigDict, *, compute_dtype: str) -> Plan:
+def make_plan(cfg: ml_collections.ConfigDict) -> Plan:
     """Compile the configured train step abstractly and measure it; reads no weights."""
     config_lib.validate(cfg, jax.device_count())
+    compute_dtype = config_lib.compute_dtype(cfg)
     mesh = sharding.make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
     lora_cfg = config_lib.lora_config(cfg)
     source, hf_config = _read_config_only(cfg.model.path)
     num_labels = (cfg.model.num_labels or 2) if cfg.task == "classification" else None
-    abstract = abstract_model(hf_config, source, param_dtype=cfg.param_dtype,
+    abstract = abstract_model(hf_config, source, param_dtype=cfg.train.param_dtype,
                               compute_dtype=compute_dtype, num_labels=num_labels,
-                              remat=cfg.train.remat, lora_cfg=lora_cfg, seed=cfg.train.seed)
+                              remat=cfg.train.remat, attention=cfg.model.attention,
+                              lora_cfg=lora_cfg, seed=cfg.train.seed)
 
     # The same split, shardings, optimizer and jit as jaxft.train, on abstract arrays.
     graphdef, trainable, dropout, frozen = nnx.split(
         abstract, lora.trainable_filter(lora_cfg), lora.DropoutKey, ...)
     trainable, dropout, frozen = (_with_shardings(s, sharding.state_shardings(s, mesh))
                                   for s in (trainable, dropout, frozen))
-    tx, _ = optim.make_optimizer(cfg.optim, trainable, cfg.train.steps)
+    tx, _ = optim.make_optimizer(cfg.optim, trainable, cfg.train.steps,
+                                 state_dtype=cfg.train.optimizer_state_dtype)
     opt_shardings = sharding.optimizer_shardings(tx, trainable, _shardings(trainable), mesh)
     opt_state = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                              jax.eval_shape(tx.init, trainable), opt_shardings)
@@ -119,7 +122,7 @@ def make_plan(cfg: ml_collections.ConfigDict, *, compute_dtype: str) -> Plan:
         model_type=abstract.config.model_type, source=source, mesh=dict(mesh.shape),
         platform=jax.default_backend(), batch_size=cfg.train.batch_size,
         seq_len=cfg.data.max_len, accum_steps=cfg.train.accum_steps, remat=cfg.train.remat,
-        param_dtype=cfg.param_dtype, compute_dtype=compute_dtype,
+        param_dtype=cfg.train.param_dtype, compute_dtype=compute_dtype,
         lora_rank=None if lora_cfg is None else lora_cfg.rank,
         total_params=lora.count_parameters(nnx.state(abstract, nnx.Param)),
         adapter_params=lora.count_parameters(nnx.state(abstract, nnx.LoRAParam)),
@@ -159,11 +162,12 @@ def _read_config_only(path_or_id: str) -> tuple[str, dict]:
 
 
 def abstract_model(hf_config: dict, source: str, *, param_dtype: str, compute_dtype: str,
-                   num_labels: int | None, remat: str, lora_cfg: lora.LoraConfig | None,
-                   seed: int = 0) -> nnx.Module:
+                   num_labels: int | None, remat: str, attention: str,
+                   lora_cfg: lora.LoraConfig | None, seed: int = 0) -> nnx.Module:
     """The model `hf_io.from_pretrained` would build (plus LoRA), as shapes only."""
     family, model_cfg = hf_io.model_config(hf_config, source, num_labels=num_labels,
-                                           compute_dtype=compute_dtype, remat=remat)
+                                           compute_dtype=compute_dtype, remat=remat,
+                                           attention=attention)
 
     def build() -> nnx.Module:
         model = family.Model(model_cfg, rngs=nnx.Rngs(seed), param_dtype=hf_io.DTYPES[param_dtype])
@@ -312,9 +316,9 @@ def _size(n: float) -> str:
     raise AssertionError("unreachable")
 
 
-def print_plan(cfg: ml_collections.ConfigDict, *, compute_dtype: str) -> Plan:
+def print_plan(cfg: ml_collections.ConfigDict) -> Plan:
     """`--dry_run`: plan, print, return the plan."""
-    plan = make_plan(cfg, compute_dtype=compute_dtype)
+    plan = make_plan(cfg)
     print(describe(plan))
     return plan
 

@@ -82,12 +82,6 @@ def maybe_initialize_distributed() -> None:
         jax.distributed.initialize()
 
 
-def resolve_dtype(name: str) -> str:
-    if name != "auto":
-        return name
-    return "float32" if jax.default_backend() == "cpu" else "bfloat16"
-
-
 def run(cfg: ml_collections.ConfigDict) -> dict[str, Any]:
     """Train as the config says; returns the final metrics (also written to the workdir)."""
     # ----------------------------------------------------------------------------------------
@@ -100,7 +94,6 @@ def run(cfg: ml_collections.ConfigDict) -> dict[str, Any]:
     if cfg.checkpoint.resume == "fresh" and is_main and workdir.exists():
         shutil.rmtree(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
-    compute_dtype = resolve_dtype(cfg.dtype)
     lora_cfg = config_lib.lora_config(cfg)
 
     # ----------------------------------------------------------------------------------------
@@ -127,9 +120,10 @@ def run(cfg: ml_collections.ConfigDict) -> dict[str, Any]:
     # ----------------------------------------------------------------------------------------
     # Model
     # ----------------------------------------------------------------------------------------
-    model = hf_io.from_pretrained(model_path, dtype=cfg.param_dtype, compute_dtype=compute_dtype,
+    model = hf_io.from_pretrained(model_path, dtype=cfg.train.param_dtype,
+                                  compute_dtype=config_lib.compute_dtype(cfg),
                                   num_labels=num_labels, seed=cfg.train.seed,
-                                  remat=cfg.train.remat, mesh=mesh)
+                                  remat=cfg.train.remat, attention=cfg.model.attention, mesh=mesh)
     if lora_cfg is not None:
         lora.apply_lora(model, lora_cfg, seed=cfg.train.seed)
     lora.log_trainable(model, lora_cfg)
@@ -149,7 +143,8 @@ def run(cfg: ml_collections.ConfigDict) -> dict[str, Any]:
     trainable = sharding.put_state(trainable, shard["trainable"])
     dropout = sharding.put_state(dropout, shard["dropout"])
     frozen = sharding.put_state(frozen, shard["frozen"])
-    tx, schedule = optim.make_optimizer(cfg.optim, trainable, cfg.train.steps)
+    tx, schedule = optim.make_optimizer(cfg.optim, trainable, cfg.train.steps,
+                                        state_dtype=cfg.train.optimizer_state_dtype)
     replicated = sharding.replicated(mesh)
     opt_sharding = sharding.optimizer_shardings(tx, trainable, shard["trainable"], mesh)
     opt_state = jax.jit(tx.init, out_shardings=opt_sharding)(trainable)
@@ -333,7 +328,8 @@ def _fingerprint(cfg, model_path: str, trainable: nnx.State) -> dict[str, Any]:
         "model": model_path,
         "task": cfg.task,
         "lora": cfg.lora.to_dict() if cfg.lora.enabled else None,
-        "param_dtype": cfg.param_dtype,
+        "param_dtype": cfg.train.param_dtype,
+        "optimizer_state_dtype": cfg.train.optimizer_state_dtype,
         "trainable_shapes": shapes,
     }
     return json.loads(json.dumps(fingerprint))  # as it reads back from the checkpoint
@@ -370,7 +366,7 @@ def main(argv: list[str]) -> None:
         if FLAGS.dry_run:  # --- dry run (jaxft.plan): compile abstractly, read no weights ---
             from jaxft import plan
 
-            plan.print_plan(FLAGS.config, compute_dtype=resolve_dtype(FLAGS.config.dtype))
+            plan.print_plan(FLAGS.config)
             return
         run(FLAGS.config)
     except JaxftError as e:

@@ -57,7 +57,7 @@ def load_run(workdir: str | os.PathLike, step: int | None = None, *,
     num_labels = None
     if cfg.task == "classification":  # the head size training settled on (0: none recorded)
         num_labels = cfg.model.get("num_labels") or None
-    model = hf_io.from_pretrained(cfg.model.resolved_path, dtype=dtype or cfg.param_dtype,
+    model = hf_io.from_pretrained(cfg.model.resolved_path, dtype=dtype or cfg.train.param_dtype,
                                   num_labels=num_labels, seed=cfg.train.seed)
     if lora_cfg is not None:
         lora.apply_lora(model, lora_cfg, seed=cfg.train.seed)

@@ -40,7 +40,7 @@ def llama_dir(tmp_path_factory):
 def test_plan_matches_the_buffers_of_a_real_run(mode, llama_dir, tmp_path, monkeypatch):
     cfg = tiny_config(llama_dir, tmp_path, **{"train.steps": 1, "mesh.fsdp": 2,
                                               "lora.enabled": mode == "lora"})
-    p = plan.make_plan(cfg, compute_dtype="float32")
+    p = plan.make_plan(cfg)
 
     # The real run hands its placed trainable parameters and optimizer state to the
     # checkpointer at the end: measure exactly those arrays, shard by shard.
@@ -88,16 +88,16 @@ def test_llama3_8b_plans_from_config_json_alone(tmp_path):
     (model_dir / "config.json").write_text(json.dumps(LLAMA3_8B))
     cfg = tiny_config(model_dir, tmp_path / "run", **{
         "mesh.data": 1, "mesh.fsdp": 8, "data.max_len": 256, "train.batch_size": 8,
-        "lora.rank": 8, "param_dtype": "bfloat16",
+        "lora.rank": 8, "train.param_dtype": "bfloat16", "train.compute_dtype": "bfloat16",
         "data.train_path": str(tmp_path / "no-data-needed.jsonl")})
     live_before = sum(x.nbytes for x in jax.live_arrays())
-    p = plan.make_plan(cfg, compute_dtype="bfloat16")
+    p = plan.make_plan(cfg)
     assert sum(x.nbytes for x in jax.live_arrays()) - live_before < 2**20  # nothing allocated
     assert not (tmp_path / "run").exists()
 
     assert p.total_params - p.adapter_params == LLAMA3_8B_PARAMS
     assert p.trainable_params == p.adapter_params == LLAMA3_8B_LORA_R8_ALL
-    assert p.trainable.total == 2 * LLAMA3_8B_LORA_R8_ALL  # bfloat16
+    assert p.trainable.total == 4 * LLAMA3_8B_LORA_R8_ALL  # float32 adapters on a bfloat16 base
     assert p.frozen.total == 2 * LLAMA3_8B_PARAMS
     # fsdp=8 splits every matrix along its model dimension; only the norms stay whole.
     norms = 2 * 4096 * (2 * 32 + 1)
@@ -143,5 +143,5 @@ def test_dry_run_command_needs_no_weights_tokenizer_or_data(tmp_path):
 def test_unknown_model_is_one_line(tmp_path, path, message):
     cfg = tiny_config(path.format(tmp=tmp_path), tmp_path / "run")
     with pytest.raises(jaxft.JaxftError, match=message) as e:
-        plan.make_plan(cfg, compute_dtype="float32")
+        plan.make_plan(cfg)
     assert "\n" not in str(e.value)

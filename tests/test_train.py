@@ -75,6 +75,12 @@ def test_train_step_compiles_once(llama_dir, tmp_path, caplog):
     ({"train.batch_size": 12}, "config: train.batch_size 12 is not divisible by the "
      "data-parallel size 8"),
     ({"task": "summarize"}, "config: task is 'summarize', expected one of lm, classification"),
+    ({"train.compute_dtype": "fp8"}, "config: train.compute_dtype is 'fp8', expected one of "
+     "auto, float32, bfloat16, float16"),
+    ({"model.attention": "flash"}, "config: model.attention is 'flash', expected one of auto, "
+     "xla, cudnn"),
+    ({"model.attention": "cudnn"}, "config: model.attention 'cudnn' needs a GPU and a 16-bit "
+     "train.compute_dtype; this is cpu with float32"),
 ])
 def test_bad_config_fails_before_loading(override, message, tmp_path):
     cfg = tiny_config(tmp_path / "no-model-here", tmp_path, **override)

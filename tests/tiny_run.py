@@ -37,7 +37,7 @@ def tiny_config(model_dir: Path, workdir: Path, **overrides) -> ml_collections.C
     """A fast LoRA run on the sample support chats; dotted overrides like `lora.rank=4`."""
     c = base_config()
     c.workdir = str(workdir)
-    c.dtype = "float32"
+    c.train.compute_dtype = "float32"
     c.model.path = str(model_dir)
     c.data.train_path = str(DATA / "support_chat.jsonl")
     c.data.max_len = 64
