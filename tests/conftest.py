@@ -10,6 +10,14 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import pytest  # noqa: E402  (after the environment above, as jax reads it on import)
 
 
+def pytest_configure(config):
+    import jax
+
+    if jax.default_backend() == "gpu":
+        # Float32 parity needs float32 matmuls; a GPU would otherwise round inputs to TF32.
+        jax.config.update("jax_default_matmul_precision", "highest")
+
+
 @pytest.fixture(scope="module")
 def tok(tmp_path_factory):
     """A tiny byte-level BPE tokenizer with a ChatML template, trained on tests/data."""

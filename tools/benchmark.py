@@ -1,16 +1,23 @@
 """Fine-tuning throughput: jaxft against PyTorch+PEFT, side by side on this machine.
 
-    python tools/benchmark.py                          # default shape, LoRA and full, ~3 min
-    python tools/benchmark.py --quick                  # smoke run, seconds
-    python tools/benchmark.py --scaling --json runs/benchmark.json   # + depth and length sweeps
-    python tools/benchmark.py --profile                # + jaxft's top XLA ops per mode
+    python tools/benchmark.py                         # LoRA and full FT: ~1 min on 2 CPUs
+    python tools/benchmark.py --repeat 3 --profile    # on a shared machine; + where time goes
+    python tools/benchmark.py --scaling --json runs/benchmark.json   # + 4/8/16 layers, T 128-512
+    python tools/benchmark.py --quick                 # smoke run (tests/test_benchmark.py)
+    python tools/benchmark.py --gpu-suite             # on one GPU: 1B and 8B Llama, bf16 (~8 min)
 
 Each (implementation, mode) runs in its own subprocess, so peak host memory (RSS) is its own and
-neither library's thread pools or allocator see the other's. Both get the same random Llama
-checkpoint (written once with transformers), the same batch, the same thread count (CPU affinity
-plus torch.set_num_threads), and AdamW with global-norm clipping at 1.0. Tokens/s is the median
-of the timed steps after warm-up. jaxft's compile time is `lower().compile()` of the whole step;
-PyTorch runs eager, so it has none (its first step is reported instead).
+neither library's thread pools or allocator see the other's. Both build the same random-init
+Llama shape from one `config.json`-style dict (no checkpoint to write or read, so an 8B shape
+costs nothing to set up), get the same batch, the same thread count (CPU affinity plus
+torch.set_num_threads), and AdamW with global-norm clipping at 1.0. Tokens/s is the median of
+the timed steps after warm-up. jaxft's compile time is `lower().compile()` of the whole step;
+PyTorch eager has none, and under `torch.compile` (impl `torch_compile`) its compile time is the
+first step's time less a timed step's. Every worker runs with
+glibc's transparent huge pages (`--default-malloc` to turn off): both runtimes re-allocate their
+step buffers each step, and in 4 KiB pages that costs XLA ~10^5 page faults a step. The `load`
+column is the 1-minute load average as a worker finished, its own threads included: above the
+thread count, something else shared the CPUs and `--repeat` keeps each worker's fastest run.
 
 MFU divides the model FLOPs of a step by the machine's measured peak matmul rate (the better of
 a large float32 jnp and torch matmul, each measured in its own subprocess):
@@ -20,8 +27,17 @@ N counts the weights of every matmul (layers and output head, not the embedding 
 frozen base of LoRA needs no weight gradients, hence 4 rather than 6. 12·L·T·D·tokens is dense
 attention: QKᵀ and PV forward (2·2·T·D per token and layer), twice that backward.
 
-On a GPU the same comparison runs in bfloat16 (jaxft: float32 master weights, bfloat16 compute;
-PyTorch: float32 weights under autocast); that path is present but untested on CPU-only CI.
+On a GPU (`--dtype auto`, `--param-dtype auto`) both run in bfloat16, weights and compute, as
+the usual recipe for one card is: PyTorch with bfloat16 weights under bfloat16 autocast, PEFT's
+adapters in float32 (its `autocast_adapter_dtype`); jaxft with `train.param_dtype=bfloat16`,
+float32 adapters, and AdamW moments in the parameters' dtype for full fine-tuning (as
+torch.optim.AdamW keeps them) and float32 for LoRA. Peak GPU memory is
+`torch.cuda.max_memory_allocated` and XLA's `peak_bytes_in_use`. `--gpu-suite` runs the whole
+comparison of the GPU presets (`--preset llama1b|llama8b`: Llama-3.2-1B and Llama-3-8B shapes,
+vocabulary 128256, GQA 32/8, rope theta 5e5; the 1B ties its embeddings as the real one does),
+including PEFT under torch.compile and jaxft's rematerialisation policies, and takes MFU against
+the card's dense bfloat16 peak (989 TFLOP/s on an H100/H200, PaLM's convention) rather than the
+measured one. A worker that fails (out of memory, say) leaves a row with its error, not a hole.
 """
 
 from __future__ import annotations
@@ -40,6 +56,32 @@ from pathlib import Path
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 LR = 1e-4
 
+# The GPU shapes: Llama-3.2-1B (tied embeddings) and Llama-3-8B, at the batches one card trains.
+PRESETS = {
+    "llama1b": dict(hidden=2048, layers=16, intermediate=8192, heads=32, kv_heads=8,
+                    vocab=128256, rope_theta=500000.0, tied=True, batch=8, seq=2048,
+                    steps=10, warmup=3),
+    "llama8b": dict(hidden=4096, layers=32, intermediate=14336, heads=32, kv_heads=8,
+                    vocab=128256, rope_theta=500000.0, tied=False, batch=4, seq=2048,
+                    steps=10, warmup=3),
+}
+# What `--gpu-suite` runs: (preset, impl, mode, overrides), in this order.
+GPU_SUITE = (
+    ("llama1b", "jaxft", "lora", {}),
+    ("llama1b", "torch", "lora", {}),
+    ("llama1b", "torch_compile", "lora", {}),
+    ("llama1b", "jaxft", "full", {}),
+    ("llama1b", "torch", "full", {}),
+    ("llama1b", "jaxft", "lora", {"remat": "dots_saveable"}),
+    ("llama1b", "jaxft", "lora", {"remat": "full"}),
+    ("llama8b", "jaxft", "lora", {}),
+    ("llama8b", "jaxft", "lora", {"remat": "dots_saveable"}),
+    ("llama8b", "torch", "lora", {}),
+)
+WORKER_TIMEOUT_S = 900  # one (implementation, mode) run, compile included
+# Dense bfloat16 peak of a card, FLOP/s, for MFU in PaLM's convention.
+SPEC_PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
+
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -55,12 +97,28 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=5, help="timed steps (median reported)")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps after the first")
     p.add_argument("--threads", type=int, default=0, help="0 = every CPU this process may use")
+    p.add_argument("--repeat", type=int, default=1,
+                   help="run every worker this many times, interleaved, and keep each one's "
+                        "fastest run: on a shared machine, the runs least disturbed by others")
     p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16"),
                    help="compute dtype; auto = float32 on CPU, bfloat16 on GPU")
+    p.add_argument("--param-dtype", default="auto", choices=("auto", "float32", "bfloat16"),
+                   help="weights' dtype; auto = float32 on CPU, bfloat16 on GPU")
+    p.add_argument("--rope-theta", type=float, default=10000.0)
+    p.add_argument("--tied", action="store_true", help="tie the output head to the embedding")
+    p.add_argument("--remat", default="none", help="jaxft's train.remat policy")
+    p.add_argument("--attention", default="auto", help="jaxft's model.attention kernel")
+    p.add_argument("--preset", choices=sorted(PRESETS), help="a GPU shape (overrides the sizes)")
+    p.add_argument("--gpu-suite", action="store_true",
+                   help="the whole GPU comparison: both presets, torch.compile, remat policies")
+    p.add_argument("--suite-presets", default="llama1b,llama8b",
+                   help="--gpu-suite: which presets to run (to split it over two calls)")
+    p.add_argument("--peak-tflops", type=float, default=0.0,
+                   help="MFU denominator (0 = the measured peak; --gpu-suite: the card's spec)")
     p.add_argument("--default-malloc", action="store_true",
                    help="leave glibc malloc as it is (default: transparent huge pages for every "
                         "worker, GLIBC_TUNABLES=glibc.malloc.hugetlb=1)")
-    p.add_argument("--impls", default="jaxft,torch")
+    p.add_argument("--impls", default="jaxft,torch", help="jaxft, torch, torch_compile")
     p.add_argument("--modes", default="lora,full")
     p.add_argument("--quick", action="store_true", help="tiny shape, 1 timed step: a smoke run")
     p.add_argument("--scaling", action="store_true",
@@ -69,7 +127,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--json", type=Path, help="write the rows here as a JSON list")
     p.add_argument("--worker", help=argparse.SUPPRESS)  # impl:mode, run inside a subprocess
     p.add_argument("--checkpoint", type=Path, help=argparse.SUPPRESS)
+    p.add_argument("--peak-n", type=int, default=0, help=argparse.SUPPRESS)  # matmul side
     args = p.parse_args(argv)
+    if args.preset and not args.worker:  # a worker gets the sizes themselves (maybe shrunk)
+        for field, value in PRESETS[args.preset].items():
+            setattr(args, field, value)
     if args.quick:
         args.hidden, args.layers, args.intermediate, args.heads, args.vocab = 64, 2, 128, 4, 256
         args.batch, args.seq, args.rank, args.steps, args.warmup = 2, 32, 4, 1, 1
@@ -79,7 +141,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 SHAPE_FIELDS = ("hidden", "layers", "intermediate", "heads", "kv_heads", "vocab", "batch", "seq",
-                "rank", "threads")
+                "rank", "threads", "rope_theta", "tied", "remat", "attention", "param_dtype",
+                "preset")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -133,6 +196,23 @@ def timed(fn, n: int) -> list[float]:
     return times
 
 
+def hf_config(a) -> dict:
+    """The benchmark's model as a Hugging Face `config.json` dict; both implementations build it."""
+    return {"model_type": "llama", "architectures": ["LlamaForCausalLM"], "vocab_size": a.vocab,
+            "hidden_size": a.hidden, "intermediate_size": a.intermediate,
+            "num_hidden_layers": a.layers, "num_attention_heads": a.heads,
+            "num_key_value_heads": a.kv_heads, "max_position_embeddings": max(a.seq, 128),
+            "rope_theta": a.rope_theta, "rms_norm_eps": 1e-5, "hidden_act": "silu",
+            "tie_word_embeddings": a.tied}
+
+
+def dtypes(a, accelerator: bool) -> tuple[str, str]:
+    """(parameter dtype, compute dtype): `auto` is bfloat16 on an accelerator, else float32."""
+    auto = "bfloat16" if accelerator else "float32"
+    return ({"auto": auto}.get(a.param_dtype, a.param_dtype),
+            {"auto": auto}.get(a.dtype, a.dtype))
+
+
 def make_batch(a):
     import numpy as np
 
@@ -148,12 +228,12 @@ def peak_jax(a) -> dict:
     import jax
     import jax.numpy as jnp
 
-    n = 4096 if jax.default_backend() == "cpu" else 8192
+    n = a.peak_n or (4096 if jax.default_backend() == "cpu" else 8192)
     dtype = jnp.float32 if jax.default_backend() == "cpu" else jnp.bfloat16
     x = jax.random.normal(jax.random.PRNGKey(0), (n, n), dtype)
     f = jax.jit(lambda x, y: x @ y)
     f(x, x).block_until_ready()
-    t = min(timed(lambda: f(x, x).block_until_ready(), 5))
+    t = min(timed(lambda: f(x, x).block_until_ready(), 10))
     return {"impl": "jax", "mode": "peak_matmul", "flops_per_s": 2 * n**3 / t,
             "matmul": f"{n}x{n} {jnp.dtype(dtype).name}"}
 
@@ -163,27 +243,36 @@ def peak_torch(a) -> dict:
 
     cuda = torch.cuda.is_available()
     n, dtype = (8192, torch.bfloat16) if cuda else (4096, torch.float32)
+    n = a.peak_n or n
     x = torch.randn(n, n, dtype=dtype, device="cuda" if cuda else "cpu")
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     x @ x
     sync()
-    t = min(timed(lambda: (x @ x, sync()), 5))
+    t = min(timed(lambda: (x @ x, sync()), 10))
     return {"impl": "torch", "mode": "peak_matmul", "flops_per_s": 2 * n**3 / t,
             "matmul": f"{n}x{n} {str(dtype).removeprefix('torch.')}"}
 
 
 def run_jaxft(a, mode: str) -> dict:
     import jax
+    import ml_collections
     import numpy as np
     from flax import nnx
 
-    import jaxft
-    from jaxft import config, lora, optim, train_step
+    from jaxft import hf_io, lora, optim, train_step
 
     start_rss = rss_mb()
-    gpu = jax.default_backend() != "cpu"
-    compute = {"auto": "bfloat16" if gpu else "float32"}.get(a.dtype, a.dtype)
-    model = jaxft.from_pretrained(a.checkpoint, dtype="float32", compute_dtype=compute)
+    accelerator = jax.default_backend() != "cpu"
+    param_dtype, compute = dtypes(a, accelerator)
+    family, model_cfg = hf_io.model_config(hf_config(a), "benchmark", compute_dtype=compute,
+                                           remat=a.remat, attention=a.attention)
+
+    def build():
+        return family.Model(model_cfg, rngs=nnx.Rngs(0), param_dtype=hf_io.DTYPES[param_dtype])
+
+    # Initialised inside one jit, so only the weights themselves are ever allocated.
+    graphdef, _ = nnx.split(nnx.eval_shape(build))
+    model = nnx.merge(graphdef, jax.jit(lambda: nnx.split(build())[1])())
     lora_cfg = None
     if mode == "lora":
         lora_cfg = lora.LoraConfig(rank=a.rank, alpha=2.0 * a.rank, targets=TARGETS)
@@ -191,9 +280,12 @@ def run_jaxft(a, mode: str) -> dict:
     graphdef, trainable, dropout, frozen = nnx.split(model, lora.trainable_filter(lora_cfg),
                                                      lora.DropoutKey, ...)
     del model
-    optim_cfg = config.base_config().optim
-    optim_cfg.update(dict(lr=LR, schedule="constant", warmup_steps=0, clip_norm=1.0))
-    tx, _ = optim.make_optimizer(optim_cfg, trainable, a.steps + a.warmup + 1)
+    optim_cfg = ml_collections.ConfigDict(dict(
+        lr=LR, schedule="constant", warmup_steps=0, final_lr_ratio=1.0, b1=0.9, b2=0.999,
+        eps=1e-8, weight_decay=0.0, clip_norm=1.0, loraplus_lr_ratio=1.0))
+    # Moments as torch.optim.AdamW keeps them: in the weights' dtype (LoRA's are float32).
+    tx, _ = optim.make_optimizer(optim_cfg, trainable, a.steps + a.warmup + 1,
+                                 state_dtype=param_dtype if mode == "full" else "float32")
     opt_state = jax.jit(tx.init)(trainable)
     batch = jax.device_put(make_batch(a))
     rng = jax.device_put(np.asarray(jax.random.PRNGKey(0)))
@@ -203,6 +295,9 @@ def run_jaxft(a, mode: str) -> dict:
     compiled = step.lower(trainable, frozen, dropout, opt_state, batch, rng).compile()
     compile_s = time.perf_counter() - start
     row: dict = {"compile_s": compile_s, "dtype": compute}
+    if accelerator:  # model.attention 'auto' resolved, for the table
+        row["attention"] = a.attention if a.attention != "auto" else (
+            "cudnn" if jax.default_backend() == "gpu" and compute != "float32" else "xla")
     memory = compiled.memory_analysis()
     if memory is not None:  # bytes XLA plans for the step: arguments, outputs, temporaries
         row["xla_argument_mb"] = memory.argument_size_in_bytes / 2**20
@@ -223,16 +318,27 @@ def run_jaxft(a, mode: str) -> dict:
     first = timed(one_step, 1)[0]
     timed(one_step, a.warmup)
     if a.profile:
-        row["profile"] = profile_ops(one_step)
+        row["profile"] = profile_ops(one_step, compiled.as_text())
     times = timed(one_step, a.steps)
     row.update(first_step_s=first, step_times=times, loss=state["loss"],
                peak_rss_mb=peak_rss_mb(), runtime_rss_mb=start_rss)
+    stats = jax.devices()[0].memory_stats() if accelerator else None
+    if stats and "peak_bytes_in_use" in stats:
+        row["device_peak_mb"] = stats["peak_bytes_in_use"] / 2**20
     return row
 
 
-def profile_ops(one_step, top: int = 15) -> list[dict]:
-    """Self time per XLA op over two traced steps (`jax.profiler`): the thunks XLA's CPU runtime
-    records, minus the time of ops nested inside them (a while loop's body)."""
+def profile_ops(one_step, hlo_text: str, top: int = 12) -> dict:
+    """Where a step's time goes, from a `jax.profiler` trace of two steps.
+
+    XLA:CPU records one event per executed op (thunk); each op's self time (minus the ops nested
+    in it, such as a while loop's body) is attributed to the op and, through the `op_name` of
+    the compiled HLO, to a scope: forward or backward (`transpose(jvp`) of attention, mlp, the
+    fused head + cross-entropy, the optimizer, or the rest. On a GPU only the device plane's
+    "XLA Ops" line is read (its kernels, once each; the stream lines repeat them).
+    """
+    import re
+
     import jax
 
     with tempfile.TemporaryDirectory() as logdir:
@@ -242,8 +348,14 @@ def profile_ops(one_step, top: int = 15) -> list[dict]:
         (path,) = Path(logdir).rglob("*.xplane.pb")
         data = jax.profiler.ProfileData.from_file(str(path))
     totals: dict[str, float] = {}
+    gpu = jax.default_backend() == "gpu"
     for plane in data.planes:
-        for line in plane.lines:
+        if gpu and not plane.name.startswith("/device:GPU"):
+            continue
+        lines = list(plane.lines)
+        if any(line.name == "XLA Ops" for line in lines):
+            lines = [line for line in lines if line.name == "XLA Ops"]
+        for line in lines:
             events = sorted(((e.start_ns, e.duration_ns, e.name) for e in line.events
                              if any(k == "hlo_op" for k, _ in e.stats)), key=lambda e: e[0])
             stack: list[list] = []  # [end, name, self time] of the enclosing ops
@@ -256,13 +368,46 @@ def profile_ops(one_step, top: int = 15) -> list[dict]:
                 stack.append([start + duration, name, duration])
             for _, done, self_ns in stack:
                 totals[done] = totals.get(done, 0.0) + self_ns
+    info = {}  # op -> (shape, op_name, kind)
+    for line in hlo_text.splitlines():
+        op = re.match(r"\s+(?:ROOT )?%([\w.\-]+) = (\S+) ", line)
+        if op:
+            name = re.search(r'op_name="([^"]*)"', line)
+            kind = ("attention kernels (cuDNN)" if "cudnn" in line else
+                    "matmul fusions" if re.search(r"gemm|cublas| dot\(", line) else "")
+            info[op.group(1)] = (op.group(2).split("{")[0], name.group(1) if name else "", kind)
+
+    def scope(op: str) -> str:
+        name = info.get(op, ("", "", ""))[1]
+        where = next((s for s in ("attention", "mlp", "cross_entropy", "optimizer")
+                      if f"/{s}/" in name + "/"), "other")
+        return where if where == "optimizer" else \
+            f"{'backward' if 'transpose(jvp' in name else 'forward'} {where}"
+
     grand = sum(totals.values()) or 1.0
+    scopes: dict[str, float] = {}
+    for op, ns in totals.items():
+        scopes[scope(op)] = scopes.get(scope(op), 0.0) + ns
+    kinds: dict[str, float] = {}
+    for op, ns in totals.items():
+        kind = info.get(op, ("", "", ""))[2] or (
+            "matmul fusions" if op.startswith(("ynn_fusion", "dot")) else
+            "scan slices in/out" if "dynamic-" in op else
+            "copies, transposes, broadcasts" if op.startswith(("copy", "transpose", "wrapped_b"))
+            else "elementwise and reductions")
+        kinds[kind] = kinds.get(kind, 0.0) + ns
     ranked = sorted(totals.items(), key=lambda kv: -kv[1])[:top]
-    return [{"op": name, "ms_per_step": ns / 2 / 1e6, "share": ns / grand}
-            for name, ns in ranked]
+    ms = lambda ns: ns / 2 / 1e6  # noqa: E731 (two traced steps)
+    return {
+        "total_ms": ms(grand),
+        "scopes": {k: ms(v) for k, v in sorted(scopes.items(), key=lambda kv: -kv[1])},
+        "kinds": {k: ms(v) for k, v in sorted(kinds.items(), key=lambda kv: -kv[1])},
+        "top_ops": [{"op": op, "ms": ms(ns), "shape": info.get(op, ("", "", ""))[0],
+                     "scope": scope(op)} for op, ns in ranked],
+    }
 
 
-def run_torch(a, mode: str) -> dict:
+def run_torch(a, mode: str, compiled: bool = False) -> dict:
     import numpy as np
     import peft
     import torch
@@ -272,13 +417,18 @@ def run_torch(a, mode: str) -> dict:
     torch.set_num_threads(a.threads)
     cuda = torch.cuda.is_available()
     device = "cuda" if cuda else "cpu"
-    compute = {"auto": "bfloat16" if cuda else "float32"}.get(a.dtype, a.dtype)
-    model = transformers.AutoModelForCausalLM.from_pretrained(
-        a.checkpoint, dtype=torch.float32, attn_implementation="sdpa").to(device)
+    param_dtype, compute = dtypes(a, cuda)
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = transformers.AutoModelForCausalLM.from_config(
+            transformers.LlamaConfig(**hf_config(a)), dtype=getattr(torch, param_dtype),
+            attn_implementation="sdpa")
     if mode == "lora":
         model = peft.get_peft_model(model, peft.LoraConfig(
             r=a.rank, lora_alpha=2.0 * a.rank, target_modules=list(TARGETS), lora_dropout=0.0))
     model.train()
+    if compiled:
+        model = torch.compile(model)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=LR, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
     ids = torch.from_numpy(make_batch(a)["input_ids"].astype(np.int64)).to(device)
@@ -296,10 +446,13 @@ def run_torch(a, mode: str) -> dict:
         if cuda:
             torch.cuda.synchronize()
 
+    if cuda:  # the peak from here on: weights, optimizer, the step (not the initialisation)
+        torch.cuda.reset_peak_memory_stats()
     first = timed(one_step, 1)[0]
     timed(one_step, a.warmup)
     times = timed(one_step, a.steps)
-    row = {"compile_s": None, "dtype": compute, "first_step_s": first, "step_times": times,
+    compile_s = first - statistics.median(times) if compiled else None
+    row = {"compile_s": compile_s, "dtype": compute, "first_step_s": first, "step_times": times,
            "loss": state["loss"], "peak_rss_mb": peak_rss_mb(), "runtime_rss_mb": start_rss}
     if cuda:
         row["device_peak_mb"] = torch.cuda.max_memory_allocated() / 2**20
@@ -309,13 +462,17 @@ def run_torch(a, mode: str) -> dict:
 def worker(a) -> dict:
     impl, mode = a.worker.split(":")
     if impl == "peak":
-        return peak_jax(a) if mode == "jax" else peak_torch(a)
-    row = (run_jaxft if impl == "jaxft" else run_torch)(a, mode)
+        return {**(peak_jax(a) if mode == "jax" else peak_torch(a)), "load": os.getloadavg()[0]}
+    if impl == "jaxft":
+        row = run_jaxft(a, mode)
+    else:
+        row = run_torch(a, mode, compiled=impl == "torch_compile")
     tokens = a.batch * a.seq
     median = statistics.median(row["step_times"])
     row.update(impl=impl, mode=mode, tokens_per_s=tokens / median, step_s=median,
                model_flops=step_flops(a, mode))
     row.update({f: getattr(a, f) for f in SHAPE_FIELDS})
+    row["load"] = os.getloadavg()[0]  # what else ran on this machine meanwhile
     return row
 
 
@@ -324,27 +481,16 @@ def worker(a) -> dict:
 # ---------------------------------------------------------------------------------------------
 
 
-def write_checkpoint(a, directory: Path) -> None:
-    """A random-init Llama, saved the way users' checkpoints are (both impls load it)."""
-    import torch
-    import transformers
-
-    torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(
-        vocab_size=a.vocab, hidden_size=a.hidden, intermediate_size=a.intermediate,
-        num_hidden_layers=a.layers, num_attention_heads=a.heads, num_key_value_heads=a.kv_heads,
-        max_position_embeddings=max(a.seq, 128), tie_word_embeddings=False)
-    transformers.LlamaForCausalLM(cfg).save_pretrained(directory)
-
-
 def spawn(a, job: str, profile: bool = False, **overrides) -> dict:
     """Run one worker in a fresh interpreter pinned to `threads` CPUs; returns its row."""
     flags = {f: overrides.get(f, getattr(a, f)) for f in SHAPE_FIELDS}
-    flags.update(steps=a.steps, warmup=a.warmup, dtype=a.dtype,
-                 checkpoint=overrides.get("checkpoint", a.checkpoint))
+    flags.update(steps=overrides.get("steps", a.steps), warmup=overrides.get("warmup", a.warmup),
+                 dtype=a.dtype, peak_n=1024 if a.quick else 0)
     cmd = [sys.executable, __file__, "--worker", job]
     for k, v in flags.items():
-        cmd += [f"--{k.replace('_', '-')}", str(v)]
+        if v is None or v is False:
+            continue
+        cmd += [f"--{k.replace('_', '-')}"] + ([] if v is True else [str(v)])
     if profile:
         cmd.append("--profile")
     env = dict(os.environ)
@@ -357,8 +503,11 @@ def spawn(a, job: str, profile: bool = False, **overrides) -> dict:
         # every step; in 4 KiB pages each step then pays ~10^5 page faults, in 2 MiB pages ~10^3.
         env["GLIBC_TUNABLES"] = "glibc.malloc.hugetlb=1"
     cpus = sorted(os.sched_getaffinity(0))[: flags["threads"]]
-    proc = subprocess.run(["taskset", "-c", ",".join(map(str, cpus)), *cmd], env=env,
-                          capture_output=True, text=True)
+    try:
+        proc = subprocess.run(["taskset", "-c", ",".join(map(str, cpus)), *cmd], env=env,
+                              capture_output=True, text=True, timeout=WORKER_TIMEOUT_S)
+    except subprocess.TimeoutExpired as e:
+        raise RuntimeError(f"{job} failed:\nno result after {WORKER_TIMEOUT_S} s") from e
     if proc.returncode != 0:
         raise RuntimeError(f"{job} failed:\n{proc.stderr[-4000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -370,91 +519,177 @@ def main(argv=None) -> list[dict]:
         print(json.dumps(worker(a)))
         return []
     begin = time.perf_counter()
-    impls, modes = a.impls.split(","), a.modes.split(",")
-    with tempfile.TemporaryDirectory() as tmp:
-        rows = []
-        peaks = [spawn(a, f"peak:{impl}", checkpoint=tmp) for impl in ("jax", "torch")]
-        peak = max(p["flops_per_s"] for p in peaks)
+    peaks: dict[str, dict] = {}  # impl -> its fastest peak-matmul run
 
-        def sweep(label: str, **shape) -> None:
-            b = argparse.Namespace(**{**vars(a), **shape})
-            ckpt = Path(tmp) / f"L{b.layers}"
-            if not ckpt.exists():
-                write_checkpoint(b, ckpt)
-            for mode in (modes if not label else ["lora"]):
-                for impl in impls:
-                    row = spawn(a, f"{impl}:{mode}", checkpoint=ckpt,
-                                profile=a.profile and impl == "jaxft" and not label, **shape)
-                    row["mfu"] = row["model_flops"] / row["step_s"] / peak
-                    row["sweep"] = label
-                    rows.append(row)
-                    print(f"  {label or 'main':>7} {impl:>5} {mode:>4}: "
-                          f"{row['tokens_per_s']:8.0f} tok/s", file=sys.stderr, flush=True)
+    def measure_peaks() -> None:
+        for impl in ("jax", "torch"):
+            run = spawn(a, f"peak:{impl}")
+            if run["flops_per_s"] > peaks.get(impl, {}).get("flops_per_s", 0):
+                peaks[impl] = run
 
-        sweep("")
-        if a.scaling:
-            for layers in (4, 8, 16):
-                if layers != a.layers:
-                    sweep("depth", layers=layers)
-            for seq in (128, 256, 512):
-                if seq != a.seq:
-                    sweep("length", seq=seq)
-    report(a, rows, peaks, time.perf_counter() - begin)
+    rows = gpu_suite(a, measure_peaks) if a.gpu_suite else cpu_runs(a, measure_peaks)
+    peak = a.peak_tflops * 1e12 or max(p["flops_per_s"] for p in peaks.values())
+    for row in rows:
+        if "step_s" in row:
+            row["mfu"] = row["model_flops"] / row["step_s"] / peak
+    report(a, rows, list(peaks.values()), peak, time.perf_counter() - begin)
     if a.json:
         a.json.parent.mkdir(parents=True, exist_ok=True)
-        a.json.write_text(json.dumps(peaks + rows, indent=1))
-    return peaks + rows
+        a.json.write_text(json.dumps(list(peaks.values()) + rows, indent=1))
+    return list(peaks.values()) + rows
 
 
-def report(a, rows: list[dict], peaks: list[dict], seconds: float) -> None:
-    n, n_lora = matmul_params(a)
-    print(f"\nLlama D={a.hidden} L={a.layers} F={a.intermediate} heads={a.heads}/{a.kv_heads} "
-          f"V={a.vocab}; batch {a.batch}×{a.seq} tokens; LoRA rank {a.rank} on "
-          f"{len(TARGETS)} projections; {a.threads} thread(s) per process; "
-          f"N={n / 1e6:.2f}M matmul weights, N_lora={n_lora / 1e6:.2f}M")
+def cpu_runs(a, measure_peaks) -> list[dict]:
+    """The main comparison (best of `--repeat` rounds), then the `--scaling` sweeps."""
+    impls, modes = a.impls.split(","), a.modes.split(",")
+    rows = []
+
+    def sweep(label: str, **shape) -> None:
+        best: dict = {}
+        for _ in range(a.repeat):
+            if not label:  # in every round, so one busy moment cannot lower it for good
+                measure_peaks()
+            for mode in (modes if not label else ["lora"]):
+                for impl in impls:
+                    row = spawn(a, f"{impl}:{mode}",
+                                profile=a.profile and impl == "jaxft" and not label, **shape)
+                    print(f"  {label or 'main':>7} {impl:>5} {mode:>4}: "
+                          f"{row['tokens_per_s']:8.0f} tok/s  (load {row['load']:.1f})",
+                          file=sys.stderr, flush=True)
+                    if row["step_s"] < best.get((impl, mode), {}).get("step_s", 1e9):
+                        best[impl, mode] = row
+        for row in best.values():
+            row["sweep"] = label
+            rows.append(row)
+
+    sweep("")
+    if a.scaling:
+        for layers in (4, 8, 16):
+            if layers != a.layers:
+                sweep("depth", layers=layers)
+        for seq in (128, 256, 512):
+            if seq != a.seq:
+                sweep("length", seq=seq)
+    return rows
+
+
+def gpu_suite(a, measure_peaks) -> list[dict]:
+    """`GPU_SUITE` on this machine's one GPU; MFU against the card's spec peak if known."""
+    measure_peaks()
+    if not a.peak_tflops:
+        name = gpu_name()
+        a.peak_tflops = next((v / 1e12 for k, v in SPEC_PEAK_BF16.items() if k in name), 0.0)
+    wanted = a.suite_presets.split(",")
+    rows = []
+    for preset, impl, mode, extra in GPU_SUITE:
+        if preset not in wanted:
+            continue
+        shape = {**PRESETS[preset], "preset": preset, **extra}
+        if a.quick:  # the suite's plumbing on a tiny shape (tests/test_benchmark.py)
+            shape.update(hidden=64, layers=2, intermediate=128, heads=4, kv_heads=2, vocab=256,
+                         batch=2, seq=32, steps=1, warmup=0)
+        label = f"{preset} {impl} {mode} {extra.get('remat', '')}"
+        try:
+            row = spawn(a, f"{impl}:{mode}", profile=a.profile and impl == "jaxft" and not extra,
+                        **shape)
+            print(f"  {label}: {row['tokens_per_s']:8.0f} tok/s", file=sys.stderr, flush=True)
+        except RuntimeError as e:  # out of memory, say: recorded, and the suite goes on
+            error = str(e).strip().splitlines()[-1][:300]
+            print(f"  {label}: FAILED {error}", file=sys.stderr, flush=True)
+            row = {"impl": impl, "mode": mode, "error": error, "model_flops": 0,
+                   **{f: shape.get(f, getattr(a, f)) for f in SHAPE_FIELDS}}
+        row["sweep"] = preset
+        rows.append(row)
+    return rows
+
+
+def gpu_name() -> str:
+    """The GPU's marketing name (nvidia-smi), e.g. 'NVIDIA H200'; '' without one."""
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"],
+                             capture_output=True, text=True, check=True).stdout
+    except (OSError, subprocess.CalledProcessError):
+        return ""
+    return out.strip().splitlines()[0] if out.strip() else ""
+
+
+def report(a, rows: list[dict], peaks: list[dict], peak: float, seconds: float) -> None:
+    if not a.gpu_suite:
+        n, n_lora = matmul_params(a)
+        print(f"\nLlama D={a.hidden} L={a.layers} F={a.intermediate} heads={a.heads}/{a.kv_heads}"
+              f" V={a.vocab}; batch {a.batch}×{a.seq} tokens; LoRA rank {a.rank} on "
+              f"{len(TARGETS)} projections; {a.threads} thread(s) per process; best of "
+              f"{a.repeat} run(s); N={n / 1e6:.2f}M matmul weights, N_lora={n_lora / 1e6:.2f}M")
+    else:
+        print(f"\nGPU suite on {gpu_name() or 'no GPU'}; LoRA rank {a.rank} on {len(TARGETS)} "
+              f"projections; " + "; ".join(
+                  f"{k}: D={v['hidden']} L={v['layers']} F={v['intermediate']} V={v['vocab']} "
+                  f"batch {v['batch']}×{v['seq']}" for k, v in PRESETS.items()))
     for p in peaks:
         print(f"peak matmul ({p['impl']}, {p['matmul']}): {p['flops_per_s'] / 1e9:.1f} GFLOP/s")
-    print("MFU = model FLOPs / step time / best peak;  full: 6·N·tok + 12·L·T·D·tok,  "
-          "LoRA: 4·N·tok + 6·N_lora·tok + 12·L·T·D·tok")
-    head = (f"{'sweep':>6} {'impl':>5} {'mode':>4} {'L':>3} {'T':>4} {'tok/s':>8} {'step s':>7} "
-            f"{'MFU':>5} {'compile s':>9} {'1st step s':>10} {'peak RSS MB':>11} "
-            f"{'XLA arg+tmp MB':>14}")
+    print(f"MFU = model FLOPs / step time / {peak / 1e12:.1f} TFLOP/s;  full: 6·N·tok + "
+          f"12·L·T·D·tok,  LoRA: 4·N·tok + 6·N_lora·tok + 12·L·T·D·tok")
+    head = (f"{'sweep':>7} {'impl':>13} {'mode':>4} {'remat':>13} {'L':>3} {'T':>4} {'tok/s':>8} "
+            f"{'step s':>7} {'MFU':>5} {'compile s':>9} {'peak RSS MB':>11} {'GPU peak MB':>11} "
+            f"{'XLA arg+tmp MB':>14} {'load':>4}")
     print(head)
     print("-" * len(head))
     for r in rows:
+        lead = (f"{r['sweep'] or 'main':>7} {r['impl']:>13} {r['mode']:>4} "
+                f"{r['remat'] if r['impl'] == 'jaxft' else '-':>13} {r['layers']:>3} "
+                f"{r['seq']:>4}")
+        if "error" in r:
+            print(f"{lead} failed: {r['error'][:120]}")
+            continue
         xla = (f"{r['xla_argument_mb'] + r['xla_temp_mb']:.0f}" if "xla_temp_mb" in r else "-")
         compile_s = "-" if r["compile_s"] is None else f"{r['compile_s']:.2f}"
-        print(f"{r['sweep'] or 'main':>6} {r['impl']:>5} {r['mode']:>4} {r['layers']:>3} "
-              f"{r['seq']:>4} {r['tokens_per_s']:>8.0f} {r['step_s']:>7.3f} {r['mfu']:>5.0%} "
-              f"{compile_s:>9} {r['first_step_s']:>10.2f} {r['peak_rss_mb']:>11.0f} {xla:>14}")
-    main_rows = {(r["impl"], r["mode"]): r for r in rows if not r["sweep"]}
-    for mode in ("lora", "full"):
-        if ("jaxft", mode) in main_rows and ("torch", mode) in main_rows:
-            j, t = main_rows["jaxft", mode], main_rows["torch", mode]
-            print(f"{mode}: jaxft/torch tokens/s = {j['tokens_per_s'] / t['tokens_per_s']:.2f}x")
-    for impl in ("jaxft", "torch"):
-        if (impl, "lora") in main_rows and (impl, "full") in main_rows:
-            lo, fu = main_rows[impl, "lora"], main_rows[impl, "full"]
-            own = [(r["peak_rss_mb"] - r["runtime_rss_mb"]) for r in (lo, fu)]
-            line = (f"{impl}: LoRA/full peak RSS = {lo['peak_rss_mb'] / fu['peak_rss_mb']:.2f} "
-                    f"(above the runtime's own: {own[0]:.0f}/{own[1]:.0f} MB = "
-                    f"{own[0] / own[1]:.2f})")
-            if "xla_temp_mb" in lo:
-                xla = [r["xla_argument_mb"] + r["xla_temp_mb"] for r in (lo, fu)]
-                line += f"; XLA arguments+temporaries {xla[0]:.0f}/{xla[1]:.0f} MB = " \
-                        f"{xla[0] / xla[1]:.2f}"
-            print(line)
-    depth = [r for r in rows if r["impl"] == "jaxft" and r["mode"] == "lora"
-             and r["seq"] == a.seq and r["compile_s"]]
+        gpu = f"{r['device_peak_mb']:.0f}" if "device_peak_mb" in r else "-"
+        print(f"{lead} {r['tokens_per_s']:>8.0f} {r['step_s']:>7.3f} {r['mfu']:>5.0%} "
+              f"{compile_s:>9} {r['peak_rss_mb']:>11.0f} {gpu:>11} {xla:>14} {r['load']:>4.1f}")
+    ok = [r for r in rows if "error" not in r]
+    main_rows = {(r["sweep"], r["impl"], r["mode"]): r for r in ok
+                 if r["sweep"] in ("", *PRESETS) and r["remat"] == "none"}
+    for (sweep, impl, mode), r in main_rows.items():
+        if impl == "jaxft":
+            for other in ("torch", "torch_compile"):
+                if (sweep, other, mode) in main_rows:
+                    t = main_rows[sweep, other, mode]
+                    print(f"{sweep + ' ' if sweep else ''}{mode}: jaxft/{other} tokens/s = "
+                          f"{r['tokens_per_s'] / t['tokens_per_s']:.2f}x")
+    for (sweep, impl, mode), lo in main_rows.items():
+        if mode != "lora" or (sweep, impl, "full") not in main_rows:
+            continue
+        fu = main_rows[sweep, impl, "full"]
+        own = [(r["peak_rss_mb"] - r["runtime_rss_mb"]) for r in (lo, fu)]
+        line = (f"{impl}: LoRA/full peak RSS = {lo['peak_rss_mb'] / fu['peak_rss_mb']:.2f} "
+                f"(above the runtime's own: {own[0]:.0f}/{own[1]:.0f} MB = "
+                f"{own[0] / own[1]:.2f})")
+        if "device_peak_mb" in lo and "device_peak_mb" in fu:
+            line = (f"{impl}: LoRA/full peak GPU memory = "
+                    f"{lo['device_peak_mb'] / fu['device_peak_mb']:.2f}")
+        elif "xla_temp_mb" in lo:
+            xla = [r["xla_argument_mb"] + r["xla_temp_mb"] for r in (lo, fu)]
+            line += f"; XLA arguments+temporaries {xla[0]:.0f}/{xla[1]:.0f} MB = " \
+                    f"{xla[0] / xla[1]:.2f}"
+        print(line)
+    depth = [r for r in ok if r["impl"] == "jaxft" and r["mode"] == "lora"
+             and r["sweep"] in ("", "depth") and r["seq"] == a.seq]
     if len({r["layers"] for r in depth}) > 1:
         depth.sort(key=lambda r: r["layers"])
         print("jaxft compile time vs depth: " + ", ".join(
             f"L={r['layers']}: {r['compile_s']:.2f}s" for r in depth)
             + f"  (deepest/shallowest = {depth[-1]['compile_s'] / depth[0]['compile_s']:.2f}x)")
-    for r in rows:
-        for op in r.get("profile", []):
-            print(f"  profile jaxft {r['mode']:>4}: {op['ms_per_step']:8.1f} ms "
-                  f"{op['share']:5.1%}  {op['op']}")
+    for r in ok:
+        if "profile" not in r:
+            continue
+        prof = r["profile"]
+        print(f"profile, jaxft {r['sweep'] + ' ' if r['sweep'] else ''}{r['mode']}: "
+              f"{prof['total_ms']:.0f} ms of op time per step "
+              f"(ops on every thread or stream summed; step {r['step_s'] * 1e3:.0f} ms)")
+        for label, part in (("by scope", prof["scopes"]), ("by kind", prof["kinds"])):
+            print(f"  {label}: " + ", ".join(f"{k} {v:.0f}" for k, v in part.items()))
+        for op in prof["top_ops"]:
+            print(f"    {op['ms']:7.1f} ms  {op['op']:<34} {op['shape']:<24} {op['scope']}")
     print(f"benchmark wall time: {seconds:.0f}s; load average: {os.getloadavg()}")
 
 
