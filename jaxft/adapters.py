@@ -79,7 +79,7 @@ class Site:
 
 def sites(model: nnx.Module) -> dict[str, Site]:
     """Every `Linear` of the model as a `Site`, named through the family's tensor table."""
-    mapping = _mapping(model)
+    mapping = models.tensor_table(model)
     kernels = {path: (hf, transform) for hf, path, transform in mapping.entries}
     found = {}
     for path, _ in lora.linear_modules(model):
@@ -91,13 +91,9 @@ def sites(model: nnx.Module) -> dict[str, Site]:
     return found
 
 
-def _mapping(model: nnx.Module) -> params.TensorMapping:
-    return models.family_for({"model_type": model.config.model_type}).HF_TENSORS
-
-
 def _as_saved(model: nnx.Module, hf_name: str) -> str:
     """A table name as this model's checkpoints spell it: a bare encoder has no `bert.`."""
-    prefix = _mapping(model).base_prefix
+    prefix = models.tensor_table(model).base_prefix
     if prefix and not model.config.has_base_prefix and hf_name.startswith(prefix):
         return hf_name[len(prefix):]
     return hf_name
@@ -173,7 +169,7 @@ def adapter_tensors(
             yield f"{PREFIX}{name}.lora_B.weight", layer_b.T  # out r
     saved, _ = _saved_modules(model, lora_cfg)
     for name, value in params.export_tensors(
-        saved, _mapping(model), num_layers=model.config.num_hidden_layers,
+        saved, models.tensor_table(model), num_layers=model.config.num_hidden_layers,
         with_base_prefix=model.config.has_base_prefix,
     ):
         yield PREFIX + name, value
@@ -188,7 +184,7 @@ def _saved_modules(model: nnx.Module, lora_cfg: lora.LoraConfig) -> tuple[nnx.St
     adapted = _adapted(model)
     names = list(lora_cfg.modules_to_save)
     fresh = []
-    mapping = _mapping(model)
+    mapping = models.tensor_table(model)
 
     def keep(path_tuple, var) -> bool:
         path = ".".join(str(p) for p in path_tuple)
@@ -427,7 +423,7 @@ def _split_factors(model, table: dict[str, Site], plan: dict, tensors: dict, sou
     Every problem (a module the base lacks, a wrong shape, a missing layer) is collected and
     raised once.
     """
-    mapping = _mapping(model)
+    mapping = models.tensor_table(model)
     linears = dict(lora.linear_modules(model))
     layers: dict[tuple[str, str], dict[int, np.ndarray]] = {}
     others, problems = {}, []
@@ -487,7 +483,7 @@ def _saved_state(model: nnx.Module, tensors: dict[str, np.ndarray], source: str)
     """The saved modules' parameters as a state to `nnx.update` with, via the tensor table."""
     if not tensors:
         return None
-    mapping = _mapping(model)
+    mapping = models.tensor_table(model)
     have = _param_paths(model)
     wanted = set()
     for name in tensors:

@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jaxft import models
 from jaxft.errors import JaxftError
 from jaxft.models.layers import Linear
 
@@ -81,13 +82,10 @@ class LoRA(nnx.Module):
         return (x @ a @ b) * jnp.asarray(self.scale, x.dtype)
 
 
-def hf_paths(path: str, num_layers: int) -> list[str]:
-    """The Hugging Face module paths a stacked jaxft path stands for (one per layer)."""
-    for stack in ("model.layers.", "transformer.h.", "bert.encoder.layer."):
-        if path.startswith(stack):
-            rest = path[len(stack):]
-            return [f"{stack}{i}.{rest}" for i in range(num_layers)]
-    return [path]
+def hf_paths(model: nnx.Module, path: str) -> list[str]:
+    """The Hugging Face module paths a jaxft module path of `model` stands for (one per layer
+    when it sits in the stacked layers), read from the family's tensor table."""
+    return models.tensor_table(model).layer_paths(path, model.config.num_hidden_layers)
 
 
 def linear_modules(model: nnx.Module) -> Iterator[tuple[str, Linear]]:
@@ -101,8 +99,8 @@ def linear_modules(model: nnx.Module) -> Iterator[tuple[str, Linear]]:
 _HEADS = ("lm_head", "classifier")
 
 
-def _matches(cfg: LoraConfig, path: str, num_layers: int) -> bool:
-    names = hf_paths(path, num_layers)
+def _matches(cfg: LoraConfig, model: nnx.Module, path: str) -> bool:
+    names = hf_paths(model, path)
     if cfg.targets == "all-linear":
         return path.rsplit(".", 1)[-1] not in _HEADS
     if isinstance(cfg.targets, str):
@@ -126,11 +124,10 @@ def apply_lora(model: nnx.Module, cfg: LoraConfig, *, seed: int = 0) -> nnx.Modu
         raise JaxftError(f"lora.rank must be positive, got {cfg.rank}")
     if not 0.0 <= cfg.dropout < 1.0:
         raise JaxftError(f"lora.dropout must be in [0, 1), got {cfg.dropout}")
-    num_layers = model.config.num_hidden_layers
     rngs = nnx.Rngs(seed)
     applied = []
     for path, linear in list(linear_modules(model)):
-        if not _matches(cfg, path, num_layers) or set(path.split(".")) & set(cfg.modules_to_save):
+        if not _matches(cfg, model, path) or set(path.split(".")) & set(cfg.modules_to_save):
             continue
         kernel = linear.kernel
         stacked = kernel.ndim == 3

@@ -67,14 +67,13 @@ def add_lora(model, hf, name: str):
                                                  lora_dropout=0.0,
                                                  fan_in_fan_out=name == "gpt2"))
     rng = np.random.RandomState(2)
-    layers = model.config.num_hidden_layers
     for path, linear in lora.linear_modules(model):
         if linear.adapter is None:
             continue
         b = linear.adapter.lora_b
         b[...] = jnp.asarray(rng.normal(0, 0.2, b.shape), b.dtype)
         a, b = np.asarray(linear.adapter.lora_a[...]), np.asarray(b[...])
-        for layer, hf_path in enumerate(lora.hf_paths(path, layers)):
+        for layer, hf_path in enumerate(lora.hf_paths(model, path)):
             module = hf.get_submodule("base_model.model." + hf_path)
             module.lora_A["default"].weight.data = torch.tensor(a[layer].T.copy())
             module.lora_B["default"].weight.data = torch.tensor(b[layer].T.copy())

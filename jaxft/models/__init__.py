@@ -9,8 +9,14 @@ from types import ModuleType
 
 from jaxft.errors import JaxftError
 from jaxft.models import bert, gpt2, llama
+from jaxft.models.params import TensorMapping
 
 FAMILIES: tuple[ModuleType, ...] = (llama, gpt2, bert)
+
+
+def tensor_table(model) -> TensorMapping:
+    """The Hugging Face <-> jaxft name table of a model's family."""
+    return family_for({"model_type": model.config.model_type}).HF_TENSORS
 
 
 def family_for(hf_config: dict, source: str = "config.json") -> ModuleType:

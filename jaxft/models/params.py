@@ -51,6 +51,18 @@ class TensorMapping:
         self.ignored_when_tied = [re.compile(p + "$") for p in ignored_when_tied]
         self.base_prefix = base_prefix  # HF's base_model_prefix plus ".": absent in base models
         self.renames = tuple(renames)  # legacy suffixes, e.g. (".gamma", ".weight")
+        # Where the per-layer modules live ('model.layers.'): jaxft stacks them under the same
+        # path, without the layer index.
+        self.stacked_prefixes = tuple(sorted({hf.split("{L}")[0] for hf, _, _ in self.entries
+                                              if "{L}" in hf}))
+
+    def layer_paths(self, path: str, num_layers: int) -> list[str]:
+        """The Hugging Face module paths a jaxft module path stands for: one per layer inside
+        the stack (`model.layers.mlp.up_proj` -> `model.layers.0.mlp.up_proj`, …), else itself."""
+        for stack in self.stacked_prefixes:
+            if path.startswith(stack):
+                return [f"{stack}{i}.{path[len(stack):]}" for i in range(num_layers)]
+        return [path]
 
     def normalize(self, hf_name: str) -> str:
         """The canonical name: legacy suffixes renamed, the base-model prefix added if absent."""
