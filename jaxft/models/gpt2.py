@@ -191,22 +191,9 @@ class Model(nnx.Module):
         return_hidden: bool = False,
     ):
         """Same contract as `jaxft.models.llama.Model.__call__`."""
-        b, t = input_ids.shape
-        if segment_ids is None:
-            segment_ids = (
-                jnp.ones((b, t), jnp.int32)
-                if attention_mask is None
-                else attention_mask.astype(jnp.int32)
-            )
-        if positions is None:
-            positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
-        if cache is None:
-            mask = layers.attention_mask(
-                segment_ids, segment_ids, positions, positions, causal=True
-            )
-        else:  # the new tokens take the next slots; they see every slot of their segment
-            cache = cache.add(segment_ids, positions)
-            mask = cache.mask(segment_ids, positions, None)  # B 1 T S
+        positions, mask, cache = layers.causal_lm_inputs(
+            input_ids, attention_mask, segment_ids, positions, cache
+        )
         h = self.transformer.wte(input_ids) + self.transformer.wpe(positions)  # B T D
         h, layer_cache = layers.scan_layers(
             self.transformer.h,

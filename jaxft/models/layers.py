@@ -188,6 +188,36 @@ def attention_mask(
     return mask[:, None, :, :]
 
 
+def causal_lm_inputs(
+    input_ids: Array,
+    padding_mask: Array | None,
+    segment_ids: Array | None,
+    positions: Array | None,
+    cache: Any,
+    sliding_window: int | None = None,
+) -> tuple[Array, Array, Any]:
+    """(positions, mask [B,1,T,S], cache) for a decoder call, with transformers' defaults.
+
+    Segments come from `segment_ids` (packed rows), else from `padding_mask` (HF's
+    attention_mask: 0 is padding, segment 0), else one segment per row; positions default to
+    0..T-1. With a KV cache the new tokens take its next slots and see every earlier slot of
+    their segment.
+    """
+    b, t = input_ids.shape
+    if segment_ids is None:
+        segment_ids = (jnp.ones((b, t), jnp.int32) if padding_mask is None
+                       else padding_mask.astype(jnp.int32))
+    if positions is None:
+        positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+    if cache is None:
+        mask = attention_mask(segment_ids, segment_ids, positions, positions, causal=True,
+                              sliding_window=sliding_window)
+    else:
+        cache = cache.add(segment_ids, positions)
+        mask = cache.mask(segment_ids, positions, sliding_window)
+    return positions, mask, cache
+
+
 ATTENTION_IMPLEMENTATIONS = ("auto", "xla", "cudnn")
 
 

@@ -271,27 +271,9 @@ class Model(nnx.Module):
         `cache` (`jaxft.kv_cache.Cache`) the tokens are appended to it and the call returns
         `(logits, cache)`; `jaxft.generate` drives it.
         """
-        b, t = input_ids.shape
-        if segment_ids is None:
-            segment_ids = (
-                jnp.ones((b, t), jnp.int32)
-                if attention_mask is None
-                else attention_mask.astype(jnp.int32)
-            )
-        if positions is None:
-            positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
-        if cache is None:
-            mask = layers.attention_mask(
-                segment_ids,
-                segment_ids,
-                positions,
-                positions,
-                causal=True,
-                sliding_window=self.config.sliding_window,
-            )
-        else:  # the new tokens take the next slots; they see every slot of their segment
-            cache = cache.add(segment_ids, positions)
-            mask = cache.mask(segment_ids, positions, self.config.sliding_window)  # B 1 T S
+        positions, mask, cache = layers.causal_lm_inputs(
+            input_ids, attention_mask, segment_ids, positions, cache, self.config.sliding_window
+        )
         h = self.model.embed_tokens(input_ids)  # B T D
         h, layer_cache = layers.scan_layers(
             self.model.layers,
