@@ -195,7 +195,8 @@ def from_pretrained(
     kernel (`layers.dot_product_attention`). With a `mesh`, each tensor
     goes straight onto its sharding as it is read, so no device ever holds the whole model.
     `adapter` is a PEFT LoRA adapter directory (or hub id) to load on top, e.g. one trained in
-    PyTorch, for inference or to continue training.
+    PyTorch, for inference or to continue training. The model comes back in eval mode (no
+    dropout), as transformers' does; `model.train()` turns dropout on.
     """
     path = resolve(path_or_id)
     hf_config = read_config(path)
@@ -210,7 +211,9 @@ def from_pretrained(
         return family.Model(cfg, rngs=nnx.Rngs(rngs_seed), param_dtype=param_dtype)
 
     abstract = nnx.eval_shape(lambda: build(seed))
-    graphdef, abstract_state = nnx.split(abstract)
+    # Weights come from the checkpoint; dropout keys (rewritten every training step) start at 0.
+    graphdef, abstract_state, abstract_keys = nnx.split(abstract, nnx.Param, ...)
+    keys = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), abstract_keys)
     state, missing = params.load_state(
         abstract_state,
         family.HF_TENSORS,
@@ -229,11 +232,12 @@ def from_pretrained(
                 for p, v in nnx.to_flat_state(state)
             ]
         )
-    model = nnx.merge(graphdef, state)
+    model = nnx.merge(graphdef, state, keys)
     if adapter is not None:  # adapters builds on this module, so it is imported here
         from jaxft.adapters import load_peft_adapter
 
         load_peft_adapter(model, adapter)
+    model.eval()  # as transformers' from_pretrained: dropout off until `model.train()`
     return model
 
 

@@ -25,11 +25,7 @@ from flax import nnx
 
 from jaxft import models
 from jaxft.errors import JaxftError
-from jaxft.models.layers import Linear
-
-
-class DropoutKey(nnx.Variable):
-    """The PRNG key LoRA dropout uses; the train step writes a fresh one every step."""
+from jaxft.models.layers import Dropout, Linear
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,15 +65,12 @@ class LoRA(nnx.Module):
         self.lora_b = nnx.LoRAParam(jnp.zeros((*lead, rank, d_out), param_dtype),
                                     axes=(*lead_axes, None, axes[1]))
         self.scale = scale
-        self.dropout = dropout
-        self.dropout_key = (DropoutKey(jnp.zeros((*lead, 2), jnp.uint32), axes=(*lead_axes, None))
-                            if dropout > 0 else None)
-        self.deterministic = False  # `model.eval()` sets it: no dropout in eval and generation
+        # On from creation, as PEFT's lora_dropout is in training mode; `model.eval()` turns it
+        # off with the model's own dropout (which `from_pretrained` has already turned off).
+        self.dropout = Dropout(dropout, layers=layers)
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        if self.dropout_key is not None and not self.deterministic:
-            keep = jax.random.bernoulli(self.dropout_key[...], 1.0 - self.dropout, x.shape)
-            x = jnp.where(keep, x / (1.0 - self.dropout), 0).astype(x.dtype)
+        x = self.dropout(x)
         a, b = self.lora_a[...].astype(x.dtype), self.lora_b[...].astype(x.dtype)
         return (x @ a @ b) * jnp.asarray(self.scale, x.dtype)
 

@@ -30,6 +30,7 @@ from flax import nnx
 from jaxft import config as config_lib
 from jaxft import hf_io, lora, optim, sharding, train_step
 from jaxft.errors import JaxftError
+from jaxft.models import layers
 
 
 @dataclasses.dataclass(frozen=True)
@@ -94,8 +95,9 @@ def make_plan(cfg: ml_collections.ConfigDict) -> Plan:
                               lora_cfg=lora_cfg, seed=cfg.train.seed)
 
     # The same split, shardings, optimizer and jit as jaxft.train, on abstract arrays.
+    abstract.train()
     graphdef, trainable, dropout, frozen = nnx.split(
-        abstract, lora.trainable_filter(lora_cfg), lora.DropoutKey, ...)
+        abstract, lora.trainable_filter(lora_cfg), layers.DropoutKey, ...)
     trainable, dropout, frozen = (_with_shardings(s, sharding.state_shardings(s, mesh))
                                   for s in (trainable, dropout, frozen))
     tx, _ = optim.make_optimizer(cfg.optim, trainable, cfg.train.steps,

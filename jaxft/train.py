@@ -33,6 +33,7 @@ from jaxft import checkpoint, data, hf_io, lora, optim, sharding, train_step
 from jaxft import config as config_lib
 from jaxft.errors import JaxftError
 from jaxft.metrics import MetricsWriter
+from jaxft.models import layers
 
 config_flags.DEFINE_config_file("config", None, "A configs/*.py file.", lock_config=True)
 # --- dry run (jaxft.plan) ---
@@ -133,10 +134,11 @@ def run(cfg: ml_collections.ConfigDict) -> dict[str, Any]:
     # ----------------------------------------------------------------------------------------
     # Shard: trainable / dropout keys / frozen, each on its own shardings
     # ----------------------------------------------------------------------------------------
+    model.train()  # dropout on, at the checkpoint's rates (and LoRA's)
     graphdef, trainable, dropout, frozen = nnx.split(
-        model, lora.trainable_filter(lora_cfg), lora.DropoutKey, ...)
+        model, lora.trainable_filter(lora_cfg), layers.DropoutKey, ...)
     model.eval()
-    eval_graphdef = nnx.split(model, lora.trainable_filter(lora_cfg), lora.DropoutKey, ...)[0]
+    eval_graphdef = nnx.split(model, lora.trainable_filter(lora_cfg), layers.DropoutKey, ...)[0]
     del model
     shard = {name: sharding.state_shardings(s, mesh)
              for name, s in (("trainable", trainable), ("dropout", dropout), ("frozen", frozen))}

@@ -134,7 +134,8 @@ LOSSES: dict[str, Callable[[nnx.Module, Batch], dict[str, jax.Array]]] = {
 
 
 def fresh_dropout_keys(dropout: nnx.State, rng: jax.Array) -> nnx.State:
-    """New LoRA dropout keys (one per adapter and layer) derived from the step's rng."""
+    """New dropout keys (one per dropout site, and per layer when stacked: the model's own and
+    LoRA's) derived from the step's rng."""
     leaves, treedef = jax.tree.flatten(dropout)
     new = []
     for i, leaf in enumerate(leaves):

@@ -10,6 +10,7 @@ from flax import nnx
 
 import jaxft
 from jaxft import config, lora, optim, train_step
+from jaxft.models import layers
 from tests import hf_models
 
 
@@ -84,7 +85,7 @@ def test_only_adapters_train_and_hold_optimizer_state(tmp_path):
     cfg = lora.LoraConfig(rank=4, targets="all-linear", dropout=0.1)
     lora.apply_lora(model, cfg)
     graphdef, trainable, dropout, frozen = nnx.split(model, lora.trainable_filter(cfg),
-                                                     lora.DropoutKey, ...)
+                                                     layers.DropoutKey, ...)
     frozen_before = jax.tree.map(np.asarray, frozen)
     tx, _ = optim.make_optimizer(config.base_config().optim, trainable, 10)
     opt_state = tx.init(trainable)
@@ -109,7 +110,7 @@ def test_micro_batches_equal_the_full_batch(tmp_path):
     lora.apply_lora(model, cfg)
     model.model.layers.self_attn.q_proj.adapter.lora_b[...] = 0.1  # non-zero gradients for A
     graphdef, trainable, dropout, frozen = nnx.split(model, lora.trainable_filter(cfg),
-                                                     lora.DropoutKey, ...)
+                                                     layers.DropoutKey, ...)
     tx = optax.sgd(1.0)
     batch = _batch(np.random.RandomState(3), b=8)
     batch["loss_mask"][:2, 5:] = 0  # uneven token counts across micro-batches

@@ -9,6 +9,7 @@ from flax import nnx
 
 import jaxft
 from jaxft import lora, optim, train_step
+from jaxft.models import layers
 from tests import hf_models
 
 STEPS, RANK, ALPHA, LR = 20, 4, 8.0, 1e-2
@@ -37,7 +38,7 @@ def test_lora_loss_curve_matches_peft(tmp_path):
     cfg = lora.LoraConfig(rank=RANK, alpha=ALPHA, targets=TARGETS)
     lora.apply_lora(model, cfg, seed=7)
     graphdef, trainable, dropout, frozen = nnx.split(model, lora.trainable_filter(cfg),
-                                                     lora.DropoutKey, ...)
+                                                     layers.DropoutKey, ...)
     init_a = {p: np.asarray(m.adapter.lora_a[...]) for p, m in lora.linear_modules(model)
               if m.adapter is not None}
     tx, _ = optim.make_optimizer(optim_config(), trainable, STEPS)

@@ -11,6 +11,7 @@ from flax import nnx
 
 import jaxft
 from jaxft import config, lora, optim, train, train_step
+from jaxft.models import layers
 from tests import hf_models
 from tests.test_lora import _batch
 from tests.tiny_run import tiny_config, tiny_model_dir
@@ -26,7 +27,7 @@ def llama_dir(tmp_path):
 
 def train_losses(model, lora_cfg, state_dtype):
     graphdef, trainable, dropout, frozen = nnx.split(model, lora.trainable_filter(lora_cfg),
-                                                     lora.DropoutKey, ...)
+                                                     layers.DropoutKey, ...)
     optim_cfg = config.base_config().optim
     optim_cfg.update(dict(lr=1e-3, warmup_steps=0, schedule="constant"))
     tx, _ = optim.make_optimizer(optim_cfg, trainable, STEPS, state_dtype=state_dtype)

@@ -260,6 +260,7 @@ def run_jaxft(a, mode: str) -> dict:
     from flax import nnx
 
     from jaxft import hf_io, lora, optim, train_step
+    from jaxft.models import layers
 
     start_rss = rss_mb()
     accelerator = jax.default_backend() != "cpu"
@@ -278,7 +279,7 @@ def run_jaxft(a, mode: str) -> dict:
         lora_cfg = lora.LoraConfig(rank=a.rank, alpha=2.0 * a.rank, targets=TARGETS)
         lora.apply_lora(model, lora_cfg)
     graphdef, trainable, dropout, frozen = nnx.split(model, lora.trainable_filter(lora_cfg),
-                                                     lora.DropoutKey, ...)
+                                                     layers.DropoutKey, ...)
     del model
     optim_cfg = ml_collections.ConfigDict(dict(
         lr=LR, schedule="constant", warmup_steps=0, final_lr_ratio=1.0, b1=0.9, b2=0.999,

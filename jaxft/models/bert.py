@@ -3,7 +3,8 @@
 Post-LayerNorm encoder blocks with learned absolute positions and token types. Both
 architectures share one module tree under HF's `bert.` prefix; a BertModel checkpoint, whose
 names lack that prefix, loads into it unchanged, and a classifier built on top of it gets a fresh
-head. Model dropout is not applied during fine-tuning (deterministic training).
+head. Dropout sits where HF's does (embeddings, attention probabilities, both residual
+branches, before the classifier), at the config's rates, active only in training mode.
 """
 
 from __future__ import annotations
@@ -41,6 +42,9 @@ class Config:
     dtype: str | None = None
     remat: str = "none"
     attention: str = "auto"  # 'xla' | 'cudnn' | 'auto' (see layers.dot_product_attention)
+    hidden_dropout_prob: float = 0.1  # embeddings and both residual branches
+    attention_probs_dropout_prob: float = 0.1
+    classifier_dropout: float | None = None  # None: hidden_dropout_prob
     hf_config_json: str = "{}"
     tie_word_embeddings: bool = False
 
@@ -90,6 +94,9 @@ class Config:
             layer_norm_eps=hf.get("layer_norm_eps", 1e-12),
             hidden_act=hf.get("hidden_act", "gelu"),
             num_labels=num_labels,
+            hidden_dropout_prob=hf.get("hidden_dropout_prob", 0.1),
+            attention_probs_dropout_prob=hf.get("attention_probs_dropout_prob", 0.1),
+            classifier_dropout=hf.get("classifier_dropout"),
             hf_config_json=json.dumps(hf, sort_keys=True),
         )
 
@@ -154,6 +161,7 @@ class SelfAttention(nnx.Module):
         self.query = layers.Linear(d, d, ("embed", "heads"), **kw)
         self.key = layers.Linear(d, d, ("embed", "heads"), **kw)
         self.value = layers.Linear(d, d, ("embed", "heads"), **kw)
+        self.dropout = layers.Dropout(cfg.attention_probs_dropout_prob)
 
 
 class AttentionOutput(Dense):
@@ -169,6 +177,7 @@ class AttentionOutput(Dense):
         self.LayerNorm = layers.LayerNorm(
             cfg.hidden_size, cfg.layer_norm_eps, param_dtype=param_dtype
         )
+        self.dropout = layers.Dropout(cfg.hidden_dropout_prob)
 
 
 class Attention(nnx.Module):
@@ -185,8 +194,10 @@ class Attention(nnx.Module):
             for n in ("query", "key", "value")
         )  # B T N H
         out = layers.dot_product_attention(q, k, v, mask, (d // self.num_heads) ** -0.5,
-                                           implementation=self.attention)
-        return self.output.LayerNorm(x + self.output.dense(out.reshape(b, t, d)))
+                                           implementation=self.attention,
+                                           probs_dropout=self.self.dropout)
+        out = self.output.dropout(self.output.dense(out.reshape(b, t, d)))
+        return self.output.LayerNorm(x + out)
 
 
 class Layer(nnx.Module):
@@ -198,6 +209,7 @@ class Layer(nnx.Module):
         self.output.LayerNorm = layers.LayerNorm(
             cfg.hidden_size, cfg.layer_norm_eps, param_dtype=param_dtype
         )
+        self.output.dropout = layers.Dropout(cfg.hidden_dropout_prob)
         self.activation = cfg.hidden_act
 
     def __call__(self, h, *, mask, cache=None):
@@ -205,7 +217,7 @@ class Layer(nnx.Module):
             h = self.attention(h, mask)
         with jax.named_scope("mlp"):
             inner = _ACTIVATIONS[self.activation](self.intermediate.dense(h))
-            h = self.output.LayerNorm(h + self.output.dense(inner))
+            h = self.output.LayerNorm(h + self.output.dropout(self.output.dense(inner)))
         return h, cache
 
 
@@ -224,6 +236,7 @@ class Embeddings(nnx.Module):
         self.LayerNorm = layers.LayerNorm(
             cfg.hidden_size, cfg.layer_norm_eps, param_dtype=param_dtype
         )
+        self.dropout = layers.Dropout(cfg.hidden_dropout_prob)
 
 
 class Encoder(nnx.Module):
@@ -269,6 +282,8 @@ class Model(nnx.Module):
                 dtype=cfg.dtype,
             )
         )
+        rate = cfg.hidden_dropout_prob if cfg.classifier_dropout is None else cfg.classifier_dropout
+        self.dropout = layers.Dropout(rate if cfg.num_labels is not None else 0.0)
 
     def __call__(
         self,
@@ -297,9 +312,9 @@ class Model(nnx.Module):
             + emb.token_type_embeddings(token_type_ids)
             + emb.position_embeddings(positions)
         )
-        h = emb.LayerNorm(h)  # B T D
+        h = emb.dropout(emb.LayerNorm(h))  # B T D
         h, _ = layers.scan_layers(self.bert.encoder.layer, h, remat=self.config.remat, mask=mask)
         if return_hidden or self.classifier is None:
             return h
         pooled = jnp.tanh(self.bert.pooler.dense(h[:, 0]))  # B D
-        return self.classifier(pooled)  # B num_labels
+        return self.classifier(self.dropout(pooled))  # B num_labels

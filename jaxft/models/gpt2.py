@@ -2,7 +2,8 @@
 
 HF stores GPT-2's projections as `Conv1D` with weights already [in, out], so the mapping is the
 identity where LLaMA needs a transpose. The output head is always the token embedding (tied).
-Model dropout is not applied: fine-tuning runs deterministic, as most LLM recipes do.
+Dropout sits where HF's does (embeddings, attention probabilities, both residual branches),
+at the config's rates, and is active only in training mode (`model.train()`).
 """
 
 from __future__ import annotations
@@ -38,6 +39,9 @@ class Config:
     dtype: str | None = None
     remat: str = "none"
     attention: str = "auto"  # 'xla' | 'cudnn' | 'auto' (see layers.dot_product_attention)
+    embd_pdrop: float = 0.1  # dropout of the embeddings, attention probabilities, residuals
+    attn_pdrop: float = 0.1
+    resid_pdrop: float = 0.1
     hf_config_json: str = "{}"
     tie_word_embeddings: bool = True  # GPT-2's head is always the token embedding
     has_base_prefix = True
@@ -72,6 +76,9 @@ class Config:
             intermediate_size=hf.get("n_inner") or 4 * d,
             layer_norm_epsilon=hf.get("layer_norm_epsilon", 1e-5),
             activation=hf.get("activation_function", "gelu_new"),
+            embd_pdrop=hf.get("embd_pdrop", 0.1),
+            attn_pdrop=hf.get("attn_pdrop", 0.1),
+            resid_pdrop=hf.get("resid_pdrop", 0.1),
             hf_config_json=json.dumps(hf, sort_keys=True),
         )
 
@@ -118,6 +125,8 @@ class Attention(nnx.Module):
         self.c_proj = layers.Linear(d, d, ("heads", "embed"), **kw)
         self.num_heads = cfg.num_attention_heads
         self.attention = cfg.attention
+        self.attn_dropout = layers.Dropout(cfg.attn_pdrop)
+        self.resid_dropout = layers.Dropout(cfg.resid_pdrop)
 
     def __call__(self, x, mask, cache=None):
         b, t, d = x.shape
@@ -126,8 +135,9 @@ class Attention(nnx.Module):
         if cache is not None:
             k, v, cache = cache.update(k, v)
         out = layers.dot_product_attention(q, k, v, mask, (d // self.num_heads) ** -0.5,
-                                           implementation=self.attention, causal=True)
-        return self.c_proj(out.reshape(b, t, d)), cache
+                                           implementation=self.attention, causal=True,
+                                           probs_dropout=self.attn_dropout)
+        return self.resid_dropout(self.c_proj(out.reshape(b, t, d))), cache
 
 
 class MLP(nnx.Module):
@@ -136,9 +146,10 @@ class MLP(nnx.Module):
         self.c_fc = layers.Linear(cfg.hidden_size, cfg.intermediate_size, ("embed", "mlp"), **kw)
         self.c_proj = layers.Linear(cfg.intermediate_size, cfg.hidden_size, ("mlp", "embed"), **kw)
         self.activation = cfg.activation
+        self.dropout = layers.Dropout(cfg.resid_pdrop)
 
     def __call__(self, x):
-        return self.c_proj(_ACTIVATIONS[self.activation](self.c_fc(x)))
+        return self.dropout(self.c_proj(_ACTIVATIONS[self.activation](self.c_fc(x))))
 
 
 class Block(nnx.Module):
@@ -165,6 +176,7 @@ class Transformer(nnx.Module):
         kw = dict(rngs=rngs, param_dtype=param_dtype, dtype=cfg.dtype)
         self.wte = layers.Embed(cfg.vocab_size, cfg.hidden_size, ("vocab", "embed"), **kw)
         self.wpe = layers.Embed(cfg.n_positions, cfg.hidden_size, (None, "embed"), **kw)
+        self.drop = layers.Dropout(cfg.embd_pdrop)
         self.h = layers.stack_layers(
             [Block(cfg, rngs=rngs, param_dtype=param_dtype) for _ in range(cfg.num_hidden_layers)]
         )
@@ -195,6 +207,7 @@ class Model(nnx.Module):
             input_ids, attention_mask, segment_ids, positions, cache
         )
         h = self.transformer.wte(input_ids) + self.transformer.wpe(positions)  # B T D
+        h = self.transformer.drop(h)
         h, layer_cache = layers.scan_layers(
             self.transformer.h,
             h,

@@ -32,6 +32,39 @@ def param(rngs: nnx.Rngs, init: Callable, shape: Sequence[int], axes: tuple, dty
     return nnx.Param(init(rngs.params(), tuple(shape), dtype), axes=axes)
 
 
+class DropoutKey(nnx.Variable):
+    """A dropout PRNG key: neither trained nor saved; the train step writes a fresh one (per
+    layer when stacked) every step, derived from the step number, so a resumed run repeats it."""
+
+
+class Dropout(nnx.Module):
+    """Inverted dropout at `rate`, with its own key (`layers` leading keys when it is created
+    inside an already stacked module, as LoRA's are).
+
+    Off when `deterministic` is set: `model.eval()`, which `jaxft.from_pretrained` applies as
+    transformers' `from_pretrained` does; training calls `model.train()`. A rate of 0 holds no
+    key and costs nothing.
+    """
+
+    def __init__(self, rate: float, *, layers: int | None = None):
+        lead = () if layers is None else (layers,)
+        self.rate = rate
+        self.key = (DropoutKey(jnp.zeros((*lead, 2), jnp.uint32),
+                               axes=("layers", None) if lead else (None,))
+                    if rate > 0 else None)
+        self.deterministic = False
+
+    @property
+    def active(self) -> bool:
+        return self.key is not None and not self.deterministic
+
+    def __call__(self, x: Array) -> Array:
+        if not self.active:
+            return x
+        keep = jax.random.bernoulli(self.key[...], 1.0 - self.rate, x.shape)
+        return jnp.where(keep, x / (1.0 - self.rate), 0).astype(x.dtype)
+
+
 class Linear(nnx.Module):
     """`x @ kernel + bias`, with the kernel stored [in, out] and an optional additive adapter.
 
@@ -223,7 +256,7 @@ ATTENTION_IMPLEMENTATIONS = ("auto", "xla", "cudnn")
 
 def dot_product_attention(
     q: Array, k: Array, v: Array, mask: Array, scale: float, *, implementation: str = "auto",
-    causal: bool = False,
+    causal: bool = False, probs_dropout: Dropout | None = None,
 ) -> Array:
     """Grouped-query attention: q [B,T,N,H], k/v [B,S,K,H], mask [B,1,T,S] -> [B,T,N,H].
 
@@ -234,7 +267,9 @@ def dot_product_attention(
     stays on 'xla'), and 'xla' otherwise. `causal` says that `mask` already hides every later
     token (true of packed causal LMs, whose positions grow within each example), so cuDNN may
     skip the upper triangle. Scores and softmax run in float32 whatever the compute dtype, as
-    HF's eager path does.
+    HF's eager path does. An active `probs_dropout` (training BERT or GPT-2) drops attention
+    probabilities as HF does; that takes the plain path, whose autodiff keeps the dropped
+    probabilities (neither fused kernel drops them).
     """
     if implementation not in ATTENTION_IMPLEMENTATIONS:
         raise JaxftError(
@@ -243,22 +278,30 @@ def dot_product_attention(
         )
     gpu = jax.default_backend() == "gpu"
     half = q.dtype in (jnp.bfloat16, jnp.float16)
+    dropping = probs_dropout is not None and probs_dropout.active
     if implementation == "auto":
-        implementation = "cudnn" if gpu and half and q.shape[1] == k.shape[1] else "xla"
+        implementation = ("cudnn" if gpu and half and q.shape[1] == k.shape[1] and not dropping
+                          else "xla")
     if implementation == "cudnn":
         if not (gpu and half):
             raise JaxftError(
                 f"attention implementation 'cudnn' needs a GPU and a 16-bit compute dtype; "
                 f"this is {jax.default_backend()} with {q.dtype} (use 'auto' or 'xla')"
             )
-        return jax.nn.dot_product_attention(
-            q, k, v, mask=mask, scale=scale, is_causal=causal and q.shape[1] == k.shape[1],
-            implementation="cudnn",
-        )
+        if not dropping:
+            return jax.nn.dot_product_attention(
+                q, k, v, mask=mask, scale=scale, is_causal=causal and q.shape[1] == k.shape[1],
+                implementation="cudnn",
+            )
     b, t, n, h = q.shape
     kv_heads = k.shape[2]
     q = q.reshape(b, t, kv_heads, n // kv_heads, h).transpose(0, 2, 3, 1, 4)  # B K G T H
     k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # B K S H
+    if probs_dropout is not None and probs_dropout.active:
+        scores, lse = _attention_probs(q, k, mask[:, :, None], scale)
+        probs = probs_dropout(jnp.exp(scores - lse)).astype(v.dtype)
+        out = jnp.einsum("bkgts,bksh->bkgth", probs, v)
+        return out.transpose(0, 3, 1, 2, 4).reshape(b, t, n, h)
     out = _attention(q, k, v, mask[:, :, None], scale)  # mask: B 1 1 T S
     return out.transpose(0, 3, 1, 2, 4).reshape(b, t, n, h)
 

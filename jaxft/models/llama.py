@@ -45,6 +45,7 @@ class Config:
     dtype: str | None = None  # compute dtype; None computes in the parameter dtype
     remat: str = "none"  # rematerialisation policy of the layer scan (see layers.REMAT_POLICIES)
     attention: str = "auto"  # 'xla' | 'cudnn' | 'auto' (see layers.dot_product_attention)
+    attention_dropout: float = 0.0  # on attention probabilities, in training (HF's default: 0)
     hf_config_json: str = "{}"  # the original config.json, written back on export
 
     has_base_prefix = True  # exported names keep HF's `model.` prefix (a *ForCausalLM checkpoint)
@@ -94,6 +95,7 @@ class Config:
             o_bias=bool(hf.get("attention_bias", False)),
             mlp_bias=bool(hf.get("mlp_bias", False)),
             sliding_window=window,
+            attention_dropout=float(hf.get("attention_dropout", 0.0)),
             model_type=model_type,
             hf_config_json=json.dumps(hf, sort_keys=True),
         )
@@ -160,6 +162,7 @@ class Attention(nnx.Module):
         )
         self.head_dim = h
         self.attention = cfg.attention
+        self.dropout = layers.Dropout(cfg.attention_dropout)
         self.inv_freq = tuple(
             layers.rope_inverse_frequencies(
                 h, cfg.rope_theta, dict(cfg.rope_scaling) if cfg.rope_scaling else None
@@ -176,7 +179,8 @@ class Attention(nnx.Module):
         if cache is not None:
             k, v, cache = cache.update(k, v)
         out = layers.dot_product_attention(
-            q, k, v, mask, self.head_dim**-0.5, implementation=self.attention, causal=True
+            q, k, v, mask, self.head_dim**-0.5, implementation=self.attention, causal=True,
+            probs_dropout=self.dropout,
         )
         return self.o_proj(out.reshape(b, t, -1)), cache
 
