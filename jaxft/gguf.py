@@ -66,6 +66,14 @@ def _open(path: str | os.PathLike) -> tuple[GGUFReader, str]:
     return reader, path
 
 
+def read_tokenizer_metadata(path: str | os.PathLike) -> dict[str, Any]:
+    """Every `tokenizer.*` field of a GGUF file in full (vocabulary, merges, special-token ids,
+    chat template), plus `general.architecture`: what a tokenizer is rebuilt from."""
+    reader, _ = _open(path)
+    return {key: field.contents() for key, field in reader.fields.items()
+            if key.startswith("tokenizer.") or key == "general.architecture"}
+
+
 def _field(reader: GGUFReader, key: str, default: Any = None) -> Any:
     """A metadata value as a Python scalar/str (arrays are only ever needed for their length)."""
     field = reader.fields.get(key)

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 
 import pytest
+import transformers
 
 from jaxft import data
 from jaxft.errors import JaxftError
@@ -20,6 +23,32 @@ def smollm2():
 def test_gguf_tokenizer_has_its_chat_template(smollm2):
     assert smollm2.chat_template and "<|im_start|>" in smollm2.chat_template
     assert smollm2.eos_token == "<|im_end|>"
+
+
+def test_gguf_tokenizer_equals_transformers_own_and_needs_no_torch(smollm2):
+    """jaxft reads the vocabulary with the `gguf` package; transformers' reader needs torch."""
+    path = smollm2_gguf_path()
+    reference = transformers.AutoTokenizer.from_pretrained(
+        os.path.dirname(path), gguf_file=os.path.basename(path))
+    texts = ["Where is my order?", "  spaces, émojis 🤖 and\nnew lines\t",
+             "<|im_start|>user\nhi<|im_end|>", ""]
+    for text in texts:
+        assert smollm2(text)["input_ids"] == reference(text)["input_ids"], text
+    chat = [{"role": "user", "content": "What is a computer?"},
+            {"role": "assistant", "content": "A machine that computes."}]
+    assert (smollm2.apply_chat_template(chat, tokenize=False)
+            == reference.apply_chat_template(chat, tokenize=False))
+    assert len(smollm2) == len(reference)
+    for name in ("bos_token", "eos_token", "pad_token", "unk_token", "padding_side"):
+        assert getattr(smollm2, name) == getattr(reference, name), name
+
+    blocked = ("import sys; sys.modules['torch'] = None\n"  # as if torch were not installed
+               "from jaxft import data\n"
+               f"tok = data.load_tokenizer({path!r})\n"
+               "print(tok('Where is my order?')['input_ids'])")
+    run = subprocess.run([sys.executable, "-c", blocked], capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert run.stdout.strip() == str(reference("Where is my order?")["input_ids"])
 
 
 def test_directory_holding_only_a_gguf_file(smollm2, tmp_path):

@@ -1,8 +1,8 @@
 """Load the tokenizer that belongs to a checkpoint, whatever form the checkpoint arrived in.
 
 `load_tokenizer` accepts an HF model directory, a hub id, or a `.gguf` file (whose embedded
-vocabulary and chat template transformers can rebuild). Remote code is never trusted: a tokenizer
-that needs it is a checkpoint we cannot reproduce, so it fails loudly instead.
+vocabulary and chat template are rebuilt into a transformers tokenizer). Remote code is never
+trusted: a tokenizer that needs it is a checkpoint we cannot reproduce, so it fails loudly instead.
 """
 
 from __future__ import annotations
@@ -20,6 +20,34 @@ _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model"
                     "vocab.json")
 
 
+def _gguf_tokenizer(path: str) -> PreTrainedTokenizerBase | None:
+    """A `.gguf` file's tokenizer, rebuilt exactly as `AutoTokenizer(gguf_file=...)` does it
+    (transformers' own GGUF-to-tokenizers conversion) but read with the `gguf` package:
+    transformers' GGUF reader imports torch, which training never needs otherwise. None where
+    this transformers version lays its conversion out differently (then its own path is used).
+    """
+    try:
+        from transformers.integrations.gguf import gguf_tokenizer_mapping as hf_gguf
+
+        renames, special_ids = hf_gguf.GGUF_TOKENIZER_MAPPING, hf_gguf._SPECIAL_TOKENS
+    except (ImportError, AttributeError):
+        return None
+    from jaxft import gguf
+
+    metadata = gguf.read_tokenizer_metadata(path)
+    tokenizer, config = (
+        {name: metadata[f"tokenizer.{key}"] for key, name in renames[group].items()
+         if f"tokenizer.{key}" in metadata}
+        for group in ("tokenizer", "tokenizer_config"))
+    if tokenizer.get("tokenizer_type") == "llama":  # llama.cpp adds BOS unless the file says no
+        config.setdefault("add_bos_token", True)
+    for name, key in special_ids.items():
+        token_id = metadata.get(f"tokenizer.ggml.{key}")
+        config[name] = tokenizer["tokens"][token_id] if token_id is not None else None
+    backend, extra = hf_gguf.convert_gguf_tokenizer(metadata["general.architecture"], tokenizer)
+    return transformers.PreTrainedTokenizerFast(tokenizer_object=backend, **config, **extra)
+
+
 def load_tokenizer(model_path: str) -> PreTrainedTokenizerBase:
     """The tokenizer of `model_path`: an HF directory, a hub id, or a path to a `.gguf` file.
 
@@ -30,10 +58,13 @@ def load_tokenizer(model_path: str) -> PreTrainedTokenizerBase:
     if path.lower().endswith(".gguf"):
         if not os.path.isfile(path):
             raise JaxftError(f"GGUF file not found: {path}")
+        rebuilt = _gguf_tokenizer(path)
+        if rebuilt is not None:
+            return rebuilt
         if importlib.util.find_spec("torch") is None:
-            # transformers rebuilds a GGUF file's tokenizer through its torch-based GGUF loader
+            # this transformers rebuilds a GGUF file's tokenizer only through its torch loader
             raise JaxftError(f"{path}: reading the tokenizer inside a .gguf file needs torch "
-                             "(pip install torch==2.13.0, a CPU build), or use an HF directory")
+                             "with this transformers version (or use an HF directory)")
         return _from_pretrained(os.path.dirname(os.path.abspath(path)), path,
                                 gguf_file=os.path.basename(path))
     if os.path.isdir(path):
