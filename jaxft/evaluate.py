@@ -30,6 +30,8 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from flax import nnx
+from jax.experimental import multihost_utils
+from jax.sharding import Mesh
 
 from jaxft import train_step
 from jaxft.errors import JaxftError
@@ -113,32 +115,52 @@ def _class_logits(graphdef: nnx.GraphDef, state: nnx.State, batch: dict) -> jax.
     return model(batch["input_ids"], batch["attention_mask"], batch.get("token_type_ids"))
 
 
-def evaluate(model: nnx.Module, batches: Iterable[Batch], task: str) -> dict[str, float]:
+def evaluate(model: nnx.Module, batches: Iterable[Batch], task: str,
+             mesh: Mesh | None = None) -> dict[str, float]:
     """Metrics of `model` over `batches`: loss/perplexity (task 'lm') or loss/accuracy/macro-F1
-    (task 'classification'), each over every target token or valid row of every batch."""
+    (task 'classification'), each over every target token or valid row of every batch.
+
+    With a `mesh` the weights are sharded over it as training shards them (fsdp and tensor
+    axes) and each batch's rows over its data axes, so a model too big for one device evaluates
+    where it trained; each process passes its own rows.
+    """
     if task not in train_step.TASKS:
         raise JaxftError(f"task {task!r} unknown (known: {', '.join(train_step.TASKS)})")
     graphdef, state = nnx.split(model)
+    place = _on_one_device
+    if mesh is not None:
+        from jaxft import sharding
+        from jaxft.data.iterator import to_global_arrays
+
+        state = sharding.put_state(state, sharding.state_shardings(state, mesh))
+        place = functools.partial(to_global_arrays, sharding=sharding.batch_sharding(mesh))
     if task == "lm":
         loss_sum, count = 0.0, 0.0
         for batch in batches:
-            sums = jax.device_get(_lm_sums(graphdef, state, _take(batch, LM_KEYS)))
+            sums = jax.device_get(_lm_sums(graphdef, state, place(_take(batch, LM_KEYS))))
             loss_sum, count = loss_sum + float(sums["loss_sum"]), count + float(sums["count"])
         return lm_metrics(loss_sum, count)
     logits, labels, valid = [], [], []
     for batch in batches:
-        logits.append(np.asarray(_class_logits(graphdef, state,
-                                               _take(batch, CLASSIFICATION_KEYS))))
-        labels.append(np.asarray(batch["labels"]))
-        valid.append(np.asarray(batch.get("valid", np.ones(len(batch["labels"])))))
+        out = _class_logits(graphdef, state, place(_take(batch, CLASSIFICATION_KEYS)))
+        logits.append(multihost_utils.process_allgather(out, tiled=True))
+        local = (batch["labels"], batch.get("valid", np.ones(len(batch["labels"]), np.float32)))
+        labels_here, valid_here = (multihost_utils.process_allgather(np.asarray(x), tiled=True)
+                                   for x in local)
+        labels.append(labels_here)
+        valid.append(valid_here)
     if not logits:
         raise JaxftError("no eval batches")
     return classification_metrics(np.concatenate(logits), np.concatenate(labels),
                                   np.concatenate(valid))
 
 
-def _take(batch: Batch, keys: tuple[str, ...]) -> dict[str, jax.Array]:
-    return {k: jnp.asarray(batch[k]) for k in keys if k in batch}
+def _take(batch: Batch, keys: tuple[str, ...]) -> Batch:
+    return {k: np.asarray(batch[k]) for k in keys if k in batch}
+
+
+def _on_one_device(batch: Batch) -> dict[str, jax.Array]:
+    return {k: jnp.asarray(v) for k, v in batch.items()}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -148,15 +170,21 @@ def _take(batch: Batch, keys: tuple[str, ...]) -> dict[str, jax.Array]:
 
 def run(config: ml_collections.ConfigDict | None, workdir: str | None = None, *,
         max_batches: int = 0) -> dict[str, Any]:
-    """The CLI's work: pick model and data, evaluate, return the metrics."""
-    from jaxft import data, hf_io
+    """The CLI's work: pick model and data, evaluate, return the metrics.
+
+    The model is sharded over the mesh of `config` (else of the run), as training shards it.
+    """
+    from jaxft import config as config_lib
+    from jaxft import data, hf_io, sharding
 
     if config is None and workdir is None:
         raise JaxftError("pass --config=configs/<recipe>.py, --workdir=<train workdir>, or both")
+    mesh_cfg = (config if config is not None else _run_config(workdir)).mesh
+    mesh = sharding.make_mesh(mesh_cfg.data, mesh_cfg.fsdp, mesh_cfg.tensor)
     if workdir is not None:
         from jaxft.workdir import load_run
 
-        trained = load_run(workdir)
+        trained = load_run(workdir, mesh=mesh)
         run_cfg, model, model_path = trained.config, trained.model, trained.base
         data_cfg = data.default_config()
         data_cfg.update((config if config is not None else run_cfg).data.to_dict())
@@ -168,6 +196,9 @@ def run(config: ml_collections.ConfigDict | None, workdir: str | None = None, *,
         run_cfg, data_cfg = config, config.data
         task, batch_size = config.task, config.train.batch_size
         model_path = str(hf_io.resolve(config.model.path))
+    if batch_size % sharding.data_parallel_size(mesh):
+        raise JaxftError(f"eval batch size {batch_size} (train.batch_size) is not divisible by "
+                         f"the mesh's data-parallel size {sharding.data_parallel_size(mesh)}")
     tokenizer = data.load_tokenizer(model_path)
     bundle = data.build_data(data_cfg, tokenizer, global_batch_size=batch_size, task=task)
     if bundle.eval is None:
@@ -176,10 +207,17 @@ def run(config: ml_collections.ConfigDict | None, workdir: str | None = None, *,
         num_labels = (config.model.num_labels or len(bundle.label_map)
                       if task == "classification" else None)
         model = hf_io.from_pretrained(model_path, dtype=config.train.param_dtype,
-                                      num_labels=num_labels, seed=config.train.seed)
+                                      compute_dtype=config_lib.compute_dtype(config),
+                                      num_labels=num_labels, seed=config.train.seed, mesh=mesh)
     batches = itertools.islice(bundle.eval_batches(), max_batches or None)
     return {"task": task, "model": model_path, "workdir": workdir,
-            **evaluate(model, batches, task)}
+            **evaluate(model, batches, task, mesh)}
+
+
+def _run_config(workdir: str) -> ml_collections.ConfigDict:
+    from jaxft.workdir import read_run_config
+
+    return read_run_config(workdir)
 
 
 def _define_flags() -> None:

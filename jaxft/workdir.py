@@ -15,6 +15,7 @@ from pathlib import Path
 import ml_collections
 import orbax.checkpoint as ocp
 from flax import nnx
+from jax.sharding import Mesh
 
 from jaxft import checkpoint, hf_io, lora
 from jaxft import config as config_lib
@@ -33,15 +34,21 @@ class Run:
     step: int
 
 
-def load_run(workdir: str | os.PathLike, step: int | None = None, *,
-             dtype: str | None = None) -> Run:
-    """The run's model at a checkpointed step (default: the newest); `dtype` overrides the
-    run's parameter dtype."""
-    workdir = Path(workdir)
-    config_file = workdir / "config.json"
+def read_run_config(workdir: str | os.PathLike) -> ml_collections.ConfigDict:
+    """The resolved config a `jaxft.train` run wrote to `W/config.json`."""
+    config_file = Path(workdir) / "config.json"
     if not config_file.is_file():
         raise JaxftError(f"{workdir}: no config.json (not a jaxft training workdir)")
-    cfg = ml_collections.ConfigDict(json.loads(config_file.read_text()))
+    return ml_collections.ConfigDict(json.loads(config_file.read_text()))
+
+
+def load_run(workdir: str | os.PathLike, step: int | None = None, *,
+             dtype: str | None = None, mesh: Mesh | None = None) -> Run:
+    """The run's model at a checkpointed step (default: the newest), in the run's compute
+    dtype; `dtype` overrides the run's parameter dtype, and with a `mesh` the base weights go
+    straight onto their shardings as they load."""
+    workdir = Path(workdir)
+    cfg = read_run_config(workdir)
     lora_cfg = config_lib.lora_config(cfg)
     directory = workdir / "checkpoints"
     manager = _manager(directory)
@@ -58,7 +65,8 @@ def load_run(workdir: str | os.PathLike, step: int | None = None, *,
     if cfg.task == "classification":  # the head size training settled on (0: none recorded)
         num_labels = cfg.model.get("num_labels") or None
     model = hf_io.from_pretrained(cfg.model.resolved_path, dtype=dtype or cfg.train.param_dtype,
-                                  num_labels=num_labels, seed=cfg.train.seed)
+                                  compute_dtype=config_lib.compute_dtype(cfg),
+                                  num_labels=num_labels, seed=cfg.train.seed, mesh=mesh)
     if lora_cfg is not None:
         lora.apply_lora(model, lora_cfg, seed=cfg.train.seed)
     trainable = nnx.state(model, lora.trainable_filter(lora_cfg))

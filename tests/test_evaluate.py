@@ -183,3 +183,34 @@ def test_evaluate_cli_errors_in_one_line(tmp_path):
     assert out.returncode != 0
     assert out.stderr.strip().splitlines()[-1] == f"error: {tmp_path}: no config.json (not a " \
                                                   "jaxft training workdir)"
+
+
+def test_sharded_evaluation_equals_one_device(trained_workdir, tmp_path):
+    """Weights over fsdp×tensor and rows over data give the one-device metrics, LM and
+    classifier alike, with the weights really split across the 8 host devices."""
+    from jaxft import sharding
+
+    workdir, _ = trained_workdir
+    mesh = sharding.make_mesh(data=2, fsdp=2, tensor=2)
+    one_device = load_run(workdir).model
+    sharded = load_run(workdir, mesh=mesh).model
+    assert not sharded.model.layers.mlp.gate_proj.kernel[...].is_fully_replicated
+    rng = np.random.RandomState(3)
+    vocab = sharded.config.vocab_size
+    examples = [rng.randint(1, vocab, n).tolist() for n in (5, 9, 7, 3, 8, 6, 4, 10)]
+    batches = [packed_lm_batch(examples, 20)]
+    want = E.evaluate(one_device, batches, "lm")
+    got = E.evaluate(sharded, batches, "lm", mesh)
+    assert got["count"] == want["count"]
+    assert got["loss"] == pytest.approx(want["loss"], rel=1e-6)
+
+    hf = hf_models.build(hf_models.bert_config(num_labels=3),
+                         cls=transformers.BertForSequenceClassification)
+    hf.save_pretrained(tmp_path)
+    ids, mask = hf_models.padded_batch(seed=2, batch=4)
+    batch = {"input_ids": ids, "attention_mask": mask, "token_type_ids": np.zeros_like(ids),
+             "labels": np.array([2, 0, 1, 1]), "valid": np.array([1, 1, 1, 0], np.float32)}
+    want = E.evaluate(jaxft.from_pretrained(tmp_path), [batch], "classification")
+    got = E.evaluate(jaxft.from_pretrained(tmp_path, mesh=mesh), [batch], "classification", mesh)
+    for key in ("loss", "accuracy", "macro_f1", "count"):
+        assert got[key] == pytest.approx(want[key], rel=1e-6), key

@@ -297,7 +297,7 @@ def dot_product_attention(
     kv_heads = k.shape[2]
     q = q.reshape(b, t, kv_heads, n // kv_heads, h).transpose(0, 2, 3, 1, 4)  # B K G T H
     k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # B K S H
-    if probs_dropout is not None and probs_dropout.active:
+    if dropping:
         scores, lse = _attention_probs(q, k, mask[:, :, None], scale)
         probs = probs_dropout(jnp.exp(scores - lse)).astype(v.dtype)
         out = jnp.einsum("bkgts,bksh->bkgth", probs, v)
