@@ -376,14 +376,11 @@ def _plan(model: nnx.Module, table: dict[str, Site], config: dict, source: str) 
 def _is_target(key: str, config: dict, site: Site, model: nnx.Module) -> bool:
     """PEFT's `check_target_module_exists`, for one module key."""
     targets, exclude = config["target_modules"], config.get("exclude_modules")
-    if exclude and (re.fullmatch(exclude, key) if isinstance(exclude, str)
-                    else key in exclude or any(key.endswith("." + e) for e in exclude)):
+    if exclude and lora.target_matches(exclude, key):
         return False
     if isinstance(targets, str) and targets.lower() == "all-linear":
         return not _is_output_head(model, site)
-    if isinstance(targets, str):
-        return re.fullmatch(targets, key) is not None
-    return key in targets or any(key.endswith("." + t) for t in targets)
+    return lora.target_matches(targets, key)
 
 
 def _is_output_head(model: nnx.Module, site: Site) -> bool:

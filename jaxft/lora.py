@@ -92,17 +92,25 @@ def linear_modules(model: nnx.Module) -> Iterator[tuple[str, Linear]]:
 _HEADS = ("lm_head", "classifier")
 
 
+def target_matches(targets: str | Sequence[str], name: str) -> bool:
+    """PEFT's rule for one Hugging Face module name (`target_modules`, `exclude_modules`): a
+    string is a regex that must match the whole name; a list matches a name equal to, or
+    ending in '.' plus, one of its entries."""
+    if isinstance(targets, str):
+        return re.fullmatch(targets, name) is not None
+    return name in targets or any(name.endswith("." + t) for t in targets)
+
+
 def _matches(cfg: LoraConfig, model: nnx.Module, path: str) -> bool:
-    names = hf_paths(model, path)
     if cfg.targets == "all-linear":
         return path.rsplit(".", 1)[-1] not in _HEADS
-    if isinstance(cfg.targets, str):
-        hits = [bool(re.fullmatch(cfg.targets, n)) for n in names]
-        if any(hits) and not all(hits):
-            raise JaxftError(f"lora.targets regex {cfg.targets!r} selects only some layers of "
-                             f"{path}; adapters apply to all layers of a module or none")
-        return all(hits)
-    return any(path == t or path.endswith("." + t) for t in cfg.targets)
+    if not isinstance(cfg.targets, str) and path in cfg.targets:  # a jaxft path, as adapters
+        return True  # passes the projections a PEFT adapter names
+    hits = [target_matches(cfg.targets, name) for name in hf_paths(model, path)]
+    if any(hits) and not all(hits):
+        raise JaxftError(f"lora.targets {_show(cfg.targets)} select only some layers of "
+                         f"{path}; adapters apply to all layers of a module or none")
+    return all(hits)
 
 
 def apply_lora(model: nnx.Module, cfg: LoraConfig, *, seed: int = 0) -> nnx.Module:

@@ -7,6 +7,8 @@ then run their JAX side on the GPU. conftest.py asks XLA for true float32 matmul
 default a GPU rounds float32 matmul inputs to TF32's 10-bit mantissa).
 """
 
+import copy
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -37,7 +39,7 @@ def llama(tmp_path_factory):
 
 
 def torch_logits(model, ids, dtype) -> np.ndarray:
-    model = model.to("cuda", dtype)
+    model = copy.deepcopy(model).to("cuda", dtype)  # the fixture's model stays float32 on CPU
     with torch.no_grad():
         out = model(torch.from_numpy(ids).to("cuda")).logits
     return out.float().cpu().numpy()

@@ -61,14 +61,22 @@ def test_target_that_matches_nothing_is_refused(tmp_path):
         lora.apply_lora(model, lora.LoraConfig(targets=("query",)))
 
 
-def test_regex_targets_full_hf_paths(tmp_path):
+def test_targets_match_per_layer_hf_names(tmp_path):
     model = load(tmp_path, "llama")
     lora.apply_lora(model, lora.LoraConfig(targets=r"model\.layers\.\d+\.self_attn\.(q|k)_proj"))
     adapted = [p for p, m in lora.linear_modules(model) if m.adapter is not None]
     assert sorted(adapted) == ["model.layers.self_attn.k_proj", "model.layers.self_attn.q_proj"]
-    with pytest.raises(jaxft.JaxftError, match="selects only some layers"):
+    with pytest.raises(jaxft.JaxftError, match="select only some layers"):
         lora.apply_lora(load(tmp_path, "llama"),
                         lora.LoraConfig(targets=r"model\.layers\.0\.self_attn\.q_proj"))
+    # Names in a list follow PEFT's suffix rule over the per-layer names, as regexes do.
+    with pytest.raises(jaxft.JaxftError, match="select only some layers"):
+        lora.apply_lora(load(tmp_path, "llama"),
+                        lora.LoraConfig(targets=("layers.1.self_attn.q_proj",)))
+    model = lora.apply_lora(load(tmp_path, "llama"),
+                            lora.LoraConfig(targets=("self_attn.v_proj", "down_proj")))
+    adapted = [p for p, m in lora.linear_modules(model) if m.adapter is not None]
+    assert sorted(adapted) == ["model.layers.mlp.down_proj", "model.layers.self_attn.v_proj"]
 
 
 def _batch(rng, b=4, t=16, vocab=128):
