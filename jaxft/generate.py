@@ -34,6 +34,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.experimental import multihost_utils
 
 from jaxft.errors import JaxftError
 from jaxft.kv_cache import Cache
@@ -131,6 +132,8 @@ def generate_ids(
         jax.random.PRNGKey(sampling.seed), jnp.float32(sampling.temperature or 1.0),
         jnp.int32(sampling.top_k), jnp.float32(sampling.top_p),
         max_new_tokens=max_new_tokens, cache_length=length, greedy=sampling.greedy)
+    if not tokens.is_fully_addressable:  # weights sharded over several processes' devices
+        return np.asarray(multihost_utils.process_allgather(tokens, tiled=True))
     return np.asarray(tokens)
 
 

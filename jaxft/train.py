@@ -192,8 +192,8 @@ def run(cfg: ml_collections.ConfigDict) -> dict[str, Any]:
 
     def samples() -> dict[str, Any]:
         """Greedy completions of `train.sample_prompts`, to read what the model has learned."""
-        if not cfg.train.sample_prompts or cfg.task != "lm" or jax.process_count() > 1:
-            return {}
+        if not cfg.train.sample_prompts or cfg.task != "lm":
+            return {}  # (every process runs the generation: the weights are sharded over all)
         from jaxft import generate
 
         model = nnx.merge(eval_graphdef, trainable, frozen, dropout)
@@ -202,7 +202,8 @@ def run(cfg: ml_collections.ConfigDict) -> dict[str, Any]:
                                   max_new_tokens=cfg.train.sample_tokens,
                                   chat=tokenizer.chat_template is not None)
         for prompt, text in zip(prompts, texts, strict=True):
-            print(f"  sample: {prompt!r} -> {text!r}")
+            if is_main:
+                print(f"  sample: {prompt!r} -> {text!r}")
         return {"samples": [{"prompt": p, "completion": t}
                             for p, t in zip(prompts, texts, strict=True)]}
 

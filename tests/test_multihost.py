@@ -11,6 +11,7 @@ import pytest
 from jaxft import train
 from tests.tiny_run import (
     REPO,
+    read_metrics,
     subprocess_env,
     tiny_config,
     tiny_model_dir,
@@ -33,7 +34,8 @@ def model_dir(tmp_path_factory):
 def test_two_processes_match_one_process(model_dir, tmp_path):
     overrides = {"train.steps": 4, "lora.enabled": False, "optim.lr": 1e-3,
                  "mesh.data": 2, "mesh.fsdp": 2, "mesh.tensor": 2, "data.eval_fraction": 0.0,
-                 "checkpoint.every": 2}
+                 "checkpoint.every": 2, "train.sample_prompts": ("Where is my order?",),
+                 "train.sample_tokens": 6}
     train.run(tiny_config(model_dir, tmp_path / "single", **overrides))
     expected = train_losses(tmp_path / "single")
 
@@ -44,6 +46,11 @@ def test_two_processes_match_one_process(model_dir, tmp_path):
     np.testing.assert_allclose([got[s] for s in sorted(got)],
                                [expected[s] for s in sorted(expected)], rtol=1e-4)
     assert sorted(p.name for p in (workdir / "checkpoints").iterdir()) == ["2", "4"]
+    # Greedy samples from weights sharded over both processes, as one process writes them.
+    samples = [[m["step"], m["samples"]] for m in read_metrics(workdir) if "samples" in m]
+    assert samples == [[m["step"], m["samples"]] for m in read_metrics(tmp_path / "single")
+                       if "samples" in m]
+    assert [step for step, _ in samples] == [0, 4]
 
     # Both processes wrote their shards of checkpoint 2; both restore them and go on alike.
     shutil.rmtree(workdir / "checkpoints" / "4")
