@@ -179,7 +179,12 @@ def run(config: ml_collections.ConfigDict | None, workdir: str | None = None, *,
 
     if config is None and workdir is None:
         raise JaxftError("pass --config=configs/<recipe>.py, --workdir=<train workdir>, or both")
-    mesh_cfg = (config if config is not None else _run_config(workdir)).mesh
+    if config is None:
+        from jaxft.workdir import read_run_config
+
+        mesh_cfg = read_run_config(workdir).mesh
+    else:
+        mesh_cfg = config.mesh
     mesh = sharding.make_mesh(mesh_cfg.data, mesh_cfg.fsdp, mesh_cfg.tensor)
     if workdir is not None:
         from jaxft.workdir import load_run
@@ -212,12 +217,6 @@ def run(config: ml_collections.ConfigDict | None, workdir: str | None = None, *,
     batches = itertools.islice(bundle.eval_batches(), max_batches or None)
     return {"task": task, "model": model_path, "workdir": workdir,
             **evaluate(model, batches, task, mesh)}
-
-
-def _run_config(workdir: str) -> ml_collections.ConfigDict:
-    from jaxft.workdir import read_run_config
-
-    return read_run_config(workdir)
 
 
 def _define_flags() -> None:
