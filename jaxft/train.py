@@ -151,7 +151,6 @@ def run(cfg: ml_collections.ConfigDict) -> dict[str, Any]:
     opt_sharding = sharding.optimizer_shardings(tx, trainable, shard["trainable"], mesh)
     opt_state = jax.jit(tx.init, out_shardings=opt_sharding)(trainable)
     batch_sharding = sharding.batch_sharding(mesh)
-    class_sharding = sharding.batch_sharding(mesh, ndim=1)
 
     # ----------------------------------------------------------------------------------------
     # Steps
@@ -170,8 +169,7 @@ def run(cfg: ml_collections.ConfigDict) -> dict[str, Any]:
                        out_shardings=replicated)
 
     def global_batch(local: dict[str, np.ndarray]) -> dict[str, jax.Array]:
-        return {k: data.to_global_arrays({k: v}, class_sharding if v.ndim == 1
-                                         else batch_sharding)[k] for k, v in local.items()}
+        return data.to_global_arrays(local, batch_sharding)  # 1-D arrays: rows sharded alike
 
     def evaluate() -> dict[str, float]:
         sums: dict[str, float] = {}

@@ -230,7 +230,3 @@ class Model(nnx.Module):
     def output_head(self) -> jax.Array:
         """The head as one [D, V] matrix, so the loss can fuse it with the cross-entropy."""
         return self.transformer.wte.as_head()
-
-    def output_embedding(self) -> jax.Array:
-        """The [D, V] output projection (the transposed token embedding)."""
-        return self.transformer.wte.embedding[...].T

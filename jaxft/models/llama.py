@@ -308,9 +308,3 @@ class Model(nnx.Module):
         if self.lm_head.adapter is not None or self.lm_head.bias is not None:
             return None
         return self.lm_head.kernel[...].astype(self.lm_head.dtype or self.lm_head.kernel.dtype)
-
-    def output_embedding(self) -> jax.Array:
-        """The [D, V] output projection (the transposed embedding when tied)."""
-        if self.lm_head is None:
-            return self.model.embed_tokens.embedding[...].T
-        return self.lm_head.kernel[...]
