@@ -110,18 +110,16 @@ def test_fused_training_loss_equals_transformers_loss(family, tmp_path):
 
     import jaxft
     from tests import hf_models
+    from tests.test_lora import _batch
 
     hf = hf_models.build(hf_models.CAUSAL_CONFIGS[family]())
     hf.save_pretrained(tmp_path)
     model = jaxft.from_pretrained(tmp_path)
     assert model.output_head() is not None  # the fused path, not full logits
-    ids = np.random.RandomState(0).randint(1, hf_models.VOCAB, (2, 16))
+    # The last token predicts nothing (loss_mask 0), as HF's shifted labels say.
+    batch = _batch(np.random.RandomState(0), b=2, t=16, vocab=hf_models.VOCAB)
+    ids = torch.from_numpy(batch["input_ids"].astype(np.int64))
     with torch.no_grad():
-        want = hf(torch.from_numpy(ids), labels=torch.from_numpy(ids)).loss.item()
-    mask = np.ones(ids.shape, np.float32)
-    mask[:, -1] = 0  # the last token predicts nothing, as HF's shifted labels say
-    batch = {"input_ids": jnp.asarray(ids, jnp.int32), "targets": jnp.roll(ids, -1, 1),
-             "loss_mask": jnp.asarray(mask), "segment_ids": jnp.ones(ids.shape, jnp.int32),
-             "positions": jnp.tile(jnp.arange(16, dtype=jnp.int32), (2, 1))}
-    sums = train_step.lm_losses(model, batch)
+        want = hf(ids, labels=ids).loss.item()
+    sums = train_step.lm_losses(model, jax.tree.map(jnp.asarray, batch))
     np.testing.assert_allclose(float(sums["loss_sum"] / sums["count"]), want, rtol=1e-5)
