@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from jaxft import JaxftError, train_step
+from jaxft.kernels import cross_entropy, swiglu
 from jaxft.models import layers
 
 TOL = dict(rtol=1e-5, atol=1e-5)
@@ -69,7 +70,7 @@ def test_swiglu_gradients_match_autodiff():
     kg, ku, kd = jax.random.split(jax.random.PRNGKey(1), 3)
     gate, up = jax.random.normal(kg, (4, 16)) * 3, jax.random.normal(ku, (4, 16))
     dy = jax.random.normal(kd, (4, 16))
-    out, vjp = jax.vjp(layers.swiglu, gate, up)
+    out, vjp = jax.vjp(swiglu.swiglu, gate, up)
     ref_out, ref_vjp = jax.vjp(lambda g, u: jax.nn.silu(g) * u, gate, up)
     np.testing.assert_allclose(out, ref_out, **TOL)
     for got, want in zip(vjp(dy), ref_vjp(dy), strict=True):
@@ -84,7 +85,7 @@ def reference_loss(h, w, targets, weights):
 
 @pytest.mark.parametrize("chunk_elements", [1 << 20, 64 * 3])  # one chunk; 3 positions, padded
 def test_head_cross_entropy_matches_unfused_loss(monkeypatch, chunk_elements):
-    monkeypatch.setattr(train_step, "CE_CHUNK_ELEMENTS", chunk_elements)
+    monkeypatch.setattr(cross_entropy, "CE_CHUNK_ELEMENTS", chunk_elements)
     b, t, d, vocab = 2, 11, 16, 64
     kh, kw, kt = jax.random.split(jax.random.PRNGKey(2), 3)
     h = jax.random.normal(kh, (b, t, d))
@@ -92,14 +93,14 @@ def test_head_cross_entropy_matches_unfused_loss(monkeypatch, chunk_elements):
     targets = jax.random.randint(kt, (b, t), 0, vocab)
     weights = jnp.ones((b, t)).at[:, -1].set(0).at[1, :4].set(0)
 
-    loss, (dh, dw) = jax.value_and_grad(train_step.head_cross_entropy, (0, 1))(
+    loss, (dh, dw) = jax.value_and_grad(cross_entropy.head_cross_entropy, (0, 1))(
         h, w, targets, weights)
     ref, (ref_dh, ref_dw) = jax.value_and_grad(reference_loss, (0, 1))(h, w, targets, weights)
     np.testing.assert_allclose(loss, ref, rtol=1e-6)
     np.testing.assert_allclose(dh, ref_dh, **TOL)
     np.testing.assert_allclose(dw, ref_dw, **TOL)
     # A frozen head (LoRA): only the hidden states' gradient is formed, and it is the same.
-    frozen_dh = jax.grad(lambda h: train_step.head_cross_entropy(h, w, targets, weights) * 3)(h)
+    frozen_dh = jax.grad(lambda h: cross_entropy.head_cross_entropy(h, w, targets, weights) * 3)(h)
     np.testing.assert_allclose(frozen_dh, 3 * ref_dh, **TOL)
 
 

@@ -10,7 +10,6 @@ nothing to the model; `jaxft.sharding` maps them onto a device mesh through one 
 
 from __future__ import annotations
 
-import functools
 import math
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -21,10 +20,10 @@ import numpy as np
 from flax import nnx
 
 from jaxft.errors import JaxftError
+from jaxft.kernels import attention as attention_kernel
+from jaxft.kernels.swiglu import swiglu  # noqa: F401  (the families' MLP activation)
 
 Array = jax.Array
-# A finite stand-in for -inf: fully masked rows (padding attending to nothing) stay NaN-free.
-MASK_VALUE = -0.7 * float(np.finfo(np.float32).max)
 
 
 def param(rngs: nnx.Rngs, init: Callable, shape: Sequence[int], axes: tuple, dtype) -> nnx.Param:
@@ -165,31 +164,6 @@ class LayerNorm(nnx.Module):
         return (h * self.weight[...] + self.bias[...]).astype(x.dtype)
 
 
-@jax.custom_vjp
-def swiglu(gate: Array, up: Array) -> Array:
-    """`silu(gate) * up`, LLaMA's gated MLP activation, in float32 and cast back.
-
-    Its backward keeps only `gate` and `up` (the projections' outputs, which exist anyway) and
-    recomputes the sigmoid: plain autodiff also stores sigmoid(gate), silu(gate) and their
-    products per layer, and reading those back costs more than the arithmetic.
-    """
-    g = gate.astype(jnp.float32)
-    return (g * jax.nn.sigmoid(g) * up.astype(jnp.float32)).astype(gate.dtype)
-
-
-def _swiglu_fwd(gate, up):
-    return swiglu(gate, up), (gate, up)
-
-
-def _swiglu_bwd(residuals, dy):
-    gate, up = residuals
-    g, u, dy32 = gate.astype(jnp.float32), up.astype(jnp.float32), dy.astype(jnp.float32)
-    sig = jax.nn.sigmoid(g)
-    dgate = dy32 * u * sig * (1.0 + g * (1.0 - sig))
-    return dgate.astype(gate.dtype), (dy32 * g * sig).astype(up.dtype)
-
-
-swiglu.defvjp(_swiglu_fwd, _swiglu_bwd)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -260,7 +234,8 @@ def dot_product_attention(
 ) -> Array:
     """Grouped-query attention: q [B,T,N,H], k/v [B,S,K,H], mask [B,1,T,S] -> [B,T,N,H].
 
-    `implementation`: 'xla' is einsum-softmax-einsum with a hand-written backward (below), what
+    `implementation`: 'xla' is einsum-softmax-einsum with a hand-written backward
+    (`jaxft.kernels.attention`), what
     XLA:CPU runs best; 'cudnn' is `jax.nn.dot_product_attention`'s fused cuDNN flash kernel
     (GPU, 16-bit dtypes), which takes `mask` as a bias; 'auto' picks cuDNN on a GPU in 16-bit
     when queries and keys are the same tokens (training and evaluation; decoding from a cache
@@ -298,55 +273,14 @@ def dot_product_attention(
     q = q.reshape(b, t, kv_heads, n // kv_heads, h).transpose(0, 2, 3, 1, 4)  # B K G T H
     k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # B K S H
     if dropping:
-        scores, lse = _attention_probs(q, k, mask[:, :, None], scale)
+        scores, lse = attention_kernel.scores_and_lse(q, k, mask[:, :, None], scale)
         probs = probs_dropout(jnp.exp(scores - lse)).astype(v.dtype)
         out = jnp.einsum("bkgts,bksh->bkgth", probs, v)
         return out.transpose(0, 3, 1, 2, 4).reshape(b, t, n, h)
-    out = _attention(q, k, v, mask[:, :, None], scale)  # mask: B 1 1 T S
+    out = attention_kernel.attention(q, k, v, mask[:, :, None], scale)  # mask: B 1 1 T S
     return out.transpose(0, 3, 1, 2, 4).reshape(b, t, n, h)
 
 
-def _attention_probs(q, k, mask, scale):
-    """Masked scores [B,K,G,T,S] in float32 and their logsumexp over keys [B,K,G,T,1]."""
-    scores = jnp.einsum("bkgth,bksh->bkgts", q, k, preferred_element_type=jnp.float32) * scale
-    scores = jnp.where(mask, scores, MASK_VALUE)
-    return scores, jax.nn.logsumexp(scores, axis=-1, keepdims=True)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
-def _attention(q: Array, k: Array, v: Array, mask: Array, scale: float) -> Array:
-    """softmax(q kᵀ · scale, masked) v in the head-major layout, q [B,K,G,T,H], k/v [B,K,S,H].
-
-    The backward is written out, as flash attention does it: the forward keeps only the
-    logsumexp of each row, and the backward recomputes the probabilities from it. Autodiff of
-    the plain softmax instead keeps every [T, S] intermediate per layer and reduces over them
-    twice, which costs XLA:CPU more than the matmuls do; here the row term of the softmax
-    gradient is `sum(dout * out)`, over H rather than S.
-    """
-    scores, lse = _attention_probs(q, k, mask, scale)
-    return jnp.einsum("bkgts,bksh->bkgth", jnp.exp(scores - lse).astype(v.dtype), v)
-
-
-def _attention_fwd(q, k, v, mask, scale):
-    scores, lse = _attention_probs(q, k, mask, scale)
-    out = jnp.einsum("bkgts,bksh->bkgth", jnp.exp(scores - lse).astype(v.dtype), v)
-    return out, (q, k, v, mask, lse, out)
-
-
-def _attention_bwd(scale, residuals, dout):
-    q, k, v, mask, lse, out = residuals
-    scores, _ = _attention_probs(q, k, mask, scale)
-    probs = jnp.exp(scores - lse)  # B K G T S, float32
-    dv = jnp.einsum("bkgts,bkgth->bksh", probs.astype(dout.dtype), dout)
-    dprobs = jnp.einsum("bkgth,bksh->bkgts", dout, v, preferred_element_type=jnp.float32)
-    row = jnp.sum(dout.astype(jnp.float32) * out.astype(jnp.float32), axis=-1, keepdims=True)
-    dscores = (probs * (dprobs - row) * scale).astype(q.dtype)
-    dq = jnp.einsum("bkgts,bksh->bkgth", dscores, k)
-    dk = jnp.einsum("bkgts,bkgth->bksh", dscores, q)
-    return dq, dk, dv, None
-
-
-_attention.defvjp(_attention_fwd, _attention_bwd)
 
 
 # ---------------------------------------------------------------------------------------------
