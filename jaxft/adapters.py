@@ -27,8 +27,9 @@ import jax
 import numpy as np
 from flax import nnx
 
-from jaxft import hf_io, lora, models
-from jaxft.errors import JaxftError
+from jaxft import dtypes, hf_io, hub, lora, models, outdir
+from jaxft.dtypes import DTypeLike
+from jaxft.errors import JaxftError, collected
 from jaxft.models import params
 
 CONFIG_NAME = "adapter_config.json"
@@ -101,7 +102,7 @@ def _as_saved(model: nnx.Module, hf_name: str) -> str:
 
 def task_type(model: nnx.Module) -> str:
     """PEFT's task type, which decides the PeftModel class (and its base model class)."""
-    if getattr(model.config, "num_labels", None):
+    if model.config.num_labels:
         return "SEQ_CLS"
     if models.family_for({"model_type": model.config.model_type}) is models.bert:
         return "FEATURE_EXTRACTION"
@@ -119,7 +120,7 @@ def save_peft_adapter(
     out_dir: str | os.PathLike,
     *,
     base_name: str | None = None,
-    dtype: str = "float32",
+    dtype: DTypeLike = "float32",
     overwrite: bool = False,
 ) -> Path:
     """Write the model's adapters as a PEFT LoRA directory.
@@ -127,25 +128,18 @@ def save_peft_adapter(
     It loads with `peft.PeftModel.from_pretrained(<transformers base>, out_dir)`. `base_name`
     becomes `base_model_name_or_path`; `lora_cfg` supplies alpha, dropout, rsLoRA and
     `modules_to_save` (ranks and per-module scales are read from the adapters themselves).
+    Only process 0 writes; every process must call it (factors are gathered from all).
     """
-    from safetensors.numpy import save_file
-
-    out = Path(out_dir)
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise JaxftError(f"{out}: output directory exists and is not empty (pass overwrite=True)")
-    if dtype not in hf_io.DTYPES:
-        raise JaxftError(f"dtype {dtype!r} is not supported (expected one of "
-                         f"{', '.join(hf_io.DTYPES)})")
-    adapted = _adapted(model)
-    if not adapted:
+    target = dtypes.numpy_type(dtype, "dtype")
+    if not _adapted(model):
         raise JaxftError("the model has no LoRA adapters to save (save_pretrained writes it whole)")
-    target = np.dtype(hf_io.DTYPES[dtype])
+    out = outdir.prepare(out_dir, overwrite=overwrite)
     tensors = {name: np.ascontiguousarray(value.astype(target))
                for name, value in adapter_tensors(model, lora_cfg)}
     config = peft_config(model, lora_cfg, base_name=base_name)
-    out.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(out / WEIGHTS_NAME), metadata={"format": "pt"})
-    (out / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    if jax.process_index() == 0:
+        hf_io.write_safetensors(tensors, out / WEIGHTS_NAME)
+        (out / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     return out
 
 
@@ -161,8 +155,8 @@ def adapter_tensors(
     table = sites(model)
     for path, adapter in _adapted(model).items():
         site = table[path]
-        a = np.asarray(jax.device_get(adapter.lora_a[...]))  # [L,] in r
-        b = np.asarray(jax.device_get(adapter.lora_b[...]))  # [L,] r out
+        a = params.to_host(adapter.lora_a[...])  # [L,] in r
+        b = params.to_host(adapter.lora_b[...])  # [L,] r out
         for i, name in enumerate(site.names()):
             layer_a, layer_b = (a[i], b[i]) if a.ndim == 3 else (a, b)
             yield f"{PREFIX}{name}.lora_A.weight", layer_a.T  # r in
@@ -285,7 +279,7 @@ def load_peft_adapter(model: nnx.Module, adapter_dir: str | os.PathLike) -> lora
     on. Everything is checked before the model changes: options jaxft does not implement,
     targets or shapes that do not fit this model, missing or unexpected tensors.
     """
-    directory = hf_io.resolve(adapter_dir)
+    directory = hub.resolve(adapter_dir)
     source = str(directory)
     config = read_adapter_config(directory)
     if _adapted(model):
@@ -378,16 +372,9 @@ def _is_target(key: str, config: dict, site: Site, model: nnx.Module) -> bool:
     targets, exclude = config["target_modules"], config.get("exclude_modules")
     if exclude and lora.target_matches(exclude, key):
         return False
-    if isinstance(targets, str) and targets.lower() == "all-linear":
-        return not _is_output_head(model, site)
+    if lora.is_all_linear(targets):
+        return not lora.is_output_head(site.path)
     return lora.target_matches(targets, key)
-
-
-def _is_output_head(model: nnx.Module, site: Site) -> bool:
-    """The LM head: 'all-linear' leaves it alone, as PEFT leaves `get_output_embeddings()`."""
-    if "{L}" in site.hf:
-        return False
-    return dict(lora.linear_modules(model))[site.path].kernel.shape[-1] == model.config.vocab_size
 
 
 def _is_saved(key: str, saved: list[str]) -> bool:
@@ -466,9 +453,7 @@ def _split_factors(model, table: dict[str, Site], plan: dict, tensors: dict, sou
             else:
                 factors[path, which] = got[0]
     if problems:
-        more = len(problems) - params.MAX_LISTED_PROBLEMS
-        listed = "; ".join(problems[: params.MAX_LISTED_PROBLEMS])
-        raise JaxftError(f"{source}: {listed}" + (f"; and {more} more" if more > 0 else ""))
+        raise collected(source, problems)
     return factors, others
 
 
@@ -493,6 +478,6 @@ def _saved_state(model: nnx.Module, tensors: dict[str, np.ndarray], source: str)
                          and isinstance(var, nnx.Param))
     state, _ = params.load_state(
         abstract, mapping, tensors.items(), source=source,
-        tied=getattr(model.config, "tie_word_embeddings", False),
+        tied=model.config.tie_word_embeddings,
         num_layers=model.config.num_hidden_layers)
     return state

@@ -1,16 +1,24 @@
-"""Orbax checkpoints that survive kill -9, preemption and a changed mesh.
+"""Orbax checkpoints that survive kill -9, preemption and a changed mesh, and are never discarded
+for the wrong reason.
 
 A checkpoint holds what training cannot recompute: the trainable parameters (in LoRA mode the
-adapters only, never the frozen base), the optimizer state, and a JSON record with
-the data iterator position and a fingerprint of what the run trains (step keys derive from the
-seed and step number, so there is no RNG state). Orbax writes each step to
-a temporary directory and renames it when complete, so a kill during a save leaves the previous
-checkpoint intact; a latest checkpoint that still fails to restore is skipped with a warning.
-Arrays restore onto whatever shardings the new run asks for, so the mesh may change.
+adapters only, never the frozen base), the optimizer state, and a JSON record with the data
+iterator position and a fingerprint of what the run trains (step keys derive from the seed and
+step number, so there is no RNG state). Orbax writes each step to a temporary directory and
+renames it when complete, so a kill during a save leaves the previous checkpoint intact.
+
+Once a save is complete, a manifest of its files and their sizes is written beside them. A
+checkpoint that later fails to restore is moved aside (to `damaged_checkpoints/`, kept for
+inspection) only when its files prove it damaged: one is missing or has changed size since the
+save. Any other failure (a config whose fingerprint differs, a permission or I/O error, a
+structure the fingerprint did not foresee) is refused in one line and nothing is moved, so a run
+never restarts from scratch while a checkpoint it could resume from exists. Arrays restore onto
+whatever shardings the new run asks for, so the mesh may change.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import shutil
 import time
@@ -20,11 +28,24 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 
-from jaxft.errors import JaxftError
+from jaxft.errors import JaxftError, first_line
 
-# Fields of the fingerprint that must match for a checkpoint to be resumed.
-FINGERPRINT_FIELDS = ("model", "task", "lora", "param_dtype", "optimizer_state_dtype",
-                      "trainable_shapes")
+ITEMS = ("state", "meta")
+MANIFEST_NAME = "jaxft_manifest.json"
+# Fingerprint fields, named as the config fields (or what) they record; all must match to resume.
+FINGERPRINT_FIELDS = ("model.path", "task", "lora", "train.param_dtype",
+                      "train.optimizer_state_dtype", "optim.clip_norm", "optimizer state",
+                      "trainable parameters")
+
+
+def manager(directory: Path, *, keep: int | None = None, create: bool = False,
+            asynchronous: bool = False) -> ocp.CheckpointManager:
+    """The Orbax manager of a run's checkpoint directory: for training (`create`, `keep`,
+    asynchronous saves) or for reading one back (export, evaluation, generation)."""
+    options = ocp.CheckpointManagerOptions(
+        max_to_keep=keep, create=create, enable_async_checkpointing=asynchronous,
+        cleanup_tmp_directories=create)
+    return ocp.CheckpointManager(directory, options=options, item_names=ITEMS)
 
 
 class Checkpoints:
@@ -33,17 +54,14 @@ class Checkpoints:
     def __init__(self, directory: str | Path, *, keep: int, fingerprint: dict[str, Any]):
         self.directory = Path(directory).absolute()
         self.fingerprint = fingerprint
-        options = ocp.CheckpointManagerOptions(
-            max_to_keep=keep, create=True, enable_async_checkpointing=True,
-            cleanup_tmp_directories=True)
-        self.manager = ocp.CheckpointManager(self.directory, options=options,
-                                             item_names=("state", "meta"))
+        self.manager = manager(self.directory, keep=keep, create=True, asynchronous=True)
 
     def steps(self) -> list[int]:
         return sorted(self.manager.all_steps())
 
     def save(self, step: int, state: Any, meta: dict[str, Any]) -> None:
         """Start an asynchronous save; training continues while it is written."""
+        self._write_manifests()  # the previous save is done (Orbax waits for it anyway)
         meta = {**meta, "step": step, "fingerprint": self.fingerprint}
         self.manager.save(step, args=ocp.args.Composite(
             state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)), force=True)
@@ -52,29 +70,39 @@ class Checkpoints:
         """(step, state, meta) of the newest checkpoint that restores, or None if there is none.
 
         `abstract_state` is a tree of `jax.ShapeDtypeStruct` carrying the target shardings.
-        A checkpoint of a different run (model, task, LoRA setup, shapes) is refused.
+        A checkpoint of a different run (any fingerprint field) is refused, a damaged one moved
+        aside (then the one before it is tried), and any other failure refused.
         """
         for step in reversed(self.steps()):
             path = self.directory / str(step)
             try:
                 meta = self.manager.restore(step, args=ocp.args.Composite(
                     meta=ocp.args.JsonRestore())).meta
-            except Exception as e:  # unreadable record: a damaged checkpoint
-                logging.warning("skipping checkpoint %s: its record does not load (%s)", path,
-                                _first_line(e))
-                self._set_aside(step)
+            except Exception as e:
+                self._damaged_or_refuse(step, "its record does not load", e)
                 continue
             self._check_fingerprint(meta.get("fingerprint", {}), path)
             try:
                 restored = self.manager.restore(step, args=ocp.args.Composite(
                     state=ocp.args.StandardRestore(abstract_state)))
             except Exception as e:
-                logging.warning("skipping checkpoint %s: it does not restore (%s)", path,
-                                _first_line(e))
-                self._set_aside(step)
+                self._damaged_or_refuse(step, "its state does not restore", e)
                 continue
             return step, restored.state, meta
         return None
+
+    def _damaged_or_refuse(self, step: int, what: str, error: Exception) -> None:
+        """Move a checkpoint aside if its files prove it damaged; otherwise refuse."""
+        path = self.directory / str(step)
+        damage = damage_of(path)
+        if damage is None:
+            raise JaxftError(
+                f"{path}: {what} ({first_line(error)}), but its files are as they were saved, so "
+                "it is not damaged and nothing was moved; check the disk and permissions, or "
+                "move it out of the way yourself to resume from an older checkpoint")
+        logging.warning("skipping checkpoint %s: %s (%s): %s", path, what, first_line(error),
+                        damage)
+        self._set_aside(step)
 
     def _set_aside(self, step: int) -> None:
         """Move a damaged checkpoint out of the way (kept for inspection) so its step can be
@@ -92,19 +120,59 @@ class Checkpoints:
 
     def _check_fingerprint(self, saved: dict[str, Any], path: Path) -> None:
         for field in FINGERPRINT_FIELDS:
-            if saved.get(field) != self.fingerprint.get(field):
+            if field not in saved:
+                raise JaxftError(
+                    f"{path}: checkpoint was written by an older jaxft, which did not record "
+                    f"its {field}; use another workdir or --config.checkpoint.resume=fresh")
+            if saved[field] != self.fingerprint.get(field):
                 raise JaxftError(
                     f"{path}: checkpoint was written by a run with a different {field} "
-                    f"({_short(saved.get(field))} vs now {_short(self.fingerprint.get(field))}); "
+                    f"({_short(saved[field])} vs now {_short(self.fingerprint.get(field))}); "
                     "use another workdir or --config.checkpoint.resume=fresh")
 
-    def wait(self) -> None:
-        """Block until every pending save is on disk."""
+    def _write_manifests(self) -> None:
+        """Record the files of every completed save that has no manifest yet (process 0)."""
         self.manager.wait_until_finished()
+        if jax.process_index() != 0:
+            return
+        for step in self.steps():
+            path = self.directory / str(step)
+            if not (path / MANIFEST_NAME).exists():
+                temporary = path / (MANIFEST_NAME + ".tmp")
+                temporary.write_text(json.dumps(_files(path), indent=0, sort_keys=True) + "\n")
+                temporary.replace(path / MANIFEST_NAME)
+
+    def wait(self) -> None:
+        """Block until every pending save is on disk (and recorded in its manifest)."""
+        self._write_manifests()
 
     def close(self) -> None:
-        self.manager.wait_until_finished()
+        self._write_manifests()
         self.manager.close()
+
+
+def damage_of(path: Path) -> str | None:
+    """What proves a checkpoint damaged (a file missing, or changed in size, since its save), or
+    None: intact, or not provable (a checkpoint saved without a manifest)."""
+    try:
+        recorded = json.loads((path / MANIFEST_NAME).read_text())
+    except FileNotFoundError:
+        return None
+    except (OSError, json.JSONDecodeError) as e:
+        return f"its manifest does not read ({first_line(e)})"
+    found = _files(path)
+    for name, size in sorted(recorded.items()):
+        if name not in found:
+            return f"{name} is missing"
+        if found[name] != size:
+            return f"{name} has {found[name]} bytes, {size} when saved"
+    return None
+
+
+def _files(path: Path) -> dict[str, int]:
+    """{relative file name: size} of a checkpoint directory, its manifest aside."""
+    return {str(f.relative_to(path)): f.stat().st_size for f in sorted(path.rglob("*"))
+            if f.is_file() and not f.name.startswith(MANIFEST_NAME)}
 
 
 def abstract_like(tree: Any) -> Any:
@@ -113,9 +181,10 @@ def abstract_like(tree: Any) -> Any:
                         tree)
 
 
-def _first_line(e: Exception) -> str:
-    text = str(e).strip()
-    return f"{type(e).__name__}: {text.splitlines()[0] if text else ''}"
+def layout(tree: Any) -> list[str]:
+    """`path shape dtype` of every array of a tree: its structure, for a fingerprint."""
+    return [f"{jax.tree_util.keystr(path)} {list(x.shape)} {x.dtype}"
+            for path, x in jax.tree_util.tree_flatten_with_path(tree)[0]]
 
 
 def _short(value: Any, limit: int = 80) -> str:

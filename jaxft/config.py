@@ -3,18 +3,32 @@
 `configs/*.py` start from `base_config()` and change what their recipe needs; users override
 any field on the command line (`--config.lora.rank=16`). Configs are locked, so a misspelt field
 is refused instead of silently ignored.
+
+Fields that take a string or a list (`lora.targets`, `lora.modules_to_save`,
+`train.sample_prompts`) and the dtype fields are typed `object`: a config file may assign
+`("q_proj", "v_proj")` or `jnp.bfloat16`, and on the command line a value is read as a Python
+literal when it is one (`--config.lora.targets='("q_proj","v_proj")'`) and as a plain string
+otherwise (`--config.lora.targets=all-linear`, `--config.train.param_dtype=bfloat16`);
+`validate` then reduces each to its canonical form.
 """
 
 from __future__ import annotations
 
+import re
+from collections.abc import Sequence
+from typing import Any
+
 import ml_collections
 
-from jaxft import data, lora
+from jaxft import data, dtypes, lora
 from jaxft.errors import JaxftError
 from jaxft.models.layers import ATTENTION_IMPLEMENTATIONS, REMAT_POLICIES
+from jaxft.tasks import TASKS
 
-TASKS = ("lm", "classification")
-DTYPES = ("float32", "bfloat16", "float16")
+
+def _any(default: Any) -> ml_collections.FieldReference:
+    """A field that takes a string, a list or a dtype (see the module docstring)."""
+    return ml_collections.FieldReference(default, field_type=object)
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -40,17 +54,18 @@ def base_config() -> ml_collections.ConfigDict:
     c.train.remat = "none"  # rematerialisation of each layer: none | full | dots_saveable
     # Precision. The loss, softmax and normalisation statistics are float32 whatever these say,
     # and LoRA factors are always float32 (as PEFT keeps them).
-    c.train.param_dtype = "float32"  # the weights: full FT's master copy, or LoRA's frozen base
+    # The weights: full FT's master copy, or LoRA's frozen base.
+    c.train.param_dtype = _any("float32")
     # Matmul inputs and activations: auto = bfloat16 on TPU/GPU, float32 on CPU.
-    c.train.compute_dtype = "auto"
-    c.train.optimizer_state_dtype = "float32"  # AdamW's two moments (bfloat16 halves them)
+    c.train.compute_dtype = _any("auto")
+    c.train.optimizer_state_dtype = _any("float32")  # AdamW's two moments (bfloat16 halves them)
     c.train.log_every = 10
     c.train.eval_every = 50  # 0 = only at the end
     c.train.eval_batches = 0  # cap on eval batches (0 = the whole eval split)
     c.train.on_nonfinite = "skip"  # a NaN/inf loss or gradient: 'skip' the update, or 'stop'
-    c.train.sample_prompts = ()  # greedy completions logged at each eval (metrics, TensorBoard)
+    # Greedy completions logged at each eval (metrics, TensorBoard): a prompt or a list of them.
+    c.train.sample_prompts = _any(())
     c.train.sample_tokens = 32
-    c.train.corrupt_batch_at = 0  # fault drill: feed NaN into this step's loss (0 = never)
 
     c.optim = ml_collections.ConfigDict()
     c.optim.lr = 1e-4
@@ -69,11 +84,14 @@ def base_config() -> ml_collections.ConfigDict:
     c.lora.rank = 8
     c.lora.alpha = 16.0
     c.lora.dropout = 0.0
-    # HF module names (PEFT's target_modules), 'all-linear', or one regex over full HF paths.
-    c.lora.targets = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+    # HF module names (PEFT's target_modules): a list, or 'q_proj,v_proj' on the command line;
+    # 'all-linear'; or one regex over full HF paths ('.*layers\.[0-9]+\.self_attn\.q_proj').
+    c.lora.targets = _any(("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
+                           "down_proj"))
     c.lora.use_rslora = False
     c.lora.rank_pattern = ""  # per-target ranks, e.g. "q_proj:16,v_proj:4"
-    c.lora.modules_to_save = ()  # modules trained in full beside the adapters (e.g. classifier)
+    # Modules trained in full beside the adapters (e.g. classifier): a name or a list of them.
+    c.lora.modules_to_save = _any(())
 
     c.mesh = ml_collections.ConfigDict()
     c.mesh.data = -1  # -1: all devices left over by the other axes
@@ -88,13 +106,22 @@ def base_config() -> ml_collections.ConfigDict:
 
 
 def validate(c: ml_collections.ConfigDict, device_count: int) -> None:
-    """Refuse a bad config with one line, before any weights load or anything compiles."""
+    """Refuse a bad config with one line, before any weights load or anything compiles.
+
+    The string-or-list and dtype fields are first reduced to their canonical form, in place, so
+    everything downstream (and `config.json`) sees one spelling.
+    """
     from jaxft.sharding import data_parallel_size_of, mesh_shape
 
     _one_of("task", c.task, TASKS)
-    _one_of("train.param_dtype", c.train.param_dtype, DTYPES)
-    _one_of("train.compute_dtype", c.train.compute_dtype, ("auto", *DTYPES))
-    _one_of("train.optimizer_state_dtype", c.train.optimizer_state_dtype, DTYPES)
+    for name in ("param_dtype", "optimizer_state_dtype"):
+        c.train[name] = dtypes.canonical(c.train[name], f"config: train.{name}")
+    if c.train.compute_dtype != "auto":
+        c.train.compute_dtype = dtypes.canonical(c.train.compute_dtype,
+                                                 "config: train.compute_dtype", also=("auto",))
+    c.lora.targets = lora_targets(c.lora.targets)
+    c.lora.modules_to_save = names(c.lora.modules_to_save, "lora.modules_to_save")
+    c.train.sample_prompts = texts(c.train.sample_prompts, "train.sample_prompts")
     _one_of("model.attention", c.model.attention, ATTENTION_IMPLEMENTATIONS)
     if c.model.attention == "cudnn":
         import jax
@@ -135,7 +162,7 @@ def compute_dtype(c: ml_collections.ConfigDict) -> str:
     import jax
 
     if c.train.compute_dtype != "auto":
-        return c.train.compute_dtype
+        return dtypes.canonical(c.train.compute_dtype, "config: train.compute_dtype")
     return "float32" if jax.default_backend() == "cpu" else "bfloat16"
 
 
@@ -147,12 +174,51 @@ def lora_config(c: ml_collections.ConfigDict) -> lora.LoraConfig | None:
     """
     if not c.lora.enabled:
         return None
-    targets = c.lora.targets
     return lora.LoraConfig(
         rank=c.lora.rank, alpha=c.lora.alpha, dropout=c.lora.dropout,
-        targets=targets if isinstance(targets, str) else tuple(targets),
-        use_rslora=c.lora.use_rslora, rank_pattern=parse_rank_pattern(c.lora.rank_pattern),
-        modules_to_save=tuple(c.lora.modules_to_save))
+        targets=lora_targets(c.lora.targets), use_rslora=c.lora.use_rslora,
+        rank_pattern=parse_rank_pattern(c.lora.rank_pattern),
+        modules_to_save=names(c.lora.modules_to_save, "lora.modules_to_save"))
+
+
+# A string of these is a module name (or a comma-separated list of names), never a regex: a
+# name can only fullmatch itself, which is what the list form matches too.
+_NAME_LIST = re.compile(r"[\w.-]+(,[\w.-]+)*")
+
+
+def lora_targets(value: str | Sequence[str]) -> str | tuple[str, ...]:
+    """`lora.targets` in canonical form: 'all-linear', a regex string, or a tuple of names.
+
+    PEFT's `target_modules` is a list of names or one regex; on a command line a list is most
+    easily typed `q_proj,v_proj`, so a string made only of names and commas is that list.
+    """
+    if isinstance(value, str):
+        value = value.strip()
+        if lora.is_all_linear(value):
+            return lora.ALL_LINEAR
+        if _NAME_LIST.fullmatch(value):
+            return tuple(value.split(","))
+        return value
+    return names(value, "lora.targets")
+
+
+def names(value: str | Sequence[str], field: str) -> tuple[str, ...]:
+    """A tuple of module names from a name, 'a,b' or a list of names."""
+    if isinstance(value, str):
+        return tuple(n.strip() for n in value.split(",") if n.strip())
+    return _strings(value, field)
+
+
+def texts(value: str | Sequence[str], field: str) -> tuple[str, ...]:
+    """A tuple of texts from one text (kept whole, commas and all) or a list of them."""
+    return (value,) if isinstance(value, str) else _strings(value, field)
+
+
+def _strings(value: Any, field: str) -> tuple[str, ...]:
+    if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
+        raise JaxftError(f"config: {field} must be a string or a list of strings, got "
+                         f"{value!r}")
+    return tuple(value)
 
 
 def _one_of(name: str, value, allowed) -> None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from absl import app, flags
 
-from jaxft import cli, hf_io
+from jaxft import cli, hf_io, outdir
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("model", None, "HF model directory, hub id or .gguf file.", required=True)
@@ -22,11 +22,12 @@ flags.DEFINE_bool("overwrite", False, "Write into an existing non-empty director
 def main(argv: list[str]) -> None:
     cli.start(argv)
     with cli.user_errors():
-        model = hf_io.from_pretrained(FLAGS.model)
+        outdir.check_output(FLAGS.out, overwrite=FLAGS.overwrite)  # before loading, not after
+        model = hf_io.load_model(FLAGS.model)
         out = hf_io.save_pretrained(model, FLAGS.out, dtype=FLAGS.dtype, overwrite=FLAGS.overwrite)
         hf_io.copy_tokenizer(FLAGS.model, out)
     print(f"wrote {out}")
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=cli.parse_flags)

@@ -35,6 +35,7 @@ from jax.sharding import Mesh
 
 from jaxft import train_step
 from jaxft.errors import JaxftError
+from jaxft.tasks import TASKS
 
 Batch = dict[str, np.ndarray]
 MAX_LOG_PERPLEXITY = 50.0  # exp() overflows float64 near 709; a loss above 50 is already broken
@@ -124,8 +125,8 @@ def evaluate(model: nnx.Module, batches: Iterable[Batch], task: str,
     axes) and each batch's rows over its data axes, so a model too big for one device evaluates
     where it trained; each process passes its own rows.
     """
-    if task not in train_step.TASKS:
-        raise JaxftError(f"task {task!r} unknown (known: {', '.join(train_step.TASKS)})")
+    if task not in TASKS:
+        raise JaxftError(f"task {task!r} unknown (known: {', '.join(TASKS)})")
     graphdef, state = nnx.split(model)
     place = _on_one_device
     if mesh is not None:
@@ -175,7 +176,7 @@ def run(config: ml_collections.ConfigDict | None, workdir: str | None = None, *,
     The model is sharded over the mesh of `config` (else of the run), as training shards it.
     """
     from jaxft import config as config_lib
-    from jaxft import data, hf_io, sharding
+    from jaxft import data, hf_io, hub, sharding
 
     if config is None and workdir is None:
         raise JaxftError("pass --config=configs/<recipe>.py, --workdir=<train workdir>, or both")
@@ -200,7 +201,7 @@ def run(config: ml_collections.ConfigDict | None, workdir: str | None = None, *,
     else:
         run_cfg, data_cfg = config, config.data
         task, batch_size = config.task, config.train.batch_size
-        model_path = str(hf_io.resolve(config.model.path))
+        model_path = str(hub.resolve(config.model.path))
     if batch_size % sharding.data_parallel_size(mesh):
         raise JaxftError(f"eval batch size {batch_size} (train.batch_size) is not divisible by "
                          f"the mesh's data-parallel size {sharding.data_parallel_size(mesh)}")
@@ -211,9 +212,9 @@ def run(config: ml_collections.ConfigDict | None, workdir: str | None = None, *,
     if workdir is None:
         num_labels = (config.model.num_labels or len(bundle.label_map)
                       if task == "classification" else None)
-        model = hf_io.from_pretrained(model_path, dtype=config.train.param_dtype,
-                                      compute_dtype=config_lib.compute_dtype(config),
-                                      num_labels=num_labels, seed=config.train.seed, mesh=mesh)
+        model = hf_io.load_model(model_path, dtype=config.train.param_dtype,
+                                 compute_dtype=config_lib.compute_dtype(config),
+                                 num_labels=num_labels, seed=config.train.seed, mesh=mesh)
     batches = itertools.islice(bundle.eval_batches(), max_batches or None)
     return {"task": task, "model": model_path, "workdir": workdir,
             **evaluate(model, batches, task, mesh)}
@@ -243,5 +244,7 @@ def main(argv: list[str]) -> None:
 if __name__ == "__main__":
     from absl import app
 
+    from jaxft import cli
+
     _define_flags()
-    app.run(main)
+    app.run(main, flags_parser=cli.parse_flags)

@@ -19,13 +19,10 @@ from pathlib import Path
 from absl import app, flags
 from flax import nnx
 
-from jaxft import adapters, cli, hf_io, lora
+from jaxft import adapters, cli, dtypes, hf_io, lora, outdir
+from jaxft.dtypes import DTypeLike
 from jaxft.errors import JaxftError
 from jaxft.workdir import load_run
-
-# Files an export writes; `overwrite` removes those of the other kind so a directory never holds
-# both a stale adapter and a model (transformers would then load the wrong one).
-_WRITTEN = (adapters.CONFIG_NAME, adapters.WEIGHTS_NAME, hf_io.CONFIG_NAME, hf_io.SAFETENSORS_NAME)
 
 
 def export_model(
@@ -36,15 +33,19 @@ def export_model(
     base: str | None = None,
     base_name: str | None = None,
     merged: bool = False,
-    dtype: str = "float32",
+    dtype: DTypeLike = "float32",
     overwrite: bool = False,
+    max_shard_size: int | str = hf_io.MAX_SHARD_SIZE,
 ) -> Path:
     """Write a model as a PEFT adapter (it has adapters and not `merged`) or a full HF model.
 
     `base` is the base checkpoint, whose tokenizer is copied; an adapter names `base_name`
-    (default: `base`) as its base model. Merging changes the model in place.
+    (default: `base`) as its base model. Merging changes the model in place. A full model is
+    written in safetensors shards of at most `max_shard_size`, gathered a tensor at a time.
+    Overwriting removes a previous export of either kind first.
     """
-    out = _prepare(out, overwrite, clear=True)
+    dtypes.canonical(dtype, "dtype")
+    out = outdir.prepare(out, overwrite=overwrite)
     has_adapters = any(isinstance(linear.adapter, lora.LoRA)
                        for _, linear in lora.linear_modules(model))
     if has_adapters and not merged:
@@ -54,23 +55,10 @@ def export_model(
                                    dtype=dtype, overwrite=True)
     else:
         lora.merge_lora(model)
-        hf_io.save_pretrained(model, out, dtype=dtype, overwrite=True)
+        hf_io.save_pretrained(model, out, dtype=dtype, overwrite=True,
+                              max_shard_size=max_shard_size)
     if base is not None:
         hf_io.copy_tokenizer(base, out)
-    return out
-
-
-def _prepare(out: str | os.PathLike, overwrite: bool, *, clear: bool = False) -> Path:
-    """Refuse a non-empty `out` unless overwriting; with `clear`, remove a previous export."""
-    out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise JaxftError(f"{out}: exists and is not a directory")
-    if out.exists() and any(out.iterdir()):
-        if not overwrite:
-            raise JaxftError(f"{out}: output directory exists and is not empty "
-                             "(pass --overwrite to replace its export)")
-        for name in _WRITTEN if clear else ():
-            (out / name).unlink(missing_ok=True)
     return out
 
 
@@ -80,17 +68,22 @@ def export_workdir(
     *,
     step: int | None = None,
     merged: bool = False,
-    dtype: str = "float32",
+    dtype: DTypeLike = "float32",
     overwrite: bool = False,
+    max_shard_size: int | str = hf_io.MAX_SHARD_SIZE,
 ) -> Path:
-    """`python -m jaxft.export` as a function: export a run's checkpoint to `out`."""
-    if dtype not in hf_io.DTYPES:
-        raise JaxftError(f"dtype {dtype!r} is not supported (expected one of "
-                         f"{', '.join(hf_io.DTYPES)})")
-    _prepare(out, overwrite)  # refuse before minutes of loading, not after
+    """`python -m jaxft.export` as a function: export a run's checkpoint to `out`.
+
+    The output directory is checked (writable, empty or `overwrite`) before minutes of loading,
+    not after; nothing in it changes until the model is loaded.
+    """
+    dtypes.canonical(dtype, "dtype")
+    hf_io.shard_size_bytes(max_shard_size)
+    outdir.check_output(out, overwrite=overwrite)
     run = load_run(workdir, step)
     return export_model(run.model, run.lora, out, base=run.base, base_name=run.base_name,
-                        merged=merged, dtype=dtype, overwrite=overwrite)
+                        merged=merged, dtype=dtype, overwrite=overwrite,
+                        max_shard_size=max_shard_size)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -106,8 +99,10 @@ def define_flags() -> None:
     flags.DEFINE_string("out", None, "Directory to write.")
     flags.DEFINE_integer("step", None, "Checkpoint step to export (default: the newest).")
     flags.DEFINE_bool("merged", False, "Fold LoRA into the base weights: write a full model.")
-    flags.DEFINE_enum("dtype", "float32", list(hf_io.DTYPES), "dtype of the written tensors.")
+    flags.DEFINE_enum("dtype", "float32", list(dtypes.NAMES), "dtype of the written tensors.")
     flags.DEFINE_bool("overwrite", False, "Replace an existing export in --out.")
+    flags.DEFINE_string("max_shard_size", hf_io.MAX_SHARD_SIZE,
+                        "Largest safetensors file of a full model ('5GB', '500MB').")
 
 
 def main(argv: list[str]) -> None:
@@ -116,7 +111,8 @@ def main(argv: list[str]) -> None:
         raise app.UsageError("--workdir and --out are required")
     with cli.user_errors():
         out = export_workdir(FLAGS.workdir, FLAGS.out, step=FLAGS.step, merged=FLAGS.merged,
-                             dtype=FLAGS.dtype, overwrite=FLAGS.overwrite)
+                             dtype=FLAGS.dtype, overwrite=FLAGS.overwrite,
+                             max_shard_size=FLAGS.max_shard_size)
     print(_describe(out, Path(FLAGS.workdir)))
 
 
@@ -142,4 +138,4 @@ def _describe(out: Path, workdir: Path) -> str:
 
 if __name__ == "__main__":
     define_flags()
-    app.run(main)
+    app.run(main, flags_parser=cli.parse_flags)

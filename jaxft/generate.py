@@ -121,7 +121,7 @@ def generate_ids(
     if length < t + max_new_tokens:
         raise JaxftError(f"cache_length {length} is shorter than the prompt width {t} plus "
                          f"max_new_tokens {max_new_tokens}")
-    limit = getattr(model.config, "n_positions", None)  # learned position tables end
+    limit = model.config.position_limit  # learned position tables end
     if limit is not None and t + max_new_tokens > limit:
         raise JaxftError(f"prompt width {t} + max_new_tokens {max_new_tokens} exceeds the "
                          f"model's {limit} positions")
@@ -140,12 +140,9 @@ def generate_ids(
 def new_cache(model: nnx.Module, batch: int, length: int) -> Cache:
     """An empty cache that fits `model` (any causal family: LLaMA-like or GPT-2)."""
     cfg = model.config
-    heads = cfg.num_attention_heads
-    kv_heads = getattr(cfg, "num_key_value_heads", heads)
-    head_dim = getattr(cfg, "head_dim", cfg.hidden_size // heads)
     dtype = cfg.dtype or jax.tree.leaves(nnx.state(model, nnx.Param))[0].dtype
     return Cache.init(num_layers=cfg.num_hidden_layers, batch=batch, length=length,
-                      kv_heads=kv_heads, head_dim=head_dim, dtype=dtype)
+                      kv_heads=cfg.num_key_value_heads, head_dim=cfg.head_dim, dtype=dtype)
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "cache_length",
@@ -307,7 +304,8 @@ def load_model(model: str, *, adapter: str | None = None, workdir: str | None = 
                dtype: str = "float32") -> tuple[nnx.Module, str]:
     """The model to generate with (a checkpoint, plus a PEFT adapter or a train run's weights)
     and the path its tokenizer loads from."""
-    from jaxft import hf_io
+    from jaxft import hub
+    from jaxft.pretrained import from_pretrained
 
     if adapter and workdir:
         raise JaxftError("pass --adapter or --workdir, not both")
@@ -316,13 +314,8 @@ def load_model(model: str, *, adapter: str | None = None, workdir: str | None = 
 
         run = load_run(workdir, dtype=dtype)
         return run.model, run.base
-    path = str(hf_io.resolve(model))
-    loaded = hf_io.from_pretrained(path, dtype=dtype)
-    if adapter:
-        from jaxft.adapters import load_peft_adapter
-
-        load_peft_adapter(loaded, adapter)
-    return loaded, path
+    path = str(hub.resolve(model))
+    return from_pretrained(path, dtype=dtype, adapter=adapter or None), path
 
 
 def main(argv: list[str]) -> None:
@@ -352,5 +345,7 @@ def main(argv: list[str]) -> None:
 if __name__ == "__main__":
     from absl import app
 
+    from jaxft import cli
+
     _define_flags()
-    app.run(main)
+    app.run(main, flags_parser=cli.parse_flags)

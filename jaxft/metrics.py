@@ -1,7 +1,9 @@
 """What the user watches: a progress bar, `metrics.jsonl`, and TensorBoard event files.
 
 Only the main process writes; every other process gets a writer that does nothing, so the
-training loop never branches on the process index.
+training loop never branches on the process index. The writer owns the bar: lines printed
+while it runs go above it (`say`), and `close` ends it, so an error or the final summary
+printed afterwards is the last thing on the screen, not a redrawn bar.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ class MetricsWriter:
         self.enabled = enabled
         self.path = Path(workdir) / METRICS_FILE
         self._tb = None
+        self._bar: Progress | None = None
         if enabled:
             try:
                 from tensorboardX import SummaryWriter
@@ -48,9 +51,18 @@ class MetricsWriter:
             self._tb.flush()
 
     def progress(self, total: int, initial: int) -> Progress:
-        return Progress(total, initial, enabled=self.enabled)
+        self._bar = Progress(total, initial, enabled=self.enabled)
+        return self._bar
+
+    def say(self, message: str) -> None:
+        """Print a line (main process only) without breaking the progress bar."""
+        if self.enabled:
+            tqdm.write(message)
 
     def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
         if self._tb is not None:
             self._tb.close()
             self._tb = None

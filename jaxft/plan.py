@@ -7,11 +7,12 @@ r"""The dry run: what a training run will need per device, before a single weigh
 "Does it fit?" should cost seconds, not a download and an out-of-memory crash. The model is
 built with `nnx.eval_shape` from its config alone (a directory holding just `config.json`, a
 .gguf file's metadata, or a hub id's `config.json`), LoRA is attached to that abstract model,
-and the train step is lowered and compiled for the configured mesh with the same shardings,
-donation and micro-batching `jaxft.train` uses, on `jax.ShapeDtypeStruct` inputs that carry
-their shardings. Nothing is allocated: XLA's `memory_analysis()` says what each device will
-hold (arguments: parameters and optimizer state; outputs; temporaries: activations), and the
-parameter and optimizer-state bytes are also counted exactly from the abstract trees. Batch
+and the train step `jaxft.train` runs (`train_step.build`: the same split, shardings, donation
+and micro-batching) is lowered and compiled for the configured mesh, on `jax.ShapeDtypeStruct`
+inputs that carry their shardings. Nothing is allocated: XLA's `memory_analysis()` says what
+each device will hold (arguments: parameters and optimizer state; outputs; temporaries:
+activations), and the parameter and optimizer-state bytes are also counted exactly from the
+abstract trees. Batch
 shapes come from `train.batch_size` × `data.max_len`, so neither tokenizer nor data is read.
 """
 
@@ -19,7 +20,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from pathlib import Path
 from typing import Any
 
 import jax
@@ -28,9 +28,8 @@ import numpy as np
 from flax import nnx
 
 from jaxft import config as config_lib
-from jaxft import hf_io, lora, optim, sharding, train_step
-from jaxft.errors import JaxftError
-from jaxft.models import layers
+from jaxft import dtypes, hf_io, hub, lora, sharding, train_step
+from jaxft.dtypes import DTypeLike
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,7 +62,7 @@ class Plan:
     trainable: Bytes
     frozen: Bytes  # frozen parameters (and LoRA dropout keys)
     opt_state: Bytes
-    batch: Bytes
+    batch: Bytes  # the batch, plus the step's running sums and step number
     memory: dict[str, int]  # XLA's per-device memory_analysis: argument, output, alias, temp, code
     # XLA's cost_analysis of one device's program. XLA counts a loop body once, and the layers
     # run in a `lax.scan`, so this is about one layer's worth: a lower bound.
@@ -87,37 +86,23 @@ def make_plan(cfg: ml_collections.ConfigDict) -> Plan:
     compute_dtype = config_lib.compute_dtype(cfg)
     mesh = sharding.make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
     lora_cfg = config_lib.lora_config(cfg)
-    source, hf_config = _read_config_only(cfg.model.path)
+    source, hf_config = hub.resolve_config(cfg.model.path)
     num_labels = (cfg.model.num_labels or 2) if cfg.task == "classification" else None
     abstract = abstract_model(hf_config, source, param_dtype=cfg.train.param_dtype,
                               compute_dtype=compute_dtype, num_labels=num_labels,
                               remat=cfg.train.remat, attention=cfg.model.attention,
                               lora_cfg=lora_cfg, seed=cfg.train.seed)
 
-    # The same split, shardings, optimizer and jit as jaxft.train, on abstract arrays.
-    abstract.train()
-    graphdef, trainable, dropout, frozen = nnx.split(
-        abstract, lora.trainable_filter(lora_cfg), layers.DropoutKey, ...)
-    trainable, dropout, frozen = (_with_shardings(s, sharding.state_shardings(s, mesh))
-                                  for s in (trainable, dropout, frozen))
-    tx, _ = optim.make_optimizer(cfg.optim, trainable, cfg.train.steps,
-                                 state_dtype=cfg.train.optimizer_state_dtype)
-    opt_shardings = sharding.optimizer_shardings(tx, trainable, _shardings(trainable), mesh)
-    opt_state = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                             jax.eval_shape(tx.init, trainable), opt_shardings)
+    # The step jaxft.train runs (train_step.build), on abstract arrays that carry shardings.
+    step, states = train_step.build(abstract, cfg, mesh, lora_cfg)
+    placed = step.place(states)
     batch = abstract_batch(cfg.task, cfg.train.batch_size, cfg.data.max_len, mesh)
-    rng = jax.ShapeDtypeStruct((2,), np.uint32, sharding=sharding.replicated(mesh))
-    step = train_step.make_train_step(graphdef, tx, task=cfg.task,
-                                      accum_steps=cfg.train.accum_steps,
-                                      skip_nonfinite=cfg.train.on_nonfinite == "skip")
-    compiled = jax.jit(
-        step,
-        in_shardings=(_shardings(trainable), _shardings(frozen), _shardings(dropout),
-                      _shardings(opt_state), None, sharding.replicated(mesh)),
-        out_shardings=(_shardings(trainable), _shardings(opt_state),
-                       sharding.replicated(mesh)),
-        donate_argnums=(0, 3),
-    ).lower(trainable, frozen, dropout, opt_state, batch, rng).compile()
+    scalars = jax.tree.map(  # the step's running sums and its number: a few replicated scalars
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=step.replicated),
+        (jax.eval_shape(lambda: train_step.zero_window(cfg.task)), train_step.step_number(0)))
+    window, number = scalars
+    compiled = step.train.lower(placed["trainable"], placed["frozen"], placed["dropout"],
+                                placed["opt_state"], window, batch, number).compile()
 
     tokens = cfg.train.batch_size * cfg.data.max_len
     return Plan(
@@ -128,9 +113,10 @@ def make_plan(cfg: ml_collections.ConfigDict) -> Plan:
         lora_rank=None if lora_cfg is None else lora_cfg.rank,
         total_params=lora.count_parameters(nnx.state(abstract, nnx.Param)),
         adapter_params=lora.count_parameters(nnx.state(abstract, nnx.LoRAParam)),
-        trainable_params=lora.count_parameters(trainable),
-        trainable=array_bytes(trainable), frozen=array_bytes((frozen, dropout)),
-        opt_state=array_bytes(opt_state), batch=array_bytes((batch, rng)),
+        trainable_params=lora.count_parameters(placed["trainable"]),
+        trainable=array_bytes(placed["trainable"]),
+        frozen=array_bytes((placed["frozen"], placed["dropout"])),
+        opt_state=array_bytes(placed["opt_state"]), batch=array_bytes((batch, scalars)),
         memory=_memory(compiled), xla_flops=_flops(compiled),
         analytic_flops=analytic_flops(abstract, tokens, cfg.data.max_len,
                                       full=lora_cfg is None),
@@ -142,37 +128,17 @@ def make_plan(cfg: ml_collections.ConfigDict) -> Plan:
 # ---------------------------------------------------------------------------------------------
 
 
-def _read_config_only(path_or_id: str) -> tuple[str, dict]:
-    """(source, HF config dict) of a model: a local directory or .gguf, a `package:` spec, or
-    a hub id, of which only config.json is fetched (`hf_io.resolve` would fetch the weights)."""
-    text = str(path_or_id)
-    local = (text.startswith((hf_io.PACKAGE_PREFIX, ".", "/", "~")) or text.endswith(".gguf")
-             or text.count("/") > 1 or Path(text).expanduser().exists())
-    if local:
-        path = hf_io.resolve(text)  # a missing path is the usual one-line error
-        source = str(path / hf_io.CONFIG_NAME) if path.is_dir() else str(path)
-        return source, hf_io.read_config(path)
-    try:
-        from huggingface_hub import hf_hub_download
-
-        file = Path(hf_hub_download(text, hf_io.CONFIG_NAME))
-    except Exception as e:  # network, auth, unknown repo: all reported the same way
-        first = str(e).splitlines()[0] if str(e) else ""
-        raise JaxftError(f"{text}: not a local path, and fetching its {hf_io.CONFIG_NAME} from "
-                         f"the hub failed: {type(e).__name__}: {first}") from e
-    return text, hf_io.read_config(file.parent)
-
-
-def abstract_model(hf_config: dict, source: str, *, param_dtype: str, compute_dtype: str,
+def abstract_model(hf_config: dict, source: str, *, param_dtype: DTypeLike, compute_dtype: str,
                    num_labels: int | None, remat: str, attention: str,
                    lora_cfg: lora.LoraConfig | None, seed: int = 0) -> nnx.Module:
-    """The model `hf_io.from_pretrained` would build (plus LoRA), as shapes only."""
+    """The model `hf_io.load_model` would build (plus LoRA), as shapes only."""
     family, model_cfg = hf_io.model_config(hf_config, source, num_labels=num_labels,
                                            compute_dtype=compute_dtype, remat=remat,
                                            attention=attention)
 
     def build() -> nnx.Module:
-        model = family.Model(model_cfg, rngs=nnx.Rngs(seed), param_dtype=hf_io.DTYPES[param_dtype])
+        model = family.Model(model_cfg, rngs=nnx.Rngs(seed),
+                             param_dtype=dtypes.jax_dtype(param_dtype))
         if lora_cfg is not None:
             lora.apply_lora(model, lora_cfg, seed=seed)
         return model
@@ -195,15 +161,6 @@ def abstract_batch(task: str, batch_size: int, seq_len: int, mesh) -> dict[str, 
     return {"input_ids": array(np.int32), "targets": array(np.int32),
             "loss_mask": array(np.float32), "segment_ids": array(np.int32),
             "positions": array(np.int32), "attention_mask": array(np.int32)}
-
-
-def _with_shardings(state: nnx.State, shardings: nnx.State) -> nnx.State:
-    return jax.tree.map(lambda s, v: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=s),
-                        shardings, state)
-
-
-def _shardings(tree: Any) -> Any:
-    return jax.tree.map(lambda x: x.sharding, tree)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -236,11 +193,10 @@ def analytic_flops(model: nnx.Module, tokens: int, seq_len: int, *, full: bool) 
     """
     cfg = model.config
     matmul = sum(math.prod(linear.kernel.shape) for _, linear in lora.linear_modules(model))
-    if getattr(cfg, "tie_word_embeddings", False):
+    if cfg.tie_word_embeddings:
         matmul += cfg.vocab_size * cfg.hidden_size
     adapters = lora.count_parameters(nnx.state(model, nnx.LoRAParam))
-    width = getattr(cfg, "head_dim", cfg.hidden_size // cfg.num_attention_heads) \
-        * cfg.num_attention_heads
+    width = cfg.head_dim * cfg.num_attention_heads
     attention = 3 * 4 * seq_len * width * cfg.num_hidden_layers
     return float(tokens * ((6 if full else 4) * matmul + 6 * adapters + attention))
 

@@ -107,6 +107,8 @@ def main(argv: list[str]) -> None:
 if __name__ == "__main__":
     from absl import app, flags
 
+    from jaxft import cli
+
     flags.DEFINE_string("workdir", None, "A jaxft.train workdir (reads its metrics.jsonl).")
     flags.DEFINE_string("out", None, "PNG to write (default: <workdir>/metrics.png).")
-    app.run(main)
+    app.run(main, flags_parser=cli.parse_flags)

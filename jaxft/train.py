@@ -2,19 +2,24 @@ r"""Fine-tune a Hugging Face model, full or LoRA, on one device or a mesh of man
 
   python -m jaxft.train --config=configs/lora.py [--config.lora.rank=16 ...]
 
-Read top to bottom: config → mesh → data → model → shard → step → checkpoint → loop. Starting
-again with the same workdir resumes from its latest checkpoint. SIGTERM (preemption) saves a
-checkpoint at the next step boundary and exits 0. Multi-host: run the same command on every
-host (see `maybe_initialize_distributed` for the environment it reads).
+Read top to bottom: config → workdir → mesh → data → model → step → checkpoint → loop.
+Starting again with the same workdir resumes from its latest checkpoint; nothing is written to
+the workdir until the run is known to be compatible with what is already there. SIGTERM
+(preemption), from the moment the run starts, saves a checkpoint at the next step boundary (or
+stops before training when it arrives during loading) and exits 0. Multi-host: run the same
+command on every host (see `maybe_initialize_distributed` for the environment it reads).
+
+Between log, eval and checkpoint steps the loop never waits on the devices: the step keeps its
+own running sums, and those steps run under a transfer guard that refuses any device-to-host
+copy, so a regression fails loudly instead of silently serialising host and device.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
-import math
 import os
-import shutil
 import signal
 import sys
 import time
@@ -29,11 +34,11 @@ from absl import logging as absl_logging
 from flax import nnx
 from ml_collections import config_flags
 
-from jaxft import checkpoint, data, hf_io, lora, optim, sharding, train_step
+from jaxft import checkpoint, cli, data, hf_io, hub, lora, outdir, sharding, train_step
 from jaxft import config as config_lib
 from jaxft.errors import JaxftError
+from jaxft.evaluate import lm_metrics
 from jaxft.metrics import MetricsWriter
-from jaxft.models import layers
 
 config_flags.DEFINE_config_file("config", None, "A configs/*.py file.", lock_config=True)
 # --- dry run (jaxft.plan) ---
@@ -42,26 +47,47 @@ flags.DEFINE_bool("dry_run", False, "Print per-device memory, FLOPs and trainabl
                   "read, nothing is allocated.")
 # --- end dry run ---
 FLAGS = flags.FLAGS
+# What the steps between two host reads may copy from the devices: nothing, not even
+# explicitly (jax.device_get), so any per-step sync is an error rather than a slowdown.
+STEP_TRANSFERS = "disallow_explicit"
 
 
 class Preemption:
-    """Turns SIGTERM into "save at the next step boundary, then exit 0"."""
+    """Turns SIGTERM into "save at the next step boundary, then exit 0", from `__enter__` on;
+    `__exit__` puts the previous handler back."""
 
     def __init__(self):
         self.requested = False
-        signal.signal(signal.SIGTERM, self._handle)
+        self._previous = None
+
+    def __enter__(self) -> Preemption:
+        self._previous = signal.signal(signal.SIGTERM, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        signal.signal(signal.SIGTERM, self._previous)
 
     def _handle(self, signum, frame) -> None:
         self.requested = True
 
-    def agreed(self, step: int) -> bool:
-        """True on every host once any host was asked to stop."""
+    def agreed(self) -> bool:
+        """True on every process once any was asked to stop (a collective with several)."""
         if jax.process_count() == 1:
             return self.requested
         from jax.experimental import multihost_utils
 
-        flags_ = multihost_utils.process_allgather(np.array([self.requested]))
-        return bool(np.any(flags_)) or multihost_utils.reached_preemption_sync_point(step)
+        return bool(np.any(multihost_utils.process_allgather(np.array([self.requested]))))
+
+    def at_step(self, step: int, reading: bool) -> bool:
+        """Whether to save and stop after `step`. With several processes, JAX's preemption
+        sync point (set by the coordination service, no device work) is asked every step, and
+        our own flag is gathered only at steps that read from the devices anyway."""
+        if jax.process_count() == 1:
+            return self.requested
+        from jax.experimental import multihost_utils
+
+        return multihost_utils.reached_preemption_sync_point(step) or (reading and
+                                                                       self.agreed())
 
 
 def maybe_initialize_distributed() -> None:
@@ -84,17 +110,28 @@ def maybe_initialize_distributed() -> None:
 
 
 def run(cfg: ml_collections.ConfigDict) -> dict[str, Any]:
-    """Train as the config says; returns the final metrics (also written to the workdir)."""
+    """Train as the config says; returns the final metrics (also written to the workdir).
+
+    Device-to-host copies are allowed where the run needs them (loading, log, eval and
+    checkpoint steps) whatever the caller's JAX transfer guard says, and refused in between.
+    """
+    with Preemption() as preemption, jax.transfer_guard_device_to_host("allow"):
+        return _run(cfg, preemption)
+
+
+def _run(cfg: ml_collections.ConfigDict, preemption: Preemption) -> dict[str, Any]:
     # ----------------------------------------------------------------------------------------
-    # Config
+    # Config and workdir: refused in one line before anything loads; nothing written yet
     # ----------------------------------------------------------------------------------------
     maybe_initialize_distributed()
     config_lib.validate(cfg, jax.device_count())
     workdir = Path(cfg.workdir)
+    outdir.prepare_workdir(workdir)
+    if cfg.checkpoint.resume == "fresh":
+        outdir.wipe_workdir(workdir)
+    if not workdir.exists() or not any(workdir.iterdir()):
+        outdir.claim_workdir(workdir)  # a new workdir is this run's from the start
     is_main = jax.process_index() == 0
-    if cfg.checkpoint.resume == "fresh" and is_main and workdir.exists():
-        shutil.rmtree(workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
     lora_cfg = config_lib.lora_config(cfg)
 
     # ----------------------------------------------------------------------------------------
@@ -107,7 +144,7 @@ def run(cfg: ml_collections.ConfigDict) -> dict[str, Any]:
     # ----------------------------------------------------------------------------------------
     # Data
     # ----------------------------------------------------------------------------------------
-    model_path = str(hf_io.resolve(cfg.model.path))
+    model_path = str(hub.resolve(cfg.model.path))
     tokenizer = data.load_tokenizer(model_path)
     bundle = data.build_data(cfg.data, tokenizer, global_batch_size=cfg.train.batch_size,
                              task=cfg.task)
@@ -115,78 +152,34 @@ def run(cfg: ml_collections.ConfigDict) -> dict[str, Any]:
     num_labels = None
     if cfg.task == "classification":
         num_labels = cfg.model.num_labels or len(bundle.label_map)
-        if is_main:
-            bundle.save_label_map(workdir / "label_map.json")
 
     # ----------------------------------------------------------------------------------------
-    # Model
+    # Model and step: split, sharded, jitted (train_step.build, as the dry run compiles it)
     # ----------------------------------------------------------------------------------------
-    model = hf_io.from_pretrained(model_path, dtype=cfg.train.param_dtype,
-                                  compute_dtype=config_lib.compute_dtype(cfg),
-                                  num_labels=num_labels, seed=cfg.train.seed,
-                                  remat=cfg.train.remat, attention=cfg.model.attention, mesh=mesh)
+    model = hf_io.load_model(model_path, dtype=cfg.train.param_dtype,
+                             compute_dtype=config_lib.compute_dtype(cfg), num_labels=num_labels,
+                             seed=cfg.train.seed, remat=cfg.train.remat,
+                             attention=cfg.model.attention, mesh=mesh)
     if lora_cfg is not None:
         lora.apply_lora(model, lora_cfg, seed=cfg.train.seed)
     lora.log_trainable(model, lora_cfg)
-    if is_main:
-        _write_resolved_config(cfg, workdir, model, model_path, num_labels)
-
-    # ----------------------------------------------------------------------------------------
-    # Shard: trainable / dropout keys / frozen, each on its own shardings
-    # ----------------------------------------------------------------------------------------
-    model.train()  # dropout on, at the checkpoint's rates (and LoRA's)
-    graphdef, trainable, dropout, frozen = nnx.split(
-        model, lora.trainable_filter(lora_cfg), layers.DropoutKey, ...)
-    model.eval()
-    eval_graphdef = nnx.split(model, lora.trainable_filter(lora_cfg), layers.DropoutKey, ...)[0]
+    hf_config = model.config.to_hf()
+    step, states = train_step.build(model, cfg, mesh, lora_cfg)
     del model
-    shard = {name: sharding.state_shardings(s, mesh)
-             for name, s in (("trainable", trainable), ("dropout", dropout), ("frozen", frozen))}
-    trainable = sharding.put_state(trainable, shard["trainable"])
-    dropout = sharding.put_state(dropout, shard["dropout"])
-    frozen = sharding.put_state(frozen, shard["frozen"])
-    tx, schedule = optim.make_optimizer(cfg.optim, trainable, cfg.train.steps,
-                                        state_dtype=cfg.train.optimizer_state_dtype)
-    replicated = sharding.replicated(mesh)
-    opt_sharding = sharding.optimizer_shardings(tx, trainable, shard["trainable"], mesh)
-    opt_state = jax.jit(tx.init, out_shardings=opt_sharding)(trainable)
+    placed = step.place(states)
+    trainable, frozen, dropout, opt_state = (placed[k] for k in ("trainable", "frozen",
+                                                                  "dropout", "opt_state"))
     batch_sharding = sharding.batch_sharding(mesh)
-
-    # ----------------------------------------------------------------------------------------
-    # Steps
-    # ----------------------------------------------------------------------------------------
-    step_fn = train_step.make_train_step(graphdef, tx, task=cfg.task,
-                                         accum_steps=cfg.train.accum_steps,
-                                         skip_nonfinite=cfg.train.on_nonfinite == "skip")
-    train_jit = jax.jit(
-        step_fn,
-        in_shardings=(shard["trainable"], shard["frozen"], shard["dropout"], opt_sharding,
-                      None, replicated),
-        out_shardings=(shard["trainable"], opt_sharding, replicated),
-        donate_argnums=(0, 3))
-    eval_jit = jax.jit(train_step.make_eval_step(eval_graphdef, task=cfg.task),
-                       in_shardings=(shard["trainable"], shard["frozen"], shard["dropout"], None),
-                       out_shardings=replicated)
 
     def global_batch(local: dict[str, np.ndarray]) -> dict[str, jax.Array]:
         return data.to_global_arrays(local, batch_sharding)  # 1-D arrays: rows sharded alike
 
     def evaluate() -> dict[str, float]:
-        sums: dict[str, float] = {}
-        for i, local in enumerate(bundle.eval_batches()):
-            if cfg.train.eval_batches and i >= cfg.train.eval_batches:
-                break
-            out = jax.device_get(eval_jit(trainable, frozen, dropout, global_batch(local)))
-            for k, v in out.items():
-                sums[k] = sums.get(k, 0.0) + float(v)
-        if not sums.get("count"):
-            return {}
-        result = {"eval_loss": sums["loss_sum"] / sums["count"]}
-        if cfg.task == "lm":
-            result["eval_perplexity"] = math.exp(min(result["eval_loss"], 50.0))
-        if "correct" in sums:
-            result["eval_accuracy"] = sums["correct"] / sums["count"]
-        return result
+        batches = itertools.islice(bundle.eval_batches(), cfg.train.eval_batches or None)
+        sums = step.zero_sums()
+        for local in batches:  # summed on the devices, read once
+            sums = step.evaluate(trainable, frozen, dropout, sums, global_batch(local))
+        return _eval_metrics(jax.device_get(sums), cfg.task)
 
     def samples() -> dict[str, Any]:
         """Greedy completions of `train.sample_prompts`, to read what the model has learned."""
@@ -194,113 +187,173 @@ def run(cfg: ml_collections.ConfigDict) -> dict[str, Any]:
             return {}  # (every process runs the generation: the weights are sharded over all)
         from jaxft import generate
 
-        model = nnx.merge(eval_graphdef, trainable, frozen, dropout)
         prompts = list(cfg.train.sample_prompts)
-        texts = generate.generate(model, tokenizer, prompts,
-                                  max_new_tokens=cfg.train.sample_tokens,
+        texts = generate.generate(nnx.merge(step.eval_graphdef, trainable, frozen, dropout),
+                                  tokenizer, prompts, max_new_tokens=cfg.train.sample_tokens,
                                   chat=tokenizer.chat_template is not None)
         for prompt, text in zip(prompts, texts, strict=True):
-            if is_main:
-                print(f"  sample: {prompt!r} -> {text!r}")
+            writer.say(f"  sample: {prompt!r} -> {text!r}")
         return {"samples": [{"prompt": p, "completion": t}
                             for p, t in zip(prompts, texts, strict=True)]}
 
     # ----------------------------------------------------------------------------------------
-    # Checkpoint: resume if the workdir has one
+    # Checkpoint: resume if the workdir has one (an incompatible one is refused right here)
     # ----------------------------------------------------------------------------------------
-    # Step keys are fold_in(seed key, step): a pure function of the step, so a resumed run
-    # draws exactly the keys an uninterrupted one would, with no RNG state to checkpoint.
-    base_key = jax.random.PRNGKey(cfg.train.seed)
-    ckpts = checkpoint.Checkpoints(
-        workdir / "checkpoints", keep=cfg.checkpoint.keep,
-        fingerprint=_fingerprint(cfg, model_path, trainable))
+    ckpts = checkpoint.Checkpoints(workdir / "checkpoints", keep=cfg.checkpoint.keep,
+                                   fingerprint=_fingerprint(cfg, model_path, placed))
     start_step, skipped = 0, 0
     history: dict[str, Any] = {}
-    state = {"trainable": trainable, "opt_state": opt_state}
     if cfg.checkpoint.resume == "never" and ckpts.steps():
         raise JaxftError(f"{ckpts.directory}: holds checkpoints {ckpts.steps()} and "
                          "checkpoint.resume is 'never'")
-    restored = ckpts.restore_latest(checkpoint.abstract_like(state))
+    restored = ckpts.restore_latest(checkpoint.abstract_like(
+        {"trainable": trainable, "opt_state": opt_state}))
     if restored is not None:
         start_step, state, meta = restored
+        trainable, opt_state = state["trainable"], state["opt_state"]
         bundle.train.set_state(meta["data"])
         skipped, history = meta.get("skipped_steps", 0), meta.get("history", {})
         print(f"resumed from {ckpts.directory / str(start_step)} at step {start_step}")
-    trainable, opt_state = state["trainable"], state["opt_state"]
+    # The run is compatible with the workdir: from here on it is ours to write.
+    outdir.claim_workdir(workdir)
+    if is_main:
+        _write_resolved_config(cfg, workdir, hf_config, model_path, num_labels)
+        if cfg.task == "classification":
+            bundle.save_label_map(workdir / "label_map.json")
 
-    def save(step: int) -> None:
-        ckpts.save(step, {"trainable": trainable, "opt_state": opt_state},
+    def save(at: int) -> None:
+        ckpts.save(at, {"trainable": trainable, "opt_state": opt_state},
                    {"data": bundle.train.get_state(), "skipped_steps": skipped,
                     "history": history})
 
     # ----------------------------------------------------------------------------------------
-    # Loop
+    # Loop: host reads only at log, eval and checkpoint steps (and the last)
     # ----------------------------------------------------------------------------------------
     writer = MetricsWriter(workdir, enabled=is_main)
-    if start_step == 0:
-        base = evaluate()
-        if base:
-            history["base_eval_loss"] = base["eval_loss"]
-            print(f"step 0 (base model): {_describe(base)}")
-        writer.write(0, {**base, **samples()})
-    preemption = Preemption()
-    progress = writer.progress(cfg.train.steps, start_step)
-    tokens_seen, window_start, last = 0.0, time.perf_counter(), {}
-    step = start_step
-    while step < cfg.train.steps:
-        local = next(bundle.train)
-        if step + 1 == cfg.train.corrupt_batch_at:
-            local = _corrupted(local)
-        step_rng = np.asarray(jax.random.fold_in(base_key, step))
-        trainable, opt_state, metrics = train_jit(trainable, frozen, dropout, opt_state,
-                                                  global_batch(local), step_rng)
-        step += 1
-        if not bool(metrics["finite"]):
-            if cfg.train.on_nonfinite == "stop":
-                ckpts.wait()
-                raise JaxftError(f"step {step}: loss or gradient is not finite; stopped without "
-                                 f"saving (last checkpoint: {ckpts.steps()[-1:] or 'none'})")
-            skipped += 1
-            logging.warning("step %d: non-finite loss or gradient, update skipped (%d so far)",
-                            step, skipped)
-        tokens_seen += cfg.train.batch_size * bundle.seq_len  # processed, padding included
-        if step % cfg.train.log_every == 0 or step == cfg.train.steps:
-            elapsed = time.perf_counter() - window_start
-            last = {"train_loss": float(metrics["loss"]), "lr": float(schedule(step - 1)),
-                    "grad_norm": float(metrics["grad_norm"]),
-                    "tokens_per_s": tokens_seen / max(elapsed, 1e-9), "skipped_steps": skipped}
-            if "accuracy" in metrics:
-                last["train_accuracy"] = float(metrics["accuracy"])
-            writer.write(step, last)
-            tokens_seen, window_start = 0.0, time.perf_counter()
-        if (cfg.train.eval_every and step % cfg.train.eval_every == 0
-                and step != cfg.train.steps):
-            writer.write(step, {**evaluate(), **samples()})
-        progress.update(step, last)
-        if cfg.checkpoint.every and step % cfg.checkpoint.every == 0:
-            save(step)
-        if preemption.agreed(step):
-            save(step)
-            ckpts.close()
-            print(f"preempted: saved step {step} to {ckpts.directory}; rerun to resume")
-            writer.close()
-            return {"step": step, "preempted": True}
+    total = cfg.train.steps
+    every = {"log": cfg.train.log_every, "eval": cfg.train.eval_every,
+             "save": cfg.checkpoint.every}
 
-    final = {"step": step, **last, **evaluate()}
-    if "base_eval_loss" in history:
-        final["base_eval_loss"] = history["base_eval_loss"]
-    writer.write(step, {**{k: v for k, v in final.items() if k.startswith("eval_")},
-                        **samples()})
-    if not ckpts.steps() or ckpts.steps()[-1] != step:
-        save(step)
-    ckpts.close()
-    progress.close()
-    writer.close()
+    def due(kind: str, n: int) -> bool:
+        return bool(every[kind]) and n % every[kind] == 0
+
+    try:
+        if preemption.agreed():  # SIGTERM while loading or compiling: nothing new to save
+            print(f"preempted before training resumed at step {start_step}; rerun to go on")
+            return {"step": start_step, "preempted": True}
+        if start_step == 0:
+            base = evaluate()
+            if base:
+                history["base_eval_loss"] = base["eval_loss"]
+                print(f"step 0 (base model): {_describe(base)}")
+            writer.write(0, {**base, **samples()})
+        progress = writer.progress(total, start_step)
+        window = step.zero_window()
+        logged = _LogWindow(cfg.task)
+        last: dict[str, Any] = {}
+        n = start_step
+        while n < total:
+            reading = n + 1 == total or any(due(kind, n + 1) for kind in every)
+            with jax.transfer_guard_device_to_host("allow" if reading else STEP_TRANSFERS):
+                trainable, opt_state, window = step.train(
+                    trainable, frozen, dropout, opt_state, window, global_batch(next(bundle.train)),
+                    train_step.step_number(n))
+                n += 1
+                logged.tokens += cfg.train.batch_size * bundle.seq_len  # padding included
+                progress.update(n, last)
+                stop = preemption.at_step(n, reading)
+            if not (reading or stop):
+                continue
+            # -- the host reads: the window's sums, then log / eval / save --
+            bad = logged.add(jax.device_get(window))
+            window = step.zero_window()
+            skipped += bad
+            if bad and cfg.train.on_nonfinite == "stop":
+                ckpts.close()
+                raise JaxftError(f"step {logged.first_nonfinite}: loss or gradient is not finite; "
+                                 f"stopped without saving (last checkpoint: "
+                                 f"{ckpts.steps()[-1:] or 'none'})")
+            if bad:
+                logging.warning("steps to %d: %d non-finite updates skipped, the first at step %d "
+                                "(%d so far)", n, bad, logged.first_nonfinite, skipped)
+            if due("log", n) or n == total:
+                last = {**logged.metrics(), "lr": float(jax.device_get(step.schedule(n - 1))),
+                        "skipped_steps": skipped}
+                writer.write(n, last)
+                logged = _LogWindow(cfg.task)
+                progress.update(n, last)
+            if due("eval", n) and n != total:
+                writer.write(n, {**evaluate(), **samples()})
+            if due("save", n) or stop:
+                save(n)
+            if stop:
+                ckpts.close()
+                writer.close()
+                print(f"preempted: saved step {n} to {ckpts.directory}; rerun to resume")
+                return {"step": n, "preempted": True}
+
+        final = {"step": n, **last, **evaluate()}
+        if "base_eval_loss" in history:
+            final["base_eval_loss"] = history["base_eval_loss"]
+        writer.write(n, {**{k: v for k, v in final.items() if k.startswith("eval_")},
+                         **samples()})
+        if not ckpts.steps() or ckpts.steps()[-1] != n:
+            save(n)
+        ckpts.close()
+    finally:  # the bar closes before any error or final line is printed, so those come last
+        writer.close()
     if is_main:
         (workdir / "final_metrics.json").write_text(json.dumps(final, indent=2) + "\n")
         _write_plot(workdir)  # --- plot (jaxft.plot) ---
-    print(f"done: step {step}: {_describe(final)}; checkpoints in {ckpts.directory}")
+    print(f"done: step {n}: {_describe(final)}; checkpoints in {ckpts.directory}")
     return final
+
+
+def _eval_metrics(sums: dict[str, np.ndarray], task: str) -> dict[str, float]:
+    """eval_loss (and perplexity, or accuracy) from an evaluation's sums; {} without data."""
+    if not sums["count"]:
+        return {}
+    lm = lm_metrics(float(sums["loss_sum"]), float(sums["count"]))
+    result = {"eval_loss": lm["loss"]}
+    if task == "lm":
+        result["eval_perplexity"] = lm["perplexity"]
+    if "correct" in sums:
+        result["eval_accuracy"] = float(sums["correct"] / sums["count"])
+    return result
+
+
+class _LogWindow:
+    """What the host gathers from the step's device windows between two log lines: the train
+    loss is the token-weighted mean over every finite step of the window (as the Hugging Face
+    Trainer averages over its logging steps), not the last step's."""
+
+    def __init__(self, task: str):
+        self.sums = {k: 0.0 for k in train_step.zero_sums(task)}
+        self.tokens = 0  # processed tokens, padding included (for tokens/s)
+        self.started = time.perf_counter()
+        self.grad_norm = float("nan")
+        self.first_nonfinite = 0
+
+    def add(self, window: dict[str, np.ndarray]) -> int:
+        """Fold in a window read from the devices; returns its number of non-finite steps."""
+        for k in self.sums:
+            self.sums[k] += float(window[k])
+        self.grad_norm = float(window["grad_norm"])
+        if window["nonfinite"] and not self.first_nonfinite:
+            self.first_nonfinite = int(window["first_nonfinite"])
+        return int(window["nonfinite"])
+
+    def metrics(self) -> dict[str, float]:
+        count = max(self.sums["count"], 1.0)
+        out = {"train_loss": self.sums["loss_sum"] / count if self.sums["count"] else
+               float("nan"), "grad_norm": self.grad_norm,
+               "tokens_per_s": self.tokens / max(time.perf_counter() - self.started, 1e-9)}
+        if "correct" in self.sums:  # classification: one label per row
+            out["train_accuracy"] = self.sums["correct"] / count
+            out["train_examples"] = int(self.sums["count"])
+        else:  # the tokens the loss was taken on (padding and prompts excluded)
+            out["train_tokens"] = int(self.sums["count"])
+        return out
 
 
 # --- plot (jaxft.plot) ---
@@ -315,31 +368,27 @@ def _write_plot(workdir: Path) -> None:
 # --- end plot ---
 
 
-def _corrupted(local: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """A batch whose loss is NaN, to rehearse the non-finite-step handling."""
-    weight = "loss_mask" if "loss_mask" in local else "valid"
-    if weight not in local:
-        local = {**local, "valid": np.ones(len(local["labels"]), np.float32)}
-    return {**local, weight: np.full_like(local[weight], np.nan, dtype=np.float32)}
-
-
-def _fingerprint(cfg, model_path: str, trainable: nnx.State) -> dict[str, Any]:
-    shapes = [list(x.shape) for x in jax.tree.leaves(trainable)]
+def _fingerprint(cfg, model_path: str, placed: dict[str, Any]) -> dict[str, Any]:
+    """What a checkpoint must agree with to be resumed, keyed by the config field (or part of
+    the state) each entry records: see `checkpoint.FINGERPRINT_FIELDS`."""
     fingerprint = {
-        "model": model_path,
+        "model.path": model_path,
         "task": cfg.task,
         "lora": cfg.lora.to_dict() if cfg.lora.enabled else None,
-        "param_dtype": cfg.train.param_dtype,
-        "optimizer_state_dtype": cfg.train.optimizer_state_dtype,
-        "trainable_shapes": shapes,
+        "train.param_dtype": cfg.train.param_dtype,
+        "train.optimizer_state_dtype": cfg.train.optimizer_state_dtype,
+        "optim.clip_norm": "on" if cfg.optim.clip_norm else "off",  # changes optax's tree
+        "optimizer state": checkpoint.layout(placed["opt_state"]),
+        "trainable parameters": checkpoint.layout(placed["trainable"]),
     }
     return json.loads(json.dumps(fingerprint))  # as it reads back from the checkpoint
 
 
-def _write_resolved_config(cfg, workdir: Path, model, model_path: str, num_labels) -> None:
+def _write_resolved_config(cfg, workdir: Path, hf_config: dict, model_path: str,
+                           num_labels) -> None:
     resolved = cfg.to_dict()
     resolved["model"]["resolved_path"] = model_path
-    resolved["model"]["hf_config"] = model.config.to_hf()
+    resolved["model"]["hf_config"] = hf_config
     if num_labels:
         resolved["model"]["num_labels"] = num_labels
     (workdir / "config.json").write_text(json.dumps(resolved, indent=2, default=str) + "\n")
@@ -375,4 +424,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=cli.parse_flags)

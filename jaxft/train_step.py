@@ -1,25 +1,38 @@
-"""The train and eval steps: pure functions of pytrees, for full and LoRA fine-tuning alike.
+"""The train and eval steps, and `build`: the one place they are assembled for a mesh.
 
 The model arrives split: `trainable` (everything in full fine-tuning, the adapters in LoRA),
-`frozen` (the rest) and `dropout` (LoRA dropout keys, rewritten each step). Gradients are taken
-with respect to `trainable` only. A batch of `accum_steps` micro-batches is scanned, summing
-token losses and gradients, then normalised once by the token count, so accumulation computes
-exactly what one big batch would. `jaxft.train` jits these with explicit shardings.
+`frozen` (the rest) and `dropout` (dropout keys, rewritten each step). Gradients are taken with
+respect to `trainable` only. A batch of `accum_steps` micro-batches is scanned, summing token
+losses and gradients, then normalised once by the token count, so accumulation computes exactly
+what one big batch would.
+
+The step never hands a value to the host. It carries a `window` of running sums on the device
+(loss and tokens for the logged mean, non-finite steps and the first of them, the last gradient
+norm), which the training loop reads only when it logs, evaluates or checkpoints; the dropout
+keys derive from the step number inside the step. `build` splits the model, derives every
+sharding from the parameters' logical axes, makes the optimizer, and jits both steps with
+explicit in/out shardings and donation: `jaxft.train`, the dry-run planner and the benchmark
+all run exactly what it returns.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
+import ml_collections
+import numpy as np
 import optax
 from flax import nnx
+from jax.sharding import Mesh
 
+from jaxft import lora, optim, sharding, tasks
 from jaxft.kernels.cross_entropy import head_cross_entropy
+from jaxft.models import layers
 
 Batch = dict[str, jax.Array]
-TASKS = ("lm", "classification")
 
 
 def lm_losses(model: nnx.Module, batch: Batch) -> dict[str, jax.Array]:
@@ -30,7 +43,7 @@ def lm_losses(model: nnx.Module, batch: Batch) -> dict[str, jax.Array]:
     logits are never held at once. Otherwise the full logits are computed and reduced.
     """
     mask = batch["loss_mask"].astype(jnp.float32)
-    head = getattr(model, "output_head", lambda: None)()
+    head = model.output_head()
     if head is not None:
         h = model(batch["input_ids"], segment_ids=batch["segment_ids"],
                   positions=batch["positions"], return_hidden=True)  # B T D
@@ -55,7 +68,27 @@ def classification_losses(model: nnx.Module, batch: Batch) -> dict[str, jax.Arra
 
 
 LOSSES: dict[str, Callable[[nnx.Module, Batch], dict[str, jax.Array]]] = {
-    "lm": lm_losses, "classification": classification_losses}
+    tasks.LM: lm_losses, tasks.CLASSIFICATION: classification_losses}
+
+
+def zero_sums(task: str) -> dict[str, jax.Array]:
+    """The (scalar) sums a loss function returns, as zeros."""
+    names = ("loss_sum", "count", "correct") if task == tasks.CLASSIFICATION else \
+        ("loss_sum", "count")
+    return {n: jnp.zeros((), jnp.float32) for n in names}
+
+
+def zero_window(task: str) -> dict[str, jax.Array]:
+    """An empty logging window: what the train step accumulates between two host reads.
+
+    `loss_sum`/`count` (and `correct`) sum over the window's finite steps, so the logged loss is
+    their token-weighted mean (a skipped step trained nothing); `nonfinite` counts the skipped
+    steps and `first_nonfinite` is the first one's number (0: none); `grad_norm` is the last
+    step's.
+    """
+    return {**zero_sums(task), "nonfinite": jnp.zeros((), jnp.int32),
+            "first_nonfinite": jnp.zeros((), jnp.int32),
+            "grad_norm": jnp.zeros((), jnp.float32)}
 
 
 def fresh_dropout_keys(dropout: nnx.State, rng: jax.Array) -> nnx.State:
@@ -70,9 +103,16 @@ def fresh_dropout_keys(dropout: nnx.State, rng: jax.Array) -> nnx.State:
 
 
 def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, *, task: str,
-                    accum_steps: int = 1, skip_nonfinite: bool = True) -> Callable:
-    """`step(trainable, frozen, dropout, opt_state, batch, rng) -> (trainable, opt_state,
-    metrics)`; batch arrays have the global batch as their leading dimension."""
+                    accum_steps: int = 1, seed: int = 0) -> Callable:
+    """`step(trainable, frozen, dropout, opt_state, window, batch, number) -> (trainable,
+    opt_state, window)`, where `number` is the 0-based step being taken; batch arrays have the
+    global batch as their leading dimension.
+
+    A step whose loss or gradient is not finite leaves parameters and optimizer state untouched
+    and is counted in the window, so no saved state ever follows a NaN. Dropout keys are
+    `fold_in(PRNGKey(seed), number)`: a pure function of the step, so a resumed run draws
+    exactly the keys an uninterrupted one would, with no RNG state to checkpoint.
+    """
     losses_fn = LOSSES[task]
 
     def loss(trainable, frozen, dropout, micro):
@@ -82,7 +122,8 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, *,
 
     grad_fn = jax.grad(loss, has_aux=True)
 
-    def step(trainable, frozen, dropout, opt_state, batch, rng):
+    def step(trainable, frozen, dropout, opt_state, window, batch, number):
+        rng = jax.random.fold_in(jax.random.PRNGKey(seed), number)
         micro = jax.tree.map(lambda x: x.reshape(accum_steps, -1, *x.shape[1:]), batch)
 
         def body(carry, xs):
@@ -94,8 +135,7 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, *,
             return (grads_sum, jax.tree.map(jnp.add, sums, out)), None
 
         zeros = jax.tree.map(lambda x: jnp.zeros(x.shape, jnp.float32), trainable)
-        sums0 = zero_sums(task)
-        (grads, sums), _ = jax.lax.scan(body, (zeros, sums0),
+        (grads, sums), _ = jax.lax.scan(body, (zeros, zero_sums(task)),
                                         (jnp.arange(accum_steps), micro))
         count = jnp.maximum(sums["count"], 1.0)
         grads = jax.tree.map(lambda g, p: (g / count).astype(p.dtype), grads, trainable)
@@ -103,16 +143,16 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, *,
             updates, new_opt_state = tx.update(grads, opt_state, trainable)
             new_trainable = optax.apply_updates(trainable, updates)
             grad_norm = optax.global_norm(grads)
-            loss_value = sums["loss_sum"] / count
-            finite = jnp.isfinite(loss_value) & jnp.isfinite(grad_norm)
-            if skip_nonfinite:  # a bad batch leaves parameters and optimizer state untouched
-                new_trainable = _select(finite, new_trainable, trainable)
-                new_opt_state = _select(finite, new_opt_state, opt_state)
-        metrics = {"loss": loss_value, "grad_norm": grad_norm, "tokens": sums["count"],
-                   "finite": finite}
-        if "correct" in sums:
-            metrics["accuracy"] = sums["correct"] / count
-        return new_trainable, new_opt_state, metrics
+            finite = jnp.isfinite(sums["loss_sum"]) & jnp.isfinite(grad_norm)
+            new_trainable = _select(finite, new_trainable, trainable)
+            new_opt_state = _select(finite, new_opt_state, opt_state)
+        new_window = {k: window[k] + jnp.where(finite, v, 0.0) for k, v in sums.items()}
+        new_window["nonfinite"] = window["nonfinite"] + (~finite).astype(jnp.int32)
+        first_bad = (~finite) & (window["first_nonfinite"] == 0)
+        new_window["first_nonfinite"] = jnp.where(first_bad, number + 1,
+                                                  window["first_nonfinite"]).astype(jnp.int32)
+        new_window["grad_norm"] = grad_norm.astype(jnp.float32)
+        return new_trainable, new_opt_state, new_window
 
     return step
 
@@ -121,17 +161,120 @@ def _select(condition: jax.Array, new, old):
     return jax.tree.map(lambda n, o: jnp.where(condition, n, o), new, old)
 
 
-def zero_sums(task: str) -> dict[str, Any]:
-    """The (scalar) sums a loss function returns, as zeros: the scan's initial carry."""
-    names = ("loss_sum", "count", "correct") if task == "classification" else ("loss_sum", "count")
-    return {n: jnp.zeros((), jnp.float32) for n in names}
-
-
 def make_eval_step(graphdef: nnx.GraphDef, *, task: str) -> Callable:
-    """`eval_step(trainable, frozen, dropout, batch) -> sums` (loss_sum, count[, correct])."""
+    """`eval_step(trainable, frozen, dropout, sums, batch) -> sums` plus this batch's
+    (loss_sum, count[, correct]): an evaluation accumulates on the device and is read once."""
     losses_fn = LOSSES[task]
 
-    def eval_step(trainable, frozen, dropout, batch):
-        return losses_fn(nnx.merge(graphdef, trainable, frozen, dropout), batch)
+    def eval_step(trainable, frozen, dropout, sums, batch):
+        out = losses_fn(nnx.merge(graphdef, trainable, frozen, dropout), batch)
+        return jax.tree.map(jnp.add, sums, out)
 
     return eval_step
+
+
+# ---------------------------------------------------------------------------------------------
+# The assembly: split → shardings → optimizer → jit, for jaxft.train, the planner, the benchmark
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Step:
+    """A model's train and eval steps, jitted for a mesh, with everything they were built from.
+
+    `train(trainable, frozen, dropout, opt_state, window, batch, number)` donates the trainable
+    parameters, the optimizer state and the window; `evaluate(trainable, frozen, dropout, sums,
+    batch)` donates the sums. Batches arrive as global arrays (rows over data × fsdp).
+    """
+
+    graphdef: nnx.GraphDef  # training mode: dropout on
+    eval_graphdef: nnx.GraphDef  # the same model in eval mode
+    task: str
+    mesh: Mesh
+    tx: optax.GradientTransformation
+    schedule: optax.Schedule
+    shardings: dict[str, Any]  # trainable, frozen, dropout, opt_state: trees of NamedSharding
+    train: Callable
+    evaluate: Callable
+
+    @property
+    def replicated(self) -> jax.sharding.NamedSharding:
+        return sharding.replicated(self.mesh)
+
+    def place(self, states: dict[str, nnx.State]) -> dict[str, Any]:
+        """The split states on their shardings, plus the optimizer state: real arrays from
+        real ones, `ShapeDtypeStruct`s carrying shardings from abstract ones (the dry run)."""
+        placed = {name: _place(state, self.shardings[name]) for name, state in states.items()}
+        if _is_abstract(placed["trainable"]):
+            init = jax.eval_shape(self.tx.init, placed["trainable"])
+            placed["opt_state"] = jax.tree.map(
+                lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), init,
+                self.shardings["opt_state"])
+        else:
+            placed["opt_state"] = jax.jit(self.tx.init, out_shardings=self.shardings["opt_state"]
+                                          )(placed["trainable"])
+        return placed
+
+    def zero_window(self) -> dict[str, jax.Array]:
+        """An empty logging window, on the devices."""
+        return jax.device_put(zero_window(self.task), self.replicated)
+
+    def zero_sums(self) -> dict[str, jax.Array]:
+        """Empty evaluation sums, on the devices."""
+        return jax.device_put(zero_sums(self.task), self.replicated)
+
+
+def build(model: nnx.Module, cfg: ml_collections.ConfigDict, mesh: Mesh,
+          lora_cfg: lora.LoraConfig | None) -> tuple[Step, dict[str, nnx.State]]:
+    """The steps `cfg` describes for `model` (real or from `nnx.eval_shape`) on `mesh`, and the
+    model split into its `trainable`, `dropout` and `frozen` states (not yet placed: see
+    `Step.place`). `lora_cfg` says what trains (None: everything). Reads `cfg.task`,
+    `cfg.optim`, `cfg.train.{steps, accum_steps, seed, optimizer_state_dtype}`.
+    """
+    model.train()  # dropout on, at the checkpoint's rates (and LoRA's)
+    graphdef, trainable, dropout, frozen = nnx.split(
+        model, lora.trainable_filter(lora_cfg), layers.DropoutKey, ...)
+    model.eval()
+    eval_graphdef = nnx.split(model, lora.trainable_filter(lora_cfg), layers.DropoutKey, ...)[0]
+    states = {"trainable": trainable, "dropout": dropout, "frozen": frozen}
+    shardings = {name: sharding.state_shardings(s, mesh) for name, s in states.items()}
+    # The optimizer is built for the trees the step will see: arrays, as `place` leaves them.
+    params = _abstract(trainable, shardings["trainable"])
+    tx, schedule = optim.make_optimizer(cfg.optim, params, cfg.train.steps,
+                                        state_dtype=cfg.train.optimizer_state_dtype)
+    shardings["opt_state"] = sharding.optimizer_shardings(tx, params, shardings["trainable"],
+                                                          mesh)
+    replicated = sharding.replicated(mesh)
+    params = (shardings["trainable"], shardings["frozen"], shardings["dropout"])
+    train = jax.jit(
+        make_train_step(graphdef, tx, task=cfg.task, accum_steps=cfg.train.accum_steps,
+                        seed=cfg.train.seed),
+        in_shardings=(*params, shardings["opt_state"], replicated, None, replicated),
+        out_shardings=(shardings["trainable"], shardings["opt_state"], replicated),
+        donate_argnums=(0, 3, 4))
+    evaluate = jax.jit(make_eval_step(eval_graphdef, task=cfg.task),
+                       in_shardings=(*params, replicated, None), out_shardings=replicated,
+                       donate_argnums=(3,))
+    step = Step(graphdef, eval_graphdef, cfg.task, mesh, tx, schedule, shardings, train,
+                evaluate)
+    return step, states
+
+
+def _is_abstract(state: Any) -> bool:
+    return any(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves(state))
+
+
+def _abstract(state: nnx.State, shardings: nnx.State) -> Any:
+    return jax.tree.map(lambda s, v: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=s),
+                        shardings, state)
+
+
+def _place(state: nnx.State, shardings: nnx.State) -> Any:
+    if _is_abstract(state):
+        return _abstract(state, shardings)
+    return sharding.put_state(state, shardings)
+
+
+def step_number(step: int) -> np.ndarray:
+    """The step number as the train step takes it: a host scalar, so passing it never waits."""
+    return np.asarray(step, np.int32)

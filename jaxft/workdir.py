@@ -17,9 +17,9 @@ import orbax.checkpoint as ocp
 from flax import nnx
 from jax.sharding import Mesh
 
-from jaxft import checkpoint, hf_io, lora
+from jaxft import checkpoint, hf_io, hub, lora
 from jaxft import config as config_lib
-from jaxft.errors import JaxftError
+from jaxft.errors import JaxftError, first_line
 
 
 @dataclasses.dataclass
@@ -51,7 +51,7 @@ def load_run(workdir: str | os.PathLike, step: int | None = None, *,
     cfg = read_run_config(workdir)
     lora_cfg = config_lib.lora_config(cfg)
     directory = workdir / "checkpoints"
-    manager = _manager(directory)
+    manager = checkpoint.manager(directory) if directory.is_dir() else None
     steps = sorted(manager.all_steps()) if manager else []
     if not steps:
         raise JaxftError(f"{workdir}: no checkpoint in {directory} (train first, or wait for "
@@ -64,9 +64,9 @@ def load_run(workdir: str | os.PathLike, step: int | None = None, *,
     num_labels = None
     if cfg.task == "classification":  # the head size training settled on (0: none recorded)
         num_labels = cfg.model.get("num_labels") or None
-    model = hf_io.from_pretrained(cfg.model.resolved_path, dtype=dtype or cfg.train.param_dtype,
-                                  compute_dtype=config_lib.compute_dtype(cfg),
-                                  num_labels=num_labels, seed=cfg.train.seed, mesh=mesh)
+    model = hf_io.load_model(cfg.model.resolved_path, dtype=dtype or cfg.train.param_dtype,
+                             compute_dtype=config_lib.compute_dtype(cfg),
+                             num_labels=num_labels, seed=cfg.train.seed, mesh=mesh)
     if lora_cfg is not None:
         lora.apply_lora(model, lora_cfg, seed=cfg.train.seed)
     trainable = nnx.state(model, lora.trainable_filter(lora_cfg))
@@ -79,16 +79,7 @@ def load_run(workdir: str | os.PathLike, step: int | None = None, *,
 def _base_name(cfg: ml_collections.ConfigDict) -> str:
     """A hub id stays a hub id (a shared adapter names it), not this machine's cache path."""
     given = str(cfg.model.path)
-    if given.startswith(hf_io.PACKAGE_PREFIX) or Path(given).expanduser().exists():
-        return cfg.model.resolved_path
-    return given
-
-
-def _manager(directory: Path) -> ocp.CheckpointManager | None:
-    if not directory.is_dir():
-        return None
-    options = ocp.CheckpointManagerOptions(create=False)
-    return ocp.CheckpointManager(directory, options=options, item_names=("state", "meta"))
+    return cfg.model.resolved_path if hub.looks_local(given) else given
 
 
 def _restore_trainable(manager: ocp.CheckpointManager, step: int, target: dict,
@@ -100,7 +91,6 @@ def _restore_trainable(manager: ocp.CheckpointManager, step: int, target: dict,
             item={"trainable": abstract}, partial_restore=True,
             restore_args=ocp.checkpoint_utils.construct_restore_args({"trainable": abstract}))))
     except Exception as e:  # a damaged checkpoint, or one from a different setup
-        text = str(e).strip()
         raise JaxftError(f"{directory / str(step)}: does not restore into this run's model "
-                         f"({type(e).__name__}: {text.splitlines()[0] if text else ''})") from e
+                         f"({first_line(e)})") from e
     return restored.state["trainable"]

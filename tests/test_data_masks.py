@@ -159,6 +159,10 @@ def test_bad_conversations_name_their_line(tok, tmp_path):
          r"column 'messages' has a different structure than in most rows"),
         ({"messages": [{"role": "assistant", "content": "Hi!"}, {"role": "user", "content": "x"}]},
          "conversation starts with an assistant turn"),
+        # A role no template knows would be rendered as text (or dropped) and trained on.
+        ({"messages": [{"role": "user", "content": "hi"}, {"role": "wizard", "content": "x"}]},
+         "message 2 has role 'wizard', expected one of system, developer, user, assistant, "
+         "tool, ipython"),
     ]
     for i, (bad, message) in enumerate(cases):
         path = write_jsonl(tmp_path / f"chat{i}.jsonl", [good, bad, good])

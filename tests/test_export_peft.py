@@ -16,9 +16,11 @@ import sys
 from pathlib import Path
 
 import jax.numpy as jnp
+import ml_dtypes
 import numpy as np
 import peft
 import pytest
+import torch
 import transformers
 from safetensors.numpy import load_file
 
@@ -287,10 +289,17 @@ def test_classification_run_exports_adapter_and_merged_model(runs, tmp_path):
     assert_close(expected, torch_logits(merged, ids, mask), mask)
 
 
-def test_bfloat16_adapter(runs, tmp_path):
-    export.export_workdir(runs["lora"], tmp_path / "bf16", dtype="bfloat16")
+@pytest.mark.parametrize("dtype", ["bfloat16", jnp.bfloat16, ml_dtypes.bfloat16])
+def test_bfloat16_adapter(runs, tmp_path, dtype):
+    export.export_workdir(runs["lora"], tmp_path / "bf16", dtype=dtype)
     tensors = load_file(tmp_path / "bf16" / adapters.WEIGHTS_NAME)
     assert {str(t.dtype) for t in tensors.values()} == {"bfloat16"}
+
+
+def test_merged_export_takes_a_jax_dtype(runs, tmp_path):
+    export.export_workdir(runs["lora"], tmp_path / "merged", merged=True, dtype=jnp.float16)
+    merged = CAUSAL.from_pretrained(tmp_path / "merged")
+    assert {p.dtype for p in merged.parameters()} == {torch.float16}
 
 
 # ------------------------------------------------------------------------------------------------

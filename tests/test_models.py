@@ -92,12 +92,22 @@ def test_classifier_head_on_encoder_checkpoint_is_initialised(tmp_path):
     model = jaxft.from_pretrained(tmp_path, num_labels=3)
     ids, mask = hf_models.padded_batch()
     logits = np.asarray(model(jnp.asarray(ids), jnp.asarray(mask)))
-    assert logits.shape == (3, 3) and np.isfinite(logits).all()
     # the encoder weights are the checkpoint's
     np.testing.assert_array_equal(
         np.asarray(model.bert.embeddings.word_embeddings.embedding[...]),
         hf.embeddings.word_embeddings.weight.detach().numpy(),
     )
+    # transformers' own classifier on the same checkpoint, given jaxft's fresh head, computes
+    # the same logits: the head is wired as BertForSequenceClassification wires it
+    torch_cls = transformers.BertForSequenceClassification.from_pretrained(
+        tmp_path, num_labels=3).eval()
+    with torch.no_grad():
+        for module, jax_module in ((torch_cls.bert.pooler.dense, model.bert.pooler.dense),
+                                   (torch_cls.classifier, model.classifier)):
+            module.weight.copy_(torch.from_numpy(np.asarray(jax_module.kernel[...]).T.copy()))
+            module.bias.copy_(torch.from_numpy(np.asarray(jax_module.bias[...])))
+    np.testing.assert_allclose(logits, torch_logits(torch_cls, ids, mask), atol=1e-4)
+    assert np.abs(logits).max() > 1e-3  # a head that computes something
 
 
 @pytest.mark.parametrize("name", ["llama", "qwen2_bias_tied"])
@@ -133,3 +143,28 @@ def test_packed_segments_equal_separate_examples(tmp_path):
     alone_b = np.asarray(model(jnp.asarray(b[None])))
     np.testing.assert_allclose(got[0, :5], alone_a[0], atol=1e-4)
     np.testing.assert_allclose(got[0, 5:12], alone_b[0], atol=1e-4)
+
+
+@pytest.mark.parametrize("name", sorted(hf_models.CAUSAL_CONFIGS) + ["bert"])
+def test_every_family_provides_the_written_interface(name, tmp_path):
+    """What the rest of jaxft reads of a model (`jaxft.models.family`) is there for every
+    family, with transformers' own values for the sizes it derives."""
+    from jaxft import hub, models
+    from jaxft.hf_io import model_config
+
+    hf_config = hf_models.bert_config() if name == "bert" else hf_models.CAUSAL_CONFIGS[name]()
+    cls = transformers.BertModel if name == "bert" else None
+    hf_models.build(hf_config, **({"cls": cls} if cls else {})).save_pretrained(tmp_path)
+    family, cfg = model_config(hub.read_config(tmp_path), name)
+    assert family in models.FAMILIES and isinstance(family, models.Family)
+    assert isinstance(cfg, models.ModelConfig)
+    heads = hf_config.num_attention_heads
+    assert cfg.num_key_value_heads == getattr(hf_config, "num_key_value_heads", heads)
+    assert cfg.head_dim == (getattr(hf_config, "head_dim", None) or
+                            hf_config.hidden_size // heads)
+    learned = {"gpt2": "n_positions", "bert": "max_position_embeddings"}
+    assert cfg.position_limit == (getattr(hf_config, learned[name]) if name in learned
+                                  else None)
+    model = jaxft.from_pretrained(tmp_path)
+    assert isinstance(model.config, models.ModelConfig)
+    assert isinstance(model, models.CausalLM) == (name != "bert")

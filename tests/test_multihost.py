@@ -71,3 +71,61 @@ def run_two_processes(config) -> list[str]:
     for p, out in zip(procs, outputs, strict=True):
         assert p.returncode == 0, out[-3000:]
     return outputs
+
+
+EXPORT_SCRIPT = """
+import sys
+
+import numpy as np
+from flax import nnx
+
+import jaxft
+from jaxft import export, lora, sharding, train
+
+train.maybe_initialize_distributed()
+model_dir, out = sys.argv[1], sys.argv[2]
+mesh = sharding.make_mesh(data=1, fsdp=-1)  # every parameter split over all devices
+model = jaxft.from_pretrained(model_dir, mesh=mesh)
+cfg = lora.LoraConfig(rank=4, targets="all-linear")
+lora.apply_lora(model, cfg, seed=3)
+rng = np.random.RandomState(0)
+for _, linear in lora.linear_modules(model):
+    if linear.adapter is not None:
+        b = linear.adapter.lora_b
+        b[...] = rng.normal(0, 0.1, b.shape).astype(np.float32)
+factors = nnx.state(model, nnx.LoRAParam)
+nnx.update(model, sharding.put_state(factors, sharding.state_shardings(factors, mesh)))
+export.export_model(model, cfg, out + "/adapter")
+export.export_model(model, cfg, out + "/merged", merged=True, max_shard_size="20KB")
+"""
+
+
+def test_export_gathers_weights_spread_over_two_processes(model_dir, tmp_path):
+    """Adapters and a merged, sharded model from weights split over both processes' devices
+    are the files one process writes, tensor for tensor."""
+    from safetensors.numpy import load_file
+
+    script = tmp_path / "export.py"
+    script.write_text(EXPORT_SCRIPT)
+    single = subprocess.run([sys.executable, str(script), str(model_dir), str(tmp_path / "one")],
+                            cwd=REPO, env=subprocess_env(8), capture_output=True, text=True,
+                            timeout=300)
+    assert single.returncode == 0, single.stderr[-3000:]
+    port = free_port()
+    procs = [subprocess.Popen(
+        [sys.executable, str(script), str(model_dir), str(tmp_path / "two")], cwd=REPO,
+        env=subprocess_env(4, JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}",
+                           JAX_NUM_PROCESSES="2", JAX_PROCESS_ID=str(i)),
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(2)]
+    for p in procs:
+        out = p.communicate(timeout=300)[0]
+        assert p.returncode == 0, out[-3000:]
+    for kind in ("adapter", "merged"):
+        files = sorted(p.name for p in (tmp_path / "one" / kind).glob("*.safetensors"))
+        assert files == sorted(p.name for p in (tmp_path / "two" / kind).glob("*.safetensors"))
+        assert kind == "adapter" or len(files) > 2  # the merged model really is sharded
+        for name in files:
+            ours, theirs = (load_file(tmp_path / run / kind / name) for run in ("two", "one"))
+            assert sorted(ours) == sorted(theirs)
+            for key in ours:
+                np.testing.assert_array_equal(ours[key], theirs[key], err_msg=key)

@@ -11,6 +11,7 @@ import jaxft
 from jaxft import lora, optim, train_step
 from jaxft.models import layers
 from tests import hf_models
+from tests.test_lora import take_step
 
 STEPS, RANK, ALPHA, LR = 20, 4, 8.0, 1e-2
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -51,9 +52,9 @@ def test_lora_loss_curve_matches_peft(tmp_path):
         batch = {"input_ids": ids.astype(np.int32), "targets": np.roll(ids, -1, 1).astype(np.int32),
                  "loss_mask": mask, "segment_ids": np.ones(ids.shape, np.int32),
                  "positions": np.tile(np.arange(ids.shape[1], dtype=np.int32), (len(ids), 1))}
-        trainable, opt_state, metrics = step(trainable, frozen, dropout, opt_state, batch,
-                                             jax.random.PRNGKey(i))
-        jax_losses.append(float(metrics["loss"]))
+        trainable, opt_state, loss = take_step(step, trainable, frozen, dropout, opt_state,
+                                               batch, i)
+        jax_losses.append(loss)
 
     # PyTorch + PEFT, same base weights, same A (B = 0 in both), same batches
     peft_model = peft.get_peft_model(hf, peft.LoraConfig(r=RANK, lora_alpha=ALPHA,

@@ -59,7 +59,7 @@ def test_plan_matches_the_buffers_of_a_real_run(mode, llama_dir, tmp_path, monke
     assert p.opt_state == seen["opt_state"]
     assert p.trainable_params == seen["params"]
 
-    base = hf_io.from_pretrained(llama_dir)
+    base = hf_io.load_model(llama_dir)
     base_bytes = sum(x.nbytes for x in jax.tree.leaves(nnx.state(base, nnx.Param)))
     base_count = sum(x.size for x in jax.tree.leaves(nnx.state(base, nnx.Param)))
     assert p.total_params - p.adapter_params == base_count

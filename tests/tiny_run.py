@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
 import ml_collections
+import numpy as np
 import transformers
 
 from jaxft.config import base_config
@@ -66,11 +68,51 @@ def train_losses(workdir: Path) -> dict[int, float]:
 REPO = Path(__file__).resolve().parent.parent
 
 
-def write_config_file(path: Path, model_dir: Path, workdir: Path, **overrides) -> Path:
-    """A configs/*.py-style file returning `tiny_config(...)`, for runs in a subprocess."""
+class NaNAt:
+    """A train iterator whose batch for step `step` (1-based) weighs its tokens by NaN, so that
+    step's loss and gradient are not finite; everything else is the wrapped iterator's."""
+
+    def __init__(self, inner, step: int):
+        self.inner, self.step = inner, step
+
+    def __next__(self):
+        local = next(self.inner)
+        if self.inner.get_state()["step"] == self.step:
+            weight = "loss_mask" if "loss_mask" in local else "valid"
+            local = {**local, weight: np.full(local[weight].shape, np.nan, np.float32)}
+        return local
+
+    def __getattr__(self, name):  # get_state, set_state, …
+        return getattr(self.inner, name)
+
+
+def with_nan_at(build, step: int):
+    """`jaxft.data.build_data` whose train batches turn non-finite at `step`."""
+
+    def build_with_nan(*args, **kwargs):
+        bundle = build(*args, **kwargs)
+        return dataclasses.replace(bundle, train=NaNAt(bundle.train, step))
+
+    return build_with_nan
+
+
+def nan_at_step(monkeypatch, step: int) -> None:
+    """Make `jaxft.train.run` see a non-finite batch at `step` (a test-only fault)."""
+    from jaxft import data
+
+    monkeypatch.setattr(data, "build_data", with_nan_at(data.build_data, step))
+
+
+def write_config_file(path: Path, model_dir: Path, workdir: Path, nan_at: int = 0,
+                      **overrides) -> Path:
+    """A configs/*.py-style file returning `tiny_config(...)`, for runs in a subprocess; with
+    `nan_at`, loading it also makes that step's batch non-finite (`with_nan_at`)."""
+    fault = ("from jaxft import data\n"
+             "from tests.tiny_run import with_nan_at\n"
+             f"data.build_data = with_nan_at(data.build_data, {nan_at})\n") if nan_at else ""
     path.write_text(
         "from pathlib import Path\n"
-        "from tests.tiny_run import tiny_config\n"
+        "from tests.tiny_run import tiny_config\n" + fault +
         "def get_config():\n"
         f"    return tiny_config(Path({str(model_dir)!r}), Path({str(workdir)!r}), "
         f"**{overrides!r})\n")

@@ -206,7 +206,7 @@ def hf_config(a) -> dict:
             "tie_word_embeddings": a.tied}
 
 
-def dtypes(a, accelerator: bool) -> tuple[str, str]:
+def dtypes_for(a, accelerator: bool) -> tuple[str, str]:
     """(parameter dtype, compute dtype): `auto` is bfloat16 on an accelerator, else float32."""
     auto = "bfloat16" if accelerator else "float32"
     return ({"auto": auto}.get(a.param_dtype, a.param_dtype),
@@ -255,45 +255,44 @@ def peak_torch(a) -> dict:
 
 def run_jaxft(a, mode: str) -> dict:
     import jax
-    import ml_collections
-    import numpy as np
     from flax import nnx
 
-    from jaxft import hf_io, lora, optim, train_step
-    from jaxft.models import layers
+    from jaxft import config, dtypes, hf_io, lora, sharding, train_step
 
     start_rss = rss_mb()
     accelerator = jax.default_backend() != "cpu"
-    param_dtype, compute = dtypes(a, accelerator)
+    param_dtype, compute = dtypes_for(a, accelerator)
     family, model_cfg = hf_io.model_config(hf_config(a), "benchmark", compute_dtype=compute,
                                            remat=a.remat, attention=a.attention)
 
     def build():
-        return family.Model(model_cfg, rngs=nnx.Rngs(0), param_dtype=hf_io.DTYPES[param_dtype])
+        return family.Model(model_cfg, rngs=nnx.Rngs(0),
+                            param_dtype=dtypes.jax_dtype(param_dtype))
 
     # Initialised inside one jit, so only the weights themselves are ever allocated.
     graphdef, _ = nnx.split(nnx.eval_shape(build))
     model = nnx.merge(graphdef, jax.jit(lambda: nnx.split(build())[1])())
+    # The run's config, as `jaxft.train` reads it: AdamW at a constant rate, clipping at 1.0.
+    cfg = config.base_config()
+    cfg.train.steps = a.steps + a.warmup + 1
+    cfg.optim.lr, cfg.optim.schedule, cfg.optim.warmup_steps = LR, "constant", 0
+    # Moments as torch.optim.AdamW keeps them: in the weights' dtype (LoRA's are float32).
+    cfg.train.optimizer_state_dtype = param_dtype if mode == "full" else "float32"
     lora_cfg = None
     if mode == "lora":
         lora_cfg = lora.LoraConfig(rank=a.rank, alpha=2.0 * a.rank, targets=TARGETS)
         lora.apply_lora(model, lora_cfg)
-    graphdef, trainable, dropout, frozen = nnx.split(model, lora.trainable_filter(lora_cfg),
-                                                     layers.DropoutKey, ...)
+    mesh = sharding.make_mesh(devices=jax.devices()[:1])
+    step, states = train_step.build(model, cfg, mesh, lora_cfg)
     del model
-    optim_cfg = ml_collections.ConfigDict(dict(
-        lr=LR, schedule="constant", warmup_steps=0, final_lr_ratio=1.0, b1=0.9, b2=0.999,
-        eps=1e-8, weight_decay=0.0, clip_norm=1.0, loraplus_lr_ratio=1.0))
-    # Moments as torch.optim.AdamW keeps them: in the weights' dtype (LoRA's are float32).
-    tx, _ = optim.make_optimizer(optim_cfg, trainable, a.steps + a.warmup + 1,
-                                 state_dtype=param_dtype if mode == "full" else "float32")
-    opt_state = jax.jit(tx.init)(trainable)
-    batch = jax.device_put(make_batch(a))
-    rng = jax.device_put(np.asarray(jax.random.PRNGKey(0)))
-    step = jax.jit(train_step.make_train_step(graphdef, tx, task="lm"), donate_argnums=(0, 3))
+    placed = step.place(states)
+    trainable, frozen, dropout = placed["trainable"], placed["frozen"], placed["dropout"]
+    batch = jax.device_put(make_batch(a), sharding.batch_sharding(mesh))
+    number = train_step.step_number(0)
 
     start = time.perf_counter()
-    compiled = step.lower(trainable, frozen, dropout, opt_state, batch, rng).compile()
+    compiled = step.train.lower(trainable, frozen, dropout, placed["opt_state"],
+                                step.zero_window(), batch, number).compile()
     compile_s = time.perf_counter() - start
     row: dict = {"compile_s": compile_s, "dtype": compute}
     if accelerator:  # model.attention 'auto' resolved, for the table
@@ -308,13 +307,15 @@ def run_jaxft(a, mode: str) -> dict:
     cost = compiled.cost_analysis()
     if cost and "flops" in cost:
         row["xla_flops"] = float(cost["flops"])
-    state = {"trainable": trainable, "opt_state": opt_state}
+    state = {"trainable": trainable, "opt_state": placed["opt_state"]}
 
     def one_step():
-        state["trainable"], state["opt_state"], metrics = compiled(
-            state["trainable"], frozen, dropout, state["opt_state"], batch, rng)
-        jax.block_until_ready((state["trainable"], metrics))
-        state["loss"] = float(metrics["loss"])
+        state["trainable"], state["opt_state"], window = compiled(
+            state["trainable"], frozen, dropout, state["opt_state"], step.zero_window(), batch,
+            number)
+        jax.block_until_ready(state["trainable"])
+        window = jax.device_get(window)  # as PyTorch's loss.item(), once per step
+        state["loss"] = float(window["loss_sum"] / window["count"])
 
     first = timed(one_step, 1)[0]
     timed(one_step, a.warmup)
@@ -418,7 +419,7 @@ def run_torch(a, mode: str, compiled: bool = False) -> dict:
     torch.set_num_threads(a.threads)
     cuda = torch.cuda.is_available()
     device = "cuda" if cuda else "cpu"
-    param_dtype, compute = dtypes(a, cuda)
+    param_dtype, compute = dtypes_for(a, cuda)
     torch.manual_seed(0)
     with torch.device(device):
         model = transformers.AutoModelForCausalLM.from_config(

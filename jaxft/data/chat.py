@@ -22,7 +22,7 @@ import json
 
 from transformers import PreTrainedTokenizerBase
 
-from jaxft.errors import JaxftError
+from jaxft.errors import JaxftError, first_line
 
 # ChatML as Qwen and SmolLM use it, for tokenizers that ship without a template.
 CHATML = (
@@ -31,6 +31,10 @@ CHATML = (
     "{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
 NAMED_TEMPLATES = {"chatml": CHATML}
+# The roles chat templates know (OpenAI's, as transformers' templates and TRL use them, plus
+# Llama 3's `ipython` tool role). Any other is refused: most templates would render a misspelt
+# role as plain text and train on it silently, or drop the turn.
+ROLES = ("system", "developer", "user", "assistant", "tool", "ipython")
 
 
 class BadConversation(ValueError):
@@ -77,6 +81,9 @@ def parse_messages(value: object) -> list[dict]:
         if not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
             raise BadConversation(f"message {j} needs string 'role' and 'content', has "
                                   f"{sorted(m)}")
+        if m["role"] not in ROLES:
+            raise BadConversation(f"message {j} has role {m['role']!r}, expected one of "
+                                  f"{', '.join(ROLES)}")
         messages.append(m)
     return messages
 
@@ -105,8 +112,7 @@ def assistant_spans(tokenizer: PreTrainedTokenizerBase, messages: list[dict],
     except BadConversation:
         raise
     except Exception as e:  # noqa: BLE001 - templates raise anything (jinja errors, raise_exception)
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise BadConversation(f"chat template failed: {msg}") from e
+        raise BadConversation(f"chat template failed: {first_line(e)}") from e
     if not spans:
         raise BadConversation("conversation has no assistant turn to train on")
     return full, spans

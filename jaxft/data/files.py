@@ -21,7 +21,7 @@ import datasets
 import pandas as pd
 import pyarrow as pa
 
-from jaxft.errors import JaxftError
+from jaxft.errors import JaxftError, first_line
 
 KINDS = {".jsonl": "jsonl", ".json": "json", ".csv": "csv", ".parquet": "parquet", ".txt": "txt"}
 LOCATION_COLUMNS = ("_file", "_row")
@@ -113,15 +113,15 @@ def _read_tabular(path: str, kind: str, skip: bool,
     builder = {"csv": "csv", "parquet": "parquet", "txt": "text"}[kind]
     try:
         ds = datasets.load_dataset(builder, data_files=path, split="train", **kwargs)
-    except ValueError as e:
-        if "corresponds to no data" not in str(e):  # how `datasets` reports an empty file
-            raise
-        return datasets.Dataset.from_dict({}), 0
     except datasets.exceptions.DatasetGenerationError as e:
         cause = e.__cause__ or e
         if kind == "csv" and isinstance(cause, pd.errors.ParserError) and skip:
             return _read_csv_skipping(path)
         raise JaxftError(f"{path}: cannot read as {kind}: {first_line(cause)}") from e
+    except (ValueError, pa.ArrowException) as e:  # pyarrow's ArrowInvalid is a ValueError too
+        if "corresponds to no data" in str(e):  # how `datasets` reports an empty file
+            return datasets.Dataset.from_dict({}), 0
+        raise JaxftError(f"{path}: cannot read as {kind}: {first_line(e)}") from e
     if kind == "txt" and text_column != "text":
         ds = ds.rename_column("text", text_column)
     return ds, 0
@@ -256,6 +256,3 @@ def _kind(value: object) -> str:
             float: "a number", type(None): "null"}.get(type(value), type(value).__name__)
 
 
-def first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__

@@ -21,6 +21,7 @@ import ml_collections
 
 from jaxft.data.config import FORMATS
 from jaxft.errors import JaxftError
+from jaxft.tasks import TASKS
 
 ALPACA_WITH_INPUT = (
     "Below is an instruction that describes a task, paired with an input that provides further "
@@ -45,8 +46,8 @@ class Schema:
 
 def resolve(cfg: ml_collections.ConfigDict, found: list[str], task: str, where: str) -> Schema:
     """The schema for a dataset with columns `found`, or a one-line error listing both sides."""
-    if task not in ("lm", "classification"):
-        raise JaxftError(f"task must be 'lm' or 'classification', got {task!r}")
+    if task not in TASKS:
+        raise JaxftError(f"task must be one of {', '.join(TASKS)}, got {task!r}")
     fmt = cfg.format
     if fmt not in FORMATS:
         raise JaxftError(f"data.format must be one of {', '.join(FORMATS)}, got {fmt!r}")

@@ -11,15 +11,15 @@ source's own eval split (built-ins, hub `validation`/`test`), else from a seeded
 from __future__ import annotations
 
 import dataclasses
-import os
 
 import datasets
 import numpy as np
 
+from jaxft import hub
 from jaxft.data import chatterbot, files
 from jaxft.data.files import Loaded, Origin
 from jaxft.data.order import holdout
-from jaxft.errors import JaxftError
+from jaxft.errors import JaxftError, first_line
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,14 +55,9 @@ def _select(loaded: Loaded, indices: np.ndarray, **changes) -> Loaded:
 def _load(path: str, skip_bad_rows: bool, text_column: str) -> tuple[Loaded, Loaded | None]:
     if path.startswith("chatterbot:"):
         return chatterbot.load(path)
-    if _looks_local(path):
+    if hub.looks_local(path):
         return files.read_files(path, skip_bad_rows=skip_bad_rows, text_column=text_column), None
     return _load_hub(path)
-
-
-def _looks_local(path: str) -> bool:
-    return (os.path.exists(path) or any(ch in path for ch in "*?[")
-            or os.path.splitext(path)[1] != "" or path.startswith((".", "/", "~")))
 
 
 def _load_hub(name: str) -> tuple[Loaded, Loaded | None]:
@@ -71,7 +66,7 @@ def _load_hub(name: str) -> tuple[Loaded, Loaded | None]:
         splits = datasets.load_dataset(name)
     except Exception as e:  # noqa: BLE001 - hub/network errors come in many types; report them all
         raise JaxftError(f"'{name}' is not a local file and could not be loaded from the Hugging "
-                         f"Face hub ({type(e).__name__}: {files.first_line(e)[:200]})") from e
+                         f"Face hub ({first_line(e)[:200]})") from e
     if "train" not in splits:
         raise JaxftError(f"hub dataset '{name}' has no 'train' split (found {list(splits)})")
     eval_split = next((s for s in ("validation", "test") if s in splits), None)

@@ -14,7 +14,8 @@ import os
 import transformers
 from transformers import PreTrainedTokenizerBase
 
-from jaxft.errors import JaxftError
+from jaxft import hub
+from jaxft.errors import JaxftError, first_line
 
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.txt",
                     "vocab.json")
@@ -76,7 +77,7 @@ def load_tokenizer(model_path: str) -> PreTrainedTokenizerBase:
             raise JaxftError(f"{path}: no tokenizer files found (expected one of "
                              f"{', '.join(_TOKENIZER_FILES)}, or a single .gguf file)")
         return _from_pretrained(path, path)
-    if os.path.exists(path) or path.startswith((".", "/", "~")):
+    if hub.looks_local(path):
         raise JaxftError(f"tokenizer path is not a model directory or .gguf file: {path}")
     return _from_pretrained(path, path)  # a hub id such as 'HuggingFaceTB/SmolLM2-135M-Instruct'
 
@@ -86,5 +87,4 @@ def _from_pretrained(location: str, shown: str, **kwargs) -> PreTrainedTokenizer
         return transformers.AutoTokenizer.from_pretrained(location, trust_remote_code=False,
                                                           **kwargs)
     except (OSError, ValueError) as e:  # transformers reports missing files/ids as these
-        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise JaxftError(f"could not load a tokenizer from {shown}: {first_line}") from e
+        raise JaxftError(f"could not load a tokenizer from {shown}: {first_line(e)}") from e

@@ -1,17 +1,19 @@
-"""Model families, chosen from a Hugging Face config's `model_type` and `architectures`.
+"""Model families, chosen from a Hugging Face config's `model_type`.
 
-A family module exposes `Config` (with `from_hf`), `Model`, `HF_TENSORS` and `MODEL_TYPES`.
+A family module provides what `jaxft.models.family.Family` lists (`Config` with `from_hf`,
+`Model`, `HF_TENSORS`, `MODEL_TYPES`); its config what `ModelConfig` lists.
 """
 
 from __future__ import annotations
 
-from types import ModuleType
-
 from jaxft.errors import JaxftError
 from jaxft.models import bert, gpt2, llama
+from jaxft.models.family import CausalLM, Family, ModelConfig
 from jaxft.models.params import TensorMapping
 
-FAMILIES: tuple[ModuleType, ...] = (llama, gpt2, bert)
+FAMILIES: tuple[Family, ...] = (llama, gpt2, bert)
+
+__all__ = ["FAMILIES", "CausalLM", "Family", "ModelConfig", "family_for", "tensor_table"]
 
 
 def tensor_table(model) -> TensorMapping:
@@ -19,7 +21,7 @@ def tensor_table(model) -> TensorMapping:
     return family_for({"model_type": model.config.model_type}).HF_TENSORS
 
 
-def family_for(hf_config: dict, source: str = "config.json") -> ModuleType:
+def family_for(hf_config: dict, source: str = "config.json") -> Family:
     """The family module that implements this Hugging Face config."""
     model_type = hf_config.get("model_type")
     for family in FAMILIES:

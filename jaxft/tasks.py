@@ -1,0 +1,10 @@
+"""What jaxft trains. The config, the data pipeline and the train step all name tasks from here.
+
+- `lm`: causal language modelling, next-token cross-entropy on the tokens the data marks (all of
+  a text, a completion, the assistant's turns);
+- `classification`: a sequence classifier (BERT), cross-entropy on one label per row.
+"""
+
+LM = "lm"
+CLASSIFICATION = "classification"
+TASKS = (LM, CLASSIFICATION)
