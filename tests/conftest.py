@@ -9,6 +9,25 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import pytest  # noqa: E402  (after the environment above, as jax reads it on import)
 
+# What the versions line of the report names: the stack jaxft's numerics depend on.
+REPORTED = ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "transformers", "tokenizers",
+            "datasets", "safetensors", "huggingface_hub", "numpy", "torch", "peft")
+
+
+def pytest_terminal_summary(terminalreporter):
+    """Said at the end of every run, `-q` included, so a log shows what it tested."""
+    import importlib.metadata
+    import sys
+
+    found = []
+    for name in REPORTED:
+        try:
+            found.append(f"{name} {importlib.metadata.version(name)}")
+        except importlib.metadata.PackageNotFoundError:
+            found.append(f"{name} (not installed)")
+    terminalreporter.write_line(f"jaxft tested with: python {sys.version.split()[0]}, "
+                                + ", ".join(found))
+
 
 def pytest_configure(config):
     import jax

@@ -16,7 +16,9 @@ out=${2:-${OUT:-runs/gpu_check}}
 
 if [[ $stage == wheels ]]; then
   mkdir -p .whl
-  for pkg in ml-collections==1.1.0 datasets==5.2.0 dill==0.4.1 multiprocess==0.70.19; do
+  # transformers: the image's 5.17 reads GGUF tokenizers differently; 5.24 is the tested floor.
+  for pkg in ml-collections==1.1.0 datasets==5.2.0 dill==0.4.1 multiprocess==0.70.19 \
+      transformers==5.24.0; do
     python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 \
       --implementation cp --platform manylinux2014_x86_64 --platform manylinux_2_17_x86_64 \
       -d .whl "$pkg" || exit 1
