@@ -12,8 +12,8 @@ and micro-batching) is lowered and compiled for the configured mesh, on `jax.Sha
 inputs that carry their shardings. Nothing is allocated: XLA's `memory_analysis()` says what
 each device will hold (arguments: parameters and optimizer state; outputs; temporaries:
 activations), and the parameter and optimizer-state bytes are also counted exactly from the
-abstract trees. Batch
-shapes come from `train.batch_size` × `data.max_len`, so neither tokenizer nor data is read.
+abstract trees. Batch shapes come from `train.batch_size` × `data.max_len`, so neither
+tokenizer nor data is read.
 """
 
 from __future__ import annotations
@@ -99,7 +99,7 @@ def make_plan(cfg: ml_collections.ConfigDict) -> Plan:
     batch = abstract_batch(cfg.task, cfg.train.batch_size, cfg.data.max_len, mesh)
     scalars = jax.tree.map(  # the step's running sums and its number: a few replicated scalars
         lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=step.replicated),
-        (jax.eval_shape(lambda: train_step.zero_window(cfg.task)), train_step.step_number(0)))
+        (train_step.zero_window(cfg.task), train_step.step_number(0)))
     window, number = scalars
     compiled = step.train.lower(placed["trainable"], placed["frozen"], placed["dropout"],
                                 placed["opt_state"], window, batch, number).compile()

@@ -328,7 +328,7 @@ class _LogWindow:
     Trainer averages over its logging steps), not the last step's."""
 
     def __init__(self, task: str):
-        self.sums = {k: 0.0 for k in train_step.zero_sums(task)}
+        self.sums = dict.fromkeys(train_step.sum_names(task), 0.0)
         self.tokens = 0  # processed tokens, padding included (for tokens/s)
         self.started = time.perf_counter()
         self.grad_norm = float("nan")

@@ -71,14 +71,18 @@ LOSSES: dict[str, Callable[[nnx.Module, Batch], dict[str, jax.Array]]] = {
     tasks.LM: lm_losses, tasks.CLASSIFICATION: classification_losses}
 
 
-def zero_sums(task: str) -> dict[str, jax.Array]:
-    """The (scalar) sums a loss function returns, as zeros."""
-    names = ("loss_sum", "count", "correct") if task == tasks.CLASSIFICATION else \
+def sum_names(task: str) -> tuple[str, ...]:
+    """The (scalar) sums a task's loss function returns."""
+    return ("loss_sum", "count", "correct") if task == tasks.CLASSIFICATION else \
         ("loss_sum", "count")
-    return {n: jnp.zeros((), jnp.float32) for n in names}
 
 
-def zero_window(task: str) -> dict[str, jax.Array]:
+def zero_sums(task: str) -> dict[str, np.ndarray]:
+    """Those sums as zeros, on the host (`Step` places them; under jit they are constants)."""
+    return {n: np.zeros((), np.float32) for n in sum_names(task)}
+
+
+def zero_window(task: str) -> dict[str, np.ndarray]:
     """An empty logging window: what the train step accumulates between two host reads.
 
     `loss_sum`/`count` (and `correct`) sum over the window's finite steps, so the logged loss is
@@ -86,9 +90,8 @@ def zero_window(task: str) -> dict[str, jax.Array]:
     steps and `first_nonfinite` is the first one's number (0: none); `grad_norm` is the last
     step's.
     """
-    return {**zero_sums(task), "nonfinite": jnp.zeros((), jnp.int32),
-            "first_nonfinite": jnp.zeros((), jnp.int32),
-            "grad_norm": jnp.zeros((), jnp.float32)}
+    return {**zero_sums(task), "nonfinite": np.zeros((), np.int32),
+            "first_nonfinite": np.zeros((), np.int32), "grad_norm": np.zeros((), np.float32)}
 
 
 def fresh_dropout_keys(dropout: nnx.State, rng: jax.Array) -> nnx.State:
