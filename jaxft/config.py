@@ -41,7 +41,8 @@ def base_config() -> ml_collections.ConfigDict:
     # inside an installed package (the offline defaults).
     c.model.path = ""
     c.model.num_labels = 0  # classification: classes (0 = from the data's label map)
-    # Attention kernel: auto = cuDNN flash attention on a GPU in 16-bit, XLA elsewhere.
+    # Attention kernel: auto = cuDNN flash attention on a GPU in 16-bit, splash on a TPU, XLA
+    # elsewhere.
     c.model.attention = "auto"
 
     c.data = data.default_config()
@@ -105,8 +106,12 @@ def base_config() -> ml_collections.ConfigDict:
     return c
 
 
-def validate(c: ml_collections.ConfigDict, device_count: int) -> None:
+def validate(c: ml_collections.ConfigDict, device_count: int,
+             platform: str | None = None) -> None:
     """Refuse a bad config with one line, before any weights load or anything compiles.
+
+    `device_count` and `platform` are those of the machine the run will train on (the dry run
+    for a TPU slice passes the slice's; by default, this machine's).
 
     The string-or-list and dtype fields are first reduced to their canonical form, in place, so
     everything downstream (and `config.json`) sees one spelling.
@@ -123,13 +128,15 @@ def validate(c: ml_collections.ConfigDict, device_count: int) -> None:
     c.lora.modules_to_save = names(c.lora.modules_to_save, "lora.modules_to_save")
     c.train.sample_prompts = texts(c.train.sample_prompts, "train.sample_prompts")
     _one_of("model.attention", c.model.attention, ATTENTION_IMPLEMENTATIONS)
-    if c.model.attention == "cudnn":
-        import jax
-
-        if jax.default_backend() != "gpu" or compute_dtype(c) == "float32":
-            raise JaxftError(f"config: model.attention 'cudnn' needs a GPU and a 16-bit "
-                             f"train.compute_dtype; this is {jax.default_backend()} with "
-                             f"{compute_dtype(c)} (use 'auto')")
+    platform = platform or _default_platform()
+    if c.model.attention == "cudnn" and (platform != "gpu"
+                                         or compute_dtype(c, platform) == "float32"):
+        raise JaxftError(f"config: model.attention 'cudnn' needs a GPU and a 16-bit "
+                         f"train.compute_dtype; this is {platform} with "
+                         f"{compute_dtype(c, platform)} (use 'auto')")
+    if c.model.attention == "splash" and platform != "tpu":
+        raise JaxftError(f"config: model.attention 'splash' is a TPU kernel; this is {platform} "
+                         "(use 'auto')")
     _one_of("train.remat", c.train.remat, tuple(REMAT_POLICIES))
     _one_of("train.on_nonfinite", c.train.on_nonfinite, ("skip", "stop"))
     _one_of("checkpoint.resume", c.checkpoint.resume, ("auto", "never", "fresh"))
@@ -156,14 +163,19 @@ def validate(c: ml_collections.ConfigDict, device_count: int) -> None:
     parse_rank_pattern(c.lora.rank_pattern)
 
 
-def compute_dtype(c: ml_collections.ConfigDict) -> str:
-    """`train.compute_dtype` with 'auto' resolved for this backend: bfloat16 where the matrix
-    units want it (TPU, GPU), float32 on CPU, where bfloat16 matmuls are emulated and slower."""
-    import jax
-
+def compute_dtype(c: ml_collections.ConfigDict, platform: str | None = None) -> str:
+    """`train.compute_dtype` with 'auto' resolved for the platform that will train (by default
+    this machine's): bfloat16 where the matrix units want it (TPU, GPU), float32 on CPU, where
+    bfloat16 matmuls are emulated and slower."""
     if c.train.compute_dtype != "auto":
         return dtypes.canonical(c.train.compute_dtype, "config: train.compute_dtype")
-    return "float32" if jax.default_backend() == "cpu" else "bfloat16"
+    return "float32" if (platform or _default_platform()) == "cpu" else "bfloat16"
+
+
+def _default_platform() -> str:
+    import jax
+
+    return jax.default_backend()
 
 
 def lora_config(c: ml_collections.ConfigDict) -> lora.LoraConfig | None:

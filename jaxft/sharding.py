@@ -8,7 +8,9 @@ so odd vocabularies or head counts still run, just less sharded.
 
 from __future__ import annotations
 
+import functools
 import math
+from collections.abc import Callable
 
 import jax
 import numpy as np
@@ -145,3 +147,16 @@ def optimizer_shardings(tx, trainable: nnx.State, param_shardings: nnx.State,
         return replicated(mesh)
 
     return jax.tree_util.tree_map_with_path(pick, jax.eval_shape(tx.init, trainable))
+
+
+def traced_under(mesh: Mesh, fn: Callable) -> Callable:
+    """`fn`, traced with `mesh` as the ambient (abstract) mesh, for what reads it while tracing:
+    `jaxft.target.platform` (kernels and chunk sizes chosen for the mesh's devices, which for
+    the dry run are a TPU slice's, not this host's) and the splash kernel's `shard_map`."""
+
+    @functools.wraps(fn)
+    def traced(*args, **kwargs):
+        with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+            return fn(*args, **kwargs)
+
+    return traced

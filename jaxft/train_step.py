@@ -250,12 +250,12 @@ def build(model: nnx.Module, cfg: ml_collections.ConfigDict, mesh: Mesh,
     replicated = sharding.replicated(mesh)
     params = (shardings["trainable"], shardings["frozen"], shardings["dropout"])
     train = jax.jit(
-        make_train_step(graphdef, tx, task=cfg.task, accum_steps=cfg.train.accum_steps,
-                        seed=cfg.train.seed),
+        sharding.traced_under(mesh, make_train_step(
+            graphdef, tx, task=cfg.task, accum_steps=cfg.train.accum_steps, seed=cfg.train.seed)),
         in_shardings=(*params, shardings["opt_state"], replicated, None, replicated),
         out_shardings=(shardings["trainable"], shardings["opt_state"], replicated),
         donate_argnums=(0, 3, 4))
-    evaluate = jax.jit(make_eval_step(eval_graphdef, task=cfg.task),
+    evaluate = jax.jit(sharding.traced_under(mesh, make_eval_step(eval_graphdef, task=cfg.task)),
                        in_shardings=(*params, replicated, None), out_shardings=replicated,
                        donate_argnums=(3,))
     step = Step(graphdef, eval_graphdef, cfg.task, mesh, tx, schedule, shardings, train,

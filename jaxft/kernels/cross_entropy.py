@@ -5,6 +5,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from jaxft import target
+
 # Logits `head_cross_entropy` holds at once. On a CPU 4 MiB of float32, small enough to stay
 # near the cache; on an accelerator 512 MiB, so each chunk is a matmul of ~1,000 rows that keeps
 # the matrix units busy (a 128k vocabulary at 1,000 positions, not 8).
@@ -32,7 +34,7 @@ def _cross_entropy_chunks(h, w, targets, weights, *, need_dh: bool, need_dw: boo
     vocab = w.shape[1]
     # When the head trains, a chunk has at least D rows: its logits are then no bigger than the
     # head's gradient, which is accumulated once per chunk.
-    elements = CE_CHUNK_ELEMENTS if jax.default_backend() == "cpu" else \
+    elements = CE_CHUNK_ELEMENTS if target.platform() == "cpu" else \
         CE_CHUNK_ELEMENTS_ACCELERATOR
     rows = max(elements // vocab, d if need_dw else 1)
     chunk = max(1, min(t, rows // b))  # positions per chunk

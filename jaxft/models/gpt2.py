@@ -142,7 +142,7 @@ class Attention(nnx.Module):
         self.attn_dropout = layers.Dropout(cfg.attn_pdrop)
         self.resid_dropout = layers.Dropout(cfg.resid_pdrop)
 
-    def __call__(self, x, mask, cache=None):
+    def __call__(self, x, mask, segment_ids=None, cache=None):
         b, t, d = x.shape
         q, k, v = jnp.split(self.c_attn(x), 3, axis=-1)  # 3 x B T D
         q, k, v = (a.reshape(b, t, self.num_heads, d // self.num_heads) for a in (q, k, v))
@@ -150,7 +150,8 @@ class Attention(nnx.Module):
             k, v, cache = cache.update(k, v)
         out = layers.dot_product_attention(q, k, v, mask, (d // self.num_heads) ** -0.5,
                                            implementation=self.attention, causal=True,
-                                           probs_dropout=self.attn_dropout)
+                                           probs_dropout=self.attn_dropout,
+                                           segment_ids=segment_ids)
         return self.resid_dropout(self.c_proj(out.reshape(b, t, d))), cache
 
 
@@ -174,9 +175,9 @@ class Block(nnx.Module):
         self.ln_2 = layers.LayerNorm(cfg.hidden_size, eps, param_dtype=param_dtype)
         self.mlp = MLP(cfg, rngs=rngs, param_dtype=param_dtype)
 
-    def __call__(self, h, *, mask, cache=None):
+    def __call__(self, h, *, mask, segment_ids=None, cache=None):
         with jax.named_scope("attention"):
-            attn, cache = self.attn(self.ln_1(h), mask, cache)
+            attn, cache = self.attn(self.ln_1(h), mask, segment_ids, cache)
         h = h + attn
         with jax.named_scope("mlp"):
             h = h + self.mlp(self.ln_2(h))
@@ -217,7 +218,7 @@ class Model(nnx.Module):
         return_hidden: bool = False,
     ):
         """Same contract as `jaxft.models.llama.Model.__call__`."""
-        positions, mask, cache = layers.causal_lm_inputs(
+        positions, mask, segments, cache = layers.causal_lm_inputs(
             input_ids, attention_mask, segment_ids, positions, cache
         )
         h = self.transformer.wte(input_ids) + self.transformer.wpe(positions)  # B T D
@@ -228,6 +229,7 @@ class Model(nnx.Module):
             remat=self.config.remat,
             cache=None if cache is None else cache.layers,
             mask=mask,
+            segment_ids=segments,
         )
         h = self.transformer.ln_f(h)
         if cache is not None:

@@ -10,6 +10,8 @@ nothing to the model; `jaxft.sharding` maps them onto a device mesh through one 
 
 from __future__ import annotations
 
+import functools
+import logging
 import math
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -19,8 +21,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from jaxft import target
 from jaxft.errors import JaxftError
 from jaxft.kernels import attention as attention_kernel
+from jaxft.kernels import splash as splash_kernel
 from jaxft.kernels.swiglu import swiglu  # noqa: F401  (the families' MLP activation)
 
 Array = jax.Array
@@ -202,13 +206,15 @@ def causal_lm_inputs(
     positions: Array | None,
     cache: Any,
     sliding_window: int | None = None,
-) -> tuple[Array, Array, Any]:
-    """(positions, mask [B,1,T,S], cache) for a decoder call, with transformers' defaults.
+) -> tuple[Array, Array, Array | None, Any]:
+    """(positions, mask [B,1,T,S], segment ids, cache) for a decoder call, with transformers'
+    defaults.
 
     Segments come from `segment_ids` (packed rows), else from `padding_mask` (HF's
     attention_mask: 0 is padding, segment 0), else one segment per row; positions default to
     0..T-1. With a KV cache the new tokens take its next slots and see every earlier slot of
-    their segment.
+    their segment; the segment ids come back only without a cache, when the mask is theirs
+    alone (what `dot_product_attention`'s splash kernel takes instead of the mask).
     """
     b, t = input_ids.shape
     if segment_ids is None:
@@ -219,53 +225,75 @@ def causal_lm_inputs(
     if cache is None:
         mask = attention_mask(segment_ids, segment_ids, positions, positions, causal=True,
                               sliding_window=sliding_window)
-    else:
-        cache = cache.add(segment_ids, positions)
-        mask = cache.mask(segment_ids, positions, sliding_window)
-    return positions, mask, cache
+        return positions, mask, segment_ids, cache
+    cache = cache.add(segment_ids, positions)
+    return positions, cache.mask(segment_ids, positions, sliding_window), None, cache
 
 
-ATTENTION_IMPLEMENTATIONS = ("auto", "xla", "cudnn")
+ATTENTION_IMPLEMENTATIONS = ("auto", "xla", "cudnn", "splash")
 
 
 def dot_product_attention(
     q: Array, k: Array, v: Array, mask: Array, scale: float, *, implementation: str = "auto",
-    causal: bool = False, probs_dropout: Dropout | None = None,
+    causal: bool = False, probs_dropout: Dropout | None = None, segment_ids: Array | None = None,
+    sliding_window: int | None = None,
 ) -> Array:
     """Grouped-query attention: q [B,T,N,H], k/v [B,S,K,H], mask [B,1,T,S] -> [B,T,N,H].
 
-    `implementation`: 'xla' is einsum-softmax-einsum with a hand-written backward
-    (`jaxft.kernels.attention`), what
-    XLA:CPU runs best; 'cudnn' is `jax.nn.dot_product_attention`'s fused cuDNN flash kernel
-    (GPU, 16-bit dtypes), which takes `mask` as a bias; 'auto' picks cuDNN on a GPU in 16-bit
-    when queries and keys are the same tokens (training and evaluation; decoding from a cache
-    stays on 'xla'), and 'xla' otherwise. `causal` says that `mask` already hides every later
-    token (true of packed causal LMs, whose positions grow within each example), so cuDNN may
-    skip the upper triangle. Scores and softmax run in float32 whatever the compute dtype, as
-    HF's eager path does. An active `probs_dropout` (training BERT or GPT-2) drops attention
-    probabilities as HF does; that takes the plain path, whose autodiff keeps the dropped
-    probabilities (neither fused kernel drops them).
+    `implementation`, for the platform being compiled for (`jaxft.target`):
+    - 'xla': einsum-softmax-einsum with a hand-written backward (`jaxft.kernels.attention`),
+      what XLA:CPU runs best, and the path every other choice falls back to;
+    - 'cudnn': `jax.nn.dot_product_attention`'s fused cuDNN flash kernel (GPU, 16-bit), which
+      takes `mask` as a bias;
+    - 'splash': Pallas splash attention (`jaxft.kernels.splash`, TPU; interpreted elsewhere),
+      which builds the mask from `segment_ids` and `sliding_window` instead of `mask`;
+    - 'auto': cuDNN on a GPU in 16-bit, splash on a TPU, 'xla' otherwise.
+    The fused kernels need queries and keys to be the same tokens (training and evaluation;
+    decoding from a cache stays on 'xla'); splash also needs `segment_ids` (the [B,T] ids `mask`
+    was built from, positions rising by one along each segment) and shapes it takes, and falls
+    back with one logged line when it cannot. `causal` says that `mask` already hides every
+    later token (true of packed causal LMs, whose positions grow within each example). Scores
+    and softmax run in float32 whatever the compute dtype, as HF's eager path does. An active
+    `probs_dropout` (training BERT or GPT-2) drops attention probabilities as HF does; that
+    takes the plain path, whose autodiff keeps the dropped probabilities (no fused kernel
+    drops them).
     """
     if implementation not in ATTENTION_IMPLEMENTATIONS:
         raise JaxftError(
             f"attention implementation {implementation!r} unknown "
             f"(known: {', '.join(ATTENTION_IMPLEMENTATIONS)})"
         )
-    gpu = jax.default_backend() == "gpu"
+    platform = target.platform()
     half = q.dtype in (jnp.bfloat16, jnp.float16)
     dropping = probs_dropout is not None and probs_dropout.active
+    self_attention = q.shape[1] == k.shape[1]
     if implementation == "auto":
-        implementation = ("cudnn" if gpu and half and q.shape[1] == k.shape[1] and not dropping
-                          else "xla")
+        causal_batch = causal and segment_ids is not None  # what splash builds its mask from
+        implementation = {"gpu": "cudnn" if half else "xla",
+                          "tpu": "splash" if causal_batch else "xla"}.get(platform, "xla")
+        if not self_attention or dropping:  # decoding from a cache; dropped probabilities
+            implementation = "xla"
+    if implementation == "splash":
+        reason = ("attention dropout is on" if dropping else
+                  "it needs a causal mask and its segment ids" if segment_ids is None
+                  or not causal else splash_kernel.unsupported(q.shape[1], k.shape[1],
+                                                               q.shape[-1]))
+        if reason is None:
+            return splash_kernel.splash_attention(q, k, v, segment_ids, scale,
+                                                  sliding_window=sliding_window)
+        if self_attention:  # decoding from a cache is expected to take the XLA path: no line
+            _log_fallback_once(f"splash attention cannot take this call ({reason}); "
+                               "using the XLA attention path")
+        implementation = "xla"
     if implementation == "cudnn":
-        if not (gpu and half):
+        if not (platform == "gpu" and half):
             raise JaxftError(
                 f"attention implementation 'cudnn' needs a GPU and a 16-bit compute dtype; "
-                f"this is {jax.default_backend()} with {q.dtype} (use 'auto' or 'xla')"
+                f"this is {platform} with {q.dtype} (use 'auto' or 'xla')"
             )
         if not dropping:
             return jax.nn.dot_product_attention(
-                q, k, v, mask=mask, scale=scale, is_causal=causal and q.shape[1] == k.shape[1],
+                q, k, v, mask=mask, scale=scale, is_causal=causal and self_attention,
                 implementation="cudnn",
             )
     b, t, n, h = q.shape
@@ -281,6 +309,10 @@ def dot_product_attention(
     return out.transpose(0, 3, 1, 2, 4).reshape(b, t, n, h)
 
 
+@functools.lru_cache(maxsize=None)
+def _log_fallback_once(message: str) -> None:
+    """A fallback is said once per distinct reason, not once per layer or per trace."""
+    logging.warning(message)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -164,6 +164,7 @@ class Attention(nnx.Module):
         )
         self.head_dim = h
         self.attention = cfg.attention
+        self.sliding_window = cfg.sliding_window
         self.dropout = layers.Dropout(cfg.attention_dropout)
         self.inv_freq = tuple(
             layers.rope_inverse_frequencies(
@@ -171,7 +172,7 @@ class Attention(nnx.Module):
             ).tolist()
         )
 
-    def __call__(self, x, positions, mask, cache=None):
+    def __call__(self, x, positions, mask, segment_ids=None, cache=None):
         b, t, _ = x.shape
         inv_freq = jnp.asarray(self.inv_freq, jnp.float32)
         q = self.q_proj(x).reshape(b, t, -1, self.head_dim)  # B T N H
@@ -182,7 +183,8 @@ class Attention(nnx.Module):
             k, v, cache = cache.update(k, v)
         out = layers.dot_product_attention(
             q, k, v, mask, self.head_dim**-0.5, implementation=self.attention, causal=True,
-            probs_dropout=self.dropout,
+            probs_dropout=self.dropout, segment_ids=segment_ids,
+            sliding_window=self.sliding_window,
         )
         return self.o_proj(out.reshape(b, t, -1)), cache
 
@@ -210,9 +212,10 @@ class DecoderLayer(nnx.Module):
         )
         self.mlp = MLP(cfg, rngs=rngs, param_dtype=param_dtype)
 
-    def __call__(self, h, *, positions, mask, cache=None):
+    def __call__(self, h, *, positions, mask, segment_ids=None, cache=None):
         with jax.named_scope("attention"):
-            attn, cache = self.self_attn(self.input_layernorm(h), positions, mask, cache)
+            attn, cache = self.self_attn(self.input_layernorm(h), positions, mask, segment_ids,
+                                         cache)
         h = h + attn
         with jax.named_scope("mlp"):
             h = h + self.mlp(self.post_attention_layernorm(h))
@@ -277,7 +280,7 @@ class Model(nnx.Module):
         `cache` (`jaxft.kv_cache.Cache`) the tokens are appended to it and the call returns
         `(logits, cache)`; `jaxft.generate` drives it.
         """
-        positions, mask, cache = layers.causal_lm_inputs(
+        positions, mask, segments, cache = layers.causal_lm_inputs(
             input_ids, attention_mask, segment_ids, positions, cache, self.config.sliding_window
         )
         h = self.model.embed_tokens(input_ids)  # B T D
@@ -288,6 +291,7 @@ class Model(nnx.Module):
             cache=None if cache is None else cache.layers,
             positions=positions,
             mask=mask,
+            segment_ids=segments,
         )
         h = self.model.norm(h)
         if cache is not None:
