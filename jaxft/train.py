@@ -45,6 +45,12 @@ config_flags.DEFINE_config_file("config", None, "A configs/*.py file.", lock_con
 flags.DEFINE_bool("dry_run", False, "Print per-device memory, FLOPs and trainable parameters of "
                   "the configured step from the model's config alone, then exit: no weights are "
                   "read, nothing is allocated.")
+flags.DEFINE_string("topology", None, "With --dry_run: compile for this TPU slice instead of "
+                    "this machine (v5e-8, v4-8, v5p-8, v6e-8, other standard sizes, or a raw "
+                    "'v5e:2x4'); no TPU needed, libtpu is (the `tpu` extra).")
+flags.DEFINE_bool("suggest", False, "With --dry_run: compile candidate remat policies, "
+                  "micro-batch counts and mesh layouts and print the fastest that fits, as a "
+                  "command line.")
 # --- end dry run ---
 FLAGS = flags.FLAGS
 # What the steps between two host reads may copy from the devices: nothing, not even
@@ -413,10 +419,17 @@ def main(argv: list[str]) -> None:
     if not FLAGS["verbosity"].present:  # Orbax and XLA log every save at INFO
         absl_logging.set_verbosity(absl_logging.WARNING)
     try:
+        if (FLAGS.topology or FLAGS.suggest) and not FLAGS.dry_run:
+            raise JaxftError("--topology and --suggest plan a run; add --dry_run")
         if FLAGS.dry_run:  # --- dry run (jaxft.plan): compile abstractly, read no weights ---
-            from jaxft import plan
+            from jaxft import plan, suggest
 
-            plan.print_plan(FLAGS.config)
+            if FLAGS.topology:  # compile-only devices: this process needs no accelerator
+                jax.config.update("jax_platforms", "cpu")
+            if FLAGS.suggest:
+                suggest.print_suggestions(FLAGS.config, FLAGS.topology, sys.argv)
+            else:
+                plan.print_plan(FLAGS.config, FLAGS.topology)
             return
         run(FLAGS.config)
     except JaxftError as e:

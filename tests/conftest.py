@@ -7,11 +7,27 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
+def _libtpu_without_an_accelerator() -> bool:
+    """libtpu is installed (for the compile-only TPU tests) on a machine with no TPU or GPU.
+    Then a jax process that is not told `JAX_PLATFORMS=cpu` tries to start a TPU first, and
+    holds libtpu's lock file while it runs, which makes a TPU compile in another process fail."""
+    import glob
+    import importlib.util
+
+    return (importlib.util.find_spec("libtpu") is not None
+            and not glob.glob("/dev/accel*") and not glob.glob("/dev/vfio/[0-9]*")
+            and not glob.glob("/dev/nvidia[0-9]*"))
+
+
+if _libtpu_without_an_accelerator():
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")  # children (subprocess_env) inherit it
+
+
 import pytest  # noqa: E402  (after the environment above, as jax reads it on import)
 
 # What the versions line of the report names: the stack jaxft's numerics depend on.
-REPORTED = ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "transformers", "tokenizers",
-            "datasets", "safetensors", "huggingface_hub", "numpy", "torch", "peft")
+REPORTED = ("jax", "jaxlib", "libtpu", "flax", "optax", "orbax-checkpoint", "transformers",
+            "tokenizers", "datasets", "safetensors", "huggingface_hub", "numpy", "torch", "peft")
 
 
 def pytest_terminal_summary(terminalreporter):

@@ -123,7 +123,8 @@ def subprocess_env(devices: int, **extra: str) -> dict[str, str]:
     """The environment of a child `python -m jaxft.train` with `devices` CPU devices."""
     import os
 
-    env = {k: v for k, v in os.environ.items() if not k.startswith("JAX_")}
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith("JAX_") or k == "JAX_PLATFORMS"}
     env.update(XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
                PYTHONPATH=str(REPO), HF_HUB_OFFLINE="1", **extra)
     return env
