@@ -42,7 +42,7 @@ def test_meshes_give_single_device_losses(mode, model_dir, tmp_path):
                  "optim.lr": 3e-3 if mode == "lora" else 1e-3, "data.eval_fraction": 0.0}
     expected = single_device_losses(model_dir, tmp_path, **overrides)
     assert len(expected) == STEPS
-    for mesh in [(8, 1, 1), (2, 4, 1), (2, 2, 2)]:
+    for mesh in [(8, 1, 1), (2, 2, 2)]:  # pure data parallel; all three axes at once
         workdir = tmp_path / f"mesh-{'x'.join(map(str, mesh))}"
         cfg = tiny_config(model_dir, workdir, **overrides, **{
             "mesh.data": mesh[0], "mesh.fsdp": mesh[1], "mesh.tensor": mesh[2]})
