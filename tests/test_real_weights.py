@@ -9,15 +9,13 @@ import torch
 import transformers
 
 import jaxft
-from tests.real_weights import minilm_dir, smollm2_gguf_path
+from tests.real_weights import minilm_dir, smollm2_gguf_path, smollm2_transformers
 
 
 @pytest.fixture(scope="module")
 def smollm2():
     path = Path(smollm2_gguf_path())
-    hf = transformers.AutoModelForCausalLM.from_pretrained(
-        path.parent, gguf_file=path.name, dtype=torch.float32
-    ).eval()
+    hf = smollm2_transformers()
     tokenizer = transformers.AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
     return jaxft.from_pretrained(path), hf, tokenizer
 

@@ -194,16 +194,15 @@ def test_both_ways_xla_tpu_words_an_out_of_memory(message, needed, whole):
 
 
 def test_dry_run_command_refusals_are_one_line(small, tmp_path):
-    """A bad slice, --topology without --dry_run, --suggest without --topology, and a batch the
-    slice cannot split: one line each, before anything compiles (the good path is
-    `print_plan`, above)."""
+    """A bad slice and --topology without --dry_run on the command line, --suggest without
+    --topology and a batch the slice cannot split: one line each, before anything compiles
+    (the good path is `print_plan`, above)."""
     config_file = write_config_file(tmp_path / "cfg.py", small, tmp_path / "run", **{
         "mesh.data": 1, "mesh.fsdp": -1, "data.max_len": 256, "train.batch_size": 8,
         "train.compute_dtype": "auto", "data.train_path": str(tmp_path / "none.jsonl")})
     for flags, message in [
         (("--dry_run", "--topology=v5e-7"), "error: --topology: 'v5e-7' is not a TPU slice"),
         (("--topology=v5e-8",), "error: --topology and --suggest plan a run; add --dry_run"),
-        (("--dry_run", "--suggest"), "error: --suggest compiles for a TPU slice; add --topology"),
     ]:
         bad = subprocess.run(
             [sys.executable, "-m", "jaxft.train", f"--config={config_file}", *flags],
@@ -213,6 +212,9 @@ def test_dry_run_command_refusals_are_one_line(small, tmp_path):
         assert "Traceback" not in bad.stderr
     assert not (tmp_path / "run").exists()
     cfg = tpu_config(small, tmp_path)
+    with pytest.raises(jaxft.JaxftError, match=r"^--suggest compiles for a TPU slice; add "
+                       r"--topology \(e.g. v5e-8\)$"):
+        suggest.print_suggestions(cfg, None)
     with pytest.raises(jaxft.JaxftError, match=r"^config: train.batch_size 8 is not divisible "
                        r"by the data-parallel size 16 "):
         plan.make_plan(cfg, tpu.topology("v5e-16"))  # a slice the batch cannot split
