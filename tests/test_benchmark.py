@@ -56,3 +56,18 @@ def test_gpu_suite_runs_its_rows_on_a_tiny_shape(tmp_path):
     compiled = next(r for r in rows if r["impl"] == "torch_compile")
     assert compiled["compile_s"] > 0
     assert "llama1b lora: jaxft/torch_compile tokens/s" in proc.stdout
+
+
+def test_readme_tpu_table_is_the_tools_output_of_its_json():
+    """The README's "will it fit on a TPU" table is `tools/tpu_fit.py`'s rendering of
+    benchmarks/tpu_fit.json, so neither can drift from the other."""
+    sys.path.insert(0, str(ROOT / "tools"))
+    import tpu_fit
+
+    rows = json.loads((ROOT / "benchmarks" / "tpu_fit.json").read_text())
+    assert {(r["model"], r["mode"]) for r in rows} >= {
+        ("Llama-3.2-1B", "lora"), ("Llama-3.2-1B", "full"), ("Llama-3.1-8B", "lora"),
+        ("Llama-3.1-8B", "full"), ("Llama-3.1-70B", "lora")}
+    readme = (ROOT / "README.md").read_text()
+    table = readme.split(tpu_fit.README_BEGIN + "\n")[1].split("\n" + tpu_fit.README_END)[0]
+    assert table == tpu_fit.markdown(rows)
