@@ -71,12 +71,14 @@ class Trial:
         return self.plan is not None and bool(self.plan.fits)
 
 
-def layouts(devices: int, batch_size: int) -> list[tuple[str, tuple[int, int, int]]]:
-    """The mesh layouts worth comparing, in preference order, that the batch can use."""
+def layouts(devices: int, batch_size: int | None = None
+            ) -> list[tuple[str, tuple[int, int, int]]]:
+    """The mesh layouts worth comparing, in preference order (those the batch can use)."""
     found = [("fsdp", (1, devices, 1)), ("data", (devices, 1, 1))]
     found += [(f"fsdp+tensor{t}", (1, devices // t, t)) for t in TENSOR_SIZES
               if devices % t == 0 and devices // t > 1]
-    return [(name, shape) for name, shape in found if batch_size % (shape[0] * shape[1]) == 0]
+    return [(name, shape) for name, shape in found
+            if batch_size is None or batch_size % (shape[0] * shape[1]) == 0]
 
 
 def candidates(devices: int, batch_size: int) -> list[Candidate]:
@@ -94,9 +96,10 @@ def search(cfg: ml_collections.ConfigDict, topology: tpu.Topology,
     is spent; every candidate comes back, compiled or with the reason it was not."""
     trials = [Trial(c) for c in candidates(topology.num_devices, cfg.train.batch_size)]
     if not trials:
+        smallest = min(d * f for _, (d, f, _) in layouts(topology.num_devices))
         raise JaxftError(f"--suggest: train.batch_size {cfg.train.batch_size} cannot be split "
                          f"over {topology.num_devices} chips in any layout; use a multiple of "
-                         f"{topology.num_devices // max(TENSOR_SIZES)}")
+                         f"{smallest}")
     seconds = {remat: flops / topology.peak_flops
                for remat, flops in plan_lib.flops_by_remat(cfg, REMATS).items()}
     order = [name for name, _ in layouts(topology.num_devices, cfg.train.batch_size)]

@@ -14,6 +14,7 @@ import contextlib
 import dataclasses
 import importlib.metadata
 import importlib.util
+import math
 import os
 import re
 import tempfile
@@ -118,10 +119,7 @@ def topology(name: str) -> Topology:
     options: dict = {}
     if chip.name == "v4":
         options["chip_config_name"] = "megacore"  # as Cloud TPU runs v4: one device per chip
-    chips = 1
-    for d in dims:
-        chips *= d
-    if chips <= SINGLE_HOST_CHIPS:
+    if math.prod(dims) <= SINGLE_HOST_CHIPS:
         options["chips_per_host_bounds"] = tuple(dims + [1] * (3 - len(dims)))
     # libtpu takes a machine-wide lock file when it loads, and another process that makes a
     # topology meanwhile fails. Compile-only devices never touch a TPU, so several may load it.

@@ -218,6 +218,9 @@ def test_dry_run_command_refusals_are_one_line(small, tmp_path):
     with pytest.raises(jaxft.JaxftError, match=r"^config: train.batch_size 8 is not divisible "
                        r"by the data-parallel size 16 "):
         plan.make_plan(cfg, tpu.topology("v5e-16"))  # a slice the batch cannot split
+    with pytest.raises(jaxft.JaxftError, match=r"^--suggest: train.batch_size 8 cannot be split "
+                       r"over 6 chips in any layout; use a multiple of 3$"):
+        suggest.search(cfg, tpu.topology("v5e:2x3"))  # fsdp 3 × tensor 2 is the smallest
 
 
 def test_suggest_compiles_within_its_budget_and_suggests_a_fit(tmp_path):
