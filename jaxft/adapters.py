@@ -434,7 +434,7 @@ def _split_factors(model, table: dict[str, Site], plan: dict, tensors: dict, sou
             problems.append(f"tensor {key}: target_modules do not select {module}")
             continue
         rank = plan[path][0]
-        d_in, d_out = linears[path].kernel.shape[-2:]
+        d_in, d_out = linears[path].kernel_shape[-2:]
         expected = (rank, d_in) if which == "A" else (d_out, rank)
         if tuple(value.shape) != expected:
             problems.append(f"{module}.lora_{which}.weight has shape {tuple(value.shape)} but "

@@ -20,7 +20,7 @@ from typing import Any
 
 import ml_collections
 
-from jaxft import data, dtypes, lora
+from jaxft import data, dtypes, lora, quant
 from jaxft.errors import JaxftError
 from jaxft.models.layers import ATTENTION_IMPLEMENTATIONS, REMAT_POLICIES
 from jaxft.tasks import TASKS
@@ -93,6 +93,11 @@ def base_config() -> ml_collections.ConfigDict:
     c.lora.rank_pattern = ""  # per-target ranks, e.g. "q_proj:16,v_proj:4"
     # Modules trained in full beside the adapters (e.g. classifier): a name or a list of them.
     c.lora.modules_to_save = _any(())
+    # The frozen base under the adapters (jaxft.quant): 'none' keeps train.param_dtype; 'nf4'
+    # is QLoRA's 4-bit NormalFloat exactly as bitsandbytes stores it; 'int8' per-channel absmax.
+    c.lora.base_quant = "none"
+    c.lora.quant_block_size = 64  # nf4: weights per absmax (bitsandbytes' blocksize)
+    c.lora.double_quant = False  # nf4: quantize the absmaxes too (bnb_4bit_use_double_quant)
 
     c.mesh = ml_collections.ConfigDict()
     c.mesh.data = -1  # -1: all devices left over by the other axes
@@ -152,6 +157,13 @@ def validate(c: ml_collections.ConfigDict, device_count: int,
         raise JaxftError(f"config: lora.rank must be positive, got {c.lora.rank}")
     if c.lora.enabled and not 0 <= c.lora.dropout < 1:
         raise JaxftError(f"config: lora.dropout must be in [0, 1), got {c.lora.dropout}")
+    if c.lora.base_quant != quant.NONE and not c.lora.enabled:
+        raise JaxftError(f"config: lora.base_quant={c.lora.base_quant!r} needs lora.enabled: a "
+                         "full fine-tune trains the weights it would freeze in low precision")
+    try:
+        quant_config(c).check()
+    except JaxftError as e:
+        raise JaxftError(f"config: {e}") from None
     if c.optim.lr <= 0:
         raise JaxftError(f"config: optim.lr must be positive, got {c.optim.lr}")
     shape = mesh_shape(c.mesh.data, c.mesh.fsdp, c.mesh.tensor, device_count)
@@ -191,6 +203,15 @@ def lora_config(c: ml_collections.ConfigDict) -> lora.LoraConfig | None:
         targets=lora_targets(c.lora.targets), use_rslora=c.lora.use_rslora,
         rank_pattern=parse_rank_pattern(c.lora.rank_pattern),
         modules_to_save=names(c.lora.modules_to_save, "lora.modules_to_save"))
+
+
+def quant_config(c: ml_collections.ConfigDict) -> quant.QuantConfig:
+    """How the run stores its frozen base; configs written before quantization existed read as
+    'none'."""
+    section = c.lora
+    return quant.QuantConfig(kind=section.get("base_quant", quant.NONE),
+                             block_size=section.get("quant_block_size", 64),
+                             double_quant=section.get("double_quant", False))
 
 
 # A string of these is a module name (or a comma-separated list of names), never a regex: a

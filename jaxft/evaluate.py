@@ -214,7 +214,8 @@ def run(config: ml_collections.ConfigDict | None, workdir: str | None = None, *,
                       if task == "classification" else None)
         model = hf_io.load_model(model_path, dtype=config.train.param_dtype,
                                  compute_dtype=config_lib.compute_dtype(config),
-                                 num_labels=num_labels, seed=config.train.seed, mesh=mesh)
+                                 num_labels=num_labels, seed=config.train.seed, mesh=mesh,
+                                 quantize=config_lib.quant_config(config))
     batches = itertools.islice(bundle.eval_batches(), max_batches or None)
     return {"task": task, "model": model_path, "workdir": workdir,
             **evaluate(model, batches, task, mesh)}

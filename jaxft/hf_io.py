@@ -23,7 +23,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
-from jaxft import dtypes, hub, models, outdir
+from jaxft import dtypes, hub, models, outdir, quant
 from jaxft.dtypes import DTypeLike
 from jaxft.errors import JaxftError, first_line
 from jaxft.models import params
@@ -143,6 +143,7 @@ def load_model(
     remat: str = "none",
     attention: str = "auto",
     mesh: Mesh | None = None,
+    quantize: quant.QuantConfig | None = None,
 ) -> nnx.Module:
     """Load a Hugging Face checkpoint (directory, hub id or .gguf file) as a jaxft model.
 
@@ -153,6 +154,10 @@ def load_model(
     `mesh`, each tensor goes straight onto its sharding as it is read, so no device ever holds
     the whole model. The model comes back in eval mode (no dropout), as transformers' does;
     `model.train()` turns dropout on. Adapters are `jaxft.from_pretrained`'s business.
+
+    `quantize` stores the projections packed (`jaxft.quant`: NF4 or int8, all but the output
+    head): each tensor is quantized on the host as it is read, so no device ever holds the
+    model in its float dtype.
     """
     param_dtype = dtypes.jax_dtype(dtype)
     path = hub.resolve(path_or_id)
@@ -160,12 +165,20 @@ def load_model(
     family, cfg = model_config(hf_config, hub.config_source(path), num_labels=num_labels,
                                compute_dtype=compute_dtype, remat=remat, attention=attention)
 
+    encoders: dict[str, quant.Encoder] = {}
+    if quantize is not None:
+        quantize.check()
+
     def build() -> nnx.Module:
-        return family.Model(cfg, rngs=nnx.Rngs(seed), param_dtype=param_dtype)
+        model = family.Model(cfg, rngs=nnx.Rngs(seed), param_dtype=param_dtype)
+        if quantize is not None and quantize.enabled:
+            encoders.update(quant.quantize_kernels(model, quantize))
+        return model
 
     abstract = nnx.eval_shape(build)
     # Weights come from the checkpoint; dropout keys (rewritten every training step) start at 0.
-    graphdef, abstract_state, abstract_keys = nnx.split(abstract, nnx.Param, ...)
+    graphdef, abstract_state, abstract_keys = nnx.split(
+        abstract, nnx.Any(nnx.Param, quant.Quantized), ...)
     keys = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), abstract_keys)
     place = None if mesh is None else _placer(mesh)
     state, missing = params.load_state(
@@ -177,6 +190,7 @@ def load_model(
         num_layers=cfg.num_hidden_layers,
         may_be_missing=cfg.may_be_missing,
         place=place,
+        encoders=encoders,
     )
     if missing:  # a new task head: initialised as the family's __init__ does, and nothing else
         fresh = jax.jit(initialiser_of(build, missing))()

@@ -142,13 +142,13 @@ def apply_lora(model: nnx.Module, cfg: LoraConfig, *, seed: int = 0) -> nnx.Modu
     for path, linear in list(linear_modules(model)):
         if not _matches(cfg, model, path) or set(path.split(".")) & set(cfg.modules_to_save):
             continue
-        kernel = linear.kernel
-        stacked = kernel.ndim == 3
-        d_in, d_out = kernel.shape[-2:]
+        shape = linear.kernel_shape
+        stacked = len(shape) == 3
+        d_in, d_out = shape[-2:]
         rank = cfg.rank_for(path)
-        axes = kernel.get_metadata().get("axes") or (None, None, None)
-        linear.adapter = LoRA(d_in, d_out, rank, cfg.scale(rank), cfg.dropout, axes=axes[-2:],
-                              layers=kernel.shape[0] if stacked else None, rngs=rngs,
+        linear.adapter = LoRA(d_in, d_out, rank, cfg.scale(rank), cfg.dropout,
+                              axes=linear.kernel_axes[-2:],
+                              layers=shape[0] if stacked else None, rngs=rngs,
                               param_dtype=jnp.float32)
         applied.append(path)
     if not applied:
@@ -182,8 +182,10 @@ def count_parameters(state: nnx.State) -> int:
 
 def log_trainable(model: nnx.Module, lora: LoraConfig | None) -> tuple[int, int]:
     """Print and return (trainable, total) parameter counts."""
+    from jaxft import quant
+
     trainable = count_parameters(nnx.state(model, trainable_filter(lora)))
-    total = count_parameters(nnx.state(model, nnx.Param))
+    total = count_parameters(nnx.state(model, nnx.Param)) + quant.packed_size(model)[1]
     message = (f"trainable params: {trainable:,} || all params: {total:,} || "
                f"trainable%: {100 * trainable / total:.4f}")
     logging.info(message)
@@ -192,7 +194,12 @@ def log_trainable(model: nnx.Module, lora: LoraConfig | None) -> tuple[int, int]
 
 
 def merge_lora(model: nnx.Module) -> nnx.Module:
-    """Fold every adapter into its kernel (W + scale·A·B) and drop it, in place."""
+    """Fold every adapter into its kernel (W + scale·A·B) and drop it, in place. A quantized
+    base is dequantized first (every packed kernel, adapter or not), so the merged model is
+    the dense weights the run trained against, plus the adapters, in the parameter dtype."""
+    from jaxft import quant
+
+    quant.dequantize_model(model)
     for _, linear in linear_modules(model):
         adapter = linear.adapter
         if isinstance(adapter, LoRA):

@@ -34,7 +34,7 @@ import numpy as np
 from flax import nnx
 
 from jaxft import config as config_lib
-from jaxft import dtypes, hf_io, hub, lora, sharding, tpu, train_step
+from jaxft import dtypes, hf_io, hub, lora, quant, sharding, tpu, train_step
 from jaxft.dtypes import DTypeLike
 
 
@@ -79,6 +79,9 @@ class Plan:
     capacity: int | None = None  # HBM one device lets a program use (TPU targets)
     peak_tflops: float | None = None  # per device, bf16 (TPU targets)
     refusal: str | None = None  # XLA's out-of-memory message when it would not compile
+    base_quant: str = "none"  # how the frozen projections are stored (jaxft.quant)
+    packed_params: int = 0  # parameters of the quantized projections
+    packed_bytes: int = 0  # what they cost, codes and scales
 
     @property
     def devices(self) -> int:
@@ -154,13 +157,14 @@ def make_plan(cfg: ml_collections.ConfigDict, topology: tpu.Topology | None = No
 
     tokens = cfg.train.batch_size * cfg.data.max_len
     full = lora_cfg is None
+    packed_bytes, packed_params = quant.packed_size(abstract)
     return Plan(
         model_type=abstract.config.model_type, source=source, mesh=dict(mesh.shape),
         platform=platform, batch_size=cfg.train.batch_size,
         seq_len=cfg.data.max_len, accum_steps=cfg.train.accum_steps, remat=cfg.train.remat,
         param_dtype=cfg.train.param_dtype, compute_dtype=compute_dtype,
         lora_rank=None if lora_cfg is None else lora_cfg.rank,
-        total_params=lora.count_parameters(nnx.state(abstract, nnx.Param)),
+        total_params=lora.count_parameters(nnx.state(abstract, nnx.Param)) + packed_params,
         adapter_params=lora.count_parameters(nnx.state(abstract, nnx.LoRAParam)),
         trainable_params=lora.count_parameters(placed["trainable"]),
         trainable=array_bytes(placed["trainable"]),
@@ -172,6 +176,8 @@ def make_plan(cfg: ml_collections.ConfigDict, topology: tpu.Topology | None = No
         target=topology.describe() if topology else None,
         capacity=tpu.usable_hbm(topology) if topology else None,
         peak_tflops=topology.chip.peak_tflops if topology else None, refusal=refusal,
+        base_quant=config_lib.quant_config(cfg).kind, packed_params=packed_params,
+        packed_bytes=packed_bytes,
     )
 
 
@@ -197,14 +203,17 @@ def configured_model(cfg: ml_collections.ConfigDict, compute_dtype: str) -> tupl
     return source, abstract_model(
         hf_config, source, param_dtype=cfg.train.param_dtype, compute_dtype=compute_dtype,
         num_labels=num_labels, remat=cfg.train.remat, attention=cfg.model.attention,
-        lora_cfg=config_lib.lora_config(cfg), seed=cfg.train.seed)
+        lora_cfg=config_lib.lora_config(cfg), quantize=config_lib.quant_config(cfg),
+        seed=cfg.train.seed)
 
 
 
 def abstract_model(hf_config: dict, source: str, *, param_dtype: DTypeLike, compute_dtype: str,
                    num_labels: int | None, remat: str, attention: str,
-                   lora_cfg: lora.LoraConfig | None, seed: int = 0) -> nnx.Module:
-    """The model `hf_io.load_model` would build (plus LoRA), as shapes only."""
+                   lora_cfg: lora.LoraConfig | None, quantize: quant.QuantConfig | None = None,
+                   seed: int = 0) -> nnx.Module:
+    """The model `hf_io.load_model` would build (plus LoRA), as shapes only: with a quantized
+    base, its packed kernels."""
     family, model_cfg = hf_io.model_config(hf_config, source, num_labels=num_labels,
                                            compute_dtype=compute_dtype, remat=remat,
                                            attention=attention)
@@ -212,6 +221,8 @@ def abstract_model(hf_config: dict, source: str, *, param_dtype: DTypeLike, comp
     def build() -> nnx.Module:
         model = family.Model(model_cfg, rngs=nnx.Rngs(seed),
                              param_dtype=dtypes.jax_dtype(param_dtype))
+        if quantize is not None and quantize.enabled:
+            quant.quantize_kernels(model, quantize)
         if lora_cfg is not None:
             lora.apply_lora(model, lora_cfg, seed=seed)
         return model
@@ -287,7 +298,7 @@ def _forward_terms(model: nnx.Module, seq_len: int,
     cfg = model.config
     linears = [linear for _, linear in lora.linear_modules(model)
                if not layers_only or _stacked(linear)]
-    matmul = sum(math.prod(linear.kernel.shape) for linear in linears)
+    matmul = sum(math.prod(linear.kernel_shape) for linear in linears)
     adapters = sum(lora.count_parameters(nnx.state(linear, nnx.LoRAParam)) for linear in linears)
     if cfg.tie_word_embeddings and not layers_only:
         matmul += cfg.vocab_size * cfg.hidden_size
@@ -297,7 +308,7 @@ def _forward_terms(model: nnx.Module, seq_len: int,
 
 def _stacked(linear: nnx.Module) -> bool:
     """A projection inside the scanned layers: its kernel carries the leading `layers` axis."""
-    return (linear.kernel.get_metadata().get("axes") or (None,))[0] == "layers"
+    return linear.kernel_axes[:1] == ("layers",)
 
 
 def _memory(compiled) -> dict[str, int]:
@@ -346,6 +357,10 @@ def describe(plan: Plan) -> str:
         f"{plan.batch_size * plan.seq_len:,} tokens, {plan.accum_steps} micro-batch(es)",
         f"parameters: {plan.trainable_params:,} trainable of {plan.total_params:,} "
         f"({share:.4g}%); base model {plan.total_params - plan.adapter_params:,}",
+        *([f"  base in {plan.base_quant}: {plan.packed_params:,} projection parameters in "
+           f"{human_bytes(plan.packed_bytes)} ({plan.packed_bytes / plan.packed_params:.4f} "
+           f"bytes each); embeddings and output head in {plan.param_dtype}"]
+          if plan.packed_params else []),
         f"{'analytic bytes':<24}{'all devices':>14}{'per ' + device:>14}",
         *(f"  {name:<22}{human_bytes(b.total):>14}{human_bytes(b.per_device):>14}"
           for name, b in rows),

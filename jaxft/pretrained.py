@@ -11,7 +11,7 @@ import os
 from flax import nnx
 from jax.sharding import Mesh
 
-from jaxft import adapters, hf_io
+from jaxft import adapters, hf_io, quant
 from jaxft.dtypes import DTypeLike
 
 
@@ -26,17 +26,21 @@ def from_pretrained(
     remat: str = "none",
     attention: str = "auto",
     mesh: Mesh | None = None,
+    quantize: str | quant.QuantConfig | None = None,
 ) -> nnx.Module:
     """Load a checkpoint (directory, hub id or .gguf file) as a jaxft model, in eval mode.
 
     `adapter` is a PEFT LoRA adapter directory (or hub id), e.g. one trained in PyTorch, to load
     on top for inference or to continue training. `dtype` is the parameter dtype in any
     spelling (`jnp.bfloat16`, `"bfloat16"`, `np.float32`); the other arguments are those of
-    `jaxft.hf_io.load_model`.
+    `jaxft.hf_io.load_model`. `quantize` stores the frozen projections packed: "nf4" (QLoRA,
+    as bitsandbytes), "int8", or a `jaxft.quant.QuantConfig` (block size, double quantization).
     """
+    if isinstance(quantize, str):
+        quantize = quant.QuantConfig(kind=quantize)
     model = hf_io.load_model(path_or_id, dtype=dtype, compute_dtype=compute_dtype,
                              num_labels=num_labels, seed=seed, remat=remat, attention=attention,
-                             mesh=mesh)
+                             mesh=mesh, quantize=quantize)
     if adapter is not None:
         adapters.load_peft_adapter(model, adapter)
         model.eval()  # the adapters' dropout too, as transformers' from_pretrained leaves it

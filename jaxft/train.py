@@ -165,7 +165,8 @@ def _run(cfg: ml_collections.ConfigDict, preemption: Preemption) -> dict[str, An
     model = hf_io.load_model(model_path, dtype=cfg.train.param_dtype,
                              compute_dtype=config_lib.compute_dtype(cfg), num_labels=num_labels,
                              seed=cfg.train.seed, remat=cfg.train.remat,
-                             attention=cfg.model.attention, mesh=mesh)
+                             attention=cfg.model.attention, mesh=mesh,
+                             quantize=config_lib.quant_config(cfg))
     if lora_cfg is not None:
         lora.apply_lora(model, lora_cfg, seed=cfg.train.seed)
     lora.log_trainable(model, lora_cfg)

@@ -66,7 +66,8 @@ def load_run(workdir: str | os.PathLike, step: int | None = None, *,
         num_labels = cfg.model.get("num_labels") or None
     model = hf_io.load_model(cfg.model.resolved_path, dtype=dtype or cfg.train.param_dtype,
                              compute_dtype=config_lib.compute_dtype(cfg),
-                             num_labels=num_labels, seed=cfg.train.seed, mesh=mesh)
+                             num_labels=num_labels, seed=cfg.train.seed, mesh=mesh,
+                             quantize=config_lib.quant_config(cfg))
     if lora_cfg is not None:
         lora.apply_lora(model, lora_cfg, seed=cfg.train.seed)
     trainable = nnx.state(model, lora.trainable_filter(lora_cfg))

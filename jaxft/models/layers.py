@@ -93,14 +93,41 @@ class Linear(nnx.Module):
         self.adapter: nnx.Module | None = nnx.data(None)
         self.dtype = dtype
 
+    @property
+    def packed(self) -> bool:
+        """The kernel is a frozen, quantized one (`jaxft.quant`): any module that stands in for
+        a [in, out] weight through `dequantize(dtype)`."""
+        return not isinstance(self.kernel, nnx.Variable)
+
+    @property
+    def kernel_dtype(self):
+        return self.kernel.dtype if self.packed else self.kernel[...].dtype
+
+    @property
+    def kernel_shape(self) -> tuple[int, ...]:
+        """[*layers, in, out], packed or not (outside the layer scan: the whole stack's)."""
+        return tuple(self.kernel.shape)
+
+    @property
+    def kernel_axes(self) -> tuple:
+        """The kernel's logical axis names, packed or not."""
+        if self.packed:
+            return self.kernel.axes
+        return tuple(self.kernel.get_metadata().get("axes") or (None,) * self.kernel.ndim)
+
+    def weight(self, dtype) -> Array:
+        """The kernel [in, out] in `dtype`; a packed kernel is dequantized here, inside the
+        projection, so only one layer's dense weight ever exists, and only transiently."""
+        return self.kernel.dequantize(dtype) if self.packed else self.kernel[...].astype(dtype)
+
     def __call__(self, x: Array) -> Array:
-        dtype = self.dtype or self.kernel[...].dtype
+        dtype = self.dtype or self.kernel_dtype
         # Flattened to [tokens, in]: with the leading axes kept, XLA:CPU lays out the weight
         # gradients of the stacked layers (and LoRA's) as strided transposes that cost more than
         # the matmuls themselves.
         lead = x.shape[:-1]
         x = x.reshape(-1, x.shape[-1])
-        y = x.astype(dtype) @ self.kernel[...].astype(dtype)
+        y = x.astype(dtype) @ self.weight(dtype)
         if self.bias is not None:
             y = y + self.bias[...].astype(dtype)
         if self.adapter is not None:

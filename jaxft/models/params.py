@@ -13,7 +13,8 @@ import dataclasses
 import logging
 import math
 import re
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from typing import Protocol
 
 import jax
 import jax.numpy as jnp
@@ -106,60 +107,76 @@ def load_state(
     num_layers: int,
     may_be_missing: Callable[[str], bool] = lambda path: False,
     place: Callable[[str, np.ndarray], jax.Array] | None = None,
+    encoders: Mapping[str, Encoding] | None = None,
 ) -> nnx.State:
     """Fill an abstract state (from `nnx.eval_shape`) with Hugging Face tensors.
 
     Returns `(state, missing)`: parameters allowed to be missing (`may_be_missing(path)`) keep
     their abstract value and are listed in `missing`, for the caller to initialise. Every other
     missing tensor, shape mismatch and bad layer index is collected and raised once.
+
+    `encoders` maps a table path that the state holds in another form (a packed, quantized
+    kernel) to how each tensor (one layer's slice) becomes that form's arrays, `path.<name>`,
+    as it is read: the unencoded tensor is never kept.
     """
     variables = flat_variables(abstract)
+    encoders = dict(encoders or {})
     buffers: dict[str, np.ndarray] = {}
-    seen_layers: dict[str, set[int]] = {}
+    seen: dict[str, set[int | None]] = {}  # table path -> layers read (None: not stacked)
     problems: list[str] = []
     unexpected: list[str] = []
     rejected: set[str] = set()  # reported already: not missing as well
     place = place or (lambda var, array: jnp.asarray(array))
 
+    def store(path: str, layer: int | None, value: np.ndarray) -> None:
+        var = variables[path]
+        dtype = var.get_value().dtype
+        if layer is None:
+            buffers[path] = value.astype(dtype)
+            return
+        if path not in buffers:
+            buffers[path] = np.empty(var.get_value().shape, dtype)
+        buffers[path][layer] = value.astype(dtype)
+
     for raw_name, array in tensors:
         name = mapping.normalize(raw_name)
         hit = mapping.match(name)
-        if hit is None or hit[0] not in variables:
+        if hit is None or (hit[0] not in variables and hit[0] not in encoders):
             if not mapping.is_ignored(name, tied):
                 unexpected.append(raw_name)
             continue
         path, layer, transform = hit
-        var = variables[path]
+        encoder = encoders.get(path)
+        full_shape = encoder.shape if encoder else variables[path].get_value().shape
         value = _TRANSFORMS[transform][0](np.asarray(array))
-        expected = var.get_value().shape[1:] if layer is not None else var.get_value().shape
+        expected = full_shape[1:] if layer is not None else full_shape
         if layer is not None and layer >= num_layers:
             problems.append(
                 f"tensor {raw_name} is for layer {layer} but the config has {num_layers} layers"
             )
             continue
         if value.shape != tuple(expected):
-            rejected.add(path) if layer is None else seen_layers.setdefault(path, set()).add(layer)
+            rejected.add(path) if layer is None else seen.setdefault(path, set()).add(layer)
             hf_shape = _TRANSFORMS[transform][1](np.empty(expected, np.uint8)).shape
             problems.append(
                 f"tensor {raw_name} has shape {tuple(array.shape)} but the model "
                 f"expects {tuple(hf_shape)}"
             )
             continue
-        dtype = var.get_value().dtype
-        if layer is None:
-            buffers[path] = value.astype(dtype)
+        if encoder is None:
+            store(path, layer, value)
         else:
-            if path not in buffers:
-                buffers[path] = np.empty(var.get_value().shape, dtype)
-            buffers[path][layer] = value.astype(dtype)
-            seen_layers.setdefault(path, set()).add(layer)
+            for part, part_value in encoder.encode(value.astype(encoder.dtype)).items():
+                store(f"{path}.{part}", layer, part_value)
+        seen.setdefault(path, set()).add(layer)
 
+    encoded_parts = {v for v in variables if v.rsplit(".", 1)[0] in encoders}
     missing_paths = []
-    for path in variables:
+    for path in [v for v in variables if v not in encoded_parts] + list(encoders):
         hf_name = _hf_name(mapping, path)
         if path in rejected:
             continue
-        if path not in buffers and path not in seen_layers:
+        if path not in seen:
             if may_be_missing(path):
                 missing_paths.append(path)
             else:
@@ -168,8 +185,8 @@ def load_state(
                     if hf_name
                     else f"no Hugging Face name maps to {path}"
                 )
-        elif path in seen_layers and len(seen_layers[path]) != num_layers:
-            gap = min(set(range(num_layers)) - seen_layers[path])
+        elif None not in seen[path] and len(seen[path]) != num_layers:
+            gap = min(set(range(num_layers)) - seen[path])
             problems.append(f"missing tensor {hf_name.replace('{L}', str(gap))}")
     if problems:
         raise collected(source, problems)
@@ -189,6 +206,15 @@ def load_state(
 
     state = nnx.from_flat_state([(p, fill(p, v)) for p, v in nnx.to_flat_state(abstract)])
     return state, missing_paths
+
+
+class Encoding(Protocol):
+    """What `load_state` needs of an encoder (see `jaxft.quant.Encoder`)."""
+
+    shape: tuple[int, ...]  # the tensor's full shape in jaxft's layout, layers included
+    dtype: np.dtype  # the parameter dtype each tensor is cast to before `encode`
+
+    def encode(self, value: np.ndarray) -> dict[str, np.ndarray]: ...
 
 
 def _hf_name(mapping: TensorMapping, path: str) -> str | None:

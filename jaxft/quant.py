@@ -1,0 +1,299 @@
+"""A frozen base in 4 or 8 bits under LoRA: bitsandbytes' NF4 (QLoRA) and per-channel int8.
+
+NF4 is the QLoRA paper's 4-bit NormalFloat (Dettmers et al. 2023) exactly as bitsandbytes
+stores it, so a jaxft QLoRA run trains on the very weights a PEFT + bitsandbytes run does:
+
+- blocks of `block_size` (64) consecutive weights along the input dimension (Hugging Face's
+  row-major [out, in] order), each scaled by its absolute maximum into [-1, 1] and rounded to
+  the nearest of the 16 NF4 values, two codes to a byte, the first in the high nibble;
+- with double quantization (`bnb_4bit_use_double_quant`), the float32 block maxima minus their
+  mean are themselves quantized, in blocks of 256, to bitsandbytes' 8-bit dynamic map.
+
+int8 is LLM.int8's weight half: one absmax per output channel, `round(w · 127 / absmax)`
+(bitsandbytes' `int8_vectorwise_quant`), applied here as a plain weight-only int8 (no outlier
+decomposition of the activations).
+
+Weights are quantized on the host as the checkpoint streams in (`encoder`), live on the devices
+packed (`NF4Weight`, `Int8Weight`: modules a `Linear` holds in place of its kernel), and are
+dequantized inside each projection to the compute dtype (`dequantize`). Their arrays are
+`Quantized` variables, not parameters: no filter for what trains or for the parameter count
+ever picks them up, and the optimizer never sees them. In jaxft's [in, out] layout the packed
+codes are [in/2, out] and the block maxima [in/block, out], so fsdp and tensor sharding
+split them along the kernel's own axes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from jaxft.errors import JaxftError
+
+NONE, NF4, INT8 = "none", "nf4", "int8"
+KINDS = (NONE, NF4, INT8)
+BLOCK_SIZES = (64, 128, 256, 512, 1024, 2048, 4096)  # bitsandbytes' 4-bit block sizes
+ABSMAX_BLOCK = 256  # double quantization: block maxima quantized 256 at a time, as bitsandbytes
+
+# The NF4 values: quantiles of N(0, 1) scaled to [-1, 1] with an exact zero, as listed by the
+# QLoRA paper (appendix E) and bitsandbytes' `get_4bit_type("nf4")`.
+NF4_CODE = np.array([
+    -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453,
+    -0.28444138169288635, -0.18477343022823334, -0.09105003625154495, 0.0,
+    0.07958029955625534, 0.16093020141124725, 0.24611230194568634, 0.33791524171829224,
+    0.44070982933044434, 0.5626170039176941, 0.7229568362236023, 1.0], np.float32)
+
+
+def _linspace32(start: float, end: float, steps: int) -> np.ndarray:
+    """`torch.linspace(start, end, steps, dtype=float32)` on x86-64 to the bit: a float32 step,
+    the first half `start + step·i` and the second `end - step·(steps-1-i)`, each one fused
+    multiply-add (float64 holds the float32 product exactly, so one rounding remains)."""
+    start32, end32 = np.float32(start), np.float32(end)
+    step = np.float64((end32 - start32) / np.float32(steps - 1))
+    i = np.arange(steps, dtype=np.float64)
+    forward = (step * i + np.float64(start32)).astype(np.float32)
+    backward = (-step * (steps - 1 - i) + np.float64(end32)).astype(np.float32)
+    return np.where(np.arange(steps) < steps // 2, forward, backward)
+
+
+def dynamic_map() -> np.ndarray:
+    """bitsandbytes' signed 8-bit dynamic map (`create_dynamic_map()`): 256 sorted float32
+    values, a dynamic exponent with a shrinking fraction, which double quantization uses for
+    the block maxima."""
+    data: list[float] = []
+    for i in range(7):
+        bounds = _linspace32(0.1, 1.0, 2 ** i + 1)
+        means = (bounds[:-1] + bounds[1:]) / np.float32(2.0)
+        scale = np.float32(10 ** (-6 + i))
+        data += (scale * means).tolist() + (-scale * means).tolist()
+    data += [0.0, 1.0]
+    return np.sort(np.asarray(data, np.float32))
+
+
+DYNAMIC_CODE = dynamic_map()
+
+
+def _nearest(scaled: np.ndarray, code: np.ndarray) -> np.ndarray:
+    """Index of the nearest value of a sorted code, by the float32 midpoints of neighbouring
+    values (a tie goes down), as bitsandbytes' quantizers bucketize."""
+    midpoints = (code[:-1] + code[1:]) / np.float32(2.0)
+    return np.searchsorted(midpoints, scaled, side="left").astype(np.uint8)
+
+
+def _blockwise(values: np.ndarray, block: int, code: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """bitsandbytes' blockwise absmax quantization of a flat float32 array (a short last
+    block allowed): (codes, float32 maxima)."""
+    n = values.size
+    blocks = -(-n // block)
+    padded = np.zeros(blocks * block, np.float32)
+    padded[:n] = values
+    padded = padded.reshape(blocks, block)
+    absmax = np.abs(padded).max(axis=1)
+    scale = np.float32(1.0) / np.maximum(absmax, np.float32(1e-38))
+    scaled = np.clip(padded * scale[:, None], -1.0, 1.0)
+    return _nearest(scaled, code).reshape(-1)[:n], absmax
+
+
+def double_quantize(absmax: np.ndarray, offset: np.float32) -> tuple[np.ndarray, np.ndarray]:
+    """bitsandbytes' double quantization of NF4's float32 block maxima (Hugging Face's order):
+    `absmax - offset` to the 8-bit dynamic map in blocks of 256 -> (uint8 codes, float32
+    maxima of the 256-blocks), each to the exactly nearest code.
+
+    Two things bitsandbytes leaves to the device, and jaxft does not follow: its offset is
+    torch's float32 mean, whose summation order depends on the device and the CPU's vector
+    width (jaxft's is the correctly rounded mean: they can differ by an ulp), and its CPU
+    kernel picks the nearest code with a tolerance, so a value within about 2e-5 of the
+    midpoint of two codes may land on the other one.
+    """
+    return _blockwise(absmax.astype(np.float32) - np.float32(offset), ABSMAX_BLOCK, DYNAMIC_CODE)
+
+
+@dataclasses.dataclass(frozen=True)
+class QuantConfig:
+    """How the frozen base is stored: `kind` none | nf4 | int8; NF4's block size and double
+    quantization (bitsandbytes' `bnb_4bit_use_double_quant`)."""
+
+    kind: str = NONE
+    block_size: int = 64
+    double_quant: bool = False
+
+    def check(self) -> None:
+        if self.kind not in KINDS:
+            raise JaxftError(f"lora.base_quant {self.kind!r} unknown (known: "
+                             f"{', '.join(KINDS)})")
+        if self.kind == NF4 and self.block_size not in BLOCK_SIZES:
+            raise JaxftError(f"lora.quant_block_size must be one of "
+                             f"{', '.join(map(str, BLOCK_SIZES))} (bitsandbytes' NF4 block "
+                             f"sizes), got {self.block_size}")
+        if self.kind == INT8 and self.double_quant:
+            raise JaxftError("lora.double_quant applies to nf4, not int8")
+
+    @property
+    def enabled(self) -> bool:
+        return self.kind != NONE
+
+    def quantizable(self, d_in: int) -> bool:
+        """Whether a kernel with `d_in` inputs can be stored: NF4 blocks never straddle two
+        output channels, so the input width must be a multiple of the block."""
+        return self.kind == INT8 or d_in % self.block_size == 0
+
+
+class Quantized(nnx.Variable):
+    """A packed array of the frozen base (codes or scales): never trained, never counted as a
+    parameter, never given optimizer state."""
+
+
+class NF4Weight(nnx.Module):
+    """A kernel [*layers, in, out] in NF4: `codes` [.., in/2, out] (two per byte), `absmax`
+    [.., in/block, out] (float32, or uint8 plus `absmax_scale` and `absmax_offset` with double
+    quantization). `dtype` is the parameter dtype it stands in for."""
+
+    def __init__(self, shape: tuple[int, ...], axes: tuple, dtype, cfg: QuantConfig):
+        *lead, d_in, d_out = shape
+        lead_axes, in_axis, out_axis = tuple(axes[:-2]), axes[-2], axes[-1]
+        blocks = d_in // cfg.block_size
+        self.shape, self.axes, self.dtype = tuple(shape), tuple(axes), jnp.dtype(dtype)
+        self.block_size = cfg.block_size
+        self.codes = Quantized(jnp.zeros((*lead, d_in // 2, d_out), jnp.uint8),
+                               axes=(*lead_axes, in_axis, out_axis))
+        absmax_dtype = jnp.uint8 if cfg.double_quant else jnp.float32
+        self.absmax = Quantized(jnp.zeros((*lead, blocks, d_out), absmax_dtype),
+                                axes=(*lead_axes, in_axis, out_axis))
+        if cfg.double_quant:
+            groups = -(-blocks * d_out // ABSMAX_BLOCK)
+            self.absmax_scale = Quantized(jnp.zeros((*lead, groups), jnp.float32),
+                                          axes=(*lead_axes, None))
+            self.absmax_offset = Quantized(jnp.zeros(tuple(lead), jnp.float32),
+                                           axes=lead_axes)
+        else:
+            self.absmax_scale = self.absmax_offset = None
+
+    def block_maxima(self) -> jax.Array:
+        """The float32 block maxima [.., in/block, out], undoing double quantization as
+        bitsandbytes does: code · scale of its group of 256 (in Hugging Face's order), + mean."""
+        if self.absmax_scale is None:
+            return self.absmax[...]
+        q = self.absmax[...]
+        *lead, blocks, d_out = q.shape
+        flat = jnp.swapaxes(q, -1, -2).reshape(*lead, blocks * d_out)  # HF order: [out, blocks]
+        scale = jnp.repeat(self.absmax_scale[...], ABSMAX_BLOCK, axis=-1)[..., :blocks * d_out]
+        values = jnp.asarray(DYNAMIC_CODE)[flat] * scale + self.absmax_offset[...][..., None]
+        return jnp.swapaxes(values.reshape(*lead, d_out, blocks), -1, -2)
+
+    def dequantize(self, dtype=None) -> jax.Array:
+        """The dense kernel [.., in, out]: code · block maximum in float32, then `dtype`."""
+        codes = self.codes[...]
+        *lead, half, d_out = codes.shape
+        pairs = jnp.stack([codes >> 4, codes & 0xF], axis=-2)  # [.., in/2, 2, out]
+        values = jnp.asarray(NF4_CODE)[pairs.reshape(*lead, -1, self.block_size, d_out)]
+        dense = values * self.block_maxima()[..., :, None, :]
+        return dense.reshape(*lead, 2 * half, d_out).astype(dtype or self.dtype)
+
+    @staticmethod
+    def encode(kernel: np.ndarray, cfg: QuantConfig) -> dict[str, np.ndarray]:
+        """One layer's kernel [in, out] (host, any float dtype) -> this module's arrays."""
+        d_in, d_out = kernel.shape
+        hf_order = np.ascontiguousarray(kernel.astype(np.float32).T).reshape(-1)
+        q, absmax = _blockwise(hf_order, cfg.block_size, NF4_CODE)
+        q = q.reshape(d_out, d_in)
+        out = {"codes": ((q[:, 0::2] << 4) | q[:, 1::2]).T}
+        if cfg.double_quant:
+            offset = np.float32(absmax.astype(np.float64).mean())
+            q_absmax, absmax_scale = double_quantize(absmax, offset)
+            out.update(absmax=q_absmax.reshape(d_out, -1).T, absmax_scale=absmax_scale,
+                       absmax_offset=np.asarray(offset, np.float32))
+        else:
+            out["absmax"] = absmax.reshape(d_out, -1).T
+        return out
+
+
+class Int8Weight(nnx.Module):
+    """A kernel [*layers, in, out] in int8 with one float32 absmax per output channel."""
+
+    INV_127 = np.float32(7.874015718698502e-3)  # bitsandbytes' 1/127 in its dequantize
+
+    def __init__(self, shape: tuple[int, ...], axes: tuple, dtype, cfg: QuantConfig):
+        *lead, d_in, d_out = shape
+        self.shape, self.axes, self.dtype = tuple(shape), tuple(axes), jnp.dtype(dtype)
+        self.values = Quantized(jnp.zeros(shape, jnp.int8), axes=tuple(axes))
+        self.absmax = Quantized(jnp.zeros((*lead, d_out), jnp.float32),
+                                axes=(*axes[:-2], axes[-1]))
+
+    def dequantize(self, dtype=None) -> jax.Array:
+        dense = (self.values[...].astype(jnp.float32) * self.absmax[...][..., None, :]
+                 * self.INV_127)
+        return dense.astype(dtype or self.dtype)
+
+    @staticmethod
+    def encode(kernel: np.ndarray, cfg: QuantConfig) -> dict[str, np.ndarray]:
+        w = kernel.astype(np.float32)
+        absmax = np.abs(w).max(axis=0)
+        scale = np.float32(127.0) / np.where(absmax > 0, absmax, np.float32(1.0))
+        return {"values": np.round(w * scale[None, :]).astype(np.int8), "absmax": absmax}
+
+
+WEIGHTS: dict[str, type] = {NF4: NF4Weight, INT8: Int8Weight}
+
+
+@dataclasses.dataclass(frozen=True)
+class Encoder:
+    """How one kernel of the checkpoint becomes packed arrays as it is read: the loader hands
+    each layer's [in, out] slice (already in the parameter dtype) to `encode`."""
+
+    shape: tuple[int, ...]  # the logical kernel, layers included
+    dtype: np.dtype  # the parameter dtype: a bfloat16 run quantizes bfloat16-rounded weights
+    encode: Callable[[np.ndarray], dict[str, np.ndarray]]
+
+
+def quantize_kernels(model: nnx.Module, cfg: QuantConfig) -> dict[str, Encoder]:
+    """Swap the kernels of `model` for packed ones (zero-filled), in place, and return the
+    encoders that fill them from a checkpoint, by kernel path. Meant for the model `build`
+    makes under `nnx.eval_shape`, so no kernel is ever allocated in its float dtype. The output
+    head stays in its dtype, as bitsandbytes leaves it (transformers' `get_keys_to_not_convert`),
+    and so does a kernel whose input width the block does not divide."""
+    from jaxft.lora import is_output_head
+    from jaxft.models.layers import Linear
+
+    encoders = {}
+    for path_tuple, linear in list(nnx.iter_modules(model)):
+        if not isinstance(linear, Linear):
+            continue
+        path = ".".join(map(str, path_tuple))
+        shape, dtype = linear.kernel_shape, linear.kernel_dtype
+        if is_output_head(path) or not cfg.quantizable(shape[-2]):
+            continue
+        weight_cls = WEIGHTS[cfg.kind]
+        linear.kernel = weight_cls(shape, linear.kernel_axes, dtype, cfg)
+        encoders[path + ".kernel"] = Encoder(shape, np.dtype(dtype),
+                                             lambda w, c=weight_cls: c.encode(w, cfg))
+    return encoders
+
+
+def dequantize_model(model: nnx.Module) -> nnx.Module:
+    """Every packed kernel back to a dense parameter of its dtype, in place (before merging
+    adapters into the base and exporting it)."""
+    from jaxft.models.layers import Linear
+
+    for _, linear in nnx.iter_modules(model):
+        if isinstance(linear, Linear) and linear.packed:
+            linear.kernel = nnx.Param(linear.kernel.dequantize(), axes=linear.kernel_axes)
+    return model
+
+
+def packed_size(model: nnx.Module) -> tuple[int, int]:
+    """(bytes, parameters) of the packed kernels, codes and scales: what the quantized
+    projections cost, and how many weights they stand for."""
+    from jaxft.models.layers import Linear
+
+    total_bytes = total_params = 0
+    for _, linear in nnx.iter_modules(model):
+        if isinstance(linear, Linear) and linear.packed:
+            arrays = jax.tree.leaves(nnx.state(linear.kernel))
+            total_bytes += sum(a.size * jnp.dtype(a.dtype).itemsize for a in arrays)
+            total_params += math.prod(linear.kernel_shape)
+    return total_bytes, total_params
