@@ -7,6 +7,9 @@ Every name comes from the family's Hugging Face tensor table: a projection whose
 whatever the kernel's own transform. A kernel the table stores untransposed (GPT-2's `Conv1D`,
 [in, out]) is what PEFT calls `fan_in_fan_out`; it changes how PEFT merges, not the factors.
 
+DoRA adapters (`use_dora`) carry one more tensor per projection, PEFT's
+`<module>.lora_magnitude_vector` [out] (saved without a `.weight` suffix, as PEFT saves it).
+
 Non-LoRA parameters that trained in full (`modules_to_save`) travel as their plain Hugging Face
 names under `base_model.model.`, as PEFT saves them. A task head jaxft may initialise itself
 (a classifier on an encoder checkpoint) always travels too: PyTorch would draw a different one.
@@ -35,13 +38,15 @@ from jaxft.models import params
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 PREFIX = "base_model.model."  # PeftModel -> LoraModel -> the transformers model
-_FACTOR = re.compile(r"(.+)\.lora_([AB])\.weight")
+# LoRA's factors, and DoRA's magnitudes (saved without PEFT's `.weight` suffix).
+_FACTOR = re.compile(r"(.+)\.lora_(?:([AB])\.weight|(magnitude_vector))")
+# What `_split_factors` calls each tensor of one projection, and its name in PEFT's file.
+TENSOR_SUFFIXES = {"A": "lora_A.weight", "B": "lora_B.weight", "M": "lora_magnitude_vector"}
 
 # adapter_config.json options that change what the adapter computes and that jaxft does not
 # implement: refused by name rather than loaded wrongly. Init-time options (init_lora_weights,
 # loftq/eva/corda/lora_ga configs) are irrelevant once the factors exist and are ignored.
 UNSUPPORTED = {
-    "use_dora": "DoRA",
     "layer_replication": "layer replication",
     "layers_to_transform": "adapters on some layers only",
     "lora_bias": "a bias on lora_B",
@@ -157,10 +162,14 @@ def adapter_tensors(
         site = table[path]
         a = params.to_host(adapter.lora_a[...])  # [L,] in r
         b = params.to_host(adapter.lora_b[...])  # [L,] r out
+        m = None if adapter.magnitude is None else params.to_host(adapter.magnitude[...])
         for i, name in enumerate(site.names()):
-            layer_a, layer_b = (a[i], b[i]) if a.ndim == 3 else (a, b)
+            stacked = a.ndim == 3
+            layer_a, layer_b = (a[i], b[i]) if stacked else (a, b)
             yield f"{PREFIX}{name}.lora_A.weight", layer_a.T  # r in
             yield f"{PREFIX}{name}.lora_B.weight", layer_b.T  # out r
+            if m is not None:
+                yield f"{PREFIX}{name}.{TENSOR_SUFFIXES['M']}", m[i] if stacked else m  # out
     saved, _ = _saved_modules(model, lora_cfg)
     for name, value in params.export_tensors(
         saved, models.tensor_table(model), num_layers=model.config.num_hidden_layers,
@@ -230,7 +239,7 @@ def peft_config(
         "fan_in_fan_out": all(table[p].fan_in_fan_out for p in adapted),
         "bias": "none",
         "lora_bias": False,
-        "use_dora": False,
+        "use_dora": any(a.magnitude is not None for a in adapted.values()),
         "init_lora_weights": True,
         "inference_mode": True,
         "layers_to_transform": None,
@@ -290,7 +299,8 @@ def load_peft_adapter(model: nnx.Module, adapter_dir: str | os.PathLike) -> lora
     table = sites(model)
     plan = _plan(model, table, config, source)
     tensors = _read_weights(directory)
-    factors, others = _split_factors(model, table, plan, tensors, source)
+    dora = bool(config.get("use_dora", False))
+    factors, others = _split_factors(model, table, plan, tensors, source, dora=dora)
 
     paths = set(table) | _param_paths(model)
     saved = tuple(n for n in config.get("modules_to_save") or ()
@@ -299,7 +309,7 @@ def load_peft_adapter(model: nnx.Module, adapter_dir: str | os.PathLike) -> lora
     cfg = lora.LoraConfig(
         rank=rank, alpha=float(config.get("lora_alpha", 8)),
         dropout=float(config.get("lora_dropout", 0.0)), targets=tuple(plan),
-        use_rslora=bool(config.get("use_rslora", False)),
+        use_rslora=bool(config.get("use_rslora", False)), use_dora=dora,
         rank_pattern=tuple((p, r) for p, (r, _) in plan.items() if r != rank),
         modules_to_save=saved)
     state = _saved_state(model, others, source)
@@ -310,6 +320,8 @@ def load_peft_adapter(model: nnx.Module, adapter_dir: str | os.PathLike) -> lora
         adapter.scale = scale
         adapter.lora_a[...] = factors[path, "A"].astype(adapter.lora_a.dtype)
         adapter.lora_b[...] = factors[path, "B"].astype(adapter.lora_b.dtype)
+        if dora:
+            adapter.magnitude[...] = factors[path, "M"].astype(adapter.magnitude.dtype)
     if state is not None:
         nnx.update(model, state)
     return cfg
@@ -401,8 +413,10 @@ def _read_weights(directory: Path) -> dict[str, np.ndarray]:
     return load_file(str(file))
 
 
-def _split_factors(model, table: dict[str, Site], plan: dict, tensors: dict, source: str):
-    """Stacked jaxft factors {(path, 'A'|'B'): array} and the remaining (saved-module) tensors.
+def _split_factors(model, table: dict[str, Site], plan: dict, tensors: dict, source: str, *,
+                   dora: bool = False):
+    """Stacked jaxft factors {(path, 'A'|'B'|'M'): array} (M: DoRA's magnitudes) and the
+    remaining (saved-module) tensors.
 
     Every problem (a module the base lacks, a wrong shape, a missing layer) is collected and
     raised once.
@@ -423,7 +437,11 @@ def _split_factors(model, table: dict[str, Site], plan: dict, tensors: dict, sou
             else:
                 others[re.sub(r"\.modules_to_save\.[^.]+\.", ".", name)] = value
             continue
-        module, which = factor.groups()
+        module, which = factor.group(1), factor.group(2) or "M"
+        if which == "M" and not dora:
+            problems.append(f"tensor {key} is a DoRA magnitude, but the adapter's config has "
+                            "no use_dora")
+            continue
         hit = mapping.match(mapping.normalize(module + ".weight"))
         path = hit[0].removesuffix(".kernel") if hit else None
         if path not in table:
@@ -435,19 +453,19 @@ def _split_factors(model, table: dict[str, Site], plan: dict, tensors: dict, sou
             continue
         rank = plan[path][0]
         d_in, d_out = linears[path].kernel_shape[-2:]
-        expected = (rank, d_in) if which == "A" else (d_out, rank)
+        expected = {"A": (rank, d_in), "B": (d_out, rank), "M": (d_out,)}[which]
         if tuple(value.shape) != expected:
-            problems.append(f"{module}.lora_{which}.weight has shape {tuple(value.shape)} but "
-                            f"{module} ({d_in} in, {d_out} out, r={rank}) needs {expected}")
+            problems.append(f"{module}.{TENSOR_SUFFIXES[which]} has shape {tuple(value.shape)} "
+                            f"but {module} ({d_in} in, {d_out} out, r={rank}) needs {expected}")
             continue
         layers.setdefault((path, which), {})[0 if hit[1] is None else hit[1]] = value.T
     factors = {}
     for path in plan:
-        for which in "AB":
+        for which in "ABM" if dora else "AB":
             got = layers.get((path, which), {})
             missing = [n for i, n in enumerate(table[path].names()) if i not in got]
             if missing:
-                problems.append(f"missing tensor {PREFIX}{missing[0]}.lora_{which}.weight")
+                problems.append(f"missing tensor {PREFIX}{missing[0]}.{TENSOR_SUFFIXES[which]}")
             elif "{L}" in table[path].hf:
                 factors[path, which] = np.stack([got[i] for i in range(len(got))])
             else:

@@ -90,6 +90,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.lora.targets = _any(("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
                            "down_proj"))
     c.lora.use_rslora = False
+    c.lora.use_dora = False  # DoRA (PEFT's use_dora): a trained magnitude per output feature
     c.lora.rank_pattern = ""  # per-target ranks, e.g. "q_proj:16,v_proj:4"
     # Modules trained in full beside the adapters (e.g. classifier): a name or a list of them.
     c.lora.modules_to_save = _any(())
@@ -157,6 +158,8 @@ def validate(c: ml_collections.ConfigDict, device_count: int,
         raise JaxftError(f"config: lora.rank must be positive, got {c.lora.rank}")
     if c.lora.enabled and not 0 <= c.lora.dropout < 1:
         raise JaxftError(f"config: lora.dropout must be in [0, 1), got {c.lora.dropout}")
+    if c.lora.use_dora and not c.lora.enabled:
+        raise JaxftError("config: lora.use_dora needs lora.enabled (DoRA is a LoRA variant)")
     if c.lora.base_quant != quant.NONE and not c.lora.enabled:
         raise JaxftError(f"config: lora.base_quant={c.lora.base_quant!r} needs lora.enabled: a "
                          "full fine-tune trains the weights it would freeze in low precision")
@@ -201,6 +204,7 @@ def lora_config(c: ml_collections.ConfigDict) -> lora.LoraConfig | None:
     return lora.LoraConfig(
         rank=c.lora.rank, alpha=c.lora.alpha, dropout=c.lora.dropout,
         targets=lora_targets(c.lora.targets), use_rslora=c.lora.use_rslora,
+        use_dora=c.lora.get("use_dora", False),
         rank_pattern=parse_rank_pattern(c.lora.rank_pattern),
         modules_to_save=names(c.lora.modules_to_save, "lora.modules_to_save"))
 

@@ -37,6 +37,7 @@ class LoraConfig:
     dropout: float = 0.0
     targets: tuple[str, ...] | str = ("q_proj", "v_proj")
     use_rslora: bool = False
+    use_dora: bool = False  # weight-decomposed LoRA: a trained magnitude per output feature
     rank_pattern: tuple[tuple[str, int], ...] = ()  # (module name, rank) overrides
     modules_to_save: tuple[str, ...] = ()  # non-LoRA modules that train fully (e.g. classifier)
 
@@ -52,10 +53,17 @@ class LoraConfig:
 
 
 class LoRA(nnx.Module):
-    """The low-rank update `dropout(x) @ A @ B * scale` added to a frozen projection."""
+    """The low-rank update `dropout(x) @ A @ B * scale` added to a frozen projection.
+
+    With DoRA (`magnitude`), PEFT's formulation: the adapted weight W + scale·A·B is rescaled to
+    a trained norm per output feature, m / ‖W + scale·A·B‖ (the norm over the inputs, detached
+    from the gradient as the DoRA paper and PEFT do), which adds
+    `(m/‖·‖ - 1) · x W + m/‖·‖ · scale · x A B` to the projection.
+    """
 
     def __init__(self, d_in: int, d_out: int, rank: int, scale: float, dropout: float, *,
-                 axes: tuple, layers: int | None, rngs: nnx.Rngs, param_dtype=jnp.float32):
+                 axes: tuple, layers: int | None, rngs: nnx.Rngs, param_dtype=jnp.float32,
+                 dora: bool = False):
         lead = () if layers is None else (layers,)
         lead_axes = () if layers is None else ("layers",)
         # PEFT's default: kaiming_uniform(a=sqrt(5)) on A[r, in], i.e. U(-1/sqrt(in), 1/sqrt(in)).
@@ -64,15 +72,59 @@ class LoRA(nnx.Module):
         self.lora_a = nnx.LoRAParam(a, axes=(*lead_axes, axes[0], None))
         self.lora_b = nnx.LoRAParam(jnp.zeros((*lead, rank, d_out), param_dtype),
                                     axes=(*lead_axes, None, axes[1]))
+        # PEFT's lora_magnitude_vector; `apply_lora` sets it to ‖W‖ (B is zero at first).
+        self.magnitude = (nnx.LoRAParam(jnp.ones((*lead, d_out), param_dtype),
+                                        axes=(*lead_axes, axes[1])) if dora else None)
         self.scale = scale
         # On from creation, as PEFT's lora_dropout is in training mode; `model.eval()` turns it
         # off with the model's own dropout (which `from_pretrained` has already turned off).
         self.dropout = Dropout(dropout, layers=layers)
 
-    def __call__(self, x: jax.Array) -> jax.Array:
-        x = self.dropout(x)
+    def __call__(self, x: jax.Array, *, weight: jax.Array | None = None,
+                 projected: jax.Array | None = None) -> jax.Array:
+        """What adds to the projection of `x`; DoRA also needs the projection's `weight` [in,
+        out] and its output before the bias, `projected` = x W."""
+        dropped = self.dropout(x)
         a, b = self.lora_a[...].astype(x.dtype), self.lora_b[...].astype(x.dtype)
-        return (x @ a @ b) * jnp.asarray(self.scale, x.dtype)
+        update = (dropped @ a @ b) * jnp.asarray(self.scale, x.dtype)
+        if self.magnitude is None:
+            return update
+        norm = jax.lax.stop_gradient(adapted_norm(weight, self.lora_a[...], self.lora_b[...],
+                                                  self.scale))
+        rescale = (self.magnitude[...].astype(jnp.float32) / norm).astype(update.dtype)
+        if self.dropout.active:  # PEFT projects the dropped input again for the DoRA term
+            projected = dropped.astype(weight.dtype) @ weight
+        return (rescale - 1) * projected.astype(update.dtype) + rescale * update
+
+
+def adapted_norm(weight: jax.Array, a: jax.Array, b: jax.Array, scale: float) -> jax.Array:
+    """‖W + scale·A·B‖ over the inputs, per output feature (and layer), in float32: DoRA's
+    denominator, PEFT's `get_weight_norm`."""
+    adapted = weight.astype(jnp.float32) + scale * jnp.einsum(
+        "...ir,...ro->...io", a.astype(jnp.float32), b.astype(jnp.float32))
+    return jnp.sqrt(jnp.sum(jnp.square(adapted), axis=-2))
+
+
+def weight_norms(linear: Linear) -> jax.Array:
+    """‖W‖ over the inputs, per output feature: DoRA's starting magnitude. Computed one layer
+    at a time, so a stacked (or packed) kernel is never held whole in float32."""
+    if linear.packed:
+        graphdef, state = nnx.split(linear.kernel)
+
+        def dense(s):
+            return nnx.merge(graphdef, s).dequantize(jnp.float32)
+    else:
+        state = linear.kernel[...]
+
+        def dense(w):
+            return w.astype(jnp.float32)
+
+    def norm(s):
+        return jnp.sqrt(jnp.sum(jnp.square(dense(s)), axis=-2))
+
+    if len(linear.kernel_shape) == 3:
+        return jax.jit(lambda st: jax.lax.map(norm, st))(state)
+    return jax.jit(norm)(state)
 
 
 def hf_paths(model: nnx.Module, path: str) -> list[str]:
@@ -149,7 +201,9 @@ def apply_lora(model: nnx.Module, cfg: LoraConfig, *, seed: int = 0) -> nnx.Modu
         linear.adapter = LoRA(d_in, d_out, rank, cfg.scale(rank), cfg.dropout,
                               axes=linear.kernel_axes[-2:],
                               layers=shape[0] if stacked else None, rngs=rngs,
-                              param_dtype=jnp.float32)
+                              param_dtype=jnp.float32, dora=cfg.use_dora)
+        if cfg.use_dora:
+            linear.adapter.magnitude[...] = weight_norms(linear)
         applied.append(path)
     if not applied:
         available = sorted({p.rsplit(".", 1)[-1] for p, _ in linear_modules(model)})
@@ -194,7 +248,8 @@ def log_trainable(model: nnx.Module, lora: LoraConfig | None) -> tuple[int, int]
 
 
 def merge_lora(model: nnx.Module) -> nnx.Module:
-    """Fold every adapter into its kernel (W + scale·A·B) and drop it, in place. A quantized
+    """Fold every adapter into its kernel (W + scale·A·B, DoRA's rescaled to its magnitudes)
+    and drop it, in place. A quantized
     base is dequantized first (every packed kernel, adapter or not), so the merged model is
     the dense weights the run trained against, plus the adapters, in the parameter dtype."""
     from jaxft import quant
@@ -206,7 +261,11 @@ def merge_lora(model: nnx.Module) -> nnx.Module:
             a = adapter.lora_a[...].astype(jnp.float32)
             b = adapter.lora_b[...].astype(jnp.float32)
             delta = jnp.einsum("...ir,...ro->...io", a, b) * adapter.scale
-            linear.kernel[...] = (linear.kernel[...].astype(jnp.float32) + delta).astype(
-                linear.kernel.dtype)
+            merged = linear.kernel[...].astype(jnp.float32) + delta
+            if adapter.magnitude is not None:  # DoRA: each output's column rescaled to m
+                norm = jnp.sqrt(jnp.sum(jnp.square(merged), axis=-2))
+                merged = merged * (adapter.magnitude[...].astype(jnp.float32) / norm)[
+                    ..., None, :]
+            linear.kernel[...] = merged.astype(linear.kernel.dtype)
             linear.adapter = None
     return model

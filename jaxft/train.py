@@ -381,7 +381,7 @@ def _fingerprint(cfg, model_path: str, placed: dict[str, Any]) -> dict[str, Any]
     fingerprint = {
         "model.path": model_path,
         "task": cfg.task,
-        "lora": cfg.lora.to_dict() if cfg.lora.enabled else None,
+        "lora": _lora_fingerprint(cfg) if cfg.lora.enabled else None,
         "train.param_dtype": cfg.train.param_dtype,
         "train.optimizer_state_dtype": cfg.train.optimizer_state_dtype,
         "optim.clip_norm": "on" if cfg.optim.clip_norm else "off",  # changes optax's tree
@@ -389,6 +389,17 @@ def _fingerprint(cfg, model_path: str, placed: dict[str, Any]) -> dict[str, Any]
         "trainable parameters": checkpoint.layout(placed["trainable"]),
     }
     return json.loads(json.dumps(fingerprint))  # as it reads back from the checkpoint
+
+
+# LoRA fields added after checkpoints were first written: left out of the fingerprint while at
+# their defaults, so a run saved before they existed still resumes.
+_LATER_LORA_DEFAULTS = {"base_quant": "none", "quant_block_size": 64, "double_quant": False,
+                        "use_dora": False}
+
+
+def _lora_fingerprint(cfg) -> dict[str, Any]:
+    return {k: v for k, v in cfg.lora.to_dict().items()
+            if not (k in _LATER_LORA_DEFAULTS and v == _LATER_LORA_DEFAULTS[k])}
 
 
 def _write_resolved_config(cfg, workdir: Path, hf_config: dict, model_path: str,

@@ -154,7 +154,8 @@ def _edit_config(made_in_pytorch, tmp_path, name: str = "llama_qv", **changes):
 
 
 @pytest.mark.parametrize("option, value, message", [
-    ("use_dora", True, "use_dora=True (DoRA) is not supported"),
+    ("use_dora", True, "missing tensor base_model.model.model.layers.0.self_attn.q_proj."
+                       "lora_magnitude_vector"),  # DoRA without its magnitudes
     ("layer_replication", [[0, 2]], "layer_replication=[[0, 2]] (layer replication)"),
     ("bias", "all", "bias='all' is not supported"),
     ("layers_to_transform", [0], "layers_to_transform=[0] (adapters on some layers only)"),

@@ -1,9 +1,11 @@
-"""LoRA training follows PyTorch+PEFT step for step from the same weights, adapters and batches."""
+"""LoRA (and DoRA) training follows PyTorch+PEFT step for step from the same weights, adapters
+and batches."""
 
 import jax
 import ml_collections
 import numpy as np
 import peft
+import pytest
 import torch
 from flax import nnx
 
@@ -30,13 +32,14 @@ def batches(seed=0, b=4, t=24, vocab=hf_models.VOCAB):
     return [pair[i % 2] for i in range(STEPS)]
 
 
-def test_lora_loss_curve_matches_peft(tmp_path):
+@pytest.mark.parametrize("use_dora", [False, True])
+def test_lora_loss_curve_matches_peft(tmp_path, use_dora):
     hf = hf_models.build(hf_models.CAUSAL_CONFIGS["llama_gqa_untied_llama3_rope"]())
     hf.save_pretrained(tmp_path)
 
     # jaxft
     model = jaxft.from_pretrained(tmp_path)
-    cfg = lora.LoraConfig(rank=RANK, alpha=ALPHA, targets=TARGETS)
+    cfg = lora.LoraConfig(rank=RANK, alpha=ALPHA, targets=TARGETS, use_dora=use_dora)
     lora.apply_lora(model, cfg, seed=7)
     graphdef, trainable, dropout, frozen = nnx.split(model, lora.trainable_filter(cfg),
                                                      layers.DropoutKey, ...)
@@ -58,7 +61,8 @@ def test_lora_loss_curve_matches_peft(tmp_path):
 
     # PyTorch + PEFT, same base weights, same A (B = 0 in both), same batches
     peft_model = peft.get_peft_model(hf, peft.LoraConfig(r=RANK, lora_alpha=ALPHA,
-                                                         target_modules=list(TARGETS)))
+                                                         target_modules=list(TARGETS),
+                                                         use_dora=use_dora))
     with torch.no_grad():
         for name, module in peft_model.named_modules():
             if isinstance(module, peft.tuners.lora.LoraLayer):

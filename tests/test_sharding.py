@@ -36,13 +36,19 @@ def single_device_losses(model_dir, tmp_path, **overrides) -> dict[int, float]:
     return train_losses(workdir)
 
 
-@pytest.mark.parametrize("mode", ["lora", "full"])
+MESHES = {  # pure data parallel; all three axes at once
+    "lora": [(8, 1, 1), (2, 2, 2)], "full": [(8, 1, 1), (2, 2, 2)], "qlora": [(2, 2, 2)]}
+
+
+@pytest.mark.parametrize("mode", ["lora", "full", "qlora"])
 def test_meshes_give_single_device_losses(mode, model_dir, tmp_path):
-    overrides = {"train.steps": STEPS, "lora.enabled": mode == "lora",
-                 "optim.lr": 3e-3 if mode == "lora" else 1e-3, "data.eval_fraction": 0.0}
+    overrides = {"train.steps": STEPS, "lora.enabled": mode != "full",
+                 "optim.lr": 1e-3 if mode == "full" else 3e-3, "data.eval_fraction": 0.0}
+    if mode == "qlora":  # packed codes and scales sharded along the kernels' own axes
+        overrides.update({"lora.base_quant": "nf4", "lora.double_quant": True})
     expected = single_device_losses(model_dir, tmp_path, **overrides)
     assert len(expected) == STEPS
-    for mesh in [(8, 1, 1), (2, 2, 2)]:  # pure data parallel; all three axes at once
+    for mesh in MESHES[mode]:
         workdir = tmp_path / f"mesh-{'x'.join(map(str, mesh))}"
         cfg = tiny_config(model_dir, workdir, **overrides, **{
             "mesh.data": mesh[0], "mesh.fsdp": mesh[1], "mesh.tensor": mesh[2]})
@@ -61,6 +67,17 @@ def test_parameters_are_sharded_on_the_mesh(model_dir):
     assert q.addressable_shards[0].data.shape == (q.shape[0], q.shape[1] // 2, q.shape[2] // 2)
     embed = model.model.embed_tokens.embedding[...]  # [vocab, embed]
     assert embed.sharding.spec[1] == "fsdp"
+
+
+def test_packed_nf4_kernels_are_sharded_like_the_kernels(model_dir):
+    mesh = sharding.make_mesh(2, 2, 2)
+    model = jaxft.from_pretrained(model_dir, mesh=mesh, quantize="nf4")
+    kernel = model.model.layers.self_attn.q_proj.kernel  # [layers, embed 64, heads 64]
+    codes = kernel.codes[...]  # [layers, 32, 64]: two 4-bit codes to a byte along embed
+    assert codes.sharding.spec == P(None, "fsdp", "tensor")
+    assert codes.addressable_shards[0].data.shape == (codes.shape[0], 16, 32)
+    # one absmax per 64 inputs: a single row, which fsdp cannot divide, so only tensor splits it
+    assert kernel.absmax[...].sharding.spec == P(None, None, "tensor")
 
 
 def test_dimension_the_mesh_cannot_divide_stays_replicated():

@@ -72,7 +72,8 @@ class Linear(nnx.Module):
     """`x @ kernel + bias`, with the kernel stored [in, out] and an optional additive adapter.
 
     `adapter` is None unless LoRA is applied (`jaxft.lora`); the model never needs to know what
-    the adapter is, only that its output adds to the projection.
+    the adapter is, only that its output, given the input, the weight and the projection before
+    its bias, adds to the projection.
     """
 
     def __init__(
@@ -127,11 +128,15 @@ class Linear(nnx.Module):
         # the matmuls themselves.
         lead = x.shape[:-1]
         x = x.reshape(-1, x.shape[-1])
-        y = x.astype(dtype) @ self.weight(dtype)
+        weight = self.weight(dtype)
+        y = x.astype(dtype) @ weight
+        # An adapter sees the weight and the projection before its bias: DoRA rescales both.
+        extra = (None if self.adapter is None
+                 else self.adapter(x, weight=weight, projected=y).astype(dtype))
         if self.bias is not None:
             y = y + self.bias[...].astype(dtype)
-        if self.adapter is not None:
-            y = y + self.adapter(x).astype(dtype)
+        if extra is not None:
+            y = y + extra
         return y.reshape(*lead, y.shape[-1])
 
 
