@@ -9,6 +9,10 @@ on AVX512-BF16 CPUs; the PEFT comparison turns it off so that float32 meets floa
 
 from __future__ import annotations
 
+import re
+import subprocess
+import sys
+
 import bitsandbytes as bnb
 import bitsandbytes.functional as bnbf
 import jax
@@ -235,3 +239,37 @@ def test_qlora_run_learns_and_exports_for_peft_and_transformers(tmp_path):
         merged_logits = merged(torch.from_numpy(ids),
                                attention_mask=torch.from_numpy(mask)).logits.numpy()
     np.testing.assert_allclose(merged_logits[real], trained[real], atol=1e-4, rtol=0)
+
+
+def test_qlora_recipe_learns_on_the_bundled_smollm2(tmp_path):
+    """configs/qlora.py is configs/lora.py on an NF4 base, and on the real SmolLM2 and chat data
+    its eval loss falls within a few steps (the README states both recipes' full runs)."""
+    import importlib.util
+
+    from tests.real_weights import package_dir, smollm2_gguf_path
+    from tests.tiny_run import REPO, subprocess_env
+
+    smollm2_gguf_path()
+    package_dir("chatterbot_corpus")
+
+    def recipe(name):
+        spec = importlib.util.spec_from_file_location(name, REPO / "configs" / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module.get_config()
+
+    qlora, plain = recipe("qlora"), recipe("lora")
+    differ = {k for k in ("workdir", "lora") if qlora[k] != plain[k]}
+    assert differ == {"workdir", "lora"}
+    assert {k: v for k, v in qlora.lora.items() if plain.lora[k] != v} == {
+        "base_quant": "nf4", "double_quant": True}
+
+    # The recipe as a user runs it (one device, as on a laptop), only shorter.
+    done = subprocess.run(
+        [sys.executable, "-m", "jaxft.train", "--config=configs/qlora.py",
+         f"--config.workdir={tmp_path / 'run'}", "--config.train.steps=6",
+         "--config.train.eval_every=6", "--config.train.eval_batches=4",
+         "--config.train.sample_prompts=", "--config.checkpoint.every=0"],
+        cwd=REPO, env=subprocess_env(1), capture_output=True, text=True, check=True).stdout
+    final = re.search(r"eval_loss ([\d.]+), .*base_eval_loss ([\d.]+)", done.splitlines()[-1])
+    assert float(final.group(1)) < float(final.group(2)) - 0.1, done.splitlines()[-1]

@@ -314,3 +314,24 @@ def test_generation_compiles_for_tpu(small, chip):
         chip((), jnp.float32), chip((), jnp.int32), chip((), jnp.float32),
         max_new_tokens=8, cache_length=t + 8, greedy=True)
     assert lowered.compile().memory_analysis() is not None
+
+
+def test_readme_qlora_rows_are_xla_tpus_own_figures(tmp_path):
+    """The README's QLoRA table (Llama-2-7B, LoRA rank 16 on all seven projections, 1 × 2048
+    tokens, remat full, bf16): the NF4 row's base bytes and XLA:TPU peak on v5e-1 are this
+    compile's, and the bf16 row's base bytes are the abstract model's."""
+    from tests.test_quant import LLAMA_2_7B
+
+    model_dir = config_dir(tmp_path / "llama-2-7b", **LLAMA_2_7B)
+    settings = {"lora.rank": 16, "lora.alpha": 32.0, "train.batch_size": 1, "data.max_len": 2048,
+                "train.remat": "full", "train.compute_dtype": "bfloat16", "mesh.fsdp": 1}
+    cfg = tpu_config(model_dir, tmp_path, **settings, **{"lora.base_quant": "nf4",
+                                                         "lora.double_quant": True})
+    nf4 = plan.make_plan(cfg, tpu.topology("v5e-1"))
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    assert (f"| NF4 + double quantization | {plan.human_bytes(nf4.frozen.per_device)} | "
+            f"{plan.human_bytes(nf4.peak_bytes)} |") in readme
+    _, bf16 = plan.configured_model(tpu_config(model_dir, tmp_path, **settings), "bfloat16")
+    frozen = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(nnx.state(bf16, nnx.Param))
+                 if x.dtype == jnp.bfloat16)
+    assert f"| bfloat16 (`base_quant=none`) | {plan.human_bytes(frozen)} |" in readme
