@@ -274,6 +274,39 @@ def quantize_kernels(model: nnx.Module, cfg: QuantConfig) -> dict[str, Encoder]:
     return encoders
 
 
+def quantize_model(model: nnx.Module, cfg: QuantConfig) -> nnx.Module:
+    """Quantize an in-memory model's projections in place, as `hf_io.load_model(quantize=)`
+    does while it reads a checkpoint: for a model built or changed in Python. Each kernel
+    passes through the host one at a time, and its packed arrays go back where it lived."""
+    from jaxft import sharding
+    from jaxft.lora import is_output_head
+    from jaxft.models.layers import Linear
+    from jaxft.models.params import to_host
+
+    cfg.check()
+    for path_tuple, linear in list(nnx.iter_modules(model)):
+        path = ".".join(map(str, path_tuple))
+        if (not isinstance(linear, Linear) or linear.packed or is_output_head(path)
+                or not cfg.quantizable(linear.kernel_shape[-2])):
+            continue
+        value = linear.kernel[...]
+        weight_cls = WEIGHTS[cfg.kind]
+        weight = nnx.eval_shape(lambda c=weight_cls, li=linear: c(
+            li.kernel_shape, li.kernel_axes, li.kernel_dtype, cfg))
+        host = to_host(value)
+        layers = [weight_cls.encode(w, cfg) for w in (host if host.ndim == 3 else [host])]
+        mesh = value.sharding.mesh if isinstance(value.sharding, jax.sharding.NamedSharding) \
+            else None
+        for name, var in nnx.to_flat_state(nnx.state(weight)):
+            array = np.stack([p[name[0]] for p in layers]) if host.ndim == 3 \
+                else layers[0][name[0]]
+            placed = (sharding.put(array, sharding.variable_sharding(var, mesh)) if mesh
+                      else jnp.asarray(array))
+            getattr(weight, name[0]).set_value(placed)
+        linear.kernel = weight
+    return model
+
+
 def dequantize_model(model: nnx.Module) -> nnx.Module:
     """Every packed kernel back to a dense parameter of its dtype, in place (before merging
     adapters into the base and exporting it)."""

@@ -267,9 +267,23 @@ def test_qlora_recipe_learns_on_the_bundled_smollm2(tmp_path):
     # The recipe as a user runs it (one device, as on a laptop), only shorter.
     done = subprocess.run(
         [sys.executable, "-m", "jaxft.train", "--config=configs/qlora.py",
-         f"--config.workdir={tmp_path / 'run'}", "--config.train.steps=6",
-         "--config.train.eval_every=6", "--config.train.eval_batches=4",
+         f"--config.workdir={tmp_path / 'run'}", "--config.train.steps=5",
+         "--config.train.eval_every=5", "--config.train.eval_batches=2",
          "--config.train.sample_prompts=", "--config.checkpoint.every=0"],
         cwd=REPO, env=subprocess_env(1), capture_output=True, text=True, check=True).stdout
     final = re.search(r"eval_loss ([\d.]+), .*base_eval_loss ([\d.]+)", done.splitlines()[-1])
     assert float(final.group(1)) < float(final.group(2)) - 0.1, done.splitlines()[-1]
+
+
+def test_quantizing_a_loaded_model_equals_quantizing_while_loading(qlora_pair):
+    base_dir, _ = qlora_pair
+    cfg = quant.QuantConfig(quant.NF4, 64, True)
+    streamed = dict(nnx.to_flat_state(nnx.state(
+        jaxft.from_pretrained(base_dir, quantize=cfg), quant.Quantized)))
+    afterwards = dict(nnx.to_flat_state(nnx.state(
+        quant.quantize_model(jaxft.from_pretrained(base_dir), cfg), quant.Quantized)))
+    # 7 projections, each codes, absmax and the double quantization's scale and offset
+    assert streamed.keys() == afterwards.keys() and len(streamed) == 7 * 4
+    for path, var in streamed.items():
+        np.testing.assert_array_equal(np.asarray(var.get_value()),
+                                      np.asarray(afterwards[path].get_value()), err_msg=str(path))

@@ -3,6 +3,7 @@
     python tools/benchmark.py                         # LoRA and full FT: ~1 min on 2 CPUs
     python tools/benchmark.py --repeat 3 --profile    # on a shared machine; + where time goes
     python tools/benchmark.py --scaling --json runs/benchmark.json   # + 4/8/16 layers, T 128-512
+    python tools/benchmark.py --modes lora,qlora      # LoRA against QLoRA (an NF4 base)
     python tools/benchmark.py --quick                 # smoke run (tests/test_benchmark.py)
     python tools/benchmark.py --gpu-suite             # on one GPU: 1B and 8B Llama, bf16 (~8 min)
 
@@ -119,7 +120,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="leave glibc malloc as it is (default: transparent huge pages for every "
                         "worker, GLIBC_TUNABLES=glibc.malloc.hugetlb=1)")
     p.add_argument("--impls", default="jaxft,torch", help="jaxft, torch, torch_compile")
-    p.add_argument("--modes", default="lora,full")
+    p.add_argument("--modes", default="lora,full",
+                   help="lora, full, qlora (LoRA on an NF4 base: jaxft.quant vs bitsandbytes)")
     p.add_argument("--quick", action="store_true", help="tiny shape, 1 timed step: a smoke run")
     p.add_argument("--scaling", action="store_true",
                    help="also LoRA at 4/8/16 layers and 128/256/512 tokens")
@@ -170,7 +172,7 @@ def step_flops(a, mode: str) -> float:
     attention = 12 * a.layers * a.seq * a.hidden * tokens
     if mode == "full":
         return 6 * n * tokens + attention
-    return 4 * n * tokens + 6 * n_lora * tokens + attention
+    return 4 * n * tokens + 6 * n_lora * tokens + attention  # LoRA, and QLoRA's same matmuls
 
 
 # ---------------------------------------------------------------------------------------------
@@ -257,7 +259,7 @@ def run_jaxft(a, mode: str) -> dict:
     import jax
     from flax import nnx
 
-    from jaxft import config, dtypes, hf_io, lora, sharding, train_step
+    from jaxft import config, dtypes, hf_io, lora, quant, sharding, train_step
 
     start_rss = rss_mb()
     accelerator = jax.default_backend() != "cpu"
@@ -279,7 +281,9 @@ def run_jaxft(a, mode: str) -> dict:
     # Moments as torch.optim.AdamW keeps them: in the weights' dtype (LoRA's are float32).
     cfg.train.optimizer_state_dtype = param_dtype if mode == "full" else "float32"
     lora_cfg = None
-    if mode == "lora":
+    if mode == "qlora":  # the base in NF4, as bitsandbytes stores it
+        quant.quantize_model(model, quant.QuantConfig(quant.NF4))
+    if mode in ("lora", "qlora"):
         lora_cfg = lora.LoraConfig(rank=a.rank, alpha=2.0 * a.rank, targets=TARGETS)
         lora.apply_lora(model, lora_cfg)
     mesh = sharding.make_mesh(devices=jax.devices()[:1])
@@ -425,7 +429,15 @@ def run_torch(a, mode: str, compiled: bool = False) -> dict:
         model = transformers.AutoModelForCausalLM.from_config(
             transformers.LlamaConfig(**hf_config(a)), dtype=getattr(torch, param_dtype),
             attn_implementation="sdpa")
-    if mode == "lora":
+    if mode == "qlora":  # through a checkpoint, as bitsandbytes quantizes on from_pretrained
+        with tempfile.TemporaryDirectory() as saved:
+            model.save_pretrained(saved)
+            model = transformers.AutoModelForCausalLM.from_pretrained(
+                saved, dtype=getattr(torch, param_dtype), attn_implementation="sdpa",
+                device_map=device, quantization_config=transformers.BitsAndBytesConfig(
+                    load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                    bnb_4bit_compute_dtype=getattr(torch, compute)))
+    if mode in ("lora", "qlora"):
         model = peft.get_peft_model(model, peft.LoraConfig(
             r=a.rank, lora_alpha=2.0 * a.rank, target_modules=list(TARGETS), lora_dropout=0.0))
     model.train()
@@ -631,13 +643,13 @@ def report(a, rows: list[dict], peaks: list[dict], peak: float, seconds: float) 
         print(f"peak matmul ({p['impl']}, {p['matmul']}): {p['flops_per_s'] / 1e9:.1f} GFLOP/s")
     print(f"MFU = model FLOPs / step time / {peak / 1e12:.1f} TFLOP/s;  full: 6·N·tok + "
           f"12·L·T·D·tok,  LoRA: 4·N·tok + 6·N_lora·tok + 12·L·T·D·tok")
-    head = (f"{'sweep':>7} {'impl':>13} {'mode':>4} {'remat':>13} {'L':>3} {'T':>4} {'tok/s':>8} "
+    head = (f"{'sweep':>7} {'impl':>13} {'mode':>5} {'remat':>13} {'L':>3} {'T':>4} {'tok/s':>8} "
             f"{'step s':>7} {'MFU':>5} {'compile s':>9} {'peak RSS MB':>11} {'GPU peak MB':>11} "
             f"{'XLA arg+tmp MB':>14} {'load':>4}")
     print(head)
     print("-" * len(head))
     for r in rows:
-        lead = (f"{r['sweep'] or 'main':>7} {r['impl']:>13} {r['mode']:>4} "
+        lead = (f"{r['sweep'] or 'main':>7} {r['impl']:>13} {r['mode']:>5} "
                 f"{r['remat'] if r['impl'] == 'jaxft' else '-':>13} {r['layers']:>3} "
                 f"{r['seq']:>4}")
         if "error" in r:

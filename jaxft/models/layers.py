@@ -121,6 +121,17 @@ class Linear(nnx.Module):
         projection, so only one layer's dense weight ever exists, and only transiently."""
         return self.kernel.dequantize(dtype) if self.packed else self.kernel[...].astype(dtype)
 
+    def _packed_matmul(self, x: Array, dtype) -> Array:
+        """x @ dequantize(kernel), rematerialised: the backward pass dequantizes again rather
+        than keep every layer's dense weight from the forward pass (which, under the layer scan
+        without remat, would hold the whole base in the compute dtype after all)."""
+        graphdef, packed = nnx.split(self.kernel)
+
+        def project(inputs, state):
+            return inputs @ nnx.merge(graphdef, state).dequantize(dtype)
+
+        return jax.checkpoint(project)(x.astype(dtype), packed)
+
     def __call__(self, x: Array) -> Array:
         dtype = self.dtype or self.kernel_dtype
         # Flattened to [tokens, in]: with the leading axes kept, XLA:CPU lays out the weight
@@ -128,8 +139,8 @@ class Linear(nnx.Module):
         # the matmuls themselves.
         lead = x.shape[:-1]
         x = x.reshape(-1, x.shape[-1])
-        weight = self.weight(dtype)
-        y = x.astype(dtype) @ weight
+        weight = self.weight(dtype)  # XLA drops it where nothing below reads it
+        y = self._packed_matmul(x, dtype) if self.packed else x.astype(dtype) @ weight
         # An adapter sees the weight and the projection before its bias: DoRA rescales both.
         extra = (None if self.adapter is None
                  else self.adapter(x, weight=weight, projected=y).astype(dtype))
