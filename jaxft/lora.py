@@ -249,9 +249,9 @@ def log_trainable(model: nnx.Module, lora: LoraConfig | None) -> tuple[int, int]
 
 def merge_lora(model: nnx.Module) -> nnx.Module:
     """Fold every adapter into its kernel (W + scale·A·B, DoRA's rescaled to its magnitudes)
-    and drop it, in place. A quantized
-    base is dequantized first (every packed kernel, adapter or not), so the merged model is
-    the dense weights the run trained against, plus the adapters, in the parameter dtype."""
+    and drop it, in place. A quantized base is dequantized first (every packed kernel, adapter
+    or not), so the merged model is the dense weights the run trained against, plus the
+    adapters, in the parameter dtype."""
     from jaxft import quant
 
     quant.dequantize_model(model)
