@@ -102,7 +102,12 @@ def adapted_norm(weight: jax.Array, a: jax.Array, b: jax.Array, scale: float) ->
     denominator, PEFT's `get_weight_norm`."""
     adapted = weight.astype(jnp.float32) + scale * jnp.einsum(
         "...ir,...ro->...io", a.astype(jnp.float32), b.astype(jnp.float32))
-    return jnp.sqrt(jnp.sum(jnp.square(adapted), axis=-2))
+    return column_norms(adapted)
+
+
+def column_norms(weight: jax.Array) -> jax.Array:
+    """The L2 norm over the inputs of a [.., in, out] weight: one per output feature."""
+    return jnp.sqrt(jnp.sum(jnp.square(weight), axis=-2))
 
 
 def weight_norms(linear: Linear) -> jax.Array:
@@ -120,7 +125,7 @@ def weight_norms(linear: Linear) -> jax.Array:
             return w.astype(jnp.float32)
 
     def norm(s):
-        return jnp.sqrt(jnp.sum(jnp.square(dense(s)), axis=-2))
+        return column_norms(dense(s))
 
     if len(linear.kernel_shape) == 3:
         return jax.jit(lambda st: jax.lax.map(norm, st))(state)
@@ -263,9 +268,8 @@ def merge_lora(model: nnx.Module) -> nnx.Module:
             delta = jnp.einsum("...ir,...ro->...io", a, b) * adapter.scale
             merged = linear.kernel[...].astype(jnp.float32) + delta
             if adapter.magnitude is not None:  # DoRA: each output's column rescaled to m
-                norm = jnp.sqrt(jnp.sum(jnp.square(merged), axis=-2))
-                merged = merged * (adapter.magnitude[...].astype(jnp.float32) / norm)[
-                    ..., None, :]
+                rescale = adapter.magnitude[...].astype(jnp.float32) / column_norms(merged)
+                merged = merged * rescale[..., None, :]
             linear.kernel[...] = merged.astype(linear.kernel.dtype)
             linear.adapter = None
     return model

@@ -159,6 +159,10 @@ def test_changed_lora_setup_refuses_to_resume(model_dir, tmp_path):
     with pytest.raises(jaxft.JaxftError, match=r"checkpoints/2: checkpoint was written by a run "
                        r"with a different lora"):
         train.run(tiny_config(model_dir, workdir, **{"train.steps": 4, "lora.rank": 8}))
+    # Adapters trained against a 16-bit base do not continue on a 4-bit one, nor the reverse.
+    with pytest.raises(jaxft.JaxftError, match=r"checkpoints/2: checkpoint was written by a run "
+                       r"with a different lora .*'base_quant': 'nf4'"):
+        train.run(tiny_config(model_dir, workdir, **{"train.steps": 4, "lora.base_quant": "nf4"}))
     with pytest.raises(jaxft.JaxftError, match="checkpoint.resume is 'never'"):
         train.run(tiny_config(model_dir, workdir, **{"checkpoint.resume": "never"}))
     final = train.run(tiny_config(model_dir, workdir, **{"train.steps": 2, "lora.rank": 8,
