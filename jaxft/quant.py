@@ -26,7 +26,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING
 
 import jax
 import jax.numpy as jnp
@@ -34,6 +35,9 @@ import numpy as np
 from flax import nnx
 
 from jaxft.errors import JaxftError
+
+if TYPE_CHECKING:
+    from jaxft.models.layers import Linear
 
 NONE, NF4, INT8 = "none", "nf4", "int8"
 KINDS = (NONE, NF4, INT8)
@@ -250,23 +254,25 @@ class Encoder:
     encode: Callable[[np.ndarray], dict[str, np.ndarray]]
 
 
+def _quantizable(model: nnx.Module, cfg: QuantConfig) -> Iterator[tuple[str, Linear]]:
+    """The projections a quantized base packs: every dense `Linear` but the output head, which
+    bitsandbytes leaves in its dtype (transformers' `get_keys_to_not_convert`), and but a kernel
+    whose input width the block does not divide."""
+    from jaxft.lora import is_output_head, linear_modules
+
+    for path, linear in list(linear_modules(model)):
+        if (not linear.packed and not is_output_head(path)
+                and cfg.quantizable(linear.kernel_shape[-2])):
+            yield path, linear
+
+
 def quantize_kernels(model: nnx.Module, cfg: QuantConfig) -> dict[str, Encoder]:
     """Swap the kernels of `model` for packed ones (zero-filled), in place, and return the
     encoders that fill them from a checkpoint, by kernel path. Meant for the model `build`
-    makes under `nnx.eval_shape`, so no kernel is ever allocated in its float dtype. The output
-    head stays in its dtype, as bitsandbytes leaves it (transformers' `get_keys_to_not_convert`),
-    and so does a kernel whose input width the block does not divide."""
-    from jaxft.lora import is_output_head
-    from jaxft.models.layers import Linear
-
+    makes under `nnx.eval_shape`, so no kernel is ever allocated in its float dtype."""
     encoders = {}
-    for path_tuple, linear in list(nnx.iter_modules(model)):
-        if not isinstance(linear, Linear):
-            continue
-        path = ".".join(map(str, path_tuple))
+    for path, linear in _quantizable(model, cfg):
         shape, dtype = linear.kernel_shape, linear.kernel_dtype
-        if is_output_head(path) or not cfg.quantizable(shape[-2]):
-            continue
         weight_cls = WEIGHTS[cfg.kind]
         linear.kernel = weight_cls(shape, linear.kernel_axes, dtype, cfg)
         encoders[path + ".kernel"] = Encoder(shape, np.dtype(dtype),
@@ -279,16 +285,10 @@ def quantize_model(model: nnx.Module, cfg: QuantConfig) -> nnx.Module:
     does while it reads a checkpoint: for a model built or changed in Python. Each kernel
     passes through the host one at a time, and its packed arrays go back where it lived."""
     from jaxft import sharding
-    from jaxft.lora import is_output_head
-    from jaxft.models.layers import Linear
     from jaxft.models.params import to_host
 
     cfg.check()
-    for path_tuple, linear in list(nnx.iter_modules(model)):
-        path = ".".join(map(str, path_tuple))
-        if (not isinstance(linear, Linear) or linear.packed or is_output_head(path)
-                or not cfg.quantizable(linear.kernel_shape[-2])):
-            continue
+    for _, linear in _quantizable(model, cfg):
         value = linear.kernel[...]
         weight_cls = WEIGHTS[cfg.kind]
         weight = nnx.eval_shape(lambda c=weight_cls, li=linear: c(
@@ -307,26 +307,26 @@ def quantize_model(model: nnx.Module, cfg: QuantConfig) -> nnx.Module:
     return model
 
 
+def _packed(model: nnx.Module) -> Iterator[Linear]:
+    from jaxft.lora import linear_modules
+
+    return (linear for _, linear in linear_modules(model) if linear.packed)
+
+
 def dequantize_model(model: nnx.Module) -> nnx.Module:
     """Every packed kernel back to a dense parameter of its dtype, in place (before merging
     adapters into the base and exporting it)."""
-    from jaxft.models.layers import Linear
-
-    for _, linear in nnx.iter_modules(model):
-        if isinstance(linear, Linear) and linear.packed:
-            linear.kernel = nnx.Param(linear.kernel.dequantize(), axes=linear.kernel_axes)
+    for linear in list(_packed(model)):
+        linear.kernel = nnx.Param(linear.kernel.dequantize(), axes=linear.kernel_axes)
     return model
 
 
 def packed_size(model: nnx.Module) -> tuple[int, int]:
     """(bytes, parameters) of the packed kernels, codes and scales: what the quantized
     projections cost, and how many weights they stand for."""
-    from jaxft.models.layers import Linear
-
     total_bytes = total_params = 0
-    for _, linear in nnx.iter_modules(model):
-        if isinstance(linear, Linear) and linear.packed:
-            arrays = jax.tree.leaves(nnx.state(linear.kernel))
-            total_bytes += sum(a.size * jnp.dtype(a.dtype).itemsize for a in arrays)
-            total_params += math.prod(linear.kernel_shape)
+    for linear in _packed(model):
+        arrays = jax.tree.leaves(nnx.state(linear.kernel))
+        total_bytes += sum(a.size * jnp.dtype(a.dtype).itemsize for a in arrays)
+        total_params += math.prod(linear.kernel_shape)
     return total_bytes, total_params
