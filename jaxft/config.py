@@ -204,18 +204,25 @@ def lora_config(c: ml_collections.ConfigDict) -> lora.LoraConfig | None:
     return lora.LoraConfig(
         rank=c.lora.rank, alpha=c.lora.alpha, dropout=c.lora.dropout,
         targets=lora_targets(c.lora.targets), use_rslora=c.lora.use_rslora,
-        use_dora=c.lora.get("use_dora", False),
+        use_dora=lora_field(c, "use_dora"),
         rank_pattern=parse_rank_pattern(c.lora.rank_pattern),
         modules_to_save=names(c.lora.modules_to_save, "lora.modules_to_save"))
 
 
 def quant_config(c: ml_collections.ConfigDict) -> quant.QuantConfig:
-    """How the run stores its frozen base; configs written before quantization existed read as
-    'none'."""
-    section = c.lora
-    return quant.QuantConfig(kind=section.get("base_quant", quant.NONE),
-                             block_size=section.get("quant_block_size", 64),
-                             double_quant=section.get("double_quant", False))
+    """How the run stores its frozen base ('none' for runs saved before quantization)."""
+    return quant.QuantConfig(kind=lora_field(c, "base_quant"),
+                             block_size=lora_field(c, "quant_block_size"),
+                             double_quant=lora_field(c, "double_quant"))
+
+
+# LoRA fields added after runs were first saved: a workdir's config.json may lack them.
+LATER_LORA_FIELDS = ("use_dora", "base_quant", "quant_block_size", "double_quant")
+
+
+def lora_field(c: ml_collections.ConfigDict, name: str) -> Any:
+    """A LoRA field of a run's config, or its default where the run predates the field."""
+    return c.lora.get(name, base_config().lora[name])
 
 
 # A string of these is a module name (or a comma-separated list of names), never a regex: a

@@ -391,15 +391,12 @@ def _fingerprint(cfg, model_path: str, placed: dict[str, Any]) -> dict[str, Any]
     return json.loads(json.dumps(fingerprint))  # as it reads back from the checkpoint
 
 
-# LoRA fields added after checkpoints were first written: left out of the fingerprint while at
-# their defaults, so a run saved before they existed still resumes.
-_LATER_LORA_DEFAULTS = {"base_quant": "none", "quant_block_size": 64, "double_quant": False,
-                        "use_dora": False}
-
-
 def _lora_fingerprint(cfg) -> dict[str, Any]:
+    """The LoRA section, less the fields added since checkpoints were first written while they
+    are at their defaults, so a run saved before those fields existed still resumes."""
+    defaults = config_lib.base_config().lora
     return {k: v for k, v in cfg.lora.to_dict().items()
-            if not (k in _LATER_LORA_DEFAULTS and v == _LATER_LORA_DEFAULTS[k])}
+            if not (k in config_lib.LATER_LORA_FIELDS and v == defaults[k])}
 
 
 def _write_resolved_config(cfg, workdir: Path, hf_config: dict, model_path: str,
