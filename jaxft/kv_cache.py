@@ -81,8 +81,8 @@ class Cache:
                 self.positions, positions.astype(jnp.int32), start),
         )
 
-    def mask(self, segment_ids: Array, positions: Array,
-             sliding_window: int | None) -> Array:
-        """[B,1,T,S]: which slots each new token may attend to (call after `add`)."""
+    def mask(self, segment_ids: Array, positions: Array) -> Array:
+        """[B,1,T,S]: which slots each new token may attend to (call after `add`); layers with
+        a sliding window narrow it (`layers.decoder_masks`)."""
         return layers.attention_mask(segment_ids, self.segment_ids, positions, self.positions,
-                                     causal=True, sliding_window=sliding_window)
+                                     causal=True)

@@ -23,6 +23,10 @@ def llama_config(**overrides) -> transformers.PretrainedConfig:
     return transformers.LlamaConfig(**kw)
 
 
+_SMALL = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=3,
+              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
+_SPECIAL_IDS = dict(pad_token_id=0, eos_token_id=1, bos_token_id=2)  # inside the tiny vocab
+
 CAUSAL_CONFIGS = {
     "gpt2": lambda: transformers.GPT2Config(
         vocab_size=VOCAB, n_positions=64, n_embd=64, n_layer=2, n_head=4
@@ -60,6 +64,37 @@ CAUSAL_CONFIGS = {
         num_key_value_heads=2,
         tie_word_embeddings=True,
     ),
+    # Qwen3: RMSNorm of each query/key head; a 4-token window on the layers from 1 on (Qwen's
+    # max_window_layers), so local and global layers mix; a head_dim unlike hidden/heads.
+    "qwen3_qk_norm_mixed_window": lambda: transformers.Qwen3Config(
+        **_SMALL, head_dim=32, use_sliding_window=True, sliding_window=4, max_window_layers=1,
+        tie_word_embeddings=True),
+    # Phi-3: fused qkv_proj/gate_up_proj, a 5-token window, longrope past position 8 (the test
+    # sequences pass it: the long factors apply).
+    "phi3_longrope_window": lambda: transformers.Phi3Config(
+        **{**_SMALL, "max_position_embeddings": 64}, **_SPECIAL_IDS, sliding_window=5,
+        original_max_position_embeddings=8,
+        rope_scaling={"type": "longrope", "short_factor": [1.0 + 0.1 * i for i in range(8)],
+                      "long_factor": [2.0 + 0.3 * i for i in range(8)]}),
+    # Phi-4-mini's shape of Phi-3: half of each head rotated, longrope within its short context.
+    "phi3_partial_rotary": lambda: transformers.Phi3Config(
+        **{**_SMALL, "max_position_embeddings": 256}, **_SPECIAL_IDS, partial_rotary_factor=0.5,
+        original_max_position_embeddings=64,
+        rope_scaling={"type": "longrope", "short_factor": [1.0 + 0.5 * i for i in range(4)],
+                      "long_factor": [3.0] * 4}),
+    # Gemma 2: alternating 5-token local and global layers, both soft-caps small enough to
+    # bite at this init, query_pre_attn_scalar unlike head_dim, tied head. transformers computes
+    # the caps only on its eager path (sdpa drops them).
+    "gemma2_softcap_window": lambda: transformers.Gemma2Config(
+        **{**_SMALL, "num_hidden_layers": 4}, **_SPECIAL_IDS, head_dim=16, sliding_window=5,
+        query_pre_attn_scalar=24, attn_logit_softcapping=0.02, final_logit_softcapping=0.3,
+        attn_implementation="eager"),
+    # Gemma 3: q/k norms, two local layers per global one, each kind its own RoPE (linear
+    # scaling on the global layers), untied head.
+    "gemma3_local_global_rope": lambda: transformers.Gemma3TextConfig(
+        **{**_SMALL, "num_hidden_layers": 6}, **_SPECIAL_IDS, head_dim=16, sliding_window=5,
+        query_pre_attn_scalar=24, sliding_window_pattern=3, tie_word_embeddings=False,
+        rope_scaling={"rope_type": "linear", "factor": 4.0}),
 }
 
 

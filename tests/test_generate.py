@@ -39,7 +39,12 @@ def lively(name: str):
     """A tiny config initialised at std 0.2 instead of 0.02: the default's near-uniform logits
     make greedy decoding repeat one token forever, which would compare little after step 1."""
     config = hf_models.CAUSAL_CONFIGS[name]()
-    config.initializer_range = 0.2
+    # Gemma scales embeddings by √d, so a smaller init is as lively there.
+    config.initializer_range = 0.05 if name.startswith("gemma") else 0.2
+    if getattr(config, "final_logit_softcapping", None):
+        # The tiny config's caps would saturate tanh here and tie logits at the cap, leaving
+        # greedy decoding to rounding; Gemma 2's released caps (30, 50) apply instead.
+        config.final_logit_softcapping, config.attn_logit_softcapping = 30.0, 50.0
     return config
 
 
@@ -52,7 +57,11 @@ def first_new_token(tokens: np.ndarray) -> tuple[int, int]:
     raise AssertionError(f"every row repeats itself early: {tokens}")
 
 
-LORA_TARGETS = {"gpt2": ["c_attn", "c_proj", "c_fc"]}
+LORA_TARGETS = {"gpt2": ["c_attn", "c_proj", "c_fc"],
+                "phi3_longrope_window": ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"]}
+# Families added later run with adapters only: that run covers the base model's path too.
+NEWER_FAMILIES = ["qwen3_qk_norm_mixed_window", "phi3_longrope_window", "gemma2_softcap_window",
+                  "gemma3_local_global_rope"]
 
 
 def add_lora(model, hf, name: str):
@@ -79,8 +88,9 @@ def add_lora(model, hf, name: str):
     return hf.eval()
 
 
-@pytest.mark.parametrize("with_lora", [False, True], ids=["base", "lora"])
-@pytest.mark.parametrize("name", ["llama", "qwen2_bias_tied", "gpt2", "mistral_gqa"])
+@pytest.mark.parametrize("name, with_lora", [
+    (name, with_lora) for name in ["llama", "qwen2_bias_tied", "gpt2", "mistral_gqa"]
+    for with_lora in (False, True)] + [(name, True) for name in NEWER_FAMILIES])
 def test_greedy_matches_transformers_generate(name, with_lora, tmp_path):
     """Left-padded prompts of lengths 5/11/3, 32 new tokens, token for token. EOS is a token
     one row first emits mid-way, so early stopping and pad-after-EOS are compared too."""
@@ -103,10 +113,12 @@ def test_greedy_matches_transformers_generate(name, with_lora, tmp_path):
     assert (got[:, expected.shape[1]:] == PAD).all()  # transformers stops once all rows are done
 
 
-@pytest.mark.parametrize("name", ["llama_gqa_untied_llama3_rope", "gpt2", "mistral_gqa"])
+@pytest.mark.parametrize("name", ["llama_gqa_untied_llama3_rope", "gpt2", "mistral_gqa",
+                                  "gemma2_softcap_window", "gemma3_local_global_rope"])
 def test_cached_decode_matches_full_forward(name, tmp_path):
     """Prefill 11 left-padded tokens, then decode 4 one at a time: the logits of each are those
-    of one forward over the whole sequence (mistral's window of 6 is crossed)."""
+    of one forward over the whole sequence (mistral's window of 6 and Gemma's of 5 are
+    crossed, on Gemma's local layers only)."""
     hf = hf_models.build(hf_models.CAUSAL_CONFIGS[name]())
     hf.save_pretrained(tmp_path)
     model = jaxft.from_pretrained(tmp_path)

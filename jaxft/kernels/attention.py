@@ -18,15 +18,22 @@ Array = jax.Array
 MASK_VALUE = -0.7 * float(np.finfo(np.float32).max)
 
 
-def scores_and_lse(q: Array, k: Array, mask: Array, scale: float) -> tuple[Array, Array]:
-    """Masked scores [B,K,G,T,S] in float32 and their logsumexp over keys [B,K,G,T,1]."""
+def scores_and_lse(q: Array, k: Array, mask: Array, scale: float,
+                   soft_cap: float | None = None) -> tuple[Array, Array]:
+    """Masked scores [B,K,G,T,S] in float32 and their logsumexp over keys [B,K,G,T,1].
+
+    With `soft_cap` (Gemma 2) the scaled scores are capped first, `cap · tanh(s / cap)`, as
+    transformers' eager attention does before it adds the mask."""
     scores = jnp.einsum("bkgth,bksh->bkgts", q, k, preferred_element_type=jnp.float32) * scale
+    if soft_cap is not None:
+        scores = soft_cap * jnp.tanh(scores / soft_cap)
     scores = jnp.where(mask, scores, MASK_VALUE)
     return scores, jax.nn.logsumexp(scores, axis=-1, keepdims=True)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
-def attention(q: Array, k: Array, v: Array, mask: Array, scale: float) -> Array:
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+def attention(q: Array, k: Array, v: Array, mask: Array, scale: float,
+              soft_cap: float | None = None) -> Array:
     """softmax(q kᵀ · scale, masked) v in the head-major layout, q [B,K,G,T,H], k/v [B,K,S,H].
 
     The backward is written out, as flash attention does it: the forward keeps only the
@@ -35,24 +42,28 @@ def attention(q: Array, k: Array, v: Array, mask: Array, scale: float) -> Array:
     twice, which costs XLA:CPU more than the matmuls do; here the row term of the softmax
     gradient is `sum(dout * out)`, over H rather than S.
     """
-    scores, lse = scores_and_lse(q, k, mask, scale)
+    scores, lse = scores_and_lse(q, k, mask, scale, soft_cap)
     return jnp.einsum("bkgts,bksh->bkgth", jnp.exp(scores - lse).astype(v.dtype), v)
 
 
-def _attention_fwd(q, k, v, mask, scale):
-    scores, lse = scores_and_lse(q, k, mask, scale)
+def _attention_fwd(q, k, v, mask, scale, soft_cap):
+    scores, lse = scores_and_lse(q, k, mask, scale, soft_cap)
     out = jnp.einsum("bkgts,bksh->bkgth", jnp.exp(scores - lse).astype(v.dtype), v)
     return out, (q, k, v, mask, lse, out)
 
 
-def _attention_bwd(scale, residuals, dout):
+def _attention_bwd(scale, soft_cap, residuals, dout):
     q, k, v, mask, lse, out = residuals
-    scores, _ = scores_and_lse(q, k, mask, scale)
+    scores, _ = scores_and_lse(q, k, mask, scale, soft_cap)
     probs = jnp.exp(scores - lse)  # B K G T S, float32
     dv = jnp.einsum("bkgts,bkgth->bksh", probs.astype(dout.dtype), dout)
     dprobs = jnp.einsum("bkgth,bksh->bkgts", dout, v, preferred_element_type=jnp.float32)
     row = jnp.sum(dout.astype(jnp.float32) * out.astype(jnp.float32), axis=-1, keepdims=True)
-    dscores = (probs * (dprobs - row) * scale).astype(q.dtype)
+    dscores = probs * (dprobs - row)
+    if soft_cap is not None:  # d(cap·tanh(s/cap))/ds = 1 - tanh²; masked scores carry no gradient
+        capped = jnp.where(mask, scores / soft_cap, 0.0)
+        dscores = dscores * (1.0 - capped * capped)
+    dscores = (dscores * scale).astype(q.dtype)
     dq = jnp.einsum("bkgts,bksh->bkgth", dscores, k)
     dk = jnp.einsum("bkgts,bkgth->bksh", dscores, q)
     return dq, dk, dv, None

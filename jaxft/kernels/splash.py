@@ -47,9 +47,10 @@ def unsupported(q_len: int, kv_len: int, head_dim: int) -> str | None:
 
 
 def splash_attention(q: Array, k: Array, v: Array, segment_ids: Array, scale: float, *,
-                     sliding_window: int | None = None) -> Array:
+                     sliding_window: int | None = None, soft_cap: float | None = None) -> Array:
     """Causal grouped-query attention, q [B,T,N,H], k/v [B,T,K,H], segment_ids [B,T] ->
-    [B,T,N,H] in q's dtype. Check `unsupported` first."""
+    [B,T,N,H] in q's dtype; `soft_cap` caps the scaled scores (the kernel's own
+    `attn_logits_soft_cap`). Check `unsupported` first."""
     b, t, n, _ = q.shape
     kv_heads = k.shape[2]
     mesh = jax.sharding.get_abstract_mesh()
@@ -57,22 +58,22 @@ def splash_attention(q: Array, k: Array, v: Array, segment_ids: Array, scale: fl
     if interpret or mesh.empty or not set(BATCH_AXES + ("tensor",)) <= set(mesh.axis_names):
         # Interpreted, the kernel is plain HLO that XLA partitions itself (and XLA:CPU cannot
         # run an interpreted kernel inside a shard_map).
-        return _per_device(q, k, v, segment_ids, scale, sliding_window, interpret)
+        return _per_device(q, k, v, segment_ids, scale, sliding_window, soft_cap, interpret)
     rows = mesh.shape[BATCH_AXES[0]] * mesh.shape[BATCH_AXES[1]]
     tensor = mesh.shape["tensor"]
     batch_axes = BATCH_AXES if b % rows == 0 else None
     head_axis = "tensor" if n % tensor == 0 and kv_heads % tensor == 0 else None
     heads = PartitionSpec(batch_axes, None, head_axis, None)
     fn = functools.partial(_per_device, scale=scale, sliding_window=sliding_window,
-                           interpret=interpret)
+                           soft_cap=soft_cap, interpret=interpret)
     return jax.shard_map(fn, mesh=mesh, in_specs=(heads, heads, heads,
                                                   PartitionSpec(batch_axes, None)),
                          out_specs=heads, check_vma=False)(q, k, v, segment_ids)
 
 
-def _per_device(q, k, v, segment_ids, scale, sliding_window, interpret):
+def _per_device(q, k, v, segment_ids, scale, sliding_window, soft_cap, interpret):
     t, n = q.shape[1], q.shape[2]
-    kernel = _kernel(t, n, sliding_window, interpret)
+    kernel = _kernel(t, n, sliding_window, soft_cap, interpret)
     heads_first = lambda x: jnp.swapaxes(x, 1, 2)  # B T N H -> B N T H  # noqa: E731
     q = (q * jnp.asarray(scale, q.dtype))  # the kernel does not scale
     ids = splash.SegmentIds(q=segment_ids, kv=segment_ids)
@@ -81,7 +82,8 @@ def _per_device(q, k, v, segment_ids, scale, sliding_window, interpret):
 
 
 @functools.lru_cache(maxsize=64)
-def _kernel(seq_len: int, heads: int, sliding_window: int | None, interpret: bool):
+def _kernel(seq_len: int, heads: int, sliding_window: int | None, soft_cap: float | None,
+            interpret: bool):
     """One example's kernel, [N,T,H] × [K,T,H]: built once per shape (the mask is analysed on
     the host when it is made)."""
     shape = (seq_len, seq_len)
@@ -94,4 +96,5 @@ def _kernel(seq_len: int, heads: int, sliding_window: int | None, interpret: boo
                               block_q_dkv=block, block_kv_dkv=block, block_kv_dkv_compute=block,
                               block_q_dq=block, block_kv_dq=block)
     return splash.make_splash_mha(splash.MultiHeadMask([mask] * heads), block_sizes=sizes,
-                                  head_shards=1, q_seq_shards=1, interpret=interpret)
+                                  head_shards=1, q_seq_shards=1, interpret=interpret,
+                                  attn_logits_soft_cap=soft_cap)

@@ -10,11 +10,12 @@ nothing to the model; `jaxft.sharding` maps them onto a device mesh through one 
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import math
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -248,7 +249,6 @@ def causal_lm_inputs(
     segment_ids: Array | None,
     positions: Array | None,
     cache: Any,
-    sliding_window: int | None = None,
 ) -> tuple[Array, Array, Array | None, Any]:
     """(positions, mask [B,1,T,S], segment ids, cache) for a decoder call, with transformers'
     defaults.
@@ -266,11 +266,59 @@ def causal_lm_inputs(
     if positions is None:
         positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
     if cache is None:
-        mask = attention_mask(segment_ids, segment_ids, positions, positions, causal=True,
-                              sliding_window=sliding_window)
+        mask = attention_mask(segment_ids, segment_ids, positions, positions, causal=True)
         return positions, mask, segment_ids, cache
     cache = cache.add(segment_ids, positions)
-    return positions, cache.mask(segment_ids, positions, sliding_window), None, cache
+    return positions, cache.mask(segment_ids, positions), None, cache
+
+
+class Masks(NamedTuple):
+    """The two masks a decoder with sliding-window layers needs: `full` [B,1,T,S] for global
+    layers, `local` (None without a window) for layers that see `window` positions back."""
+
+    full: Array
+    local: Array | None = None
+    window: int | None = None
+
+
+def decoder_masks(mask: Array, q_positions: Array, cache: Any, window: int | None) -> Masks:
+    """`Masks` from a full causal mask (`causal_lm_inputs`'): the local one keeps keys fewer
+    than `window` positions back (transformers' sliding-window overlay, `kv > q - window`).
+    Keys are the queries themselves without a cache, else the cache's slots."""
+    if window is None:
+        return Masks(mask)
+    kv_positions = q_positions if cache is None else cache.positions
+    delta = q_positions[:, :, None] - kv_positions[:, None, :]
+    return Masks(mask, mask & (delta < window)[:, None], window)
+
+
+def layer_attention(q: Array, k: Array, v: Array, masks: Masks, local: Array | bool,
+                    scale: float, *, implementation: str = "auto", **kwargs) -> Array:
+    """`dot_product_attention` for one layer of a stack that mixes local (sliding-window) and
+    global layers: `local` is a Python bool when every layer is alike, else this layer's flag,
+    traced under the layer scan.
+
+    A traced flag selects the mask, which is all the XLA and cuDNN paths need; splash builds its
+    mask from a static window, so where it may run the flag chooses between two kernel calls
+    (`lax.cond`), each exact for its kind of layer.
+    """
+    def attend(is_local: bool, mask: Array) -> Array:
+        return dot_product_attention(q, k, v, mask, scale, implementation=implementation,
+                                     sliding_window=masks.window if is_local else None,
+                                     **kwargs)
+
+    if masks.local is None:
+        return attend(False, masks.full)
+    if isinstance(local, bool):
+        return attend(local, masks.local if local else masks.full)
+    splash_possible = implementation == "splash" or (implementation == "auto"
+                                                     and target.platform() == "tpu")
+    if splash_possible:
+        return jax.lax.cond(local, lambda: attend(True, masks.local),
+                            lambda: attend(False, masks.full))
+    # A traced flag: `attend` sees no static window, which only splash would have needed.
+    return dot_product_attention(q, k, v, jnp.where(local, masks.local, masks.full), scale,
+                                 implementation=implementation, **kwargs)
 
 
 ATTENTION_IMPLEMENTATIONS = ("auto", "xla", "cudnn", "splash")
@@ -279,7 +327,7 @@ ATTENTION_IMPLEMENTATIONS = ("auto", "xla", "cudnn", "splash")
 def dot_product_attention(
     q: Array, k: Array, v: Array, mask: Array, scale: float, *, implementation: str = "auto",
     causal: bool = False, probs_dropout: Dropout | None = None, segment_ids: Array | None = None,
-    sliding_window: int | None = None,
+    sliding_window: int | None = None, soft_cap: float | None = None,
 ) -> Array:
     """Grouped-query attention: q [B,T,N,H], k/v [B,S,K,H], mask [B,1,T,S] -> [B,T,N,H].
 
@@ -299,7 +347,9 @@ def dot_product_attention(
     and softmax run in float32 whatever the compute dtype, as HF's eager path does. An active
     `probs_dropout` (training BERT or GPT-2) drops attention probabilities as HF does; that
     takes the plain path, whose autodiff keeps the dropped probabilities (no fused kernel
-    drops them).
+    drops them). `soft_cap` (Gemma 2) caps the scaled scores at `cap · tanh(s / cap)` before the
+    mask, as transformers' eager path does; splash and 'xla' do it exactly, cuDNN cannot, so a
+    capped call asked for cuDNN takes 'xla' and says so once.
     """
     if implementation not in ATTENTION_IMPLEMENTATIONS:
         raise JaxftError(
@@ -323,10 +373,15 @@ def dot_product_attention(
                                                                q.shape[-1]))
         if reason is None:
             return splash_kernel.splash_attention(q, k, v, segment_ids, scale,
-                                                  sliding_window=sliding_window)
+                                                  sliding_window=sliding_window,
+                                                  soft_cap=soft_cap)
         if self_attention:  # decoding from a cache is expected to take the XLA path: no line
             _log_fallback_once(f"splash attention cannot take this call ({reason}); "
                                "using the XLA attention path")
+        implementation = "xla"
+    if implementation == "cudnn" and soft_cap is not None:
+        _log_fallback_once("cuDNN attention cannot cap attention scores (soft-capping); using "
+                           "the XLA attention path")
         implementation = "xla"
     if implementation == "cudnn":
         if not (platform == "gpu" and half):
@@ -344,11 +399,11 @@ def dot_product_attention(
     q = q.reshape(b, t, kv_heads, n // kv_heads, h).transpose(0, 2, 3, 1, 4)  # B K G T H
     k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # B K S H
     if dropping:
-        scores, lse = attention_kernel.scores_and_lse(q, k, mask[:, :, None], scale)
+        scores, lse = attention_kernel.scores_and_lse(q, k, mask[:, :, None], scale, soft_cap)
         probs = probs_dropout(jnp.exp(scores - lse)).astype(v.dtype)
         out = jnp.einsum("bkgts,bksh->bkgth", probs, v)
         return out.transpose(0, 3, 1, 2, 4).reshape(b, t, n, h)
-    out = attention_kernel.attention(q, k, v, mask[:, :, None], scale)  # mask: B 1 1 T S
+    out = attention_kernel.attention(q, k, v, mask[:, :, None], scale, soft_cap)  # B 1 1 T S
     return out.transpose(0, 3, 1, 2, 4).reshape(b, t, n, h)
 
 
@@ -362,18 +417,26 @@ def _log_fallback_once(message: str) -> None:
 # Rotary position embeddings (LLaMA family)
 # ---------------------------------------------------------------------------------------------
 
-ROPE_TYPES = ("default", "linear", "llama3")
+ROPE_TYPES = ("default", "linear", "llama3", "longrope")
+
+
+def _base_frequencies(dim: int, theta: float) -> np.ndarray:
+    exponents = np.arange(0, dim, 2, dtype=np.int64).astype(np.float32) / np.float32(dim)
+    return (1.0 / (np.float32(theta) ** exponents)).astype(np.float32)
 
 
 def rope_inverse_frequencies(head_dim: int, theta: float, scaling: dict | None) -> np.ndarray:
-    """The [H/2] inverse frequencies, computed in float32 as transformers does."""
-    exponents = np.arange(0, head_dim, 2, dtype=np.int64).astype(np.float32) / np.float32(head_dim)
-    inv_freq = (1.0 / (np.float32(theta) ** exponents)).astype(np.float32)
+    """The [H/2] inverse frequencies, computed in float32 as transformers does (`head_dim` is
+    the rotated width: less than the head with partial rotary embeddings). For longrope these
+    are the short-context ones (`longrope_frequencies` gives both sets)."""
+    inv_freq = _base_frequencies(head_dim, theta)
     rope_type = (scaling or {}).get("rope_type", (scaling or {}).get("type", "default"))
     if rope_type == "default":
         return inv_freq
     if rope_type == "linear":
         return (inv_freq / np.float32(scaling["factor"])).astype(np.float32)
+    if rope_type == "longrope":
+        return longrope_frequencies(head_dim, theta, scaling)[0]
     if rope_type == "llama3":
         factor, low, high = (
             scaling["factor"],
@@ -393,14 +456,82 @@ def rope_inverse_frequencies(head_dim: int, theta: float, scaling: dict | None) 
     )
 
 
-def apply_rope(x: Array, positions: Array, inv_freq: np.ndarray) -> Array:
-    """Rotate x [B,T,heads,H] by its positions [B,T], HF's half-split layout (rotate_half)."""
-    freqs = positions[..., None].astype(jnp.float32) * jnp.asarray(inv_freq)  # B T H/2
-    emb = jnp.concatenate([freqs, freqs], axis=-1)[:, :, None, :]  # B T 1 H
-    cos, sin = jnp.cos(emb).astype(x.dtype), jnp.sin(emb).astype(x.dtype)
+def longrope_frequencies(dim: int, theta: float, scaling: dict) -> tuple[np.ndarray, np.ndarray]:
+    """LongRoPE's (Phi-3) short- and long-context inverse frequencies, `1 / (factor · θ^(i/d))`
+    with the per-frequency `short_factor` and `long_factor`, as transformers computes them."""
+    exponents = np.arange(0, dim, 2, dtype=np.int64).astype(np.float32) / np.float32(dim)
+    powers = (np.float32(theta) ** exponents).astype(np.float32)
+    short, long = (np.asarray(scaling[k], np.float32) for k in ("short_factor", "long_factor"))
+    return ((1.0 / (short * powers)).astype(np.float32),
+            (1.0 / (long * powers)).astype(np.float32))
+
+
+@dataclasses.dataclass(frozen=True)
+class Rope:
+    """The rotary embedding of one kind of layer, as plain (hashable) numbers.
+
+    `inv_freq` rotates the first `2·len(inv_freq)` dims of each head (all of them unless the
+    embedding is partial, as Phi-4-mini's is); cos and sin are multiplied by `scale` (longrope's
+    attention factor). With `long_inv_freq`, a batch whose largest position reaches past
+    `original_max` uses those instead, the rule transformers applies per forward call.
+    """
+
+    inv_freq: tuple[float, ...]
+    scale: float = 1.0
+    long_inv_freq: tuple[float, ...] | None = None
+    original_max: int | None = None
+
+    @classmethod
+    def from_hf(cls, head_dim: int, theta: float, scaling: dict | None, *,
+                partial_rotary_factor: float = 1.0,
+                max_position_embeddings: int | None = None) -> Rope:
+        """From config.json's rope settings, with transformers' defaults for longrope."""
+        dim = int(head_dim * partial_rotary_factor)
+        scaling = scaling or {}
+        if scaling.get("rope_type", scaling.get("type")) not in ("longrope", "su"):
+            return cls(tuple(rope_inverse_frequencies(dim, theta, scaling or None).tolist()))
+        original = scaling.get("original_max_position_embeddings")
+        if original is None:
+            raise JaxftError("longrope rope_scaling needs original_max_position_embeddings")
+        factor = scaling.get("factor") or (max_position_embeddings or original) / original
+        attention_factor = scaling.get("attention_factor")
+        if attention_factor is None:
+            attention_factor = (1.0 if factor <= 1.0
+                                else math.sqrt(1 + math.log(factor) / math.log(original)))
+        short, long = longrope_frequencies(dim, theta, scaling)
+        return cls(tuple(short.tolist()), float(attention_factor), tuple(long.tolist()),
+                   int(original))
+
+    def frequencies(self, positions: Array) -> Array:
+        """The inverse frequencies [R/2] for a call at these positions."""
+        inv_freq = jnp.asarray(self.inv_freq, jnp.float32)
+        if self.long_inv_freq is None:
+            return inv_freq
+        long = jnp.max(positions) + 1 > self.original_max
+        return jnp.where(long, jnp.asarray(self.long_inv_freq, jnp.float32), inv_freq)
+
+    def __call__(self, x: Array, positions: Array, inv_freq: Array | None = None) -> Array:
+        """x [B,T,heads,H] rotated by its positions [B,T]."""
+        if inv_freq is None:
+            inv_freq = self.frequencies(positions)
+        return apply_rope(x, positions, inv_freq, self.scale)
+
+
+def apply_rope(x: Array, positions: Array, inv_freq: Array, scale: float = 1.0) -> Array:
+    """Rotate x [B,T,heads,H] by its positions [B,T], HF's half-split layout (rotate_half);
+    only the first `2·len(inv_freq)` dims when the embedding is partial."""
+    freqs = positions[..., None].astype(jnp.float32) * jnp.asarray(inv_freq)  # B T R/2
+    emb = jnp.concatenate([freqs, freqs], axis=-1)[:, :, None, :]  # B T 1 R
+    cos, sin = jnp.cos(emb), jnp.sin(emb)
+    if scale != 1.0:
+        cos, sin = cos * scale, sin * scale
+    cos, sin = cos.astype(x.dtype), sin.astype(x.dtype)
+    rotary = emb.shape[-1]
+    x, passed = x[..., :rotary], x[..., rotary:]
     x1, x2 = jnp.split(x, 2, axis=-1)
     rotated = jnp.concatenate([-x2, x1], axis=-1)
-    return x * cos + rotated * sin
+    out = x * cos + rotated * sin
+    return out if passed.shape[-1] == 0 else jnp.concatenate([out, passed], axis=-1)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -433,24 +564,29 @@ def stack_layers(layers: list[nnx.Module]) -> nnx.Module:
 
 
 def scan_layers(
-    stack: nnx.Module, h: Array, *, remat: str = "none", cache: Any = None, **kwargs
+    stack: nnx.Module, h: Array, *, remat: str = "none", cache: Any = None,
+    per_layer: dict[str, Array] | None = None, **kwargs
 ) -> tuple[Array, Any]:
-    """Run `h, layer_cache = layer(h, cache=layer_cache, **kwargs)` over a stacked module.
+    """Run `h, layer_cache = layer(h, cache=layer_cache, **per_layer[i], **kwargs)` over a
+    stacked module.
 
     `cache` (a pytree with a leading layer axis, or None when training) goes in one layer slice
-    at a time and comes back updated, so generation needs no second code path.
+    at a time and comes back updated, so generation needs no second code path. `per_layer`
+    holds arrays with a leading layer axis that differ between layers (Gemma's local/global
+    flag); `kwargs` are the same for every layer.
     """
     graphdef, state = nnx.split(stack)
 
     def body(carry: Array, xs) -> tuple[Array, Any]:
-        layer_state, layer_cache = xs
-        return nnx.merge(graphdef, layer_state)(carry, cache=layer_cache, **kwargs)
+        layer_state, layer_cache, layer_inputs = xs
+        return nnx.merge(graphdef, layer_state)(carry, cache=layer_cache, **layer_inputs,
+                                                **kwargs)
 
     if remat not in REMAT_POLICIES:
         raise JaxftError(f"remat policy {remat!r} unknown (known: {', '.join(REMAT_POLICIES)})")
     if remat != "none":
         body = jax.checkpoint(body, policy=REMAT_POLICIES[remat])
-    return jax.lax.scan(body, h, (state, cache))
+    return jax.lax.scan(body, h, (state, cache, per_layer or {}))
 
 
 def num_layers(stack: nnx.Module) -> int:

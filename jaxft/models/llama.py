@@ -1,9 +1,11 @@
-"""The LLaMA family: LlamaForCausalLM, MistralForCausalLM and Qwen2ForCausalLM.
+"""The LLaMA family: Llama, Mistral, Qwen2, Qwen3 and Phi-3 (`*ForCausalLM`).
 
-The three differ only in data (bias on q/k/v, sliding window, tied embeddings, rope scaling), so
-one module serves them all. Module and parameter names follow Hugging Face (`model.layers.N.
-self_attn.q_proj`), which keeps the weight mapping a rename plus transpose and lets LoRA targets
-use the names users know from PEFT.
+They differ only in data: bias on q/k/v, sliding windows (on every layer, or on some), tied
+embeddings, rope scaling (linear, llama3, Phi-3's longrope, partial rotary), Qwen3's RMSNorm of
+each query and key head, and Phi-3's fused `qkv_proj` and `gate_up_proj`. So one module serves
+them all. Module and parameter names follow Hugging Face (`model.layers.N.self_attn.q_proj`),
+which keeps the weight mapping a rename plus transpose and lets LoRA targets use the names
+users know from PEFT (`qkv_proj` and `gate_up_proj` on Phi-3, as PEFT has them).
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from jaxft.errors import JaxftError
 from jaxft.models import layers
 from jaxft.models.params import IDENTITY, TRANSPOSE, TensorMapping
 
-MODEL_TYPES = ("llama", "mistral", "qwen2")
+MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "phi3")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,6 +43,13 @@ class Config:
     o_bias: bool = False
     mlp_bias: bool = False
     sliding_window: int | None = None
+    # Per layer: does it attend through the sliding window? None: every layer does when there
+    # is a window (Mistral, Phi-3); Qwen's `layer_types` window only some.
+    local_layers: tuple[bool, ...] | None = None
+    qk_norm: bool = False  # Qwen3: RMSNorm over each query and key head, before RoPE
+    fused_projections: bool = False  # Phi-3: one qkv_proj and one gate_up_proj
+    partial_rotary_factor: float = 1.0  # the fraction of each head RoPE rotates
+    max_position_embeddings: int | None = None  # read by longrope's default attention factor
     model_type: str = "llama"
     dtype: str | None = None  # compute dtype; None computes in the parameter dtype
     remat: str = "none"  # rematerialisation policy of the layer scan (see layers.REMAT_POLICIES)
@@ -60,27 +69,34 @@ class Config:
         """Every parameter must come from the checkpoint."""
         return False
 
+    @property
+    def rope(self) -> layers.Rope:
+        scaling = dict(self.rope_scaling) if self.rope_scaling else None
+        return layers.Rope.from_hf(self.head_dim, self.rope_theta, scaling,
+                                   partial_rotary_factor=self.partial_rotary_factor,
+                                   max_position_embeddings=self.max_position_embeddings)
+
+    @property
+    def layer_kinds(self) -> tuple[bool, ...] | bool:
+        """Which layers attend locally: one bool when all alike, else one per layer."""
+        if self.sliding_window is None:
+            return False
+        if self.local_layers is None or len(set(self.local_layers)) == 1:
+            return True if self.local_layers is None else self.local_layers[0]
+        return self.local_layers
+
     @classmethod
     def from_hf(cls, hf: dict, num_labels: int | None = None) -> Config:
         if num_labels is not None:
             raise JaxftError("num_labels applies to BERT sequence classifiers, not causal LMs")
         model_type = hf.get("model_type", "llama")
         heads = hf["num_attention_heads"]
-        rope = dict(hf.get("rope_parameters") or {})
-        theta = rope.pop("rope_theta", hf.get("rope_theta", 10000.0))
-        scaling = hf.get("rope_scaling") or (
-            rope if rope.get("rope_type", "default") != "default" else None
-        )
-        if scaling:
-            kind = scaling.get("rope_type", scaling.get("type", "default"))
-            if kind not in layers.ROPE_TYPES:
-                raise JaxftError(
-                    f"rope_scaling type {kind!r} is not supported (supported: "
-                    f"{', '.join(layers.ROPE_TYPES)})"
-                )
-        window = None
-        if model_type == "mistral" or hf.get("use_sliding_window"):
+        theta, scaling, partial = rope_settings(hf)
+        window, local = None, None
+        if model_type in ("mistral", "phi3") or hf.get("use_sliding_window"):
             window = hf.get("sliding_window")
+        if window is not None and model_type in ("qwen2", "qwen3"):
+            local = _qwen_local_layers(hf)
         return cls(
             vocab_size=hf["vocab_size"],
             hidden_size=hf["hidden_size"],
@@ -90,17 +106,61 @@ class Config:
             num_key_value_heads=hf.get("num_key_value_heads") or heads,
             head_dim=hf.get("head_dim") or hf["hidden_size"] // heads,
             rms_norm_eps=hf.get("rms_norm_eps", 1e-6),
-            rope_theta=float(theta),
-            rope_scaling=tuple(sorted(scaling.items())) if scaling else None,
+            rope_theta=theta,
+            rope_scaling=scaling,
             tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
             qkv_bias=model_type == "qwen2" or bool(hf.get("attention_bias", False)),
             o_bias=bool(hf.get("attention_bias", False)),
             mlp_bias=bool(hf.get("mlp_bias", False)),
             sliding_window=window,
+            local_layers=local,
+            qk_norm=model_type == "qwen3",
+            fused_projections=model_type == "phi3",
+            partial_rotary_factor=partial,
+            max_position_embeddings=hf.get("max_position_embeddings"),
             attention_dropout=float(hf.get("attention_dropout", 0.0)),
             model_type=model_type,
             hf_config_json=json.dumps(hf, sort_keys=True),
         )
+
+
+def rope_settings(hf: dict, rope: dict | None = None) -> tuple[float, tuple | None, float]:
+    """(theta, scaling as sorted pairs or None, partial rotary factor) from a config.json in
+    either of transformers' forms: `rope_theta` + `rope_scaling` (configs on the Hub), or
+    `rope_parameters` (what transformers 5 saves). `rope` is one layer kind's parameters when a
+    config has several (Gemma 3)."""
+    rope = dict(rope if rope is not None else hf.get("rope_parameters") or {})
+    theta = float(rope.pop("rope_theta", hf.get("rope_theta", 10000.0)))
+    partial = float(rope.pop("partial_rotary_factor", hf.get("partial_rotary_factor", 1.0)))
+    scaling = dict(hf.get("rope_scaling") or
+                   (rope if rope.get("rope_type", rope.get("type", "default")) != "default"
+                    else {}))
+    if not scaling:
+        return theta, None, partial
+    kind = scaling.get("rope_type", scaling.get("type", "default"))
+    if kind in ("su", "yarn") and hf.get("model_type") == "phi3":  # transformers' renaming
+        kind = "longrope"
+    if kind not in layers.ROPE_TYPES:
+        raise JaxftError(
+            f"rope_scaling type {kind!r} is not supported (supported: "
+            f"{', '.join(layers.ROPE_TYPES)})"
+        )
+    scaling["rope_type"] = kind
+    scaling.pop("type", None)
+    if kind == "longrope":
+        scaling.setdefault("original_max_position_embeddings",
+                           hf.get("original_max_position_embeddings"))
+    hashable = {k: tuple(v) if isinstance(v, list) else v for k, v in scaling.items()}
+    return theta, tuple(sorted(hashable.items())), partial
+
+
+def _qwen_local_layers(hf: dict) -> tuple[bool, ...]:
+    """Qwen's windowed layers: `layer_types` when saved, else those from `max_window_layers`."""
+    n = hf["num_hidden_layers"]
+    kinds = hf.get("layer_types")
+    if kinds:
+        return tuple(kind == "sliding_attention" for kind in kinds)
+    return tuple(i >= hf.get("max_window_layers", n) for i in range(n))
 
 
 # Hugging Face tensor name -> (jaxft parameter path, transform). `{L}` is the layer index, which
@@ -119,8 +179,13 @@ HF_TENSORS = TensorMapping(
                 f"model.layers.self_attn.{p}.{'kernel' if w == 'weight' else 'bias'}",
                 TRANSPOSE if w == "weight" else IDENTITY,
             )
-            for p in ("q_proj", "k_proj", "v_proj", "o_proj")
+            for p in ("q_proj", "k_proj", "v_proj", "o_proj", "qkv_proj")
             for w in ("weight", "bias")
+        ),
+        *(
+            (f"model.layers.{{L}}.self_attn.{n}.weight", f"model.layers.self_attn.{n}.weight",
+             IDENTITY)
+            for n in ("q_norm", "k_norm")
         ),
         (
             "model.layers.{L}.post_attention_layernorm.weight",
@@ -133,7 +198,7 @@ HF_TENSORS = TensorMapping(
                 f"model.layers.mlp.{p}.{'kernel' if w == 'weight' else 'bias'}",
                 TRANSPOSE if w == "weight" else IDENTITY,
             )
-            for p in ("gate_proj", "up_proj", "down_proj")
+            for p in ("gate_proj", "up_proj", "down_proj", "gate_up_proj")
             for w in ("weight", "bias")
         ),
         ("model.norm.weight", "model.norm.weight", IDENTITY),
@@ -149,42 +214,45 @@ HF_TENSORS = TensorMapping(
 class Attention(nnx.Module):
     def __init__(self, cfg: Config, *, rngs: nnx.Rngs, param_dtype):
         d, h = cfg.hidden_size, cfg.head_dim
+        n, kv = cfg.num_attention_heads * h, cfg.num_key_value_heads * h
         kw = dict(rngs=rngs, param_dtype=param_dtype, dtype=cfg.dtype)
-        self.q_proj = layers.Linear(
-            d, cfg.num_attention_heads * h, ("embed", "heads"), bias=cfg.qkv_bias, **kw
-        )
-        self.k_proj = layers.Linear(
-            d, cfg.num_key_value_heads * h, ("embed", "kv_heads"), bias=cfg.qkv_bias, **kw
-        )
-        self.v_proj = layers.Linear(
-            d, cfg.num_key_value_heads * h, ("embed", "kv_heads"), bias=cfg.qkv_bias, **kw
-        )
-        self.o_proj = layers.Linear(
-            cfg.num_attention_heads * h, d, ("heads", "embed"), bias=cfg.o_bias, **kw
-        )
+        if cfg.fused_projections:
+            self.qkv_proj = layers.Linear(d, n + 2 * kv, ("embed", "qkv"), bias=cfg.qkv_bias,
+                                          **kw)
+        else:
+            self.q_proj = layers.Linear(d, n, ("embed", "heads"), bias=cfg.qkv_bias, **kw)
+            self.k_proj = layers.Linear(d, kv, ("embed", "kv_heads"), bias=cfg.qkv_bias, **kw)
+            self.v_proj = layers.Linear(d, kv, ("embed", "kv_heads"), bias=cfg.qkv_bias, **kw)
+        self.o_proj = layers.Linear(n, d, ("heads", "embed"), bias=cfg.o_bias, **kw)
+        if cfg.qk_norm:
+            self.q_norm = layers.RMSNorm(h, cfg.rms_norm_eps, param_dtype=param_dtype)
+            self.k_norm = layers.RMSNorm(h, cfg.rms_norm_eps, param_dtype=param_dtype)
         self.head_dim = h
+        self.split = (n, n + kv)
+        self.fused = cfg.fused_projections
+        self.qk_norm = cfg.qk_norm
         self.attention = cfg.attention
-        self.sliding_window = cfg.sliding_window
         self.dropout = layers.Dropout(cfg.attention_dropout)
-        self.inv_freq = tuple(
-            layers.rope_inverse_frequencies(
-                h, cfg.rope_theta, dict(cfg.rope_scaling) if cfg.rope_scaling else None
-            ).tolist()
-        )
+        self.rope = cfg.rope
 
-    def __call__(self, x, positions, mask, segment_ids=None, cache=None):
+    def __call__(self, x, positions, masks, local, segment_ids=None, cache=None):
         b, t, _ = x.shape
-        inv_freq = jnp.asarray(self.inv_freq, jnp.float32)
-        q = self.q_proj(x).reshape(b, t, -1, self.head_dim)  # B T N H
-        k = self.k_proj(x).reshape(b, t, -1, self.head_dim)  # B T K H
-        v = self.v_proj(x).reshape(b, t, -1, self.head_dim)  # B T K H
-        q, k = layers.apply_rope(q, positions, inv_freq), layers.apply_rope(k, positions, inv_freq)
+        if self.fused:
+            q, k, v = jnp.split(self.qkv_proj(x), self.split, axis=-1)
+        else:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        q = q.reshape(b, t, -1, self.head_dim)  # B T N H
+        k = k.reshape(b, t, -1, self.head_dim)  # B T K H
+        v = v.reshape(b, t, -1, self.head_dim)  # B T K H
+        if self.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        inv_freq = self.rope.frequencies(positions)
+        q, k = self.rope(q, positions, inv_freq), self.rope(k, positions, inv_freq)
         if cache is not None:
             k, v, cache = cache.update(k, v)
-        out = layers.dot_product_attention(
-            q, k, v, mask, self.head_dim**-0.5, implementation=self.attention, causal=True,
-            probs_dropout=self.dropout, segment_ids=segment_ids,
-            sliding_window=self.sliding_window,
+        out = layers.layer_attention(
+            q, k, v, masks, local, self.head_dim**-0.5, implementation=self.attention,
+            causal=True, probs_dropout=self.dropout, segment_ids=segment_ids,
         )
         return self.o_proj(out.reshape(b, t, -1)), cache
 
@@ -193,12 +261,20 @@ class MLP(nnx.Module):
     def __init__(self, cfg: Config, *, rngs: nnx.Rngs, param_dtype):
         d, f = cfg.hidden_size, cfg.intermediate_size
         kw = dict(bias=cfg.mlp_bias, rngs=rngs, param_dtype=param_dtype, dtype=cfg.dtype)
-        self.gate_proj = layers.Linear(d, f, ("embed", "mlp"), **kw)
-        self.up_proj = layers.Linear(d, f, ("embed", "mlp"), **kw)
+        if cfg.fused_projections:
+            self.gate_up_proj = layers.Linear(d, 2 * f, ("embed", "mlp"), **kw)
+        else:
+            self.gate_proj = layers.Linear(d, f, ("embed", "mlp"), **kw)
+            self.up_proj = layers.Linear(d, f, ("embed", "mlp"), **kw)
         self.down_proj = layers.Linear(f, d, ("mlp", "embed"), **kw)
+        self.fused = cfg.fused_projections
 
     def __call__(self, x):
-        return self.down_proj(layers.swiglu(self.gate_proj(x), self.up_proj(x)))
+        if self.fused:
+            gate, up = jnp.split(self.gate_up_proj(x), 2, axis=-1)
+        else:
+            gate, up = self.gate_proj(x), self.up_proj(x)
+        return self.down_proj(layers.swiglu(gate, up))
 
 
 class DecoderLayer(nnx.Module):
@@ -212,10 +288,10 @@ class DecoderLayer(nnx.Module):
         )
         self.mlp = MLP(cfg, rngs=rngs, param_dtype=param_dtype)
 
-    def __call__(self, h, *, positions, mask, segment_ids=None, cache=None):
+    def __call__(self, h, *, positions, masks, local=False, segment_ids=None, cache=None):
         with jax.named_scope("attention"):
-            attn, cache = self.self_attn(self.input_layernorm(h), positions, mask, segment_ids,
-                                         cache)
+            attn, cache = self.self_attn(self.input_layernorm(h), positions, masks, local,
+                                         segment_ids, cache)
         h = h + attn
         with jax.named_scope("mlp"):
             h = h + self.mlp(self.post_attention_layernorm(h))
@@ -281,16 +357,20 @@ class Model(nnx.Module):
         `(logits, cache)`; `jaxft.generate` drives it.
         """
         positions, mask, segments, cache = layers.causal_lm_inputs(
-            input_ids, attention_mask, segment_ids, positions, cache, self.config.sliding_window
+            input_ids, attention_mask, segment_ids, positions, cache
         )
+        masks = layers.decoder_masks(mask, positions, cache, self.config.sliding_window)
+        kinds = self.config.layer_kinds
         h = self.model.embed_tokens(input_ids)  # B T D
         h, layer_cache = layers.scan_layers(
             self.model.layers,
             h,
             remat=self.config.remat,
             cache=None if cache is None else cache.layers,
+            per_layer=None if isinstance(kinds, bool) else {"local": jnp.asarray(kinds)},
+            **({"local": kinds} if isinstance(kinds, bool) else {}),
             positions=positions,
-            mask=mask,
+            masks=masks,
             segment_ids=segments,
         )
         h = self.model.norm(h)
