@@ -2,14 +2,20 @@
 
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 import jaxft
 from jaxft import data
 from tests.tiny_run import DATA, tiny_model_dir
 
 
-def test_packed_row_logits_equal_each_example_alone(tmp_path):
-    model_dir = tiny_model_dir(tmp_path, "llama", num_key_value_heads=2)
+@pytest.mark.parametrize("family", ["llama", "qwen3_qk_norm_mixed_window", "phi3_longrope_window",
+                                    "gemma2_softcap_window", "gemma3_local_global_rope"])
+def test_packed_row_logits_equal_each_example_alone(family, tmp_path):
+    """So a packed batch's loss is the unpacked examples' loss; the newer families' sliding
+    windows and per-kind RoPE restart inside each packed example too."""
+    overrides = {"num_key_value_heads": 2} if family == "llama" else {}
+    model_dir = tiny_model_dir(tmp_path, family, **overrides)
     model = jaxft.from_pretrained(model_dir)
     cfg = data.default_config()
     cfg.train_path = str(DATA / "faq_prompt_completion.jsonl")

@@ -53,6 +53,44 @@ def test_attention_matches_jax_reference(heads, kv_heads):
         np.testing.assert_allclose(got, want, **TOL, err_msg=f"d{name}")
 
 
+def soft_capped_reference(q, k, v, mask, scale, cap):
+    """Gemma 2's eager attention written out: scores capped at cap·tanh(s/cap), then masked;
+    differentiated by autodiff."""
+    b, t, n, h = q.shape
+    groups = n // k.shape[2]
+    k, v = jnp.repeat(k, groups, axis=2), jnp.repeat(v, groups, axis=2)
+    scores = jnp.einsum("btnh,bsnh->bnts", q, k) * scale
+    scores = cap * jnp.tanh(scores / cap)
+    probs = jax.nn.softmax(jnp.where(mask, scores, -jnp.inf), axis=-1)
+    return jnp.einsum("bnts,bsnh->btnh", jnp.where(mask, probs, 0.0), v)
+
+
+def test_soft_capped_attention_matches_autodiff():
+    """The capped scores' backward (1 - tanh² through the cap) in the hand-written VJP, with a
+    cap small enough to saturate, grouped heads and packed rows; cuDNN falls back to it."""
+    b, t, heads, kv_heads, h, cap = 3, 12, 6, 2, 8, 0.7
+    kq, kk, kv, kd = jax.random.split(jax.random.PRNGKey(1), 4)
+    q = jax.random.normal(kq, (b, t, heads, h))
+    k = jax.random.normal(kk, (b, t, kv_heads, h))
+    v = jax.random.normal(kv, (b, t, kv_heads, h))
+    dout = jax.random.normal(kd, (b, t, heads, h))
+    mask, scale = packed_mask(b, t), h**-0.5
+    real = (mask.any(-1)[:, 0])[:, :, None, None]  # rows that attend to something
+    dout = jnp.where(real, dout, 0.0)
+
+    def ours(q, k, v):
+        return layers.dot_product_attention(q, k, v, mask, scale, implementation="xla",
+                                            soft_cap=cap)
+
+    out, vjp = jax.vjp(ours, q, k, v)
+    ref_out, ref_vjp = jax.vjp(lambda *a: soft_capped_reference(*a, mask, scale, cap), q, k, v)
+    np.testing.assert_allclose(jnp.where(real, out, 0), jnp.where(real, ref_out, 0), **TOL)
+    uncapped = layers.dot_product_attention(q, k, v, mask, scale, implementation="xla")
+    assert float(jnp.abs(jnp.where(real, uncapped - out, 0)).max()) > 1e-2  # the cap bites
+    for name, got, want in zip("qkv", vjp(dout), ref_vjp(dout), strict=True):
+        np.testing.assert_allclose(got, want, **TOL, err_msg=f"d{name}")
+
+
 def test_attention_auto_is_xla_on_cpu_and_cudnn_needs_a_gpu():
     q = jnp.ones((2, 9, 2, 8), jnp.bfloat16)
     mask = packed_mask(2, 9)
@@ -104,9 +142,11 @@ def test_head_cross_entropy_matches_unfused_loss(monkeypatch, chunk_elements):
     np.testing.assert_allclose(frozen_dh, 3 * ref_dh, **TOL)
 
 
-@pytest.mark.parametrize("family", ["llama", "llama_linear_rope_tied", "gpt2"])
+@pytest.mark.parametrize("family", ["llama", "llama_linear_rope_tied", "gpt2",
+                                    "gemma2_softcap_window", "gemma3_local_global_rope"])
 def test_fused_training_loss_equals_transformers_loss(family, tmp_path):
-    """The train step's loss (fused head + cross-entropy, untied or tied head) is HF's own."""
+    """The train step's loss (fused head + cross-entropy, untied or tied head) is HF's own;
+    Gemma 2's capped logits take the unfused path and are HF's too."""
     import torch
 
     import jaxft
@@ -116,7 +156,8 @@ def test_fused_training_loss_equals_transformers_loss(family, tmp_path):
     hf = hf_models.build(hf_models.CAUSAL_CONFIGS[family]())
     hf.save_pretrained(tmp_path)
     model = jaxft.from_pretrained(tmp_path)
-    assert model.output_head() is not None  # the fused path, not full logits
+    capped = getattr(model.config, "final_logit_softcapping", None) is not None
+    assert (model.output_head() is None) == capped  # the fused path unless logits are capped
     # The last token predicts nothing (loss_mask 0), as HF's shifted labels say.
     batch = _batch(np.random.RandomState(0), b=2, t=16, vocab=hf_models.VOCAB)
     ids = torch.from_numpy(batch["input_ids"].astype(np.int64))

@@ -37,9 +37,10 @@ def inputs(batch, heads, kv_heads, head_dim, seed=0):
     return q, k, v, dout
 
 
-def compare(q, k, v, dout, seg, pos, window=None, run=lambda f: f):
-    """Splash vs `jax.nn.dot_product_attention` (JAX's XLA reference) on real tokens; padding
-    rows compute something different in each and reach no loss, so their cotangent is 0."""
+def compare(q, k, v, dout, seg, pos, window=None, run=lambda f: f, soft_cap=None):
+    """Splash vs `jax.nn.dot_product_attention` (JAX's XLA reference; jaxft's own XLA path
+    with a soft cap, which JAX's lacks) on real tokens; padding rows compute something
+    different in each and reach no loss, so their cotangent is 0."""
     seg, pos = jnp.asarray(seg), jnp.asarray(pos)
     mask = layers.attention_mask(seg, seg, pos, pos, causal=True, sliding_window=window)
     scale = q.shape[-1] ** -0.5
@@ -48,9 +49,13 @@ def compare(q, k, v, dout, seg, pos, window=None, run=lambda f: f):
 
     def splash(q, k, v):
         return layers.dot_product_attention(q, k, v, mask, scale, implementation="splash",
-                                            causal=True, segment_ids=seg, sliding_window=window)
+                                            causal=True, segment_ids=seg, sliding_window=window,
+                                            soft_cap=soft_cap)
 
     def reference(q, k, v):
+        if soft_cap is not None:
+            return layers.dot_product_attention(q, k, v, mask, scale, implementation="xla",
+                                                soft_cap=soft_cap)
         return jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale, implementation="xla")
 
     out, vjp = jax.vjp(run(splash), q, k, v)
@@ -69,6 +74,12 @@ def test_splash_equals_xla_packed_and_grouped(heads, kv_heads, head_dim):
 def test_splash_sliding_window_equals_xla():
     q, k, v, dout = inputs(2, 4, 2, 64, seed=1)
     compare(q, k, v, dout, *packed_rows(2), window=48)
+
+
+def test_splash_soft_cap_equals_xla():
+    """Gemma 2's capped scores: the kernel's own `attn_logits_soft_cap` with a window."""
+    seg, pos = packed_rows(2)
+    compare(*inputs(2, 4, 2, 64, seed=3), seg, pos, window=40, soft_cap=0.5)
 
 
 def test_splash_under_a_mesh_equals_xla():
@@ -96,10 +107,12 @@ def test_splash_falls_back_to_xla_with_one_line(caplog):
                for r in caplog.records)
 
 
-@pytest.mark.parametrize("family", ["mistral", "gpt2"])
+@pytest.mark.parametrize("family", ["mistral", "gpt2", "gemma2"])
 def test_models_with_splash_give_transformers_logits(family, tmp_path):
-    """A Mistral (grouped-query heads, a 48-token window over 128 tokens) and a GPT-2, loaded
-    with `attention="splash"`: their logits equal transformers' own, a padded row included."""
+    """A Mistral (grouped-query heads, a 48-token window over 128 tokens), a GPT-2 and a
+    Gemma 2 (local and global layers, so each layer's flag picks one of two kernels; capped
+    scores), loaded with `attention="splash"`: their logits equal transformers' own, a padded
+    row included."""
     import torch
     import transformers
 
@@ -111,6 +124,13 @@ def test_models_with_splash_give_transformers_logits(family, tmp_path):
             vocab_size=hf_models.VOCAB, hidden_size=128, intermediate_size=192,
             num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
             sliding_window=48, max_position_embeddings=256)
+    elif family == "gemma2":
+        config = transformers.Gemma2Config(
+            vocab_size=hf_models.VOCAB, hidden_size=128, intermediate_size=192,
+            num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1, head_dim=64,
+            sliding_window=48, query_pre_attn_scalar=64, attn_logit_softcapping=0.05,
+            final_logit_softcapping=1.0, max_position_embeddings=256, pad_token_id=0,
+            eos_token_id=1, bos_token_id=2)
     else:
         config = transformers.GPT2Config(vocab_size=hf_models.VOCAB, n_positions=128, n_embd=128,
                                          n_layer=2, n_head=2)
