@@ -210,16 +210,16 @@ def apply_lora(model: nnx.Module, cfg: LoraConfig, *, seed: int = 0) -> nnx.Modu
         if cfg.use_dora:
             linear.adapter.magnitude[...] = weight_norms(linear)
         applied.append(path)
+    available = ", ".join(sorted({p.rsplit(".", 1)[-1] for p, _ in linear_modules(model)}))
     if not applied:
-        available = sorted({p.rsplit(".", 1)[-1] for p, _ in linear_modules(model)})
         raise JaxftError(f"lora.targets {_show(cfg.targets)} match no module of this "
-                         f"{model.config.model_type} model (its projections: "
-                         f"{', '.join(available)})")
+                         f"{model.config.model_type} model (its projections: {available})")
     if isinstance(cfg.targets, (list, tuple)):
         for target in cfg.targets:
             if not any(p == target or p.endswith("." + target) for p in applied):
                 raise JaxftError(f"lora target {target!r} matches no module of this "
-                                 f"{model.config.model_type} model")
+                                 f"{model.config.model_type} model (its projections: "
+                                 f"{available}; or 'all-linear')")
     return model
 
 

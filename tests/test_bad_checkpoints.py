@@ -49,8 +49,37 @@ def test_unsupported_model_type(llama_dir):
         jaxft.from_pretrained(llama_dir)
     assert one_line(e) == (
         f"{llama_dir / 'config.json'}: model_type 't5' is not supported "
-        "(supported: llama, mistral, qwen2, gpt2, bert)"
+        "(supported: llama, mistral, qwen2, qwen3, phi3, gemma, gemma2, gemma3_text, gpt2, bert)"
     )
+
+
+@pytest.mark.parametrize("config, says", [
+    (lambda: __import__("transformers").Gemma3Config(),
+     "model_type 'gemma3' is a multimodal Gemma 3 (vision tower and text model; load a "
+     "text-only gemma3_text checkpoint"),
+    (lambda: __import__("transformers").Qwen3MoeConfig(),
+     "model_type 'qwen3_moe' is a mixture-of-experts Qwen3 (jaxft loads the dense qwen3 "
+     "models), which jaxft does not load (supported: llama"),
+])
+def test_near_miss_variants_say_what_they_are(config, says, tmp_path):
+    """A config.json alone (transformers' own, for a model jaxft does not load) is refused
+    before any weights are looked for, naming the variant and what to load instead."""
+    config().save_pretrained(tmp_path)
+    with pytest.raises(jaxft.JaxftError) as e:
+        jaxft.from_pretrained(tmp_path)
+    assert says in one_line(e)
+
+
+def test_phi3_with_llama_target_names_lists_its_own(tmp_path):
+    from jaxft import lora
+
+    hf_models.build(hf_models.CAUSAL_CONFIGS["phi3_longrope_window"]()).save_pretrained(tmp_path)
+    model = jaxft.from_pretrained(tmp_path)
+    with pytest.raises(jaxft.JaxftError) as e:
+        lora.apply_lora(model, lora.LoraConfig(targets=("q_proj", "v_proj", "o_proj")))
+    assert one_line(e) == ("lora target 'q_proj' matches no module of this phi3 model (its "
+                           "projections: down_proj, gate_up_proj, lm_head, o_proj, qkv_proj; or "
+                           "'all-linear')")
 
 
 def test_missing_tensor_is_named(llama_dir):

@@ -113,6 +113,65 @@ def test_llama3_8b_plans_from_config_json_alone(tmp_path):
     assert "20,971,520 trainable" in text and "base model 8,030,261,248" in text
 
 
+# Released config.json files of the newer families (sizes and the fields that shape them).
+RELEASED = {
+    "Qwen3-0.6B": {
+        "model_type": "qwen3", "vocab_size": 151936, "hidden_size": 1024,
+        "intermediate_size": 3072, "num_hidden_layers": 28, "num_attention_heads": 16,
+        "num_key_value_heads": 8, "head_dim": 128, "rms_norm_eps": 1e-6, "rope_theta": 1e6,
+        "max_position_embeddings": 40960, "tie_word_embeddings": True,
+        "use_sliding_window": False, "sliding_window": None, "max_window_layers": 28},
+    "Phi-3.5-mini": {
+        "model_type": "phi3", "vocab_size": 32064, "hidden_size": 3072,
+        "intermediate_size": 8192, "num_hidden_layers": 32, "num_attention_heads": 32,
+        "num_key_value_heads": 32, "rms_norm_eps": 1e-5, "rope_theta": 10000.0,
+        "max_position_embeddings": 131072, "original_max_position_embeddings": 4096,
+        "sliding_window": 262144, "tie_word_embeddings": False, "pad_token_id": 32000,
+        "eos_token_id": 32000, "bos_token_id": 1,
+        "rope_scaling": {"type": "longrope", "short_factor": [1.05] * 48,
+                         "long_factor": [1.8] * 48}},
+    "gemma-2-2b": {
+        "model_type": "gemma2", "vocab_size": 256000, "hidden_size": 2304,
+        "intermediate_size": 9216, "num_hidden_layers": 26, "num_attention_heads": 8,
+        "num_key_value_heads": 4, "head_dim": 256, "query_pre_attn_scalar": 256,
+        "sliding_window": 4096, "attn_logit_softcapping": 50.0,
+        "final_logit_softcapping": 30.0, "rope_theta": 10000.0,
+        "max_position_embeddings": 8192, "hidden_activation": "gelu_pytorch_tanh"},
+    "gemma-3-1b": {
+        "model_type": "gemma3_text", "vocab_size": 262144, "hidden_size": 1152,
+        "intermediate_size": 6912, "num_hidden_layers": 26, "num_attention_heads": 4,
+        "num_key_value_heads": 1, "head_dim": 256, "query_pre_attn_scalar": 256,
+        "sliding_window": 512, "sliding_window_pattern": 6, "rope_theta": 1e6,
+        "rope_local_base_freq": 10000.0, "rope_scaling": None,
+        "max_position_embeddings": 32768},
+}
+
+
+@pytest.mark.parametrize("name", sorted(RELEASED))
+def test_released_family_configs_plan_from_config_json_alone(name, tmp_path):
+    """The dry run of each newer family from its config.json alone: the base model has the
+    parameters transformers instantiates for that config (on the meta device: no memory), and
+    the step compiles for 8 devices."""
+    import torch
+    import transformers
+
+    model_dir = tmp_path / name
+    model_dir.mkdir()
+    (model_dir / "config.json").write_text(json.dumps(RELEASED[name]))
+    with torch.device("meta"):
+        reference = transformers.AutoModelForCausalLM.from_config(
+            transformers.AutoConfig.from_pretrained(model_dir))
+    expected = sum(p.numel() for p in reference.parameters())  # a tied head counted once
+    cfg = tiny_config(model_dir, tmp_path / "run", **{
+        "mesh.data": 1, "mesh.fsdp": 8, "data.max_len": 128, "train.batch_size": 8,
+        "lora.targets": "all-linear", "train.param_dtype": "bfloat16",
+        "train.compute_dtype": "bfloat16", "data.train_path": str(tmp_path / "none.jsonl")})
+    p = plan.make_plan(cfg)
+    assert p.total_params - p.adapter_params == expected
+    assert p.adapter_params > 0 and p.memory["argument"] > 0
+    assert not (tmp_path / "run").exists()
+
+
 def test_dry_run_command_needs_no_weights_tokenizer_or_data(tmp_path):
     """`--dry_run` on a directory holding only a BERT config.json, for classification with
     num_labels unset (2 is assumed) and a data path that does not exist."""

@@ -144,6 +144,41 @@ def test_dry_run_for_v5e_is_xla_tpus_own_memory_analysis(small, tmp_path, capsys
     assert p.tokens_per_second == pytest.approx(8 * 256 / expected_seconds)
 
 
+SMALL_GEMMA2 = {
+    "model_type": "gemma2", "hidden_size": 256, "intermediate_size": 512,
+    "num_hidden_layers": 2, "num_attention_heads": 2, "num_key_value_heads": 1,
+    "head_dim": 256, "query_pre_attn_scalar": 256, "vocab_size": 1024, "sliding_window": 128,
+    "attn_logit_softcapping": 50.0, "final_logit_softcapping": 30.0,
+    "max_position_embeddings": 2048,
+}
+
+
+def test_gemma2_step_compiles_for_tpu_with_both_splash_kernels(tmp_path):
+    """Gemma 2 on v5e-8: each scanned layer chooses by its flag between splash's local (a
+    128-token window) and causal kernels, both soft-capped at Gemma's head dim of 256, inside
+    the per-device shard_map; XLA:TPU compiles the whole training step."""
+    model_dir = tmp_path / "gemma2"
+    model_dir.mkdir()
+    (model_dir / "config.json").write_text(json.dumps(SMALL_GEMMA2))
+    cfg = tpu_config(model_dir, tmp_path, **{"lora.targets": "all-linear"})
+    topology = tpu.topology("v5e-8")
+    from jaxft.sharding import make_mesh
+
+    mesh = make_mesh(1, 8, 1, devices=list(topology.devices))
+    model = plan.configured_model(cfg, "bfloat16")[1]
+    step, states = train_step.build(model, cfg, mesh, config_lib.lora_config(cfg))
+    placed = step.place(states)
+    batch = plan.abstract_batch("lm", 8, 256, mesh)
+    window, number = jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=step.replicated),
+        (train_step.zero_window("lm"), train_step.step_number(0)))
+    lowered = step.train.lower(placed["trainable"], placed["frozen"], placed["dropout"],
+                               placed["opt_state"], window, batch, number)
+    text = lowered.as_text()
+    assert "splash_mha" in text and "stablehlo.case" in text
+    assert lowered.compile().memory_analysis().temp_size_in_bytes > 0
+
+
 def test_remat_recomputation_is_counted(small, tmp_path):
     """Full remat reruns every layer's forward: 2N per token for the layers' projections,
     plus attention; the output head is outside the layers and is not rerun."""
