@@ -91,6 +91,20 @@ def test_soft_capped_attention_matches_autodiff():
         np.testing.assert_allclose(got, want, **TOL, err_msg=f"d{name}")
 
 
+def test_cudnn_cannot_cap_so_capped_attention_falls_back_with_one_line(caplog):
+    q = jax.random.normal(jax.random.PRNGKey(2), (2, 9, 2, 8), jnp.bfloat16)
+    mask = packed_mask(2, 9)
+    layers._log_fallback_once.cache_clear()  # said once per process: make this the once
+    with caplog.at_level("WARNING"):
+        got = layers.dot_product_attention(q, q, q, mask, 0.5, implementation="cudnn",
+                                           soft_cap=0.3)
+    want = layers.dot_product_attention(q, q, q, mask, 0.5, implementation="xla", soft_cap=0.3)
+    assert (got == want).all()
+    lines = [r.getMessage() for r in caplog.records]
+    assert lines == ["cuDNN attention cannot cap attention scores (soft-capping); using the "
+                     "XLA attention path"]
+
+
 def test_attention_auto_is_xla_on_cpu_and_cudnn_needs_a_gpu():
     q = jnp.ones((2, 9, 2, 8), jnp.bfloat16)
     mask = packed_mask(2, 9)

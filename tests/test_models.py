@@ -110,7 +110,7 @@ def test_classifier_head_on_encoder_checkpoint_is_initialised(tmp_path):
     assert np.abs(logits).max() > 1e-3  # a head that computes something
 
 
-@pytest.mark.parametrize("name", ["llama", "qwen2_bias_tied"])
+@pytest.mark.parametrize("name", ["llama", "qwen2_bias_tied", "gemma3_local_global_rope"])
 def test_bfloat16_load_stays_close(name, tmp_path):
     """bf16 weights and compute: 8 mantissa bits give ~1e-2 relative error per op; over two
     layers the logits stay within 0.1 of float32 (logit scale here is ~1)."""
