@@ -420,16 +420,17 @@ def _log_fallback_once(message: str) -> None:
 ROPE_TYPES = ("default", "linear", "llama3", "longrope")
 
 
-def _base_frequencies(dim: int, theta: float) -> np.ndarray:
+def _powers(dim: int, theta: float) -> np.ndarray:
+    """θ^(2i/d) for the [d/2] rotated pairs, in float32 as transformers computes them."""
     exponents = np.arange(0, dim, 2, dtype=np.int64).astype(np.float32) / np.float32(dim)
-    return (1.0 / (np.float32(theta) ** exponents)).astype(np.float32)
+    return (np.float32(theta) ** exponents).astype(np.float32)
 
 
 def rope_inverse_frequencies(head_dim: int, theta: float, scaling: dict | None) -> np.ndarray:
     """The [H/2] inverse frequencies, computed in float32 as transformers does (`head_dim` is
     the rotated width: less than the head with partial rotary embeddings). For longrope these
     are the short-context ones (`longrope_frequencies` gives both sets)."""
-    inv_freq = _base_frequencies(head_dim, theta)
+    inv_freq = (1.0 / _powers(head_dim, theta)).astype(np.float32)
     rope_type = (scaling or {}).get("rope_type", (scaling or {}).get("type", "default"))
     if rope_type == "default":
         return inv_freq
@@ -459,8 +460,7 @@ def rope_inverse_frequencies(head_dim: int, theta: float, scaling: dict | None) 
 def longrope_frequencies(dim: int, theta: float, scaling: dict) -> tuple[np.ndarray, np.ndarray]:
     """LongRoPE's (Phi-3) short- and long-context inverse frequencies, `1 / (factor · θ^(i/d))`
     with the per-frequency `short_factor` and `long_factor`, as transformers computes them."""
-    exponents = np.arange(0, dim, 2, dtype=np.int64).astype(np.float32) / np.float32(dim)
-    powers = (np.float32(theta) ** exponents).astype(np.float32)
+    powers = _powers(dim, theta)
     short, long = (np.asarray(scaling[k], np.float32) for k in ("short_factor", "long_factor"))
     return ((1.0 / (short * powers)).astype(np.float32),
             (1.0 / (long * powers)).astype(np.float32))
