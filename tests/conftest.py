@@ -28,7 +28,7 @@ import pytest  # noqa: E402  (after the environment above, as jax reads it on im
 # What the versions line of the report names: the stack jaxft's numerics depend on.
 REPORTED = ("jax", "jaxlib", "libtpu", "flax", "optax", "orbax-checkpoint", "transformers",
             "tokenizers", "datasets", "safetensors", "huggingface_hub", "numpy", "torch", "peft",
-            "bitsandbytes")
+            "bitsandbytes", "trl")
 
 
 def pytest_terminal_summary(terminalreporter):

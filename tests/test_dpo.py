@@ -1,0 +1,163 @@
+"""Preference losses equal TRL's `DPOTrainer` on one batch: loss, rewards, log-probabilities and
+the adapters' gradients, for every loss type jaxft ships.
+
+TRL tokenizes and collates the pairs itself (its EOS, its completion mask); jaxft sees the same
+tokens laid out as pairs [B, 2, T]. The adapter is a random non-zero PEFT adapter loaded into
+both, and the reference is the base model with the adapter off in both (TRL's path for a new
+adapter), so every reward is non-zero and every term of each loss is exercised.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+import jaxft
+from jaxft import JaxftError, dpo, lora
+from tests.tiny_run import tiny_model_dir
+
+peft = pytest.importorskip("peft")
+trl = pytest.importorskip("trl")
+
+PAIRS = [
+    {"prompt": "Where is my order?", "chosen": " It ships today from our warehouse.",
+     "rejected": " No idea, sorry."},
+    {"prompt": "How do I reset my password?", "chosen": " Use the reset link we email you.",
+     "rejected": " You cannot."},
+    {"prompt": "Can I change my address?", "chosen": " Yes, in your account settings.",
+     "rejected": " Ask someone else about addresses and shipping."},
+]
+LOSSES = {  # name -> (jaxft DpoConfig, TRL loss_type, label_smoothing)
+    "sigmoid": (dpo.DpoConfig(beta=0.5), "sigmoid", 0.0),
+    "hinge": (dpo.DpoConfig(beta=0.5, loss_type="hinge"), "hinge", 0.0),
+    "ipo": (dpo.DpoConfig(beta=0.5, loss_type="ipo"), "ipo", 0.0),
+    "robust": (dpo.DpoConfig(beta=0.5, loss_type="robust", label_smoothing=0.2), "robust", 0.2),
+}
+TOL = dict(rtol=1e-4, atol=1e-6)
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    """A tiny Llama with a random PEFT adapter, TRL's trainer on it, TRL's collated batch, and
+    jaxft's model with the same adapter."""
+    import datasets
+    import torch
+    import transformers
+
+    root = tmp_path_factory.mktemp("dpo")
+    model_dir = tiny_model_dir(root / "base", "llama")
+    tokenizer = transformers.AutoTokenizer.from_pretrained(model_dir)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(model_dir).float()
+    torch.manual_seed(1)
+    policy = peft.get_peft_model(hf, peft.LoraConfig(
+        r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"],
+        init_lora_weights=False, task_type="CAUSAL_LM"))
+    with torch.no_grad():  # rewards of order one: the log-ratios dwarf float32's rounding of
+        for name, param in policy.named_parameters():  # the ~-60 sequence log-probabilities
+            if "lora_B" in name:
+                param.mul_(8.0)
+    policy.save_pretrained(root / "adapter")
+    args = trl.DPOConfig(output_dir=str(root / "trl"), per_device_train_batch_size=len(PAIRS),
+                         report_to=[], max_length=64, use_cpu=True, disable_dropout=True,
+                         beta=0.5)
+    trainer = trl.DPOTrainer(model=policy, args=args,
+                             train_dataset=datasets.Dataset.from_list(PAIRS),
+                             processing_class=tokenizer)
+    # An existing adapter makes TRL keep its initial copy as the reference ("ref"); without it
+    # TRL's reference is the base with adapters off, as jaxft's is.
+    trainer.model.delete_adapter("ref")
+    batch = next(iter(trainer.get_train_dataloader()))
+    model = jaxft.from_pretrained(model_dir, adapter=root / "adapter")
+    return trainer, batch, model
+
+
+def pairs_from_trl(batch) -> dict[str, jax.Array]:
+    """TRL's [chosen…, rejected…] rows as jaxft's pairs [B, 2, T], targets shifted by one."""
+    ids = batch["input_ids"].numpy()
+    attention = batch["attention_mask"].numpy()
+    completion = batch["completion_mask"].numpy()
+    n = ids.shape[0] // 2
+    pair = lambda x: np.stack([x[:n], x[n:]], axis=1)  # noqa: E731
+    targets = np.concatenate([ids[:, 1:], np.zeros_like(ids[:, :1])], axis=1)
+    loss_mask = np.concatenate([completion[:, 1:], np.zeros_like(completion[:, :1])], axis=1)
+    positions = np.broadcast_to(np.arange(ids.shape[1]), ids.shape)
+    return {"input_ids": pair(ids), "segment_ids": pair(attention), "positions": pair(positions),
+            "targets": pair(targets), "loss_mask": pair(loss_mask)}
+
+
+def trl_loss_and_grads(trainer, batch, loss_type, smoothing):
+    trainer.loss_types, trainer.loss_weights = [loss_type], [1.0]
+    trainer.label_smoothing = smoothing
+    trainer._metrics["train"].clear()
+    trainer.model.zero_grad()
+    loss = trainer._compute_loss(trainer.model, batch, False)
+    loss.backward()
+    grads = {name: p.grad.numpy().copy() for name, p in trainer.model.named_parameters()
+             if p.grad is not None}
+    metrics = {k: v[-1] for k, v in trainer._metrics["train"].items()}
+    return float(loss), metrics, grads
+
+
+def jaxft_loss_and_grads(model, cfg, pairs):
+    graphdef, adapters, rest = nnx.split(model, nnx.LoRAParam, ...)
+    losses = dpo.preference_losses(cfg)
+    batch = jax.tree.map(jnp.asarray, pairs)
+
+    def mean_loss(adapters):
+        sums = losses(nnx.merge(graphdef, adapters, rest), batch)
+        return sums["loss_sum"] / sums["count"], sums
+
+    (loss, sums), grads = jax.value_and_grad(mean_loss, has_aux=True)(adapters)
+    return float(loss), sums, nnx.merge(graphdef, grads, rest)
+
+
+@pytest.mark.parametrize("name", sorted(LOSSES))
+def test_loss_rewards_and_gradients_equal_trl(name, setup):
+    trainer, batch, model = setup
+    cfg, loss_type, smoothing = LOSSES[name]
+    want_loss, want, want_grads = trl_loss_and_grads(trainer, batch, loss_type, smoothing)
+    got_loss, sums, grads = jaxft_loss_and_grads(model, cfg, pairs_from_trl(batch))
+    pairs = float(sums["count"])
+    np.testing.assert_allclose(got_loss, want_loss, **TOL)
+    for key, trl_name in dpo.METRICS.items():
+        np.testing.assert_allclose(float(sums[key]) / pairs, want[trl_name], **TOL,
+                                   err_msg=trl_name)
+    assert abs(want["rewards/chosen"]) > 0.1  # the adapter moved the policy off the base
+    compared = 0
+    for path, linear in lora.linear_modules(grads):
+        if linear.adapter is None:
+            continue
+        a, b = np.asarray(linear.adapter.lora_a[...]), np.asarray(linear.adapter.lora_b[...])
+        for layer, hf_path in enumerate(lora.hf_paths(grads, path)):
+            prefix = f"base_model.model.{hf_path}"
+            for got, factor in ((a[layer].T, "A"), (b[layer].T, "B")):
+                want_grad = want_grads[f"{prefix}.lora_{factor}.default.weight"]
+                # Entries near cancellation differ by float32's rounding of the sums; they are
+                # held to 1e-5 of the tensor's largest entry, the rest to 1e-4 relative.
+                np.testing.assert_allclose(got, want_grad, rtol=1e-4,
+                                           atol=1e-5 * np.abs(want_grad).max(),
+                                           err_msg=f"{prefix} {factor}")
+                compared += 1
+    assert compared == 2 * 3 * 2  # A and B of three projections in both layers
+
+
+def test_full_fine_tuning_without_reference_log_probs_is_refused(setup):
+    trainer, batch, _ = setup
+    base = jaxft.from_pretrained(trainer.model.peft_config["default"].base_model_name_or_path)
+    with pytest.raises(JaxftError, match="dpo.precompute_ref=True"):
+        dpo.preference_losses(dpo.DpoConfig())(base, jax.tree.map(jnp.asarray,
+                                                                  pairs_from_trl(batch)))
+
+
+@pytest.mark.parametrize("fields, message", [
+    (dict(beta=0.0), "dpo.beta must be positive, got 0.0"),
+    (dict(loss_type="kto"), r"dpo.loss_type 'kto' unknown \(known: sigmoid, hinge, ipo, robust\)"),
+    (dict(label_smoothing=0.1), "dpo.label_smoothing applies to loss_type 'robust'"),
+    (dict(loss_type="robust", label_smoothing=0.5), r"must be in \[0, 0.5\)"),
+])
+def test_bad_preference_settings_are_one_line(fields, message):
+    with pytest.raises(JaxftError, match=message):
+        dpo.DpoConfig(**fields).check()
