@@ -59,6 +59,20 @@ def tpu_config(model_dir: Path, tmp_path: Path, **overrides):
         "data.train_path": str(tmp_path / "no-data-needed.jsonl"), **overrides})
 
 
+def lower_train_step(cfg, mesh: Mesh):
+    """The training step `cfg` describes, assembled by `train_step.build` for `mesh` and lowered
+    on abstract arrays (bfloat16 base, a batch of 8 × 256): what the planner compiles."""
+    model = plan.configured_model(cfg, "bfloat16")[1]
+    step, states = train_step.build(model, cfg, mesh, config_lib.lora_config(cfg))
+    placed = step.place(states)
+    batch = plan.abstract_batch("lm", 8, 256, mesh)
+    window, number = jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=step.replicated),
+        (train_step.zero_window("lm"), train_step.step_number(0)))
+    return step.train.lower(placed["trainable"], placed["frozen"], placed["dropout"],
+                            placed["opt_state"], window, batch, number)
+
+
 # ---------------------------------------------------------------------------------------------
 # Slices by name
 # ---------------------------------------------------------------------------------------------
@@ -116,16 +130,7 @@ def test_dry_run_for_v5e_is_xla_tpus_own_memory_analysis(small, tmp_path, capsys
     # The same step, assembled and compiled here for the same mesh.
     from jaxft.sharding import make_mesh
 
-    mesh = make_mesh(1, 8, 1, devices=list(topology.devices))
-    model = plan.configured_model(cfg, "bfloat16")[1]
-    step, states = train_step.build(model, cfg, mesh, config_lib.lora_config(cfg))
-    placed = step.place(states)
-    batch = plan.abstract_batch("lm", 8, 256, mesh)
-    window, number = jax.tree.map(
-        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=step.replicated),
-        (train_step.zero_window("lm"), train_step.step_number(0)))
-    lowered = step.train.lower(placed["trainable"], placed["frozen"], placed["dropout"],
-                               placed["opt_state"], window, batch, number)
+    lowered = lower_train_step(cfg, make_mesh(1, 8, 1, devices=list(topology.devices)))
     m = lowered.compile().memory_analysis()
     xla_peak = (m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes
                 + m.temp_size_in_bytes + m.generated_code_size_in_bytes)
@@ -164,16 +169,7 @@ def test_gemma2_step_compiles_for_tpu_with_both_splash_kernels(tmp_path):
     topology = tpu.topology("v5e-8")
     from jaxft.sharding import make_mesh
 
-    mesh = make_mesh(1, 8, 1, devices=list(topology.devices))
-    model = plan.configured_model(cfg, "bfloat16")[1]
-    step, states = train_step.build(model, cfg, mesh, config_lib.lora_config(cfg))
-    placed = step.place(states)
-    batch = plan.abstract_batch("lm", 8, 256, mesh)
-    window, number = jax.tree.map(
-        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=step.replicated),
-        (train_step.zero_window("lm"), train_step.step_number(0)))
-    lowered = step.train.lower(placed["trainable"], placed["frozen"], placed["dropout"],
-                               placed["opt_state"], window, batch, number)
+    lowered = lower_train_step(cfg, make_mesh(1, 8, 1, devices=list(topology.devices)))
     text = lowered.as_text()
     assert "splash_mha" in text and "stablehlo.case" in text
     assert lowered.compile().memory_analysis().temp_size_in_bytes > 0

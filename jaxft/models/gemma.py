@@ -324,23 +324,10 @@ class Model(nnx.Module):
         positions, mask, segments, cache = layers.causal_lm_inputs(
             input_ids, attention_mask, segment_ids, positions, cache
         )
-        masks = layers.decoder_masks(mask, positions, cache, self.config.sliding_window)
-        kinds = self.config.layer_kinds
-        h = self.embed(input_ids)
-        h, layer_cache = layers.scan_layers(
-            self.model.layers,
-            h,
-            remat=self.config.remat,
-            cache=None if cache is None else cache.layers,
-            per_layer=None if isinstance(kinds, bool) else {"local": jnp.asarray(kinds)},
-            **({"local": kinds} if isinstance(kinds, bool) else {}),
-            positions=positions,
-            masks=masks,
-            segment_ids=segments,
-        )
-        h = self.model.norm(h)
-        if cache is not None:
-            cache = cache.replace(layers=layer_cache)
+        h, cache = layers.run_decoder(
+            self.model.layers, self.model.norm, self.embed(input_ids), positions=positions,
+            mask=mask, segment_ids=segments, cache=cache, window=self.config.sliding_window,
+            kinds=self.config.layer_kinds, remat=self.config.remat)
         if return_hidden:
             return h if cache is None else (h, cache)
         logits = self.logits(h)

@@ -321,6 +321,23 @@ def layer_attention(q: Array, k: Array, v: Array, masks: Masks, local: Array | b
                                  implementation=implementation, **kwargs)
 
 
+def run_decoder(stack: nnx.Module, norm: nnx.Module, h: Array, *, positions: Array,
+                mask: Array, segment_ids: Array | None, cache: Any, window: int | None,
+                kinds: tuple[bool, ...] | bool, remat: str) -> tuple[Array, Any]:
+    """A decoder's body after its embedding, shared by the RoPE families: the local/global
+    masks, one scan over the stacked layers (each told its kind: a constant when all layers are
+    alike, else a per-layer flag), the final norm. Returns (hidden states, cache)."""
+    masks = decoder_masks(mask, positions, cache, window)
+    alike = isinstance(kinds, bool)
+    h, layer_cache = scan_layers(
+        stack, h, remat=remat, cache=None if cache is None else cache.layers,
+        per_layer=None if alike else {"local": jnp.asarray(kinds)},
+        **({"local": kinds} if alike else {}),
+        positions=positions, masks=masks, segment_ids=segment_ids,
+    )
+    return norm(h), None if cache is None else cache.replace(layers=layer_cache)
+
+
 ATTENTION_IMPLEMENTATIONS = ("auto", "xla", "cudnn", "splash")
 
 
