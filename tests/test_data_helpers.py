@@ -7,7 +7,6 @@ a true HF tokenizer directory, loaded back through `jaxft.data.load_tokenizer`.
 
 from __future__ import annotations
 
-import glob
 import json
 import os
 
@@ -31,9 +30,15 @@ CHATML_TEMPLATE = (
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
 
 
+# The files the tiny tokenizer learns from: named, so that a new sample file never changes the
+# tokenizer (and with it every tiny model's vocabulary) under the tests already written.
+CORPUS_FILES = ("faq_prompt_completion.jsonl", "medical_text.txt", "support_chat.jsonl",
+                "tickets_classify.csv")
+
+
 def _corpus() -> list[str]:
     texts = []
-    for path in sorted(glob.glob(os.path.join(DATA_DIR, "*"))):
+    for path in (os.path.join(DATA_DIR, name) for name in CORPUS_FILES):
         with open(path, encoding="utf-8") as fh:
             texts.extend(fh.read().splitlines())
     return texts
