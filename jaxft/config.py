@@ -21,9 +21,10 @@ from typing import Any
 import ml_collections
 
 from jaxft import data, dtypes, lora, quant
+from jaxft.dpo import DpoConfig
 from jaxft.errors import JaxftError
 from jaxft.models.layers import ATTENTION_IMPLEMENTATIONS, REMAT_POLICIES
-from jaxft.tasks import TASKS
+from jaxft.tasks import DPO, TASKS
 
 
 def _any(default: Any) -> ml_collections.FieldReference:
@@ -34,7 +35,9 @@ def _any(default: Any) -> ml_collections.FieldReference:
 def base_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.workdir = "runs/default"  # metrics.jsonl, TensorBoard events, config.json, checkpoints/
-    c.task = "lm"  # 'lm' (causal LM) or 'classification' (BERT sequence classifier)
+    # 'lm' (causal LM), 'classification' (BERT sequence classifier) or 'dpo' (preference
+    # tuning of a causal LM on prompt/chosen/rejected pairs: the `dpo` section)
+    c.task = "lm"
 
     c.model = ml_collections.ConfigDict()
     # HF directory, hub id, .gguf file, or 'package:<python package>/<file>' for weights shipped
@@ -99,6 +102,15 @@ def base_config() -> ml_collections.ConfigDict:
     c.lora.base_quant = "none"
     c.lora.quant_block_size = 64  # nf4: weights per absmax (bitsandbytes' blocksize)
     c.lora.double_quant = False  # nf4: quantize the absmaxes too (bnb_4bit_use_double_quant)
+
+    c.dpo = ml_collections.ConfigDict()  # task='dpo' (jaxft.dpo; TRL's definitions and names)
+    c.dpo.beta = 0.1  # strength of the pull towards the reference model
+    c.dpo.loss_type = "sigmoid"  # sigmoid (DPO) | hinge | ipo | robust
+    c.dpo.label_smoothing = 0.0  # robust: the assumed share of flipped labels, in [0, 0.5)
+    # Score every pair with the reference model in one pass before training (the reference is
+    # then the initial weights, so full fine-tuning needs it); with LoRA, False computes the
+    # reference in each step from the base with the adapters off.
+    c.dpo.precompute_ref = False
 
     c.mesh = ml_collections.ConfigDict()
     c.mesh.data = -1  # -1: all devices left over by the other axes
@@ -176,6 +188,24 @@ def validate(c: ml_collections.ConfigDict, device_count: int,
                          f"data-parallel size {dp} (mesh.data×mesh.fsdp) × train.accum_steps "
                          f"{c.train.accum_steps}")
     parse_rank_pattern(c.lora.rank_pattern)
+    if c.task == DPO:
+        try:
+            dpo_config(c).check()
+        except JaxftError as e:
+            raise JaxftError(f"config: {e}") from None
+        if not c.lora.enabled and not c.dpo.precompute_ref:
+            raise JaxftError("config: task 'dpo' with full fine-tuning needs dpo.precompute_ref="
+                             "True: the reference is the initial model, scored before training "
+                             "(with LoRA it is the base with the adapters off)")
+        if c.data.max_prompt_len < 0:
+            raise JaxftError(f"config: data.max_prompt_len must be >= 0, got "
+                             f"{c.data.max_prompt_len}")
+
+
+def dpo_config(c: ml_collections.ConfigDict) -> DpoConfig:
+    """The preference loss a run's config describes (task 'dpo')."""
+    return DpoConfig(beta=c.dpo.beta, loss_type=c.dpo.loss_type,
+                     label_smoothing=c.dpo.label_smoothing)
 
 
 def compute_dtype(c: ml_collections.ConfigDict, platform: str | None = None) -> str:
@@ -254,8 +284,11 @@ def names(value: str | Sequence[str], field: str) -> tuple[str, ...]:
 
 
 def texts(value: str | Sequence[str], field: str) -> tuple[str, ...]:
-    """A tuple of texts from one text (kept whole, commas and all) or a list of them."""
-    return (value,) if isinstance(value, str) else _strings(value, field)
+    """A tuple of texts from one text (kept whole, commas and all) or a list of them; an empty
+    text is none (`--config.train.sample_prompts=` turns them off)."""
+    if isinstance(value, str):
+        return (value,) if value else ()
+    return _strings(value, field)
 
 
 def _strings(value: Any, field: str) -> tuple[str, ...]:

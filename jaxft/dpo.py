@@ -89,19 +89,26 @@ def reference_logps(model: nnx.Module, batch: dict[str, jax.Array]) -> jax.Array
         return batch["ref_logps"].astype(jnp.float32)
     from jaxft.lora import linear_modules
 
-    adapted = [(linear, linear.adapter) for _, linear in linear_modules(model)
-               if linear.adapter is not None]
-    if not adapted:
+    if not any(linear.adapter is not None for _, linear in linear_modules(model)):
         raise JaxftError("DPO without LoRA needs reference log-probabilities: set "
                          "dpo.precompute_ref=True (the base model has no adapters to switch off)")
+    return jax.lax.stop_gradient(base_logps(model, batch))
+
+
+def base_logps(model: nnx.Module, batch: dict[str, jax.Array]) -> jax.Array:
+    """`sequence_logps` of the model with its adapters (if any) switched off: the reference
+    pass scores pairs with this before training, from the initial weights."""
+    from jaxft.lora import linear_modules
+
+    adapted = [(linear, linear.adapter) for _, linear in linear_modules(model)
+               if linear.adapter is not None]
     for linear, _ in adapted:
         linear.adapter = None
     try:
-        logps = sequence_logps(model, batch)
+        return sequence_logps(model, batch)
     finally:
         for linear, adapter in adapted:
             linear.adapter = adapter
-    return jax.lax.stop_gradient(logps)
 
 
 def pair_losses(cfg: DpoConfig, policy: jax.Array, reference: jax.Array,
@@ -148,3 +155,11 @@ def preference_losses(cfg: DpoConfig):
         return {"loss_sum": jnp.sum(loss * valid), "count": jnp.sum(valid), **sums}
 
     return losses
+
+
+def metrics(sums: dict, prefix: str = "") -> dict[str, float]:
+    """The mean loss and TRL's metrics from summed `preference_losses` (host values), under
+    TRL's names with `prefix` ('eval_' for an evaluation, as TRL names them)."""
+    count = max(float(sums["count"]), 1.0)
+    return {f"{prefix}loss": float(sums["loss_sum"]) / count,
+            **{prefix + name: float(sums[key]) / count for key, name in METRICS.items()}}

@@ -1,4 +1,5 @@
-r"""Evaluate a model on a dataset: loss and perplexity (LM), accuracy and macro-F1 (classification).
+r"""Evaluate a model on a dataset: loss and perplexity (LM), accuracy and macro-F1 (classification),
+DPO's rewards (preference pairs).
 
   python -m jaxft.evaluate --config=configs/lora.py                 # the base model
   python -m jaxft.evaluate --workdir=runs/lora                      # a jaxft.train run
@@ -33,7 +34,7 @@ from flax import nnx
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
-from jaxft import train_step
+from jaxft import dpo, train_step
 from jaxft.errors import JaxftError
 from jaxft.tasks import TASKS
 
@@ -109,6 +110,14 @@ def _lm_sums(graphdef: nnx.GraphDef, state: nnx.State, batch: dict) -> dict[str,
     return train_step.lm_losses(model, batch)
 
 
+@functools.partial(jax.jit, static_argnames=("graphdef", "preference"))
+def _preference_sums(graphdef: nnx.GraphDef, state: nnx.State, batch: dict,
+                     preference: dpo.DpoConfig) -> dict[str, jax.Array]:
+    model = nnx.merge(graphdef, state)
+    model.eval()
+    return dpo.preference_losses(preference)(model, batch)
+
+
 @functools.partial(jax.jit, static_argnames=("graphdef",))
 def _class_logits(graphdef: nnx.GraphDef, state: nnx.State, batch: dict) -> jax.Array:
     model = nnx.merge(graphdef, state)
@@ -117,9 +126,12 @@ def _class_logits(graphdef: nnx.GraphDef, state: nnx.State, batch: dict) -> jax.
 
 
 def evaluate(model: nnx.Module, batches: Iterable[Batch], task: str,
-             mesh: Mesh | None = None) -> dict[str, float]:
-    """Metrics of `model` over `batches`: loss/perplexity (task 'lm') or loss/accuracy/macro-F1
-    (task 'classification'), each over every target token or valid row of every batch.
+             mesh: Mesh | None = None, preference: dpo.DpoConfig | None = None
+             ) -> dict[str, float]:
+    """Metrics of `model` over `batches`: loss/perplexity (task 'lm'), loss/accuracy/macro-F1
+    (task 'classification'), each over every target token or valid row of every batch, or
+    the preference loss and TRL's reward metrics over every pair (task 'dpo', `preference`
+    its loss; the reference is the model with its adapters off, or the batches' `ref_logps`).
 
     With a `mesh` the weights are sharded over it as training shards them (fsdp and tensor
     axes) and each batch's rows over its data axes, so a model too big for one device evaluates
@@ -135,6 +147,14 @@ def evaluate(model: nnx.Module, batches: Iterable[Batch], task: str,
 
         state = sharding.put_state(state, sharding.state_shardings(state, mesh))
         place = functools.partial(to_global_arrays, sharding=sharding.batch_sharding(mesh))
+    if task == "dpo":
+        totals: dict[str, float] = {}
+        for batch in batches:
+            sums = jax.device_get(_preference_sums(graphdef, state, place(batch), preference))
+            totals = {k: totals.get(k, 0.0) + float(v) for k, v in sums.items()}
+        if not totals.get("count"):
+            raise JaxftError("no eval pairs")
+        return dpo.metrics(totals)
     if task == "lm":
         loss_sum, count = 0.0, 0.0
         for batch in batches:
@@ -176,7 +196,7 @@ def run(config: ml_collections.ConfigDict | None, workdir: str | None = None, *,
     The model is sharded over the mesh of `config` (else of the run), as training shards it.
     """
     from jaxft import config as config_lib
-    from jaxft import data, hf_io, hub, sharding
+    from jaxft import data, hf_io, hub, lora, sharding
 
     if config is None and workdir is None:
         raise JaxftError("pass --config=configs/<recipe>.py, --workdir=<train workdir>, or both")
@@ -216,9 +236,16 @@ def run(config: ml_collections.ConfigDict | None, workdir: str | None = None, *,
                                  compute_dtype=config_lib.compute_dtype(config),
                                  num_labels=num_labels, seed=config.train.seed, mesh=mesh,
                                  quantize=config_lib.quant_config(config))
+    preference = None
+    if task == "dpo":
+        preference = config_lib.dpo_config(run_cfg)
+        if not any(linear.adapter is not None for _, linear in lora.linear_modules(model)):
+            raise JaxftError("evaluating preferences needs the reference model: this is a "
+                             "full fine-tune (or the base alone), whose reference is not kept; "
+                             "evaluate a LoRA run, or train with the eval split")
     batches = itertools.islice(bundle.eval_batches(), max_batches or None)
     return {"task": task, "model": model_path, "workdir": workdir,
-            **evaluate(model, batches, task, mesh)}
+            **evaluate(model, batches, task, mesh, preference)}
 
 
 def _define_flags() -> None:

@@ -139,7 +139,8 @@ def make_plan(cfg: ml_collections.ConfigDict, topology: tpu.Topology | None = No
     # The step jaxft.train runs (train_step.build), on abstract arrays that carry shardings.
     step, states = train_step.build(abstract, cfg, mesh, lora_cfg)
     placed = step.place(states)
-    batch = abstract_batch(cfg.task, cfg.train.batch_size, cfg.data.max_len, mesh)
+    batch = abstract_batch(cfg.task, cfg.train.batch_size, cfg.data.max_len, mesh,
+                           ref_logps=cfg.task == "dpo" and cfg.dpo.precompute_ref)
     scalars = jax.tree.map(  # the step's running sums and its number: a few replicated scalars
         lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=step.replicated),
         (train_step.zero_window(cfg.task), train_step.step_number(0)))
@@ -155,8 +156,10 @@ def make_plan(cfg: ml_collections.ConfigDict, topology: tpu.Topology | None = No
         if refusal is None:
             raise
 
-    tokens = cfg.train.batch_size * cfg.data.max_len
+    tokens = cfg.train.batch_size * cfg.data.max_len * (2 if cfg.task == "dpo" else 1)
     full = lora_cfg is None
+    # DPO with LoRA scores the reference in the step: one more forward, of the base alone.
+    reference = cfg.task == "dpo" and not cfg.dpo.precompute_ref
     packed_bytes, packed_params = quant.packed_size(abstract)
     return Plan(
         model_type=abstract.config.model_type, source=source, mesh=dict(mesh.shape),
@@ -171,7 +174,8 @@ def make_plan(cfg: ml_collections.ConfigDict, topology: tpu.Topology | None = No
         frozen=array_bytes((placed["frozen"], placed["dropout"])),
         opt_state=array_bytes(placed["opt_state"]), batch=array_bytes((batch, scalars)),
         memory=memory, xla_flops=xla_flops,
-        analytic_flops=analytic_flops(abstract, tokens, cfg.data.max_len, full=full),
+        analytic_flops=analytic_flops(abstract, tokens, cfg.data.max_len, full=full,
+                                      reference=reference),
         recompute_flops=recompute_flops(abstract, tokens, cfg.data.max_len, cfg.train.remat),
         target=topology.describe() if topology else None,
         capacity=tpu.usable_hbm(topology) if topology else None,
@@ -230,14 +234,28 @@ def abstract_model(hf_config: dict, source: str, *, param_dtype: DTypeLike, comp
     return nnx.eval_shape(build)
 
 
-def abstract_batch(task: str, batch_size: int, seq_len: int, mesh) -> dict[str, Any]:
-    """The batch `jaxft.data` would produce (see `jaxft.data.packing`), as sharded shapes."""
+def abstract_batch(task: str, batch_size: int, seq_len: int, mesh,
+                   ref_logps: bool = False) -> dict[str, Any]:
+    """The batch `jaxft.data` would produce (see `jaxft.data.packing`), as sharded shapes;
+    `ref_logps`: preference pairs carry their precomputed reference scores."""
     rows = sharding.batch_sharding(mesh)
     per_row = sharding.batch_sharding(mesh, ndim=1)
 
     def array(dtype, shape=(batch_size, seq_len)) -> jax.ShapeDtypeStruct:
         return jax.ShapeDtypeStruct(shape, dtype, sharding=rows if len(shape) == 2 else per_row)
 
+    if task == "dpo":  # pairs: [B, 2, T], and which rows are real
+        pairs = sharding.batch_sharding(mesh, ndim=3)
+        pair = lambda dtype: jax.ShapeDtypeStruct((batch_size, 2, seq_len), dtype,  # noqa: E731
+                                                  sharding=pairs)
+        out = {"input_ids": pair(np.int32), "targets": pair(np.int32),
+               "loss_mask": pair(np.float32), "segment_ids": pair(np.int32),
+               "positions": pair(np.int32), "attention_mask": pair(np.int32),
+               "valid": array(np.float32, (batch_size,))}
+        if ref_logps:
+            out["ref_logps"] = jax.ShapeDtypeStruct(
+                (batch_size, 2), np.float32, sharding=sharding.batch_sharding(mesh, ndim=2))
+        return out
     if task == "classification":
         return {"input_ids": array(np.int32), "attention_mask": array(np.int32),
                 "token_type_ids": array(np.int32), "labels": array(np.int32, (batch_size,)),
@@ -265,7 +283,8 @@ def array_bytes(tree: Any) -> Bytes:
     return Bytes(total, max(per_device.values(), default=0))
 
 
-def analytic_flops(model: nnx.Module, tokens: int, seq_len: int, *, full: bool) -> float:
+def analytic_flops(model: nnx.Module, tokens: int, seq_len: int, *, full: bool,
+                   reference: bool = False) -> float:
     """FLOPs of one step on all devices: the 6N·tokens rule, counted from the matmuls.
 
     A forward pass costs 2 FLOPs per weight per token; the backward pass costs 2 more for the
@@ -274,9 +293,11 @@ def analytic_flops(model: nnx.Module, tokens: int, seq_len: int, *, full: bool) 
     weight. N counts the projection kernels (and a tied embedding, which is the output head);
     embedding lookups cost nothing. Attention scores and values add 4·T·width per token and
     layer forward, 3× that for a training step. Remat's recomputation is `recompute_flops`.
+    `reference`: the step also runs the frozen base forward (DPO's reference under LoRA).
     """
     matmul, adapters, attention = _forward_terms(model, seq_len)
-    return float(tokens * ((6 if full else 4) * matmul + 6 * adapters + 3 * attention))
+    extra = 2 * matmul + attention if reference else 0
+    return float(tokens * ((6 if full else 4) * matmul + 6 * adapters + 3 * attention + extra))
 
 
 def recompute_flops(model: nnx.Module, tokens: int, seq_len: int, remat: str) -> float:

@@ -3,8 +3,9 @@ r"""One picture of a training run: `workdir/metrics.png` from `workdir/metrics.j
   python -m jaxft.plot --workdir=runs/lora        # writes runs/lora/metrics.png
 
 Four panels: train and eval loss, learning rate, tokens/s and gradient norm, each against the
-step. `jaxft.train` writes the same file at the end of every run, so a finished workdir can be
-judged at a glance without TensorBoard. The figure is drawn on matplotlib's Agg canvas directly
+step; a preference (DPO) run adds a fifth, its reward accuracy and margin. `jaxft.train`
+writes the same file at the end of every run, so a finished workdir can be judged at a glance
+without TensorBoard. The figure is drawn on matplotlib's Agg canvas directly
 (no pyplot, no global backend switch), at a fixed 12×8 in and 100 dpi: always 1200×800 pixels.
 """
 
@@ -28,6 +29,9 @@ PANELS = (
     ("tokens/s", ("tokens_per_s",)),
     ("gradient norm", ("grad_norm",)),
 )
+# Preference runs (task 'dpo') add one: how often, and by how much, chosen beats rejected.
+REWARD_PANEL = ("rewards: accuracy and margin", ("rewards/accuracies", "eval_rewards/accuracies",
+                                                 "rewards/margins", "eval_rewards/margins"))
 
 
 def read_series(workdir: str | os.PathLike) -> dict[str, tuple[list[int], list[float]]]:
@@ -66,8 +70,11 @@ def plot_metrics(workdir: str | os.PathLike, out: str | os.PathLike | None = Non
     series = read_series(workdir)
     fig = Figure(figsize=SIZE_INCHES, dpi=DPI)
     FigureCanvasAgg(fig)
-    axes = fig.subplots(2, 2)
-    for ax, (title, names) in zip(axes.flat, PANELS, strict=True):
+    panels = PANELS + ((REWARD_PANEL,) if any(n in series for n in REWARD_PANEL[1]) else ())
+    axes = list(fig.subplots(2, 2 if len(panels) <= 4 else 3).flat)
+    for ax in axes[len(panels):]:
+        ax.set_visible(False)
+    for ax, (title, names) in zip(axes, panels, strict=False):  # unused axes hidden
         drawn = [n for n in names if n in series]
         for name in drawn:
             steps, values = series[name]

@@ -2,9 +2,12 @@
 
 - `lm`: causal language modelling, next-token cross-entropy on the tokens the data marks (all of
   a text, a completion, the assistant's turns);
-- `classification`: a sequence classifier (BERT), cross-entropy on one label per row.
+- `classification`: a sequence classifier (BERT), cross-entropy on one label per row;
+- `dpo`: preference tuning of a causal LM on (prompt, chosen, rejected) pairs (`jaxft.dpo`).
 """
 
 LM = "lm"
 CLASSIFICATION = "classification"
-TASKS = (LM, CLASSIFICATION)
+DPO = "dpo"
+TASKS = (LM, CLASSIFICATION, DPO)
+CAUSAL = (LM, DPO)  # the tasks that train a causal LM (generation, PEFT CAUSAL_LM export)

@@ -34,7 +34,19 @@ from absl import logging as absl_logging
 from flax import nnx
 from ml_collections import config_flags
 
-from jaxft import checkpoint, cli, data, hf_io, hub, lora, outdir, sharding, train_step
+from jaxft import (
+    checkpoint,
+    cli,
+    data,
+    dpo,
+    hf_io,
+    hub,
+    lora,
+    outdir,
+    sharding,
+    tasks,
+    train_step,
+)
 from jaxft import config as config_lib
 from jaxft.errors import JaxftError
 from jaxft.evaluate import lm_metrics
@@ -181,6 +193,9 @@ def _run(cfg: ml_collections.ConfigDict, preemption: Preemption) -> dict[str, An
     def global_batch(local: dict[str, np.ndarray]) -> dict[str, jax.Array]:
         return data.to_global_arrays(local, batch_sharding)  # 1-D arrays: rows sharded alike
 
+    if step.reference is not None:  # DPO's reference: the initial weights, scored once
+        _score_reference(step, placed, bundle, global_batch)
+
     def evaluate() -> dict[str, float]:
         batches = itertools.islice(bundle.eval_batches(), cfg.train.eval_batches or None)
         sums = step.zero_sums()
@@ -190,7 +205,7 @@ def _run(cfg: ml_collections.ConfigDict, preemption: Preemption) -> dict[str, An
 
     def samples() -> dict[str, Any]:
         """Greedy completions of `train.sample_prompts`, to read what the model has learned."""
-        if not cfg.train.sample_prompts or cfg.task != "lm":
+        if not cfg.train.sample_prompts or cfg.task not in tasks.CAUSAL:
             return {}  # (every process runs the generation: the weights are sharded over all)
         from jaxft import generate
 
@@ -266,7 +281,8 @@ def _run(cfg: ml_collections.ConfigDict, preemption: Preemption) -> dict[str, An
                     trainable, frozen, dropout, opt_state, window, global_batch(next(bundle.train)),
                     train_step.step_number(n))
                 n += 1
-                logged.tokens += cfg.train.batch_size * bundle.seq_len  # padding included
+                # padding included
+                logged.tokens += cfg.train.batch_size * bundle.seq_len * bundle.sequences_per_row
                 progress.update(n, last)
                 stop = preemption.at_step(n, reading)
             if not (reading or stop):
@@ -316,10 +332,31 @@ def _run(cfg: ml_collections.ConfigDict, preemption: Preemption) -> dict[str, An
     return final
 
 
+def _score_reference(step: train_step.Step, placed: dict[str, Any], bundle: data.DataBundle,
+                     global_batch) -> None:
+    """Score every train and eval pair with the reference model (the weights as loaded, with
+    any adapters off) and attach the scores to the data, before anything trains or resumes."""
+    started = time.perf_counter()
+    counts = []
+    for layout in filter(None, (bundle.train, bundle.eval)):
+        scores = []
+        for local in layout.file_order():
+            logps = step.reference(placed["trainable"], placed["frozen"], placed["dropout"],
+                                   global_batch(local))
+            scores.append(np.asarray(jax.device_get(logps)))
+        layout.attach_ref_logps(np.concatenate(scores)[:layout.units])
+        counts.append(layout.units)
+    print(f"dpo: reference log-probabilities of {' + '.join(map(str, counts))} pairs in "
+          f"{time.perf_counter() - started:.1f} s")
+
+
 def _eval_metrics(sums: dict[str, np.ndarray], task: str) -> dict[str, float]:
-    """eval_loss (and perplexity, or accuracy) from an evaluation's sums; {} without data."""
+    """eval_loss (and perplexity, accuracy, or DPO's rewards) from an evaluation's sums; {}
+    without data."""
     if not sums["count"]:
         return {}
+    if task == tasks.DPO:
+        return dpo.metrics(sums, prefix="eval_")
     lm = lm_metrics(float(sums["loss_sum"]), float(sums["count"]))
     result = {"eval_loss": lm["loss"]}
     if task == "lm":
@@ -335,6 +372,7 @@ class _LogWindow:
     Trainer averages over its logging steps), not the last step's."""
 
     def __init__(self, task: str):
+        self.task = task
         self.sums = dict.fromkeys(train_step.sum_names(task), 0.0)
         self.tokens = 0  # processed tokens, padding included (for tokens/s)
         self.started = time.perf_counter()
@@ -355,7 +393,10 @@ class _LogWindow:
         out = {"train_loss": self.sums["loss_sum"] / count if self.sums["count"] else
                float("nan"), "grad_norm": self.grad_norm,
                "tokens_per_s": self.tokens / max(time.perf_counter() - self.started, 1e-9)}
-        if "correct" in self.sums:  # classification: one label per row
+        if self.task == tasks.DPO:  # per pair, under TRL's names
+            out.update({k: v for k, v in dpo.metrics(self.sums).items() if k != "loss"})
+            out["train_pairs"] = int(self.sums["count"])
+        elif "correct" in self.sums:  # classification: one label per row
             out["train_accuracy"] = self.sums["correct"] / count
             out["train_examples"] = int(self.sums["count"])
         else:  # the tokens the loss was taken on (padding and prompts excluded)

@@ -28,7 +28,8 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh
 
-from jaxft import lora, optim, sharding, tasks
+from jaxft import config as config_lib
+from jaxft import dpo, lora, optim, sharding, tasks
 from jaxft.kernels.cross_entropy import head_cross_entropy
 from jaxft.models import layers
 
@@ -67,14 +68,28 @@ def classification_losses(model: nnx.Module, batch: Batch) -> dict[str, jax.Arra
             "correct": jnp.sum(correct * valid)}
 
 
-LOSSES: dict[str, Callable[[nnx.Module, Batch], dict[str, jax.Array]]] = {
-    tasks.LM: lm_losses, tasks.CLASSIFICATION: classification_losses}
+LossFn = Callable[[nnx.Module, Batch], dict[str, jax.Array]]
+LOSSES: dict[str, LossFn] = {tasks.LM: lm_losses, tasks.CLASSIFICATION: classification_losses}
+
+
+def task_losses(task: str, preference: dpo.DpoConfig | None = None) -> LossFn:
+    """The loss function of `task`: summed losses and counts (see `sum_names`). Preference
+    tuning needs its `DpoConfig` (β, the loss type), which the others take none of."""
+    if task == tasks.DPO:
+        if preference is None:
+            raise ValueError("task 'dpo' needs its DpoConfig")
+        return dpo.preference_losses(preference)
+    return LOSSES[task]
 
 
 def sum_names(task: str) -> tuple[str, ...]:
-    """The (scalar) sums a task's loss function returns."""
-    return ("loss_sum", "count", "correct") if task == tasks.CLASSIFICATION else \
-        ("loss_sum", "count")
+    """The (scalar) sums a task's loss function returns: for DPO `count` is pairs and the
+    rest are TRL's metrics, summed over them."""
+    if task == tasks.CLASSIFICATION:
+        return ("loss_sum", "count", "correct")
+    if task == tasks.DPO:
+        return ("loss_sum", "count", *dpo.METRICS)
+    return ("loss_sum", "count")
 
 
 def zero_sums(task: str) -> dict[str, np.ndarray]:
@@ -106,7 +121,8 @@ def fresh_dropout_keys(dropout: nnx.State, rng: jax.Array) -> nnx.State:
 
 
 def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, *, task: str,
-                    accum_steps: int = 1, seed: int = 0) -> Callable:
+                    accum_steps: int = 1, seed: int = 0,
+                    preference: dpo.DpoConfig | None = None) -> Callable:
     """`step(trainable, frozen, dropout, opt_state, window, batch, number) -> (trainable,
     opt_state, window)`, where `number` is the 0-based step being taken; batch arrays have the
     global batch as their leading dimension.
@@ -116,7 +132,7 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, *,
     `fold_in(PRNGKey(seed), number)`: a pure function of the step, so a resumed run draws
     exactly the keys an uninterrupted one would, with no RNG state to checkpoint.
     """
-    losses_fn = LOSSES[task]
+    losses_fn = task_losses(task, preference)
 
     def loss(trainable, frozen, dropout, micro):
         model = nnx.merge(graphdef, trainable, frozen, dropout)
@@ -164,16 +180,28 @@ def _select(condition: jax.Array, new, old):
     return jax.tree.map(lambda n, o: jnp.where(condition, n, o), new, old)
 
 
-def make_eval_step(graphdef: nnx.GraphDef, *, task: str) -> Callable:
+def make_eval_step(graphdef: nnx.GraphDef, *, task: str,
+                   preference: dpo.DpoConfig | None = None) -> Callable:
     """`eval_step(trainable, frozen, dropout, sums, batch) -> sums` plus this batch's
-    (loss_sum, count[, correct]): an evaluation accumulates on the device and is read once."""
-    losses_fn = LOSSES[task]
+    `sum_names(task)`: an evaluation accumulates on the device and is read once."""
+    losses_fn = task_losses(task, preference)
 
     def eval_step(trainable, frozen, dropout, sums, batch):
         out = losses_fn(nnx.merge(graphdef, trainable, frozen, dropout), batch)
         return jax.tree.map(jnp.add, sums, out)
 
     return eval_step
+
+
+def make_reference_step(graphdef: nnx.GraphDef) -> Callable:
+    """`reference(trainable, frozen, dropout, batch) -> [B, 2]`: the reference model's
+    log-probabilities of a batch of preference pairs (`dpo.base_logps`), for the pass that
+    scores them before training."""
+
+    def reference(trainable, frozen, dropout, batch):
+        return dpo.base_logps(nnx.merge(graphdef, trainable, frozen, dropout), batch)
+
+    return reference
 
 
 # ---------------------------------------------------------------------------------------------
@@ -199,6 +227,8 @@ class Step:
     shardings: dict[str, Any]  # trainable, frozen, dropout, opt_state: trees of NamedSharding
     train: Callable
     evaluate: Callable
+    # task 'dpo' with dpo.precompute_ref: (trainable, frozen, dropout, batch) -> [B, 2]
+    reference: Callable | None = None
 
     @property
     def replicated(self) -> jax.sharding.NamedSharding:
@@ -232,8 +262,10 @@ def build(model: nnx.Module, cfg: ml_collections.ConfigDict, mesh: Mesh,
     """The steps `cfg` describes for `model` (real or from `nnx.eval_shape`) on `mesh`, and the
     model split into its `trainable`, `dropout` and `frozen` states (not yet placed: see
     `Step.place`). `lora_cfg` says what trains (None: everything). Reads `cfg.task`,
-    `cfg.optim`, `cfg.train.{steps, accum_steps, seed, optimizer_state_dtype}`.
+    `cfg.optim`, `cfg.train.{steps, accum_steps, seed, optimizer_state_dtype}`, and `cfg.dpo`
+    for task 'dpo'.
     """
+    preference = config_lib.dpo_config(cfg) if cfg.task == tasks.DPO else None
     model.train()  # dropout on, at the checkpoint's rates (and LoRA's)
     graphdef, trainable, dropout, frozen = nnx.split(
         model, lora.trainable_filter(lora_cfg), layers.DropoutKey, ...)
@@ -251,15 +283,21 @@ def build(model: nnx.Module, cfg: ml_collections.ConfigDict, mesh: Mesh,
     params = (shardings["trainable"], shardings["frozen"], shardings["dropout"])
     train = jax.jit(
         sharding.traced_under(mesh, make_train_step(
-            graphdef, tx, task=cfg.task, accum_steps=cfg.train.accum_steps, seed=cfg.train.seed)),
+            graphdef, tx, task=cfg.task, accum_steps=cfg.train.accum_steps, seed=cfg.train.seed,
+            preference=preference)),
         in_shardings=(*params, shardings["opt_state"], replicated, None, replicated),
         out_shardings=(shardings["trainable"], shardings["opt_state"], replicated),
         donate_argnums=(0, 3, 4))
-    evaluate = jax.jit(sharding.traced_under(mesh, make_eval_step(eval_graphdef, task=cfg.task)),
+    evaluate = jax.jit(sharding.traced_under(mesh, make_eval_step(eval_graphdef, task=cfg.task,
+                                                                  preference=preference)),
                        in_shardings=(*params, replicated, None), out_shardings=replicated,
                        donate_argnums=(3,))
+    reference = None
+    if preference is not None and cfg.dpo.precompute_ref:
+        reference = jax.jit(sharding.traced_under(mesh, make_reference_step(eval_graphdef)),
+                            in_shardings=(*params, None), out_shardings=replicated)
     step = Step(graphdef, eval_graphdef, cfg.task, mesh, tx, schedule, shardings, train,
-                evaluate)
+                evaluate, reference)
     return step, states
 
 

@@ -161,3 +161,177 @@ def test_full_fine_tuning_without_reference_log_probs_is_refused(setup):
 def test_bad_preference_settings_are_one_line(fields, message):
     with pytest.raises(JaxftError, match=message):
         dpo.DpoConfig(**fields).check()
+
+
+# ---------------------------------------------------------------------------------------------
+# jaxft's preference data is TRL's: the same tokens, prompt boundary and truncation
+# ---------------------------------------------------------------------------------------------
+
+
+def conversational(pair: dict) -> dict:
+    return {"prompt": [{"role": "user", "content": pair["prompt"]}],
+            "chosen": [{"role": "assistant", "content": pair["chosen"].strip()}],
+            "rejected": [{"role": "assistant", "content": pair["rejected"].strip()}]}
+
+
+def trl_sequences(model_dir, rows, max_length):
+    """TRL's tokenized, collated pairs: per pair, (ids, completion mask) of chosen and
+    rejected, padding removed."""
+    import datasets
+    import transformers
+
+    tokenizer = transformers.AutoTokenizer.from_pretrained(model_dir)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(model_dir)
+    args = trl.DPOConfig(output_dir=str(model_dir / "trl"), report_to=[], use_cpu=True,
+                         max_length=max_length)
+    trainer = trl.DPOTrainer(model=hf, args=args, train_dataset=datasets.Dataset.from_list(rows),
+                             processing_class=tokenizer)
+    examples = [trainer.train_dataset[i] for i in range(len(trainer.train_dataset))]
+    batch = trainer.data_collator(examples)
+    n = len(examples)
+    out = []
+    for i in range(2 * n):
+        keep = batch["attention_mask"][i].numpy().astype(bool)
+        out.append((batch["input_ids"][i].numpy()[keep].tolist(),
+                    batch["completion_mask"][i].numpy()[keep].tolist()))
+    return [(out[p], out[n + p]) for p in range(n)]
+
+
+def jaxft_sequences(model_dir, path, max_len, **data_fields):
+    """jaxft's pairs from the same file, in file order: (ids, trained-token mask) of chosen and
+    rejected, the loss mask shifted back onto the tokens it trains."""
+    from jaxft import data
+
+    cfg = data.default_config()
+    cfg.train_path, cfg.eval_fraction, cfg.max_len = str(path), 0.0, max_len
+    cfg.update(data_fields)
+    bundle = data.build_data(cfg, data.load_tokenizer(str(model_dir)), global_batch_size=2,
+                             task="dpo", process_index=0, process_count=1)
+    pairs = []
+    for batch in bundle.train.file_order():
+        for row in np.flatnonzero(batch["valid"]):
+            seqs = []
+            for k in range(2):
+                keep = batch["segment_ids"][row, k] > 0
+                ids = batch["input_ids"][row, k][keep].tolist()
+                trained = [0] + batch["loss_mask"][row, k][keep][:-1].astype(int).tolist()
+                seqs.append((ids, trained))
+            pairs.append(tuple(seqs))
+    return pairs, bundle.stats
+
+
+@pytest.mark.parametrize("layout, max_len", [("text", 24), ("conversational", 40)])
+def test_pairs_tokenize_as_trl_tokenizes_them(layout, max_len, tmp_path):
+    import json
+
+    model_dir = tiny_model_dir(tmp_path / "model", "llama")
+    rows = [conversational(p) for p in PAIRS] if layout == "conversational" else PAIRS
+    rows = rows + [dict(rows[0], prompt=rows[0]["prompt"] * 3 if layout == "text" else
+                        [{"role": "user", "content": PAIRS[0]["prompt"] * 3}])]
+    path = tmp_path / "pairs.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    want = trl_sequences(model_dir, rows, max_length=max_len)  # cuts the long pairs' responses
+    got, stats = jaxft_sequences(model_dir, path, max_len=max_len)
+    assert got == want
+    assert any(sum(mask) for (_, mask), _ in got)
+    whole, _ = jaxft_sequences(model_dir, path, max_len=64)
+    assert stats["truncated"] == sum(max(len(c[0]), len(r[0])) > max_len for c, r in whole) > 0
+
+
+def test_implicit_prompt_is_the_shared_beginning_as_trl_extracts_it(tmp_path):
+    import json
+
+    model_dir = tiny_model_dir(tmp_path / "model", "llama")
+    whole = [{"chosen": p["prompt"] + p["chosen"], "rejected": p["prompt"] + p["rejected"]}
+             for p in PAIRS]
+    whole += [{"chosen": c["prompt"] + c["chosen"], "rejected": c["prompt"] + c["rejected"]}
+              for c in map(conversational, PAIRS)]
+    for name, rows in (("text", whole[:3]), ("conversational", whole[3:])):
+        path = tmp_path / f"{name}.jsonl"
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        got, _ = jaxft_sequences(model_dir, path, max_len=64)
+        assert got == trl_sequences(model_dir, rows, max_length=64), name
+
+
+def test_long_prompts_keep_their_end_with_max_prompt_len(tmp_path):
+    import json
+
+    model_dir = tiny_model_dir(tmp_path / "model", "llama")
+    path = tmp_path / "pairs.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in PAIRS))
+    full, _ = jaxft_sequences(model_dir, path, max_len=64)
+    cut, stats = jaxft_sequences(model_dir, path, max_len=64, max_prompt_len=4)
+    for (chosen, rejected), (c_cut, r_cut) in zip(full, cut, strict=True):
+        for (ids, mask), (ids_cut, mask_cut) in ((chosen, c_cut), (rejected, r_cut)):
+            prompt = mask.index(1)
+            assert ids_cut == ids[prompt - 4:] and mask_cut == mask[prompt - 4:]
+    assert stats["truncated"] == len(PAIRS)
+
+
+# ---------------------------------------------------------------------------------------------
+# Training: twenty LoRA DPO steps follow TRL's DPOTrainer
+# ---------------------------------------------------------------------------------------------
+
+
+def test_twenty_lora_dpo_steps_follow_trl(tmp_path):
+    """`jaxft.train` with task='dpo' against `DPOTrainer.train()`: same base, same initial
+    adapters (jaxft's A, B = 0), same eight pairs in every step, TRL's default optimizer and
+    linear schedule, gradient clipping at 1."""
+    import json
+
+    import datasets
+    import torch
+    import transformers
+
+    from jaxft import config as config_lib
+    from jaxft import train
+    from tests.tiny_run import DATA, read_metrics, tiny_config
+
+    steps, lr, targets = 20, 5e-3, ["q_proj", "v_proj", "down_proj"]
+    rows = [json.loads(line) for line in
+            (DATA / "support_preferences.jsonl").read_text().splitlines()[:8]]
+    model_dir = tiny_model_dir(tmp_path / "model", "llama")
+    path = tmp_path / "pairs.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = tiny_config(model_dir, tmp_path / "run", task="dpo", **{
+        "data.train_path": str(path), "data.eval_fraction": 0.0, "train.steps": steps,
+        "train.batch_size": len(rows), "optim.lr": lr, "optim.schedule": "linear",
+        "optim.final_lr_ratio": 0.0, "optim.clip_norm": 1.0, "lora.targets": tuple(targets),
+        "lora.alpha": 8.0, "dpo.beta": 0.1})
+    train.run(cfg)
+    got = [m["train_loss"] for m in read_metrics(tmp_path / "run") if "train_loss" in m]
+
+    model = jaxft.from_pretrained(model_dir)
+    lora.apply_lora(model, config_lib.lora_config(cfg), seed=cfg.train.seed)
+    init_a = {path: np.asarray(m.adapter.lora_a[...]) for path, m in lora.linear_modules(model)
+              if m.adapter is not None}
+    args = trl.DPOConfig(output_dir=str(tmp_path / "trl"), report_to=[], use_cpu=True,
+                         max_length=cfg.data.max_len, per_device_train_batch_size=len(rows),
+                         max_steps=steps, learning_rate=lr, logging_steps=1, beta=0.1,
+                         save_strategy="no", seed=0)
+    trainer = trl.DPOTrainer(
+        model=transformers.AutoModelForCausalLM.from_pretrained(model_dir).float(), args=args,
+        train_dataset=datasets.Dataset.from_list(rows),
+        processing_class=transformers.AutoTokenizer.from_pretrained(model_dir),
+        peft_config=peft.LoraConfig(r=4, lora_alpha=8, target_modules=targets,
+                                    task_type="CAUSAL_LM"))
+    with torch.no_grad():
+        for name, module in trainer.model.named_modules():
+            if isinstance(module, peft.tuners.lora.LoraLayer):
+                hf_path = name.removeprefix("base_model.model.")
+                layer, _, rest = hf_path.removeprefix("model.layers.").partition(".")
+                a = init_a["model.layers." + rest][int(layer)]  # [in, r]
+                module.lora_A["default"].weight.copy_(torch.from_numpy(a.T.copy()))
+    want = []
+    compute_loss = trainer.compute_loss
+
+    def recorded(*args, **kwargs):  # each step's loss as TRL computed it, unrounded
+        loss = compute_loss(*args, **kwargs)
+        want.append(float(loss.detach()))
+        return loss
+
+    trainer.compute_loss = recorded
+    trainer.train()
+    assert len(want) == len(got) == steps
+    np.testing.assert_allclose(got, want, atol=1e-3, rtol=0)
+    assert want[-1] < want[0] - 0.1  # the curve really moves

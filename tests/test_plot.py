@@ -47,6 +47,20 @@ def test_png_is_a_real_image_of_the_fixed_size(tmp_path):
     assert (pixels < 128).any()  # something dark (text, axes) on the white background
 
 
+def test_a_preference_run_adds_its_reward_panel_at_the_same_size(tmp_path):
+    _write_metrics(tmp_path / "lm", _run_like())
+    records = _run_like()
+    for r in records:
+        if "train_loss" in r:
+            r.update({"rewards/accuracies": min(1.0, r["step"] / 10), "rewards/margins": 0.1})
+    _write_metrics(tmp_path / "dpo", records)
+    plain, dpo = plot.plot_metrics(tmp_path / "lm"), plot.plot_metrics(tmp_path / "dpo")
+    with Image.open(plain) as a, Image.open(dpo) as b:
+        assert a.size == b.size == (1200, 800)
+        # five panels in a 2×3 grid: the layout itself moved, not just one curve
+        assert (np.asarray(a.convert("L")) != np.asarray(b.convert("L"))).mean() > 0.05
+
+
 def test_series_keep_the_last_value_of_a_repeated_step(tmp_path):
     # A run resumed from a checkpoint at step 2 logs steps 3.. again.
     _write_metrics(tmp_path, [{"step": s, "train_loss": float(s)} for s in (1, 2, 3, 4)]

@@ -9,9 +9,9 @@
 
 Modules, one job each: `config` (fields), `tokenizer` (load_tokenizer), `files` / `sources` /
 `chatterbot` (rows), `formats` (which columns mean what), `chat` (chat templates, assistant
-spans), `labels` (label maps), `encode` (tokens + loss mask), `order` (seeded orderings),
-`packing` (rows and the batch contract), `iterator` (resumable, per-process batches),
-`pipeline` (build_data).
+spans), `preference` (DPO pairs as TRL tokenizes them), `labels` (label maps), `encode`
+(tokens + loss mask), `order` (seeded orderings), `packing` (rows and the batch contract),
+`iterator` (resumable, per-process batches), `pipeline` (build_data).
 """
 
 from jaxft.data.config import default_config

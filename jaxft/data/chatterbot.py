@@ -7,6 +7,10 @@ pulls in the chatterbot machinery, which we have no use for). Two sources come f
 
 - `chatterbot:chat` - `messages` rows, one per distinct (question, answer) pair: user, assistant.
 - `chatterbot:topics` - `classification` rows, text = question, label = topic file stem.
+- `chatterbot:preferences` - conversational preference pairs for DPO, one per chat row: the
+  question as the prompt, its corpus answer chosen, and rejected an answer the corpus gives to a
+  question of another topic (picked by a hash of the pair, so the file never moves): fluent,
+  on-register, and wrong for the question, which is what preference tuning should learn to tell.
 
 The eval split is fixed: a question goes to eval when a hash of its text falls in the lowest 10%,
 so all answers to one question land on the same side and the split never depends on the config.
@@ -25,7 +29,7 @@ import yaml
 from jaxft.data.files import Loaded, Origin
 from jaxft.errors import JaxftError
 
-SOURCES = ("chatterbot:chat", "chatterbot:topics")
+SOURCES = ("chatterbot:chat", "chatterbot:topics", "chatterbot:preferences")
 EVAL_FRACTION = 0.1
 _INSTALL = "pip install --no-deps chatterbot-corpus==1.3.3"
 
@@ -71,9 +75,29 @@ def qa_pairs() -> tuple[list[tuple[str, str, str]], int]:
     return triples, skipped
 
 
+def _hash(text: str) -> int:
+    return int.from_bytes(hashlib.blake2b(text.encode("utf-8"), digest_size=8).digest(), "little")
+
+
 def is_eval(question: str) -> bool:
-    digest = hashlib.blake2b(question.encode("utf-8"), digest_size=8).digest()
-    return int.from_bytes(digest, "little") < EVAL_FRACTION * 2**64
+    return _hash(question) < EVAL_FRACTION * 2**64
+
+
+def preference_rows(triples: list[tuple[str, str, str]]) -> tuple[list[dict], list[str]]:
+    """One conversational pair per distinct (question, answer), and each row's question."""
+    first_topic = {}
+    for topic, q, a in triples:
+        first_topic.setdefault((q, a), topic)
+    answers = list(first_topic.items())  # ((question, answer), topic)
+    rows, questions = [], []
+    for (q, a), topic in answers:
+        others = [other for (q2, other), t2 in answers if t2 != topic and q2 != q and other != a]
+        rejected = others[_hash(q + "\0" + a) % len(others)]
+        rows.append({"prompt": [{"role": "user", "content": q}],
+                     "chosen": [{"role": "assistant", "content": a}],
+                     "rejected": [{"role": "assistant", "content": rejected}]})
+        questions.append(q)
+    return rows, questions
 
 
 def load(name: str) -> tuple[Loaded, Loaded]:
@@ -86,6 +110,8 @@ def load(name: str) -> tuple[Loaded, Loaded]:
         rows = [{"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]}
                 for q, a in pairs]
         questions = [q for q, _ in pairs]
+    elif name == "chatterbot:preferences":
+        rows, questions = preference_rows(triples)
     else:
         texts = list(dict.fromkeys((q, topic) for topic, q, _ in triples))
         rows = [{"text": q, "label": topic} for q, topic in texts]

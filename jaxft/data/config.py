@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import ml_collections
 
-FORMATS = ("auto", "text", "prompt_completion", "messages", "classification")
+FORMATS = ("auto", "text", "prompt_completion", "messages", "classification", "preference")
 OVERLONG = ("truncate", "drop")
 
 
@@ -33,6 +33,10 @@ def default_config() -> ml_collections.ConfigDict:
     # Pack several examples into each row (segment_ids keep them apart) instead of padding each
     # example to max_len; packing wastes far less compute on short examples.
     c.packing = True
+    # Preference pairs (task='dpo'): a prompt longer than this keeps its last max_prompt_len
+    # tokens (the end, next to the answer) before prompt + response is cut to max_len; 0 = no
+    # separate prompt limit.
+    c.max_prompt_len = 0
     # Examples longer than max_len: 'truncate' keeps the first max_len tokens, 'drop' removes them.
     # Both are counted in DataBundle.stats. Plain text is chunked instead and never truncated.
     c.overlong = "truncate"
@@ -48,6 +52,8 @@ def default_config() -> ml_collections.ConfigDict:
     c.prompt_column = "prompt"
     c.completion_column = "completion"
     c.messages_column = "messages"
+    c.chosen_column = "chosen"  # preference pairs: the preferred response (text or messages)
+    c.rejected_column = "rejected"  # and the other one
     c.label_column = "label"
     # Optional second text for sentence-pair classification (token_type_ids become 1 on it).
     c.text_pair_column = ml_collections.FieldReference(None, field_type=str)

@@ -12,6 +12,8 @@ Per format (see `formats.py`):
   completion are tokenized separately, so no token straddles the boundary.
 - messages: see `chat.py`; the assistant turns (through their end-of-turn marker) are trained.
 - classification: the tokenizer's own [CLS] a [SEP] b [SEP] encoding plus a class id.
+- preference: see `preference.py`; each pair becomes two consecutive examples, prompt + chosen
+  then prompt + rejected, their responses trained. Counts are of pairs.
 
 Rows run through one batched `datasets.map` (cached on disk for file-backed datasets). Each row
 gets a status, so that truncated, dropped and malformed rows are counted rather than vanishing.
@@ -28,7 +30,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from transformers import PreTrainedTokenizerBase
 
-from jaxft.data import chat, formats, labels
+from jaxft.data import chat, formats, labels, preference
 from jaxft.data.files import LOCATION_COLUMNS, Loaded
 from jaxft.data.formats import Schema
 from jaxft.errors import JaxftError
@@ -45,6 +47,12 @@ class Examples:
     offsets: np.ndarray  # int64 [E + 1]
     labels: np.ndarray | None = None  # int32 [E], classification only
     token_types: np.ndarray | None = None  # int32 [N], classification only
+    ref_logps: np.ndarray | None = None  # float32 [E / 2, 2], preference pairs once scored
+
+    @property
+    def pairs(self) -> int:
+        """Preference pairs held (examples 2p and 2p + 1 are pair p's chosen and rejected)."""
+        return len(self) // 2
 
     def __len__(self) -> int:
         return len(self.offsets) - 1
@@ -64,14 +72,16 @@ def encode(loaded: Loaded, schema: Schema, tokenizer: PreTrainedTokenizerBase,
         raise JaxftError(f"data.max_len must be at least 2, got {cfg.max_len}")
     encoder = _Encoder(tokenizer, schema, loaded, max_len=cfg.max_len, overlong=cfg.overlong,
                        skip_bad_rows=cfg.skip_bad_rows, label_map=label_map,
-                       template=(chat.resolve_template(tokenizer, cfg.chat_template)
-                                 if schema.format == "messages" else None))
+                       template=_template(tokenizer, schema, loaded, cfg),
+                       max_prompt_len=cfg.get("max_prompt_len", 0))
     rows = loaded.rows
     mapped = rows.map(encoder, batched=True, batch_size=256, remove_columns=rows.column_names,
                       desc=f"Tokenizing {loaded.origin}")
     table = mapped.with_format("arrow")[:]
     status = table.column("status").to_numpy()
-    counts = np.bincount(status, minlength=5) if len(status) else np.zeros(5, np.int64)
+    per_example = status[::2] if schema.format == "preference" else status  # a pair: two rows
+    counts = (np.bincount(per_example, minlength=5) if len(per_example) else
+              np.zeros(5, np.int64))
     stats = {"rows": len(rows), "examples": int(counts[OK] + counts[TRUNCATED]),
              "truncated": int(counts[TRUNCATED]), "dropped_overlong": int(counts[DROPPED_OVERLONG]),
              "dropped_no_target": int(counts[NO_TARGET]),
@@ -93,6 +103,19 @@ def _nothing_left(where: str, stats: dict[str, int], cfg: ml_collections.ConfigD
                 "or set data.overlong='truncate'")
     return (f"{where}: no usable examples ({stats['skipped_bad_rows']} malformed rows skipped, "
             f"{stats['dropped_no_target']} with no tokens to train on after truncation)")
+
+
+def _template(tokenizer: PreTrainedTokenizerBase, schema: Schema, loaded: Loaded,
+              cfg: ml_collections.ConfigDict) -> str | None:
+    """The chat template conversations render with (messages, conversational pairs); None for
+    data without conversations."""
+    if schema.format == "messages":
+        return chat.resolve_template(tokenizer, cfg.chat_template)
+    if schema.format == "preference" and len(loaded.rows):
+        first = loaded.rows[0][schema.columns["chosen"]]
+        if not isinstance(first, str):
+            return chat.resolve_template(tokenizer, cfg.chat_template)
+    return None
 
 
 def _to_examples(table: pa.Table, fmt: str) -> Examples:
@@ -119,8 +142,10 @@ class _Encoder:
 
     def __init__(self, tokenizer: PreTrainedTokenizerBase, schema: Schema, loaded: Loaded, *,
                  max_len: int, overlong: str, skip_bad_rows: bool,
-                 label_map: dict[str, int] | None, template: str | None):
+                 label_map: dict[str, int] | None, template: str | None,
+                 max_prompt_len: int = 0):
         self.tok, self.schema, self.origin = tokenizer, schema, loaded.origin
+        self.max_prompt_len = max_prompt_len
         self.max_len, self.overlong, self.skip = max_len, overlong, skip_bad_rows
         self.label_map = label_map
         self.label_ids = frozenset(label_map.values()) if label_map else frozenset()
@@ -198,6 +223,27 @@ class _Encoder:
                 ids.extend(piece_ids)
                 mask.extend([int(is_assistant)] * len(piece_ids))
             yield self._fit(ids, mask)
+
+    def _preference(self, batch: dict[str, list], where: list) -> Iterator[tuple]:
+        cols = self.schema.columns
+        prompts = batch[cols["prompt"]] if "prompt" in cols else [None] * len(where)
+        for p, c, r, w in zip(prompts, batch[cols["chosen"]], batch[cols["rejected"]], where,
+                              strict=True):
+            try:
+                pair = preference.tokenize(self.tok, *preference.parse(p, c, r),
+                                           template=self.template)
+                fitted = preference.fit(pair, max_len=self.max_len,
+                                        max_prompt_len=self.max_prompt_len)
+            except preference.BadPair as e:
+                self._usable(None, w, False, str(e))
+                yield from (([], [], BAD_ROW), ([], [], BAD_ROW))
+                continue
+            status = TRUNCATED if fitted.truncated else OK
+            if fitted.overlong and self.overlong == "drop":
+                yield from (([], [], DROPPED_OVERLONG), ([], [], DROPPED_OVERLONG))
+                continue
+            for ids, mask in fitted.sequences():
+                yield ids, mask, status
 
     def _classification(self, batch: dict[str, list], where: list) -> Iterator[tuple]:
         cols = self.schema.columns

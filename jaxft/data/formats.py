@@ -1,4 +1,4 @@
-"""Which of the four data formats a file is in, and which of its columns hold what.
+"""Which of the five data formats a file is in, and which of its columns hold what.
 
 | format              | columns (names configurable)                   | trained tokens          |
 |---------------------|------------------------------------------------|-------------------------|
@@ -6,9 +6,12 @@
 | `prompt_completion` | prompt + completion, or instruction/input/output | completion + EOS      |
 | `messages`          | messages: [{role, content}, ...]               | assistant turns         |
 | `classification`    | text (+ optional text pair) + label            | - (one label per row)   |
+| `preference`        | prompt + chosen + rejected (text or messages), | both responses (+ EOS   |
+|                     | or chosen + rejected with the prompt inside    | for text), as pairs     |
 
 `format='auto'` picks the first that fits the columns, in the order messages, prompt/completion,
-instruction/output, text for a language-model task; a classification task needs classification.
+instruction/output, text for a language-model task; a classification task needs classification,
+and a `dpo` task needs preference (TRL's explicit- or implicit-prompt layout, see `preference.py`).
 The instruction/input/output layout (Alpaca) becomes prompt/completion through the standard Alpaca
 prompt, so the model sees the layout it was published with.
 """
@@ -53,8 +56,13 @@ def resolve(cfg: ml_collections.ConfigDict, found: list[str], task: str, where: 
         raise JaxftError(f"data.format must be one of {', '.join(FORMATS)}, got {fmt!r}")
     if task == "classification" and fmt not in ("auto", "classification"):
         raise JaxftError(f"task 'classification' needs data.format 'classification', got {fmt!r}")
-    if task == "lm" and fmt == "classification":
-        raise JaxftError("data.format 'classification' needs task='classification'")
+    if task == "lm" and fmt in ("classification", "preference"):
+        raise JaxftError(f"data.format {fmt!r} needs task={fmt!r}"
+                         if fmt == "classification" else
+                         "data.format 'preference' needs task='dpo'")
+    if task == "dpo" and fmt not in ("auto", "preference"):
+        raise JaxftError(f"task 'dpo' needs data.format 'preference' (prompt/chosen/rejected "
+                         f"columns), got {fmt!r}")
     candidates = _candidates(cfg, task)
     if fmt != "auto":
         candidates = [s for s in candidates if s.format == fmt]
@@ -73,6 +81,12 @@ def _candidates(cfg: ml_collections.ConfigDict, task: str) -> list[Schema]:
         if cfg.text_pair_column:
             cols["text_pair"] = cfg.text_pair_column
         return [Schema("classification", cols)]
+    if task == "dpo":
+        return [
+            Schema("preference", {"prompt": cfg.prompt_column, "chosen": cfg.chosen_column,
+                                  "rejected": cfg.rejected_column}),
+            Schema("preference", {"chosen": cfg.chosen_column, "rejected": cfg.rejected_column}),
+        ]
     return [
         Schema("messages", {"messages": cfg.messages_column}),
         Schema("prompt_completion", {"prompt": cfg.prompt_column,

@@ -15,6 +15,7 @@ slices into global `jax.Array`s.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterator
 
 import jax
@@ -34,9 +35,9 @@ class _Layout:
 
     def __init__(self, examples: Examples, *, seq_len: int, global_batch_size: int,
                  packing: bool, pad_id: int, classification: bool,
-                 process_index: int | None, process_count: int | None):
-        self.examples, self.seq_len, self.packing = examples, seq_len, packing
-        self.pad_id, self.classification = pad_id, classification
+                 process_index: int | None, process_count: int | None, pairs: bool = False):
+        self.examples, self.seq_len, self.packing = examples, seq_len, packing and not pairs
+        self.pad_id, self.classification, self.pairs = pad_id, classification, pairs
         self.process_index = jax.process_index() if process_index is None else process_index
         self.process_count = jax.process_count() if process_count is None else process_count
         self.global_batch_size = global_batch_size
@@ -48,13 +49,39 @@ class _Layout:
                              f"[0, {self.process_count})")
         self.local_batch_size = global_batch_size // self.process_count
 
+    @property
+    def units(self) -> int:
+        """What the order visits: examples, or preference pairs."""
+        return self.examples.pairs if self.pairs else len(self.examples)
+
     def rows(self, visit: np.ndarray) -> list[list[int]]:
+        if self.pairs:
+            return [[int(i)] for i in visit]
         return packing.plan_rows(self.examples.lengths, visit, self.seq_len, self.packing)
+
+    def file_order(self) -> EvalBatches:
+        """One pass over the same examples in file order, laid out as this iterator lays them
+        (the reference pass scores every pair with it)."""
+        return EvalBatches(self.examples, seq_len=self.seq_len,
+                           global_batch_size=self.global_batch_size, packing=self.packing,
+                           pad_id=self.pad_id, classification=self.classification,
+                           process_index=self.process_index, process_count=self.process_count,
+                           pairs=self.pairs)
+
+    def attach_ref_logps(self, ref_logps: np.ndarray) -> None:
+        """Give every pair its reference log-probabilities [pairs, 2]: batches carry them as
+        `ref_logps` from now on."""
+        if ref_logps.shape != (self.units, 2) or not self.pairs:
+            raise JaxftError(f"reference log-probabilities of shape {ref_logps.shape} do not fit "
+                             f"{self.units} pairs")
+        self.examples = dataclasses.replace(self.examples,
+                                            ref_logps=ref_logps.astype(np.float32))
 
     def local_batch(self, global_rows: list[list[int]]) -> Batch:
         start = self.process_index * self.local_batch_size
         mine = global_rows[start:start + self.local_batch_size]
-        build = packing.classification_batch if self.classification else packing.lm_batch
+        build = (packing.pair_batch if self.pairs else packing.classification_batch
+                 if self.classification else packing.lm_batch)
         return build(self.examples, mine, self.seq_len, self.pad_id)
 
 
@@ -68,10 +95,10 @@ class TrainIterator(_Layout):
     def __init__(self, examples: Examples, *, seq_len: int, global_batch_size: int, packing: bool,
                  seed: int, pad_id: int, classification: bool = False,
                  process_index: int | None = None, process_count: int | None = None,
-                 state: dict[str, int] | None = None):
+                 state: dict[str, int] | None = None, pairs: bool = False):
         super().__init__(examples, seq_len=seq_len, global_batch_size=global_batch_size,
                          packing=packing, pad_id=pad_id, classification=classification,
-                         process_index=process_index, process_count=process_count)
+                         process_index=process_index, process_count=process_count, pairs=pairs)
         self.seed = seed
         self._epoch = self._row = self._step = 0
         self._cache: dict[int, list[list[int]]] = {}
@@ -83,7 +110,7 @@ class TrainIterator(_Layout):
         if epoch not in self._cache:
             if len(self._cache) >= 2:
                 del self._cache[min(self._cache)]
-            self._cache[epoch] = self.rows(order.epoch_order(len(self.examples), self.seed, epoch))
+            self._cache[epoch] = self.rows(order.epoch_order(self.units, self.seed, epoch))
         return self._cache[epoch]
 
     def __iter__(self) -> TrainIterator:
@@ -123,12 +150,13 @@ class TrainIterator(_Layout):
 class EvalBatches(_Layout):
     """A finite, re-iterable pass over the eval examples in file order (no shuffle).
 
-    The last batch is padded with empty rows (loss_mask 0, or valid 0 for classification), so
+    The last batch is padded with empty rows (loss_mask 0, or valid 0 for classification and
+    pairs), so
     every process sees the same number of batches and every example is scored exactly once.
     """
 
     def _global_rows(self) -> list[list[int]]:
-        rows = self.rows(np.arange(len(self.examples)))
+        rows = self.rows(np.arange(self.units))
         return rows + [[] for _ in range(-len(rows) % self.global_batch_size)]
 
     def __len__(self) -> int:

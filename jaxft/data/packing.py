@@ -19,6 +19,11 @@ Classification batches hold `input_ids`, `attention_mask`, `token_type_ids` `[B,
 `labels` `[B]` int32 and `valid` `[B]` float32 (0 for the rows that pad the last eval batch);
 one example per row.
 
+Preference batches (task 'dpo') hold pairs: the language-model arrays as `[B, 2, T]`, index 0
+prompt + chosen and 1 prompt + rejected of the same pair (one pair per row, never packed, so a
+pair cannot split across devices), plus `valid` `[B]` (0 for the rows that pad the last eval
+batch) and, once the reference pass has run, `ref_logps` `[B, 2]` float32.
+
 Packing is first-fit over a window of the 64 most recently opened rows: each example goes into the
 oldest open row with room for it, else opens a new row. It is deterministic in the visiting order,
 never splits an example, and wastes little: a long example no longer strands the row before it.
@@ -111,3 +116,19 @@ def classification_batch(ex: Examples, rows: Sequence[Sequence[int]], seq_len: i
         valid[r] = 1.0
     return {"input_ids": input_ids, "attention_mask": attention_mask,
             "token_type_ids": token_type_ids, "labels": labels, "valid": valid}
+
+
+def pair_batch(ex: Examples, rows: Sequence[Sequence[int]], seq_len: int,
+               pad_id: int) -> dict[str, np.ndarray]:
+    """The preference arrays for `rows`, each holding one pair index p (examples 2p, 2p + 1)
+    or none (padding)."""
+    flat: list[list[int]] = []
+    for row in rows:
+        flat.extend([[2 * row[0]], [2 * row[0] + 1]] if row else [[], []])
+    out = {k: v.reshape(len(rows), 2, seq_len)
+           for k, v in lm_batch(ex, flat, seq_len, pad_id).items()}
+    out["valid"] = np.array([1.0 if row else 0.0 for row in rows], np.float32)
+    if ex.ref_logps is not None:
+        out["ref_logps"] = np.stack([ex.ref_logps[row[0]] if row else np.zeros(2, np.float32)
+                                     for row in rows]).astype(np.float32)
+    return out

@@ -42,6 +42,7 @@ class DataBundle:
     stats: dict[str, float]  # counts of rows, truncations, drops, tokens; packing efficiency
     format: str  # the resolved data format
     seq_len: int  # T of every [B, T] array
+    sequences_per_row: int = 1  # 2 for preference pairs: their arrays are [B, 2, T]
 
     def eval_batches(self) -> Iterator[Batch]:
         """One pass over the eval set as local batches (nothing when there is no eval set)."""
@@ -70,17 +71,19 @@ def build_data(cfg: ml_collections.ConfigDict, tokenizer: PreTrainedTokenizerBas
         formats.require(schema, _data_columns(split.eval), str(split.eval.origin))
     label_map = _label_map(cfg, split, schema) if task == "classification" else None
     classification = task == "classification"
+    pairs = schema.format == "preference"
 
     train_examples, stats = encode.encode(split.train, schema, tokenizer, cfg, label_map=label_map)
     layout = dict(seq_len=cfg.max_len, global_batch_size=global_batch_size,
                   packing=bool(cfg.packing) and not classification, pad_id=_pad_id(tokenizer),
                   classification=classification, process_index=process_index,
-                  process_count=process_count)
+                  process_count=process_count, pairs=pairs)
     train = TrainIterator(train_examples, seed=cfg.seed, **layout)
     rows_per_epoch = len(train.epoch_rows(0))
+    per_row = 2 if pairs else 1
     stats.update(rows_per_epoch=rows_per_epoch,
-                 packing_efficiency=round(packing.efficiency(train_examples.lengths,
-                                                             rows_per_epoch, cfg.max_len), 4))
+                 packing_efficiency=round(packing.efficiency(
+                     train_examples.lengths, rows_per_epoch * per_row, cfg.max_len), 4))
     eval_set = None
     if split.eval is not None:
         eval_examples, eval_stats = encode.encode(split.eval, schema, tokenizer, cfg,
@@ -94,7 +97,7 @@ def build_data(cfg: ml_collections.ConfigDict, tokenizer: PreTrainedTokenizerBas
             if stats.get(prefix + key):
                 log.warning("data: %d %s rows %s", stats[prefix + key],
                             "eval" if prefix else "train", what)
-    return DataBundle(train, eval_set, label_map, stats, schema.format, cfg.max_len)
+    return DataBundle(train, eval_set, label_map, stats, schema.format, cfg.max_len, per_row)
 
 
 def _data_columns(loaded: Loaded) -> list[str]:
