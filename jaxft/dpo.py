@@ -87,9 +87,9 @@ def reference_logps(model: nnx.Module, batch: dict[str, jax.Array]) -> jax.Array
     model with every adapter switched off (the frozen base), without gradients."""
     if "ref_logps" in batch:
         return batch["ref_logps"].astype(jnp.float32)
-    from jaxft.lora import linear_modules
+    from jaxft.lora import has_adapters
 
-    if not any(linear.adapter is not None for _, linear in linear_modules(model)):
+    if not has_adapters(model):
         raise JaxftError("DPO without LoRA needs reference log-probabilities: set "
                          "dpo.precompute_ref=True (the base model has no adapters to switch off)")
     return jax.lax.stop_gradient(base_logps(model, batch))

@@ -239,7 +239,7 @@ def run(config: ml_collections.ConfigDict | None, workdir: str | None = None, *,
     preference = None
     if task == "dpo":
         preference = config_lib.dpo_config(run_cfg)
-        if not any(linear.adapter is not None for _, linear in lora.linear_modules(model)):
+        if not lora.has_adapters(model):
             raise JaxftError("evaluating preferences needs the reference model: this is a "
                              "full fine-tune (or the base alone), whose reference is not kept; "
                              "evaluate a LoRA run, or train with the eval split")

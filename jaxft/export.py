@@ -46,9 +46,7 @@ def export_model(
     """
     dtypes.canonical(dtype, "dtype")
     out = outdir.prepare(out, overwrite=overwrite)
-    has_adapters = any(isinstance(linear.adapter, lora.LoRA)
-                       for _, linear in lora.linear_modules(model))
-    if has_adapters and not merged:
+    if lora.has_adapters(model) and not merged:
         if lora_cfg is None:
             raise JaxftError("exporting an adapter needs the LoraConfig it was built with")
         adapters.save_peft_adapter(model, lora_cfg, out, base_name=base_name or base,

@@ -145,6 +145,11 @@ def linear_modules(model: nnx.Module) -> Iterator[tuple[str, Linear]]:
             yield ".".join(str(p) for p in path), module
 
 
+def has_adapters(model: nnx.Module) -> bool:
+    """Whether any projection of `model` carries a LoRA adapter."""
+    return any(linear.adapter is not None for _, linear in linear_modules(model))
+
+
 # Output heads never get adapters under 'all-linear': PEFT leaves out the output embedding
 # (`lm_head`) and a sequence classifier's head (`classifier`, `score`) too.
 OUTPUT_HEADS = ("lm_head", "classifier", "score")

@@ -253,8 +253,7 @@ def abstract_batch(task: str, batch_size: int, seq_len: int, mesh,
                "positions": pair(np.int32), "attention_mask": pair(np.int32),
                "valid": array(np.float32, (batch_size,))}
         if ref_logps:
-            out["ref_logps"] = jax.ShapeDtypeStruct(
-                (batch_size, 2), np.float32, sharding=sharding.batch_sharding(mesh, ndim=2))
+            out["ref_logps"] = jax.ShapeDtypeStruct((batch_size, 2), np.float32, sharding=rows)
         return out
     if task == "classification":
         return {"input_ids": array(np.int32), "attention_mask": array(np.int32),

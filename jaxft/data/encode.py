@@ -73,7 +73,7 @@ def encode(loaded: Loaded, schema: Schema, tokenizer: PreTrainedTokenizerBase,
     encoder = _Encoder(tokenizer, schema, loaded, max_len=cfg.max_len, overlong=cfg.overlong,
                        skip_bad_rows=cfg.skip_bad_rows, label_map=label_map,
                        template=_template(tokenizer, schema, loaded, cfg),
-                       max_prompt_len=cfg.get("max_prompt_len", 0))
+                       max_prompt_len=cfg.max_prompt_len)
     rows = loaded.rows
     mapped = rows.map(encoder, batched=True, batch_size=256, remove_columns=rows.column_names,
                       desc=f"Tokenizing {loaded.origin}")

@@ -56,10 +56,10 @@ def resolve(cfg: ml_collections.ConfigDict, found: list[str], task: str, where: 
         raise JaxftError(f"data.format must be one of {', '.join(FORMATS)}, got {fmt!r}")
     if task == "classification" and fmt not in ("auto", "classification"):
         raise JaxftError(f"task 'classification' needs data.format 'classification', got {fmt!r}")
-    if task == "lm" and fmt in ("classification", "preference"):
-        raise JaxftError(f"data.format {fmt!r} needs task={fmt!r}"
-                         if fmt == "classification" else
-                         "data.format 'preference' needs task='dpo'")
+    if task == "lm" and fmt == "classification":
+        raise JaxftError("data.format 'classification' needs task='classification'")
+    if task == "lm" and fmt == "preference":
+        raise JaxftError("data.format 'preference' needs task='dpo'")
     if task == "dpo" and fmt not in ("auto", "preference"):
         raise JaxftError(f"task 'dpo' needs data.format 'preference' (prompt/chosen/rejected "
                          f"columns), got {fmt!r}")

@@ -151,8 +151,8 @@ class EvalBatches(_Layout):
     """A finite, re-iterable pass over the eval examples in file order (no shuffle).
 
     The last batch is padded with empty rows (loss_mask 0, or valid 0 for classification and
-    pairs), so
-    every process sees the same number of batches and every example is scored exactly once.
+    pairs), so every process sees the same number of batches and every example is scored
+    exactly once.
     """
 
     def _global_rows(self) -> list[list[int]]:

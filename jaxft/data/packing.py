@@ -130,5 +130,5 @@ def pair_batch(ex: Examples, rows: Sequence[Sequence[int]], seq_len: int,
     out["valid"] = np.array([1.0 if row else 0.0 for row in rows], np.float32)
     if ex.ref_logps is not None:
         out["ref_logps"] = np.stack([ex.ref_logps[row[0]] if row else np.zeros(2, np.float32)
-                                     for row in rows]).astype(np.float32)
+                                     for row in rows])
     return out
