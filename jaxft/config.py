@@ -107,9 +107,10 @@ def base_config() -> ml_collections.ConfigDict:
     c.dpo.beta = 0.1  # strength of the pull towards the reference model
     c.dpo.loss_type = "sigmoid"  # sigmoid (DPO) | hinge | ipo | robust
     c.dpo.label_smoothing = 0.0  # robust: the assumed share of flipped labels, in [0, 0.5)
-    # Score every pair with the reference model in one pass before training (the reference is
-    # then the initial weights, so full fine-tuning needs it); with LoRA, False computes the
-    # reference in each step from the base with the adapters off.
+    # Score every pair with the reference model in one pass before training, from the weights
+    # as loaded. False: LoRA runs the base with the adapters off in each step; full fine-tuning
+    # keeps a frozen copy of the initial weights (sharded like the trained ones) and scores
+    # each batch with it (one more copy of the weights in memory, none of the up-front pass).
     c.dpo.precompute_ref = False
 
     c.mesh = ml_collections.ConfigDict()
@@ -193,13 +194,18 @@ def validate(c: ml_collections.ConfigDict, device_count: int,
             dpo_config(c).check()
         except JaxftError as e:
             raise JaxftError(f"config: {e}") from None
-        if not c.lora.enabled and not c.dpo.precompute_ref:
-            raise JaxftError("config: task 'dpo' with full fine-tuning needs dpo.precompute_ref="
-                             "True: the reference is the initial model, scored before training "
-                             "(with LoRA it is the base with the adapters off)")
         if c.data.max_prompt_len < 0:
             raise JaxftError(f"config: data.max_prompt_len must be >= 0, got "
                              f"{c.data.max_prompt_len}")
+
+
+def dpo_reference(c: ml_collections.ConfigDict) -> str:
+    """Where a DPO run's reference log-probabilities come from (see `c.dpo.precompute_ref`):
+    'precomputed' (one pass before training), 'adapters_off' (LoRA: the base, in the step) or
+    'frozen_copy' (full fine-tuning: a copy of the initial weights, per batch)."""
+    if c.dpo.precompute_ref:
+        return "precomputed"
+    return "adapters_off" if c.lora.enabled else "frozen_copy"
 
 
 def dpo_config(c: ml_collections.ConfigDict) -> DpoConfig:

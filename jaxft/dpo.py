@@ -7,7 +7,8 @@ response tokens (as targets), so a sequence's log-probability is the sum over it
 
 The reference model costs no second copy of the weights under LoRA: it is the same model with
 its adapters switched off, run in the same step (`reference_logps`). A batch that carries
-precomputed `ref_logps` uses those instead (full fine-tuning, or to save the second forward).
+`ref_logps` uses those instead: precomputed before training (to save the second forward), or,
+for full fine-tuning, scored batch by batch with a frozen copy of the initial weights.
 
 Losses, with Δ = (log π(chosen) − log π_ref(chosen)) − (log π(rejected) − log π_ref(rejected)):
 - `sigmoid` (DPO): −log σ(βΔ);
@@ -90,8 +91,8 @@ def reference_logps(model: nnx.Module, batch: dict[str, jax.Array]) -> jax.Array
     from jaxft.lora import has_adapters
 
     if not has_adapters(model):
-        raise JaxftError("DPO without LoRA needs reference log-probabilities: set "
-                         "dpo.precompute_ref=True (the base model has no adapters to switch off)")
+        raise JaxftError("DPO without LoRA needs the batch's reference log-probabilities "
+                         "(ref_logps): the model has no adapters to switch off")
     return jax.lax.stop_gradient(base_logps(model, batch))
 
 

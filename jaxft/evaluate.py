@@ -119,6 +119,13 @@ def _preference_sums(graphdef: nnx.GraphDef, state: nnx.State, batch: dict,
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef",))
+def _reference_logps(graphdef: nnx.GraphDef, state: nnx.State, batch: dict) -> jax.Array:
+    model = nnx.merge(graphdef, state)
+    model.eval()
+    return dpo.base_logps(model, batch)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef",))
 def _class_logits(graphdef: nnx.GraphDef, state: nnx.State, batch: dict) -> jax.Array:
     model = nnx.merge(graphdef, state)
     model.eval()
@@ -126,12 +133,13 @@ def _class_logits(graphdef: nnx.GraphDef, state: nnx.State, batch: dict) -> jax.
 
 
 def evaluate(model: nnx.Module, batches: Iterable[Batch], task: str,
-             mesh: Mesh | None = None, preference: dpo.DpoConfig | None = None
-             ) -> dict[str, float]:
+             mesh: Mesh | None = None, preference: dpo.DpoConfig | None = None,
+             reference: nnx.Module | None = None) -> dict[str, float]:
     """Metrics of `model` over `batches`: loss/perplexity (task 'lm'), loss/accuracy/macro-F1
     (task 'classification'), each over every target token or valid row of every batch, or
     the preference loss and TRL's reward metrics over every pair (task 'dpo', `preference`
-    its loss; the reference is the model with its adapters off, or the batches' `ref_logps`).
+    its loss; the reference is `reference` (a full fine-tune's initial model), else the
+    model with its adapters off, or the batches' `ref_logps`).
 
     With a `mesh` the weights are sharded over it as training shards them (fsdp and tensor
     axes) and each batch's rows over its data axes, so a model too big for one device evaluates
@@ -145,12 +153,25 @@ def evaluate(model: nnx.Module, batches: Iterable[Batch], task: str,
         from jaxft import sharding
         from jaxft.data.iterator import to_global_arrays
 
-        state = sharding.put_state(state, sharding.state_shardings(state, mesh))
+        def put(state: nnx.State) -> nnx.State:
+            return sharding.put_state(state, sharding.state_shardings(state, mesh))
+
+        state = put(state)
         place = functools.partial(to_global_arrays, sharding=sharding.batch_sharding(mesh))
     if task == "dpo":
+        if reference is not None:
+            ref_graphdef, ref_state = nnx.split(reference)
+            ref_state = ref_state if mesh is None else put(ref_state)
+
+        def scored(batch: dict) -> dict:
+            if reference is None:
+                return batch
+            return {**batch, "ref_logps": _reference_logps(ref_graphdef, ref_state, batch)}
+
         totals: dict[str, float] = {}
         for batch in batches:
-            sums = jax.device_get(_preference_sums(graphdef, state, place(batch), preference))
+            sums = jax.device_get(_preference_sums(graphdef, state, scored(place(batch)),
+                                                   preference))
             totals = {k: totals.get(k, 0.0) + float(v) for k, v in sums.items()}
         if not totals.get("count"):
             raise JaxftError("no eval pairs")
@@ -236,16 +257,17 @@ def run(config: ml_collections.ConfigDict | None, workdir: str | None = None, *,
                                  compute_dtype=config_lib.compute_dtype(config),
                                  num_labels=num_labels, seed=config.train.seed, mesh=mesh,
                                  quantize=config_lib.quant_config(config))
-    preference = None
+    preference, reference = None, None
     if task == "dpo":
         preference = config_lib.dpo_config(run_cfg)
-        if not lora.has_adapters(model):
-            raise JaxftError("evaluating preferences needs the reference model: this is a "
-                             "full fine-tune (or the base alone), whose reference is not kept; "
-                             "evaluate a LoRA run, or train with the eval split")
+        if not lora.has_adapters(model):  # a full fine-tune: its reference is the initial model
+            reference = model if workdir is None else hf_io.load_model(
+                model_path, dtype=run_cfg.train.param_dtype,
+                compute_dtype=config_lib.compute_dtype(run_cfg), seed=run_cfg.train.seed,
+                mesh=mesh)
     batches = itertools.islice(bundle.eval_batches(), max_batches or None)
     return {"task": task, "model": model_path, "workdir": workdir,
-            **evaluate(model, batches, task, mesh, preference)}
+            **evaluate(model, batches, task, mesh, preference, reference)}
 
 
 def _define_flags() -> None:

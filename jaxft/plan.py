@@ -82,6 +82,9 @@ class Plan:
     base_quant: str = "none"  # how the frozen projections are stored (jaxft.quant)
     packed_params: int = 0  # parameters of the quantized projections
     packed_bytes: int = 0  # what they cost, codes and scales
+    # DPO's frozen copy of the initial weights (full fine-tuning without precompute_ref): held
+    # beside the step's arguments, and scoring each batch in its own, smaller forward pass
+    reference: Bytes | None = None
 
     @property
     def devices(self) -> int:
@@ -91,7 +94,12 @@ class Plan:
     def argument_bytes(self) -> int:
         """What one device holds before the step runs, counted from the abstract trees."""
         return (self.trainable.per_device + self.frozen.per_device + self.opt_state.per_device
-                + self.batch.per_device)
+                + self.batch.per_device + self.reference_bytes)
+
+    @property
+    def reference_bytes(self) -> int:
+        """One device's share of DPO's frozen reference copy (0: none)."""
+        return 0 if self.reference is None else self.reference.per_device
 
     @property
     def peak_bytes(self) -> int:
@@ -101,7 +109,8 @@ class Plan:
             needed, whole = tpu.required_bytes(self.refusal) or (0, False)
             return needed if whole else needed + self.argument_bytes
         m = self.memory
-        return m["argument"] + m["output"] - m["alias"] + m["temp"] + m["generated_code"]
+        return (m["argument"] + m["output"] - m["alias"] + m["temp"] + m["generated_code"]
+                + self.reference_bytes)
 
     @property
     def fits(self) -> bool | None:
@@ -139,8 +148,9 @@ def make_plan(cfg: ml_collections.ConfigDict, topology: tpu.Topology | None = No
     # The step jaxft.train runs (train_step.build), on abstract arrays that carry shardings.
     step, states = train_step.build(abstract, cfg, mesh, lora_cfg)
     placed = step.place(states)
+    reference_mode = config_lib.dpo_reference(cfg) if cfg.task == "dpo" else None
     batch = abstract_batch(cfg.task, cfg.train.batch_size, cfg.data.max_len, mesh,
-                           ref_logps=cfg.task == "dpo" and cfg.dpo.precompute_ref)
+                           ref_logps=reference_mode in ("precomputed", "frozen_copy"))
     scalars = jax.tree.map(  # the step's running sums and its number: a few replicated scalars
         lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=step.replicated),
         (train_step.zero_window(cfg.task), train_step.step_number(0)))
@@ -158,8 +168,8 @@ def make_plan(cfg: ml_collections.ConfigDict, topology: tpu.Topology | None = No
 
     tokens = cfg.train.batch_size * cfg.data.max_len * (2 if cfg.task == "dpo" else 1)
     full = lora_cfg is None
-    # DPO with LoRA scores the reference in the step: one more forward, of the base alone.
-    reference = cfg.task == "dpo" and not cfg.dpo.precompute_ref
+    # DPO scores the reference in each step (LoRA's base, or the frozen copy): one more forward.
+    reference = reference_mode in ("adapters_off", "frozen_copy")
     packed_bytes, packed_params = quant.packed_size(abstract)
     return Plan(
         model_type=abstract.config.model_type, source=source, mesh=dict(mesh.shape),
@@ -182,6 +192,7 @@ def make_plan(cfg: ml_collections.ConfigDict, topology: tpu.Topology | None = No
         peak_tflops=topology.chip.peak_tflops if topology else None, refusal=refusal,
         base_quant=config_lib.quant_config(cfg).kind, packed_params=packed_params,
         packed_bytes=packed_bytes,
+        reference=array_bytes(placed["trainable"]) if reference_mode == "frozen_copy" else None,
     )
 
 
@@ -366,6 +377,7 @@ def describe(plan: Plan) -> str:
         ("frozen parameters", plan.frozen),
         ("optimizer state", plan.opt_state),
         ("batch", plan.batch),
+        *([("reference copy (DPO)", plan.reference)] if plan.reference else []),
     ]
     lines = [
         f"dry run: {plan.model_type} from {plan.source} (no weights read, nothing allocated)",
@@ -416,6 +428,8 @@ def _memory_lines(plan: Plan, device: str) -> list[str]:
         f"{human_bytes(m['output'])} ({human_bytes(m['alias'])} of them in donated buffers)",
         f"  temporaries {human_bytes(m['temp'])} (activations, gradients), generated code "
         f"{human_bytes(m['generated_code'])}",
+        *([f"  + DPO's frozen reference copy {human_bytes(plan.reference_bytes)}, held beside "
+           "the step (its own forward pass scores each batch first)"] if plan.reference else []),
     ]
     if plan.fits is None:
         lines.append(f"  peak ≈ {human_bytes(plan.peak_bytes)} per {device}")

@@ -23,10 +23,12 @@ import os
 import signal
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from absl import app, flags
@@ -193,8 +195,15 @@ def _run(cfg: ml_collections.ConfigDict, preemption: Preemption) -> dict[str, An
     def global_batch(local: dict[str, np.ndarray]) -> dict[str, jax.Array]:
         return data.to_global_arrays(local, batch_sharding)  # 1-D arrays: rows sharded alike
 
-    if step.reference is not None:  # DPO's reference: the initial weights, scored once
+    # DPO's reference, when it is not LoRA's base in the step: the initial weights, either
+    # scored once here or kept as a frozen copy that scores each batch (before any restore)
+    reference_mode = config_lib.dpo_reference(cfg) if cfg.task == tasks.DPO else None
+    if reference_mode == "precomputed":
         _score_reference(step, placed, bundle, global_batch)
+    if reference_mode == "frozen_copy":
+        initial = jax.jit(lambda t: jax.tree.map(jnp.copy, t),
+                          out_shardings=step.shardings["trainable"])(trainable)
+        global_batch = _with_reference(step, initial, frozen, dropout, global_batch)
 
     def evaluate() -> dict[str, float]:
         batches = itertools.islice(bundle.eval_batches(), cfg.train.eval_batches or None)
@@ -330,6 +339,18 @@ def _run(cfg: ml_collections.ConfigDict, preemption: Preemption) -> dict[str, An
         _write_plot(workdir)  # --- plot (jaxft.plot) ---
     print(f"done: step {n}: {_describe(final)}; checkpoints in {ckpts.directory}")
     return final
+
+
+def _with_reference(step: train_step.Step, initial: Any, frozen: Any, dropout: Any,
+                    global_batch: Callable) -> Callable:
+    """`global_batch` whose pairs also carry `ref_logps` from the frozen copy of the initial
+    weights (`initial`, sharded like the trained ones): a dispatch, no host read."""
+
+    def scored(local: dict[str, np.ndarray]) -> dict[str, jax.Array]:
+        batch = global_batch(local)
+        return {**batch, "ref_logps": step.reference(initial, frozen, dropout, batch)}
+
+    return scored
 
 
 def _score_reference(step: train_step.Step, placed: dict[str, Any], bundle: data.DataBundle,

@@ -195,8 +195,9 @@ def make_eval_step(graphdef: nnx.GraphDef, *, task: str,
 
 def make_reference_step(graphdef: nnx.GraphDef) -> Callable:
     """`reference(trainable, frozen, dropout, batch) -> [B, 2]`: the reference model's
-    log-probabilities of a batch of preference pairs (`dpo.base_logps`), for the pass that
-    scores them before training."""
+    log-probabilities of a batch of preference pairs (`dpo.base_logps`): for the pass that
+    scores them before training, or, given the frozen copy of the initial weights as
+    `trainable`, for each batch of a full fine-tune."""
 
     def reference(trainable, frozen, dropout, batch):
         return dpo.base_logps(nnx.merge(graphdef, trainable, frozen, dropout), batch)
@@ -227,7 +228,8 @@ class Step:
     shardings: dict[str, Any]  # trainable, frozen, dropout, opt_state: trees of NamedSharding
     train: Callable
     evaluate: Callable
-    # task 'dpo' with dpo.precompute_ref: (trainable, frozen, dropout, batch) -> [B, 2]
+    # task 'dpo', unless LoRA's base is the reference in the step: (trainable, frozen, dropout,
+    # batch) -> [B, 2] (see `config.dpo_reference`)
     reference: Callable | None = None
 
     @property
@@ -293,7 +295,7 @@ def build(model: nnx.Module, cfg: ml_collections.ConfigDict, mesh: Mesh,
                        in_shardings=(*params, replicated, None), out_shardings=replicated,
                        donate_argnums=(3,))
     reference = None
-    if preference is not None and cfg.dpo.precompute_ref:
+    if preference is not None and config_lib.dpo_reference(cfg) != "adapters_off":
         reference = jax.jit(sharding.traced_under(mesh, make_reference_step(eval_graphdef)),
                             in_shardings=(*params, None), out_shardings=replicated)
     step = Step(graphdef, eval_graphdef, cfg.task, mesh, tx, schedule, shardings, train,

@@ -63,16 +63,17 @@ def finish(proc: subprocess.Popen) -> str:
     return out
 
 
-@pytest.mark.parametrize("mode", ["lora", "full", "dpo"])
+@pytest.mark.parametrize("mode", ["lora", "full", "dpo", "dpo_copy"])
 def test_resume_after_sigkill_is_bitwise_exact(mode, model_dir, tmp_path):
     """`dpo`: full fine-tuning on preference pairs, whose reference log-probabilities are
     scored from the loaded weights on every start, so a resumed run must score exactly what the
-    first start did, not the checkpoint's weights."""
+    first start did, not the checkpoint's weights. `dpo_copy`: the same with the reference a
+    frozen copy of the loaded weights, scoring each batch (taken before the restore)."""
     overrides = {"train.steps": 8, "checkpoint.every": 3, "lora.enabled": mode == "lora",
                  "optim.lr": 3e-3 if mode == "lora" else 1e-3, "data.eval_fraction": 0.0,
                  "lora.dropout": 0.1 if mode == "lora" else 0.0}
-    if mode == "dpo":
-        overrides.update({"task": "dpo", "dpo.precompute_ref": True,
+    if mode.startswith("dpo"):
+        overrides.update({"task": "dpo", "dpo.precompute_ref": mode == "dpo",
                           "data.train_path": str(DATA / "support_preferences.jsonl")})
     straight = tmp_path / "straight"
     train.run(tiny_config(model_dir, straight, **overrides))

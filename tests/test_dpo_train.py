@@ -100,6 +100,23 @@ def test_full_fine_tuning_scores_the_reference_once_before_training(model_dir, t
     assert final["eval_loss"] < final["base_eval_loss"] - 0.05
 
 
+def test_full_fine_tuning_with_a_frozen_reference_copy_equals_precomputing(model_dir,
+                                                                          tmp_path):
+    """The frozen copy of the initial weights scores each batch as the up-front pass scored
+    it, so the two runs train alike; jaxft.evaluate rebuilds the reference from the base."""
+    full = {"lora.enabled": False, "optim.lr": 1e-3}
+    precomputed = train.run(dpo_config(model_dir, tmp_path / "pre", **full,
+                                       **{"dpo.precompute_ref": True}))
+    workdir = tmp_path / "copy"
+    copied = train.run(dpo_config(model_dir, workdir, **full))
+    assert copied["eval_loss"] < copied["base_eval_loss"] - 0.05
+    for key in ("train_loss", "eval_loss", "eval_rewards/chosen", "eval_rewards/margins"):
+        assert copied[key] == pytest.approx(precomputed[key], rel=1e-5, abs=1e-6), key
+    got = E.run(None, str(workdir))
+    assert got["loss"] == pytest.approx(copied["eval_loss"], rel=1e-5)
+    assert got["rewards/margins"] == pytest.approx(copied["eval_rewards/margins"], rel=1e-4)
+
+
 def test_precomputed_reference_equals_the_in_step_one_under_lora(dpo_run, model_dir, tmp_path):
     _, in_step = dpo_run
     final = train.run(dpo_config(model_dir, tmp_path, **{"dpo.precompute_ref": True}))
@@ -115,7 +132,19 @@ def test_dry_run_counts_the_reference_forward(model_dir, tmp_path):
         p = plan.make_plan(dpo_config(one_layer, tmp_path / "run", **{
             "train.steps": 1, "dpo.precompute_ref": precompute}))
         assert 0.8 < p.analytic_flops / (p.xla_flops * p.devices) < 1.2, (precompute, p)
-        assert p.memory["temp"] > 0
+        assert p.memory["temp"] > 0 and p.reference is None
+
+
+def test_dry_run_of_full_fine_tuning_counts_the_frozen_reference_copy(model_dir, tmp_path):
+    """Full fine-tuning without precompute_ref holds a second copy of the weights: the planner
+    counts it, exactly the trainable weights' bytes, in the peak it reports."""
+    cfg = dpo_config(model_dir, tmp_path / "run", **{"lora.enabled": False, "train.steps": 1})
+    copy = plan.make_plan(cfg)
+    cfg.dpo.precompute_ref = True
+    precomputed = plan.make_plan(cfg)
+    assert copy.reference == copy.trainable and precomputed.reference is None
+    assert copy.peak_bytes == precomputed.peak_bytes + copy.trainable.per_device
+    assert "reference copy (DPO)" in plan.describe(copy)
 
 
 def test_recipe_raises_reward_accuracy_on_the_bundled_smollm2(tmp_path):
@@ -213,8 +242,6 @@ def test_overlong_drop_drops_and_counts_whole_pairs(model_dir, tmp_path):
 @pytest.mark.parametrize("overrides, message", [
     ({"dpo.beta": 0.0}, "config: dpo.beta must be positive, got 0.0"),
     ({"dpo.loss_type": "kto"}, "config: dpo.loss_type 'kto' unknown"),
-    ({"lora.enabled": False}, "config: task 'dpo' with full fine-tuning needs "
-                              "dpo.precompute_ref=True"),
     ({"data.max_prompt_len": -1}, "config: data.max_prompt_len must be >= 0, got -1"),
 ])
 def test_bad_preference_config_is_refused_before_loading(overrides, message, tmp_path):
