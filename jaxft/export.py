@@ -2,10 +2,12 @@ r"""Hand a training run back to PyTorch: a PEFT adapter, a merged model, or a fu
 
   python -m jaxft.export --workdir=runs/lora --out=exported/lora            # PEFT adapter
   python -m jaxft.export --workdir=runs/lora --out=exported/merged --merged # one HF model
+  python -m jaxft.export --workdir=runs/lora --out=model.gguf --gguf         # llama.cpp, Ollama
 
 A LoRA run becomes a PEFT adapter directory (`PeftModel.from_pretrained(base, out)`), or with
 `--merged` a plain Hugging Face model with W + scale·B·A folded into each kernel. A full
 fine-tune always becomes a plain model. The tokenizer (and its chat template) is copied alongside.
+With `--gguf`, a Llama-family run becomes one merged `.gguf` file (`jaxft.gguf_export`).
 The run is rebuilt from the workdir alone: `config.json` names the base model and the LoRA
 setup, and the checkpoint (the newest, or `--step`) holds what trained.
 """
@@ -19,10 +21,10 @@ from pathlib import Path
 from absl import app, flags
 from flax import nnx
 
-from jaxft import adapters, cli, dtypes, hf_io, lora, outdir
+from jaxft import adapters, cli, dtypes, gguf_export, hf_io, hub, lora, outdir
 from jaxft.dtypes import DTypeLike
 from jaxft.errors import JaxftError
-from jaxft.workdir import load_run
+from jaxft.workdir import load_run, read_run_config
 
 
 def export_model(
@@ -84,6 +86,33 @@ def export_workdir(
                         max_shard_size=max_shard_size)
 
 
+def export_gguf(
+    workdir: str | os.PathLike,
+    out: str | os.PathLike,
+    *,
+    step: int | None = None,
+    gguf_type: str = "f16",
+    overwrite: bool = False,
+) -> Path:
+    """`python -m jaxft.export --gguf` as a function: a run's merged model as one `.gguf` file.
+
+    Everything that can refuse the export (the output path, the storage type, a family or rope
+    scaling GGUF cannot express) is checked from the run's config before any weight is read.
+    """
+    gguf_export.check_output_file(out, overwrite=overwrite)
+    gguf_export.check_gguf_type(gguf_type)
+    cfg = read_run_config(Path(workdir))
+    base = cfg.model.resolved_path
+    hf_config = hub.read_config(hub.resolve(base))
+    gguf_export.check_exportable(hf_config.get("model_type"), hf_config,
+                                 str(Path(workdir) / "config.json"))
+    run = load_run(workdir, step, dtype="float32")
+    lora.merge_lora(run.model)
+    return gguf_export.write_gguf(run.model, out, tokenizer_source=run.base,
+                                  gguf_type=gguf_type, name=Path(workdir).name,
+                                  overwrite=overwrite)
+
+
 # ------------------------------------------------------------------------------------------------
 # Command line
 # ------------------------------------------------------------------------------------------------
@@ -97,6 +126,9 @@ def define_flags() -> None:
     flags.DEFINE_string("out", None, "Directory to write.")
     flags.DEFINE_integer("step", None, "Checkpoint step to export (default: the newest).")
     flags.DEFINE_bool("merged", False, "Fold LoRA into the base weights: write a full model.")
+    flags.DEFINE_bool("gguf", False, "Write one merged llama.cpp .gguf file to --out.")
+    flags.DEFINE_enum("gguf_type", "f16", list(gguf_export.GGUF_TYPES),
+                      "Storage type of the GGUF file's matrices (norms stay float32).")
     flags.DEFINE_enum("dtype", "float32", list(dtypes.NAMES), "dtype of the written tensors.")
     flags.DEFINE_bool("overwrite", False, "Replace an existing export in --out.")
     flags.DEFINE_string("max_shard_size", hf_io.MAX_SHARD_SIZE,
@@ -108,6 +140,14 @@ def main(argv: list[str]) -> None:
     if not FLAGS.workdir or not FLAGS.out:
         raise app.UsageError("--workdir and --out are required")
     with cli.user_errors():
+        if FLAGS.gguf:
+            out = export_gguf(FLAGS.workdir, FLAGS.out, step=FLAGS.step,
+                              gguf_type=FLAGS.gguf_type, overwrite=FLAGS.overwrite)
+            counts = gguf_export.describe_tensor_types(out)
+            print(f"wrote a GGUF file to {out} ({out.stat().st_size / 1e6:.1f} MB; tensors: "
+                  + ", ".join(f"{n} {k}" for k, n in sorted(counts.items()))
+                  + f"); run it with llama.cpp: llama-cli -m {out}")
+            return
         out = export_workdir(FLAGS.workdir, FLAGS.out, step=FLAGS.step, merged=FLAGS.merged,
                              dtype=FLAGS.dtype, overwrite=FLAGS.overwrite,
                              max_shard_size=FLAGS.max_shard_size)

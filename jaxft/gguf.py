@@ -39,6 +39,19 @@ _PER_LAYER = {
 # Tensors llama.cpp derives from the config (precomputed rotary tables); HF recomputes them.
 _DERIVED = re.compile(r"(rope_freqs|blk\.\d+\.attn_rot_embd)\.weight")
 _NAME = re.compile(r"(?:blk\.(\d+)\.)?(\w+)\.(weight|bias)")
+_HF_NAME = re.compile(r"(?:model\.layers\.(\d+)\.)?([\w.]+)\.(weight|bias)")
+
+
+def gguf_name(hf_name: str) -> tuple[str, str]:
+    """(llama.cpp's name, its leaf such as 'attn_q') for a Hugging Face Llama tensor name: the
+    same table as reading, backwards, so export and load cannot drift apart."""
+    match = _HF_NAME.fullmatch(hf_name)
+    block, leaf, kind = match.groups() if match else (None, None, None)
+    table = _TOP_LEVEL if block is None else _PER_LAYER
+    ours = next((g for g, h in table.items() if h == leaf), None)
+    if ours is None:
+        raise JaxftError(f"tensor {hf_name!r} has no llama.cpp name (expected a dense llama's)")
+    return (ours if block is None else f"blk.{block}.{ours}") + f".{kind}", ours
 
 
 def _open(path: str | os.PathLike) -> tuple[GGUFReader, str]:
