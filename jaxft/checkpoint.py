@@ -66,6 +66,15 @@ class Checkpoints:
         self.manager.save(step, args=ocp.args.Composite(
             state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)), force=True)
 
+    def replace(self, step: int, state: Any, meta: dict[str, Any]) -> None:
+        """`save`, first removing a checkpoint of the same step (a resumed run re-deciding a
+        step it had already saved, bitwise the same): with `keep=1`, the one slot of the best
+        checkpoint. The older checkpoint goes only once the new one is committed."""
+        if step in self.steps():
+            self.wait()
+            self.manager.delete(step)
+        self.save(step, state, meta)
+
     def restore_latest(self, abstract_state: Any) -> tuple[int, Any, dict[str, Any]] | None:
         """(step, state, meta) of the newest checkpoint that restores, or None if there is none.
 

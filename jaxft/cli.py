@@ -18,20 +18,30 @@ from collections.abc import Iterator
 from absl import app, flags
 from absl import logging as absl_logging
 
+from jaxft import progress
 from jaxft.errors import JaxftError
 
 
 def start(argv: list[str]) -> None:
-    """Refuse stray positional arguments and quiet library logging."""
+    """Refuse stray positional arguments, quiet library logging, honour `--noprogress`."""
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
     if not flags.FLAGS["verbosity"].present:
         absl_logging.set_verbosity(absl_logging.WARNING)
+    progress.enable(flags.FLAGS.progress)
+
+
+def define_progress_flag() -> None:
+    """`--progress` / `--noprogress`, which every command has (defined once, when parsing)."""
+    if "progress" not in flags.FLAGS:
+        flags.DEFINE_bool("progress", True, "Progress bars and time estimates on a terminal "
+                          "(--noprogress: none; never drawn when stderr is not a terminal).")
 
 
 def parse_flags(argv: list[str]) -> list[str]:
     """absl's flag parsing (`app.run(main, flags_parser=parse_flags)`), every refusal in one
     line: `error: …` and exit code 1."""
+    define_progress_flag()
     try:
         return flags.FLAGS(argv)
     except flags.Error as e:

@@ -66,6 +66,13 @@ def base_config() -> ml_collections.ConfigDict:
     c.train.log_every = 10
     c.train.eval_every = 50  # 0 = only at the end
     c.train.eval_batches = 0  # cap on eval batches (0 = the whole eval split)
+    # Stop when the eval metric (eval_loss; eval_accuracy for classification) has not improved by
+    # more than min_delta in `patience` evals in a row; the best eval's weights are kept in
+    # W/best_checkpoint (export/evaluate/generate --step=best). Needs train.eval_every > 0.
+    c.train.early_stopping = ml_collections.ConfigDict()
+    c.train.early_stopping.enabled = False
+    c.train.early_stopping.patience = 3
+    c.train.early_stopping.min_delta = 0.0
     c.train.on_nonfinite = "skip"  # a NaN/inf loss or gradient: 'skip' the update, or 'stop'
     # Greedy completions logged at each eval (metrics, TensorBoard): a prompt or a list of them.
     c.train.sample_prompts = _any(())
@@ -125,6 +132,21 @@ def base_config() -> ml_collections.ConfigDict:
     return c
 
 
+def _check_early_stopping(c: ml_collections.ConfigDict) -> None:
+    settings = c.train.early_stopping
+    if not settings.enabled:
+        return
+    if not isinstance(settings.patience, int) or settings.patience <= 0:
+        raise JaxftError(f"config: train.early_stopping.patience must be a positive number of "
+                         f"evals, got {settings.patience!r}")
+    if settings.min_delta < 0:
+        raise JaxftError(f"config: train.early_stopping.min_delta must be >= 0, got "
+                         f"{settings.min_delta}")
+    if c.train.eval_every <= 0:
+        raise JaxftError("config: train.early_stopping needs evals during the run: set "
+                         "train.eval_every to a positive number of steps")
+
+
 def validate(c: ml_collections.ConfigDict, device_count: int,
              platform: str | None = None) -> None:
     """Refuse a bad config with one line, before any weights load or anything compiles.
@@ -167,6 +189,7 @@ def validate(c: ml_collections.ConfigDict, device_count: int,
         section, field = name.split(".")
         if c[section][field] <= 0:
             raise JaxftError(f"config: {name} must be positive, got {c[section][field]}")
+    _check_early_stopping(c)
     if c.lora.enabled and c.lora.rank <= 0:
         raise JaxftError(f"config: lora.rank must be positive, got {c.lora.rank}")
     if c.lora.enabled and not 0 <= c.lora.dropout < 1:

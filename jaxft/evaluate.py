@@ -34,7 +34,7 @@ from flax import nnx
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
-from jaxft import dpo, train_step
+from jaxft import dpo, progress, train_step
 from jaxft.errors import JaxftError
 from jaxft.tasks import TASKS
 
@@ -169,7 +169,7 @@ def evaluate(model: nnx.Module, batches: Iterable[Batch], task: str,
             return {**batch, "ref_logps": _reference_logps(ref_graphdef, ref_state, batch)}
 
         totals: dict[str, float] = {}
-        for batch in batches:
+        for batch in progress.track(batches, desc="evaluating", unit="batch"):
             sums = jax.device_get(_preference_sums(graphdef, state, scored(place(batch)),
                                                    preference))
             totals = {k: totals.get(k, 0.0) + float(v) for k, v in sums.items()}
@@ -178,12 +178,12 @@ def evaluate(model: nnx.Module, batches: Iterable[Batch], task: str,
         return dpo.metrics(totals)
     if task == "lm":
         loss_sum, count = 0.0, 0.0
-        for batch in batches:
+        for batch in progress.track(batches, desc="evaluating", unit="batch"):
             sums = jax.device_get(_lm_sums(graphdef, state, place(_take(batch, LM_KEYS))))
             loss_sum, count = loss_sum + float(sums["loss_sum"]), count + float(sums["count"])
         return lm_metrics(loss_sum, count)
     logits, labels, valid = [], [], []
-    for batch in batches:
+    for batch in progress.track(batches, desc="evaluating", unit="batch"):
         out = _class_logits(graphdef, state, place(_take(batch, CLASSIFICATION_KEYS)))
         logits.append(multihost_utils.process_allgather(out, tiled=True))
         local = (batch["labels"], batch.get("valid", np.ones(len(batch["labels"]), np.float32)))
@@ -211,8 +211,9 @@ def _on_one_device(batch: Batch) -> dict[str, jax.Array]:
 
 
 def run(config: ml_collections.ConfigDict | None, workdir: str | None = None, *,
-        max_batches: int = 0) -> dict[str, Any]:
-    """The CLI's work: pick model and data, evaluate, return the metrics.
+        max_batches: int = 0, step: int | str | None = None) -> dict[str, Any]:
+    """The CLI's work: pick model and data, evaluate, return the metrics. `step` picks a
+    workdir's checkpoint (default: the newest; 'best': early stopping's best eval).
 
     The model is sharded over the mesh of `config` (else of the run), as training shards it.
     """
@@ -231,7 +232,7 @@ def run(config: ml_collections.ConfigDict | None, workdir: str | None = None, *,
     if workdir is not None:
         from jaxft.workdir import load_run
 
-        trained = load_run(workdir, mesh=mesh)
+        trained = load_run(workdir, step, mesh=mesh)
         run_cfg, model, model_path = trained.config, trained.model, trained.base
         data_cfg = data.default_config()
         data_cfg.update((config if config is not None else run_cfg).data.to_dict())
@@ -277,6 +278,8 @@ def _define_flags() -> None:
     config_flags.DEFINE_config_file("config", None, "A configs/*.py file.", lock_config=True)
     flags.DEFINE_string("workdir", None, "A jaxft.train workdir: evaluate its latest checkpoint.")
     flags.DEFINE_integer("max_batches", 0, "Evaluate at most this many batches (0 = all).")
+    flags.DEFINE_string("step", None, "The workdir's checkpoint: a step number, or 'best' "
+                        "(early stopping's best eval); default: the newest.")
 
 
 def main(argv: list[str]) -> None:
@@ -287,7 +290,7 @@ def main(argv: list[str]) -> None:
     cli.start(argv)
     f = flags.FLAGS
     with cli.user_errors():
-        metrics = run(f.config, f.workdir, max_batches=f.max_batches)
+        metrics = run(f.config, f.workdir, max_batches=f.max_batches, step=f.step)
     print(json.dumps(metrics))
 
 

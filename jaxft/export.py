@@ -66,7 +66,7 @@ def export_workdir(
     workdir: str | os.PathLike,
     out: str | os.PathLike,
     *,
-    step: int | None = None,
+    step: int | str | None = None,
     merged: bool = False,
     dtype: DTypeLike = "float32",
     overwrite: bool = False,
@@ -90,7 +90,7 @@ def export_gguf(
     workdir: str | os.PathLike,
     out: str | os.PathLike,
     *,
-    step: int | None = None,
+    step: int | str | None = None,
     gguf_type: str = "f16",
     overwrite: bool = False,
 ) -> Path:
@@ -124,7 +124,8 @@ def define_flags() -> None:
     """The command's flags, defined only when it runs: importing jaxft.export defines none."""
     flags.DEFINE_string("workdir", None, "The training run's workdir (config.json, checkpoints/).")
     flags.DEFINE_string("out", None, "Directory to write.")
-    flags.DEFINE_integer("step", None, "Checkpoint step to export (default: the newest).")
+    flags.DEFINE_string("step", None, "Checkpoint to export: a step number, or 'best' (early "
+                        "stopping's best eval); default: the newest.")
     flags.DEFINE_bool("merged", False, "Fold LoRA into the base weights: write a full model.")
     flags.DEFINE_bool("gguf", False, "Write one merged llama.cpp .gguf file to --out.")
     flags.DEFINE_enum("gguf_type", "f16", list(gguf_export.GGUF_TYPES),

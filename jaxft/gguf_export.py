@@ -37,7 +37,7 @@ from gguf import (
 from gguf.constants import GGML_QUANT_VERSION
 from gguf.quants import quant_shape_to_byte_shape, quantize
 
-from jaxft import lora, models, outdir
+from jaxft import lora, models, outdir, progress
 from jaxft.errors import JaxftError
 from jaxft.gguf import gguf_name
 from jaxft.models import params
@@ -130,13 +130,17 @@ def write_gguf(
             writer.write_header_to_file(temporary)
             writer.write_kv_data_to_file()
             writer.write_ti_data_to_file()
+        bar = progress.bar(sum(math.prod(t.shape) for t in plan), desc="writing GGUF",
+                           unit="param", unit_scale=True)
         for tensor, (kind, n_head) in zip(plan, kinds, strict=True):
             array = np.asarray(tensor.fetch(), np.float32)  # gathered from every process
             if n_head is not None:
                 array = permute_for_llama_cpp(array, n_head)
             if writing:
                 writer.write_tensor_data(quantize(np.ascontiguousarray(array), kind))
+            bar.update(array.size)
             del array
+        bar.close()
         if writing:
             writer.close()
             os.replace(temporary, out)

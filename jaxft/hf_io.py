@@ -23,7 +23,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
-from jaxft import dtypes, hub, models, outdir, quant
+from jaxft import dtypes, hub, models, outdir, progress, quant
 from jaxft.dtypes import DTypeLike
 from jaxft.errors import JaxftError, first_line
 from jaxft.models import params
@@ -181,10 +181,12 @@ def load_model(
         abstract, nnx.Any(nnx.Param, quant.Quantized), ...)
     keys = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), abstract_keys)
     place = None if mesh is None else _placer(mesh)
+    what = "loading weights" + (f" (quantizing to {quantize.kind})"
+                                if quantize is not None and quantize.enabled else "")
     state, missing = params.load_state(
         abstract_state,
         family.HF_TENSORS,
-        iter_tensors(path),
+        _with_progress(iter_tensors(path), what, _expected_tensors(abstract_state, family, cfg)),
         source=str(path),
         tied=cfg.tie_word_embeddings,
         num_layers=cfg.num_hidden_layers,
@@ -201,6 +203,29 @@ def load_model(
     model = nnx.merge(graphdef, state, keys)
     model.eval()  # as transformers' from_pretrained: dropout off until `model.train()`
     return model
+
+
+def _expected_tensors(abstract_state: nnx.State, family: models.Family,
+                      cfg: models.ModelConfig) -> int | None:
+    """How many checkpoint tensors loading will read (for the bar's estimate), if countable."""
+    try:
+        return len(params.export_plan(abstract_state, family.HF_TENSORS,
+                                      num_layers=cfg.num_hidden_layers,
+                                      with_base_prefix=cfg.has_base_prefix)) or None
+    except (AttributeError, KeyError, TypeError, ValueError):  # e.g. packed quantized kernels
+        return None
+
+
+def _with_progress(tensors: Iterator[tuple[str, np.ndarray]], desc: str,
+                   total: int | None) -> Iterator[tuple[str, np.ndarray]]:
+    """The tensors, counted on a bar (tensors and bytes read) while they stream in."""
+    read = 0
+    with progress.bar(total, desc=desc, unit="tensor") as bar:
+        for name, array in tensors:
+            yield name, array
+            read += array.nbytes
+            bar.set_postfix_str(f"{read / 1e9:.2f} GB", refresh=False)
+            bar.update(1)
 
 
 def initialiser_of(build: Callable[[], nnx.Module],
@@ -258,11 +283,17 @@ def save_pretrained(
         pending, get_storage_size=lambda t: t.nbytes(name), filename_pattern=SAFETENSORS_PATTERN,
         max_shard_size=shard_bytes)
     writing = jax.process_index() == 0
+    bar = progress.bar(sum(t.nbytes(name) for t in pending.values()), desc="exporting",
+                       bytes_=True)
     for filename, names in split.filename_to_tensors.items():
-        shard = {n: _to_dtype(pending[n].fetch(), name) for n in names}
+        shard = {}
+        for n in names:
+            shard[n] = _to_dtype(pending[n].fetch(), name)
+            bar.update(shard[n].nbytes)
         if writing:
             write_safetensors(shard, out / filename)
         del shard
+    bar.close()
     if writing:
         if split.is_sharded:
             index = {"metadata": split.metadata, "weight_map": split.tensor_to_filename}

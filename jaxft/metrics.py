@@ -15,6 +15,8 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
+from jaxft import progress
+
 METRICS_FILE = "metrics.jsonl"
 
 
@@ -51,7 +53,7 @@ class MetricsWriter:
             self._tb.flush()
 
     def progress(self, total: int, initial: int) -> Progress:
-        self._bar = Progress(total, initial, enabled=self.enabled)
+        self._bar = Progress(total, initial, enabled=self.enabled and progress.shown())
         return self._bar
 
     def say(self, message: str) -> None:
@@ -73,7 +75,7 @@ class Progress:
 
     def __init__(self, total: int, initial: int, *, enabled: bool):
         self.bar = tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True,
-                        disable=not enabled)
+                        disable=not enabled, desc="training")
 
     def update(self, step: int, metrics: dict[str, Any]) -> None:
         self.bar.update(step - self.bar.n)

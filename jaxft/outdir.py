@@ -26,8 +26,9 @@ EXPORT_FILES = ("adapter_config.json", "adapter_model.safetensors", "config.json
                 "model.safetensors", "model.safetensors.index.json", "model-*-of-*.safetensors")
 # The workdir marker, and what a run writes beside it (all that `wipe_workdir` removes).
 WORKDIR_MARKER = ".jaxft-workdir"
-WORKDIR_ENTRIES = ("checkpoints", "damaged_checkpoints", "tensorboard", "config.json",
-                   "label_map.json", "metrics.jsonl", "metrics.png", "final_metrics.json")
+WORKDIR_ENTRIES = ("checkpoints", "best_checkpoint", "damaged_checkpoints", "tensorboard",
+                   "config.json", "label_map.json", "metrics.jsonl", "metrics.png",
+                   "final_metrics.json")
 
 
 def check_directory(path: Path, what: str) -> None:
@@ -86,7 +87,7 @@ def prepare_workdir(workdir: Path) -> None:
     check_directory(workdir, "workdir")
     for name in WORKDIR_ENTRIES:
         entry = workdir / name
-        if name in ("checkpoints", "damaged_checkpoints", "tensorboard"):
+        if name in ("checkpoints", "best_checkpoint", "damaged_checkpoints", "tensorboard"):
             if entry.exists() and not entry.is_dir():
                 raise JaxftError(f"{entry}: exists and is not a directory (move it out of the "
                                  "workdir)")

@@ -34,7 +34,7 @@ import numpy as np
 from flax import nnx
 
 from jaxft import config as config_lib
-from jaxft import dtypes, hf_io, hub, lora, quant, sharding, tpu, train_step
+from jaxft import dtypes, hf_io, hub, lora, progress, quant, sharding, tpu, train_step
 from jaxft.dtypes import DTypeLike
 
 
@@ -159,7 +159,8 @@ def make_plan(cfg: ml_collections.ConfigDict, topology: tpu.Topology | None = No
                                placed["opt_state"], window, batch, number)
     refusal, memory, xla_flops = None, _memory(None), None
     try:
-        compiled = lowered.compile()
+        with progress.waiting("compiling the train step"):
+            compiled = lowered.compile()
         memory, xla_flops = _memory(compiled), _flops(compiled)
     except Exception as e:  # noqa: BLE001  (XLA raises its out-of-memory as a runtime error)
         refusal = tpu.out_of_memory(e) if topology else None

@@ -45,11 +45,13 @@ from jaxft import (
     hub,
     lora,
     outdir,
+    progress,
     sharding,
     tasks,
     train_step,
 )
 from jaxft import config as config_lib
+from jaxft.early_stopping import BEST_DIRECTORY, EarlyStopping
 from jaxft.errors import JaxftError
 from jaxft.evaluate import lm_metrics
 from jaxft.metrics import MetricsWriter
@@ -208,7 +210,7 @@ def _run(cfg: ml_collections.ConfigDict, preemption: Preemption) -> dict[str, An
     def evaluate() -> dict[str, float]:
         batches = itertools.islice(bundle.eval_batches(), cfg.train.eval_batches or None)
         sums = step.zero_sums()
-        for local in batches:  # summed on the devices, read once
+        for local in progress.track(batches, desc="evaluating", unit="batch"):  # read once
             sums = step.evaluate(trainable, frozen, dropout, sums, global_batch(local))
         return _eval_metrics(jax.device_get(sums), cfg.task)
 
@@ -245,6 +247,9 @@ def _run(cfg: ml_collections.ConfigDict, preemption: Preemption) -> dict[str, An
         bundle.train.set_state(meta["data"])
         skipped, history = meta.get("skipped_steps", 0), meta.get("history", {})
         print(f"resumed from {ckpts.directory / str(start_step)} at step {start_step}")
+    stopper = EarlyStopping.from_config(cfg, history.get("early_stopping"))
+    best = None if stopper is None else checkpoint.Checkpoints(
+        workdir / BEST_DIRECTORY, keep=1, fingerprint=ckpts.fingerprint)
     # The run is compatible with the workdir: from here on it is ours to write.
     outdir.claim_workdir(workdir)
     if is_main:
@@ -253,9 +258,16 @@ def _run(cfg: ml_collections.ConfigDict, preemption: Preemption) -> dict[str, An
             bundle.save_label_map(workdir / "label_map.json")
 
     def save(at: int) -> None:
+        if stopper is not None:
+            history["early_stopping"] = stopper.state()
         ckpts.save(at, {"trainable": trainable, "opt_state": opt_state},
                    {"data": bundle.train.get_state(), "skipped_steps": skipped,
                     "history": history})
+
+    def judge(at: int, metrics: dict[str, float]) -> None:
+        """Early stopping's verdict on an eval; the best one's trained weights are kept."""
+        if stopper is not None and stopper.update(at, metrics):
+            best.replace(at, {"trainable": trainable}, {stopper.metric: stopper.best_value})
 
     # ----------------------------------------------------------------------------------------
     # Loop: host reads only at log, eval and checkpoint steps (and the last)
@@ -269,6 +281,10 @@ def _run(cfg: ml_collections.ConfigDict, preemption: Preemption) -> dict[str, An
         return bool(every[kind]) and n % every[kind] == 0
 
     try:
+        if stopper is not None and stopper.should_stop:  # a rerun of a run that stopped early
+            print(f"this run stopped early at step {stopper.stopped_at}: "
+                  f"{stopper.summary()['stopped']}; nothing to resume")
+            return json.loads((workdir / "final_metrics.json").read_text())
         if preemption.agreed():  # SIGTERM while loading or compiling: nothing new to save
             print(f"preempted before training resumed at step {start_step}; rerun to go on")
             return {"step": start_step, "preempted": True}
@@ -278,7 +294,7 @@ def _run(cfg: ml_collections.ConfigDict, preemption: Preemption) -> dict[str, An
                 history["base_eval_loss"] = base["eval_loss"]
                 print(f"step 0 (base model): {_describe(base)}")
             writer.write(0, {**base, **samples()})
-        progress = writer.progress(total, start_step)
+        training_bar = writer.progress(total, start_step)
         window = step.zero_window()
         logged = _LogWindow(cfg.task)
         last: dict[str, Any] = {}
@@ -292,7 +308,7 @@ def _run(cfg: ml_collections.ConfigDict, preemption: Preemption) -> dict[str, An
                 n += 1
                 # padding included
                 logged.tokens += cfg.train.batch_size * bundle.seq_len * bundle.sequences_per_row
-                progress.update(n, last)
+                training_bar.update(n, last)
                 stop = preemption.at_step(n, reading)
             if not (reading or stop):
                 continue
@@ -313,10 +329,15 @@ def _run(cfg: ml_collections.ConfigDict, preemption: Preemption) -> dict[str, An
                         "skipped_steps": skipped}
                 writer.write(n, last)
                 logged = _LogWindow(cfg.task)
-                progress.update(n, last)
+                training_bar.update(n, last)
             if due("eval", n) and n != total:
-                writer.write(n, {**evaluate(), **samples()})
-            if due("save", n) or stop:
+                evaluated = evaluate()
+                writer.write(n, {**evaluated, **samples()})
+                judge(n, evaluated)
+                if stopper is not None and stopper.should_stop:
+                    final_eval = evaluated
+                    break
+            if (due("save", n) and n != total) or stop:  # the last step saves after its eval
                 save(n)
             if stop:
                 ckpts.close()
@@ -324,14 +345,20 @@ def _run(cfg: ml_collections.ConfigDict, preemption: Preemption) -> dict[str, An
                 print(f"preempted: saved step {n} to {ckpts.directory}; rerun to resume")
                 return {"step": n, "preempted": True}
 
-        final = {"step": n, **last, **evaluate()}
+        else:  # the loop ran to train.steps: the final eval
+            final_eval = evaluate()
+            writer.write(n, {**final_eval, **samples()})
+            judge(n, final_eval)
+        final = {"step": n, **last, **final_eval}
         if "base_eval_loss" in history:
             final["base_eval_loss"] = history["base_eval_loss"]
-        writer.write(n, {**{k: v for k, v in final.items() if k.startswith("eval_")},
-                         **samples()})
+        if stopper is not None:
+            final.update(stopper.summary())
         if not ckpts.steps() or ckpts.steps()[-1] != n:
             save(n)
         ckpts.close()
+        if best is not None:
+            best.close()
     finally:  # the bar closes before any error or final line is printed, so those come last
         writer.close()
     if is_main:
@@ -489,6 +516,7 @@ def main(argv: list[str]) -> None:
         raise app.UsageError("--config=configs/<recipe>.py is required")
     if not FLAGS["verbosity"].present:  # Orbax and XLA log every save at INFO
         absl_logging.set_verbosity(absl_logging.WARNING)
+    progress.enable(FLAGS.progress)
     try:
         if (FLAGS.topology or FLAGS.suggest) and not FLAGS.dry_run:
             raise JaxftError("--topology and --suggest plan a run; add --dry_run")

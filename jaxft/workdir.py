@@ -19,6 +19,7 @@ from jax.sharding import Mesh
 
 from jaxft import checkpoint, hf_io, hub, lora
 from jaxft import config as config_lib
+from jaxft.early_stopping import BEST_DIRECTORY
 from jaxft.errors import JaxftError, first_line
 
 
@@ -42,21 +43,39 @@ def read_run_config(workdir: str | os.PathLike) -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict(json.loads(config_file.read_text()))
 
 
-def load_run(workdir: str | os.PathLike, step: int | None = None, *,
+BEST = "best"
+
+
+def parse_step(value: str | int | None) -> int | str | None:
+    """A `--step` value: a checkpointed step number, 'best' (early stopping's best eval), or
+    None for the newest."""
+    if value is None or value == "" or isinstance(value, int) or value == BEST:
+        return value or None
+    try:
+        return int(value)
+    except ValueError:
+        raise JaxftError(f"--step {value!r} is not a step number or 'best'") from None
+
+
+def load_run(workdir: str | os.PathLike, step: int | str | None = None, *,
              dtype: str | None = None, mesh: Mesh | None = None) -> Run:
-    """The run's model at a checkpointed step (default: the newest), in the run's compute
-    dtype; `dtype` overrides the run's parameter dtype, and with a `mesh` the base weights go
-    straight onto their shardings as they load."""
+    """The run's model at a checkpointed step (default: the newest; 'best': early stopping's
+    best eval), in the run's compute dtype; `dtype` overrides the run's parameter dtype, and
+    with a `mesh` the base weights go straight onto their shardings as they load."""
     workdir = Path(workdir)
     cfg = read_run_config(workdir)
     lora_cfg = config_lib.lora_config(cfg)
-    directory = workdir / "checkpoints"
+    step = parse_step(step)
+    directory = workdir / (BEST_DIRECTORY if step == BEST else "checkpoints")
     manager = checkpoint.manager(directory) if directory.is_dir() else None
     steps = sorted(manager.all_steps()) if manager else []
+    if not steps and step == BEST:
+        raise JaxftError(f"{workdir}: no best checkpoint in {directory} (it is kept by runs "
+                         "with train.early_stopping.enabled, from their first eval on)")
     if not steps:
         raise JaxftError(f"{workdir}: no checkpoint in {directory} (train first, or wait for "
                          "the first save)")
-    if step is None:
+    if step is None or step == BEST:
         step = steps[-1]
     elif step not in steps:
         raise JaxftError(f"{workdir}: no checkpoint for step {step} (saved steps: "
