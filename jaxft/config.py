@@ -129,6 +129,15 @@ def base_config() -> ml_collections.ConfigDict:
     c.checkpoint.every = 50  # steps between checkpoints (0 = only at the end)
     c.checkpoint.keep = 2  # newest checkpoints kept
     c.checkpoint.resume = "auto"  # auto: resume if workdir has one | never: refuse | fresh: wipe
+
+    # Weights & Biases (optional extra `jaxft[wandb]`): set a project to log there too.
+    c.logging = ml_collections.ConfigDict()
+    c.logging.wandb = ml_collections.ConfigDict()
+    c.logging.wandb.project = ""
+    c.logging.wandb.entity = ""
+    c.logging.wandb.name = ""  # default: the workdir's name
+    c.logging.wandb.tags = _any(())
+    c.logging.wandb.mode = ""  # online | offline | disabled ("" = W&B's default / WANDB_MODE)
     return c
 
 
@@ -190,6 +199,10 @@ def validate(c: ml_collections.ConfigDict, device_count: int,
         if c[section][field] <= 0:
             raise JaxftError(f"config: {name} must be positive, got {c[section][field]}")
     _check_early_stopping(c)
+    from jaxft import wandb_log
+
+    c.logging.wandb.tags = names(c.logging.wandb.tags, "logging.wandb.tags")
+    wandb_log.check(c)
     if c.lora.enabled and c.lora.rank <= 0:
         raise JaxftError(f"config: lora.rank must be positive, got {c.lora.rank}")
     if c.lora.enabled and not 0 <= c.lora.dropout < 1:

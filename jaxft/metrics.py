@@ -23,10 +23,12 @@ METRICS_FILE = "metrics.jsonl"
 class MetricsWriter:
     """Appends `{"step": …, metric: value}` lines to workdir/metrics.jsonl and TensorBoard."""
 
-    def __init__(self, workdir: str | Path, *, enabled: bool = True):
+    def __init__(self, workdir: str | Path, *, enabled: bool = True, wandb: Any = None):
+        """`wandb`: a `jaxft.wandb_log.WandbRun` to log the same lines to, or None."""
         self.enabled = enabled
         self.path = Path(workdir) / METRICS_FILE
         self._tb = None
+        self._wandb = wandb if enabled else None
         self._bar: Progress | None = None
         if enabled:
             try:
@@ -51,6 +53,8 @@ class MetricsWriter:
                         self._tb.add_text(f"sample_{i}", f"**{sample['prompt']}**\n\n"
                                           f"{sample['completion']}", step)
             self._tb.flush()
+        if self._wandb is not None:
+            self._wandb.log(step, metrics)
 
     def progress(self, total: int, initial: int) -> Progress:
         self._bar = Progress(total, initial, enabled=self.enabled and progress.shown())
@@ -61,7 +65,16 @@ class MetricsWriter:
         if self.enabled:
             tqdm.write(message)
 
+    def finish(self, final: dict[str, Any]) -> None:
+        """The run's final metrics, as the W&B run's summary (metrics.jsonl has them already)."""
+        if self._wandb is not None:
+            self._wandb.finish(final)
+            self._wandb = None
+
     def close(self) -> None:
+        if self._wandb is not None:  # an error or preemption: end the W&B run as it stands
+            self._wandb.finish()
+            self._wandb = None
         if self._bar is not None:
             self._bar.close()
             self._bar = None

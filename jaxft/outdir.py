@@ -28,7 +28,7 @@ EXPORT_FILES = ("adapter_config.json", "adapter_model.safetensors", "config.json
 WORKDIR_MARKER = ".jaxft-workdir"
 WORKDIR_ENTRIES = ("checkpoints", "best_checkpoint", "damaged_checkpoints", "tensorboard",
                    "config.json", "label_map.json", "metrics.jsonl", "metrics.png",
-                   "final_metrics.json")
+                   "final_metrics.json", "wandb", "wandb_run.json")
 
 
 def check_directory(path: Path, what: str) -> None:
@@ -87,7 +87,8 @@ def prepare_workdir(workdir: Path) -> None:
     check_directory(workdir, "workdir")
     for name in WORKDIR_ENTRIES:
         entry = workdir / name
-        if name in ("checkpoints", "best_checkpoint", "damaged_checkpoints", "tensorboard"):
+        if name in ("checkpoints", "best_checkpoint", "damaged_checkpoints", "tensorboard",
+                    "wandb"):
             if entry.exists() and not entry.is_dir():
                 raise JaxftError(f"{entry}: exists and is not a directory (move it out of the "
                                  "workdir)")

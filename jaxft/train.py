@@ -55,6 +55,7 @@ from jaxft.early_stopping import BEST_DIRECTORY, EarlyStopping
 from jaxft.errors import JaxftError
 from jaxft.evaluate import lm_metrics
 from jaxft.metrics import MetricsWriter
+from jaxft.wandb_log import WandbRun, requested
 
 config_flags.DEFINE_config_file("config", None, "A configs/*.py file.", lock_config=True)
 # --- dry run (jaxft.plan) ---
@@ -272,7 +273,8 @@ def _run(cfg: ml_collections.ConfigDict, preemption: Preemption) -> dict[str, An
     # ----------------------------------------------------------------------------------------
     # Loop: host reads only at log, eval and checkpoint steps (and the last)
     # ----------------------------------------------------------------------------------------
-    writer = MetricsWriter(workdir, enabled=is_main)
+    writer = MetricsWriter(workdir, enabled=is_main,
+                           wandb=WandbRun(cfg, workdir) if is_main and requested(cfg) else None)
     total = cfg.train.steps
     every = {"log": cfg.train.log_every, "eval": cfg.train.eval_every,
              "save": cfg.checkpoint.every}
@@ -354,6 +356,7 @@ def _run(cfg: ml_collections.ConfigDict, preemption: Preemption) -> dict[str, An
             final["base_eval_loss"] = history["base_eval_loss"]
         if stopper is not None:
             final.update(stopper.summary())
+        writer.finish(final)
         if not ckpts.steps() or ckpts.steps()[-1] != n:
             save(n)
         ckpts.close()
