@@ -70,8 +70,6 @@ def check_exportable(model_type: str, hf_config: dict, source: str) -> None:
         raise JaxftError(
             f"{source}: rope_scaling type {kind!r} has no GGUF metadata that both llama.cpp and "
             "transformers read back (expected no rope scaling, or 'linear')")
-    if hf_config.get("fused_projections") or hf_config.get("qk_norm"):
-        raise JaxftError(f"{source}: this model's attention has no llama.cpp llama layout")
 
 
 def write_gguf(

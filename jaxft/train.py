@@ -282,11 +282,21 @@ def _run(cfg: ml_collections.ConfigDict, preemption: Preemption) -> dict[str, An
     def due(kind: str, n: int) -> bool:
         return bool(every[kind]) and n % every[kind] == 0
 
+    def log_line(at: int, window: _LogWindow, skipped: int, bar: Any) -> dict[str, Any]:
+        """A metrics line for the steps of `window`, written and shown on the bar."""
+        line = {**window.metrics(), "lr": float(jax.device_get(step.schedule(at - 1))),
+                "skipped_steps": skipped}
+        writer.write(at, line)
+        bar.update(at, line)
+        return line
+
     try:
         if stopper is not None and stopper.should_stop:  # a rerun of a run that stopped early
             print(f"this run stopped early at step {stopper.stopped_at}: "
                   f"{stopper.summary()['stopped']}; nothing to resume")
-            return json.loads((workdir / "final_metrics.json").read_text())
+            done = workdir / "final_metrics.json"  # absent only if it died writing it
+            return json.loads(done.read_text()) if done.is_file() else {
+                "step": stopper.stopped_at, **stopper.summary()}
         if preemption.agreed():  # SIGTERM while loading or compiling: nothing new to save
             print(f"preempted before training resumed at step {start_step}; rerun to go on")
             return {"step": start_step, "preempted": True}
@@ -327,16 +337,14 @@ def _run(cfg: ml_collections.ConfigDict, preemption: Preemption) -> dict[str, An
                 logging.warning("steps to %d: %d non-finite updates skipped, the first at step %d "
                                 "(%d so far)", n, bad, logged.first_nonfinite, skipped)
             if due("log", n) or n == total:
-                last = {**logged.metrics(), "lr": float(jax.device_get(step.schedule(n - 1))),
-                        "skipped_steps": skipped}
-                writer.write(n, last)
-                logged = _LogWindow(cfg.task)
-                training_bar.update(n, last)
+                last, logged = log_line(n, logged, skipped, training_bar), _LogWindow(cfg.task)
             if due("eval", n) and n != total:
                 evaluated = evaluate()
                 writer.write(n, {**evaluated, **samples()})
                 judge(n, evaluated)
                 if stopper is not None and stopper.should_stop:
+                    if logged.sums["count"]:  # the steps since the last line, logged at the stop
+                        last = log_line(n, logged, skipped, training_bar)
                     final_eval = evaluated
                     break
             if (due("save", n) and n != total) or stop:  # the last step saves after its eval

@@ -3,6 +3,8 @@ the checkpoint rotation, and counts its patience on across a resume."""
 
 from __future__ import annotations
 
+import shutil
+
 import numpy as np
 import pytest
 
@@ -105,10 +107,12 @@ def test_a_resumed_run_counts_its_patience_on(model_dir, stopped, tmp_path, monk
     assert _evals(workdir) == _evals(straight)
 
 
-def test_no_best_checkpoint_without_early_stopping(model_dir, tmp_path) -> None:
-    train.run(tiny_config(model_dir, tmp_path / "run", **{"checkpoint.every": 5}))
+def test_no_best_checkpoint_without_early_stopping(stopped, tmp_path) -> None:
+    workdir, _ = stopped
+    plain = tmp_path / "run"  # a run's config and checkpoints, but no best checkpoint
+    shutil.copytree(workdir, plain, ignore=shutil.ignore_patterns("best_checkpoint"))
     with pytest.raises(JaxftError, match="no best checkpoint.*early_stopping.enabled"):
-        load_run(tmp_path / "run", "best")
+        load_run(plain, "best")
 
 
 @pytest.mark.parametrize(("overrides", "message"), [

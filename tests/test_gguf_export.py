@@ -9,9 +9,6 @@ hold. Both readers must reproduce that reference's logits within 1e-4.
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 import tracemalloc
 from pathlib import Path
 
@@ -25,15 +22,15 @@ from gguf import GGMLQuantizationType, GGUFReader
 from gguf.quants import dequantize, quantize
 
 import jaxft
-from jaxft import export, gguf_export, hf_io, train
+from jaxft import export, gguf_export, train
 from jaxft.data.tokenizer import load_tokenizer
 from jaxft.errors import JaxftError
 from tests import hf_models
 from tests.real_weights import smollm2_gguf_path
+from tests.terminal import on_a_terminal
 from tests.test_models import torch_logits
 from tests.tiny_run import tiny_config, tiny_model_dir
 
-REPO = Path(__file__).parents[1]
 STORAGE = {"f32": GGMLQuantizationType.F32, "f16": GGMLQuantizationType.F16,
            "bf16": GGMLQuantizationType.BF16, "q8_0": GGMLQuantizationType.Q8_0}
 
@@ -166,23 +163,21 @@ def test_families_gguf_cannot_hold_are_refused_before_loading(tmp_path, family) 
         export.export_gguf(workdir, tmp_path / "x.gguf")
 
 
-def test_command_line_writes_the_file_and_says_how_to_run_it(lora_run) -> None:
+def test_command_line_writes_the_file_and_draws_progress_on_a_terminal(lora_run) -> None:
+    """The command as a user at a terminal runs it: bars on stderr (none with --noprogress),
+    and a closing line saying what was written and how to run it."""
     out = lora_run["root"] / "cli.gguf"
-    env = dict(os.environ, JAX_PLATFORMS="cpu")
-    done = subprocess.run(
-        [sys.executable, "-m", "jaxft.export", f"--workdir={lora_run['workdir']}",
-         f"--out={out}", "--gguf", "--gguf_type=q8_0"],
-        capture_output=True, text=True, cwd=REPO, env=env, timeout=300)
-    assert done.returncode == 0, done.stderr[-2000:]
-    assert f"wrote a GGUF file to {out}" in done.stdout and "Q8_0" in done.stdout
-    again = subprocess.run(
-        [sys.executable, "-m", "jaxft.export", f"--workdir={lora_run['workdir']}",
-         f"--out={out}", "--gguf"], capture_output=True, text=True, cwd=REPO, env=env,
-        timeout=300)
-    assert again.returncode != 0 and "Traceback" not in again.stderr
-    assert again.stderr.strip().splitlines()[-1].endswith(
-        "exists (pass --overwrite, or overwrite=True, to replace it)")
-    assert hf_io.iter_tensors(out) is not None
+    args = ["jaxft.export", f"--workdir={lora_run['workdir']}", f"--out={out}", "--gguf"]
+    code, stdout, stderr = on_a_terminal([*args, "--gguf_type=q8_0"])
+    assert code == 0, stderr[-2000:]
+    assert f"wrote a GGUF file to {out}" in stdout and "Q8_0" in stdout, stdout
+    for bar in ("loading weights", "tensor/s", "writing GGUF"):
+        assert bar in stderr, (bar, stderr[-2000:])
+    assert {t.tensor_type for t in GGUFReader(out).tensors} == {
+        GGMLQuantizationType.Q8_0, GGMLQuantizationType.F32}
+    code, stdout, stderr = on_a_terminal([*args, "--overwrite", "--noprogress"])
+    assert code == 0 and "F16" in stdout, stderr[-2000:]
+    assert "loading weights" not in stderr and "writing GGUF" not in stderr, stderr[-2000:]
 
 
 def test_the_file_is_written_a_tensor_at_a_time(tmp_path) -> None:

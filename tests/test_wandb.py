@@ -65,17 +65,26 @@ def _config(model_dir, workdir, **overrides):
         **overrides})
 
 
-def test_an_offline_run_logs_what_metrics_jsonl_logs(model_dir, tmp_path) -> None:
+def test_an_offline_run_logs_what_metrics_jsonl_logs(model_dir, tmp_path, monkeypatch) -> None:
+    """Preempted at step 2 and resumed: one W&B run (one id, two log files) holding every
+    number of every metrics.jsonl line at its step, the sample tables, the config and the
+    final metrics as its summary."""
     workdir = tmp_path / "run"
+    monkeypatch.setattr(train.Preemption, "at_step", lambda self, step, reading: step == 2)
+    assert train.run(_config(model_dir, workdir))["preempted"]
+    monkeypatch.undo()
     final = train.run(_config(model_dir, workdir))
-    files = list((workdir / "wandb").glob("offline-run-*/run-*.wandb"))
-    assert len(files) == 1
-    records = read_wandb_records(files[0])
-    run = next(r.run for r in records if r.WhichOneof("record_type") == "run")
-    assert (run.project, run.display_name, list(run.tags)) == ("jaxft-tests", "run",
-                                                                ["tiny", "offline"])
-    assert run.run_id == json.loads((workdir / "wandb_run.json").read_text())["id"]
-    history = _history(records)
+    run_id = json.loads((workdir / "wandb_run.json").read_text())["id"]
+    files = sorted((workdir / "wandb").glob("offline-run-*/run-*.wandb"))
+    assert len(files) == 2 and {p.name for p in files} == {f"run-{run_id}.wandb"}
+    logs = [read_wandb_records(p) for p in files]
+    assert max(_history(logs[0])) == 2 and min(_history(logs[1])) == 3
+    for records in logs:
+        run = next(r.run for r in records if r.WhichOneof("record_type") == "run")
+        assert (run.run_id, run.project, run.display_name, list(run.tags)) == (
+            run_id, "jaxft-tests", "run", ["tiny", "offline"])
+    history = {**_history(logs[0]), **_history(logs[1])}
+    tables = {step: p.parent for p in files for step in _history(read_wandb_records(p))}
     for line in read_metrics(workdir):  # every number of every line, at its step
         for key, value in line.items():
             if key not in ("step", "time", "samples") and isinstance(value, (int, float)):
@@ -83,13 +92,14 @@ def test_an_offline_run_logs_what_metrics_jsonl_logs(model_dir, tmp_path) -> Non
         if "samples" in line:  # the greedy samples, as a table file beside the log
             row = history[line["step"]]
             assert row["samples/_type"] == "table-file"
-            table = json.loads((files[0].parent / "files" / row["samples/path"]).read_text())
+            table = json.loads((tables[line["step"]] / "files" / row["samples/path"])
+                               .read_text())
             assert table["columns"] == ["prompt", "completion"]
             assert table["data"] == [[s["prompt"], s["completion"]] for s in line["samples"]]
     config = {i.key: json.loads(i.value_json) for i in run.config.update}
     assert config["optim"]["lr"] == 3e-3 and config["lora"]["rank"] == 4
     summary = {}  # the updates in order: the last value of each key stands
-    for r in records:
+    for r in logs[1]:
         if r.WhichOneof("record_type") == "summary":
             summary.update({(i.key or "/".join(i.nested_key)): json.loads(i.value_json)
                             for i in r.summary.update})
@@ -115,15 +125,3 @@ def test_wandb_missing_is_refused_before_any_work(model_dir, tmp_path, monkeypat
         train.run(_config(model_dir, tmp_path / "w"))
     assert not (tmp_path / "w").exists()
 
-
-def test_a_resumed_run_continues_its_wandb_run(model_dir, tmp_path, monkeypatch) -> None:
-    workdir = tmp_path / "run"
-    monkeypatch.setattr(train.Preemption, "at_step", lambda self, step, reading: step == 2)
-    assert train.run(_config(model_dir, workdir))["preempted"]
-    monkeypatch.undo()
-    train.run(_config(model_dir, workdir))
-    logs = sorted((workdir / "wandb").glob("offline-run-*/run-*.wandb"))
-    run_id = json.loads((workdir / "wandb_run.json").read_text())["id"]
-    assert len(logs) == 2 and {p.name for p in logs} == {f"run-{run_id}.wandb"}
-    steps = [set(_history(read_wandb_records(p))) for p in logs]
-    assert max(steps[0]) == 2 and min(steps[1]) == 3
