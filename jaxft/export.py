@@ -123,7 +123,7 @@ FLAGS = flags.FLAGS
 def define_flags() -> None:
     """The command's flags, defined only when it runs: importing jaxft.export defines none."""
     flags.DEFINE_string("workdir", None, "The training run's workdir (config.json, checkpoints/).")
-    flags.DEFINE_string("out", None, "Directory to write.")
+    flags.DEFINE_string("out", None, "Directory to write (with --gguf: the .gguf file).")
     flags.DEFINE_string("step", None, "Checkpoint to export: a step number, or 'best' (early "
                         "stopping's best eval); default: the newest.")
     flags.DEFINE_bool("merged", False, "Fold LoRA into the base weights: write a full model.")
