@@ -47,10 +47,8 @@ class EarlyStopping:
         if not settings.enabled:
             return None
         metric, mode = metric_of(cfg.task)
-        tracker = cls(int(settings.patience), float(settings.min_delta), metric, mode)
-        for key, value in (saved or {}).items():
-            setattr(tracker, key, value)
-        return tracker
+        return cls(int(settings.patience), float(settings.min_delta), metric, mode,
+                   **(saved or {}))
 
     def state(self) -> dict[str, Any]:
         """What a checkpoint's metadata keeps (JSON): the counter and the best so far."""

@@ -128,17 +128,16 @@ def write_gguf(
             writer.write_header_to_file(temporary)
             writer.write_kv_data_to_file()
             writer.write_ti_data_to_file()
-        bar = progress.bar(sum(math.prod(t.shape) for t in plan), desc="writing GGUF",
-                           unit="param", unit_scale=True)
-        for tensor, (kind, n_head) in zip(plan, kinds, strict=True):
-            array = np.asarray(tensor.fetch(), np.float32)  # gathered from every process
-            if n_head is not None:
-                array = permute_for_llama_cpp(array, n_head)
-            if writing:
-                writer.write_tensor_data(quantize(np.ascontiguousarray(array), kind))
-            bar.update(array.size)
-            del array
-        bar.close()
+        with progress.bar(sum(math.prod(t.shape) for t in plan), desc="writing GGUF",
+                          unit="param", unit_scale=True) as bar:
+            for tensor, (kind, n_head) in zip(plan, kinds, strict=True):
+                array = np.asarray(tensor.fetch(), np.float32)  # gathered from every process
+                if n_head is not None:
+                    array = permute_for_llama_cpp(array, n_head)
+                if writing:
+                    writer.write_tensor_data(quantize(np.ascontiguousarray(array), kind))
+                bar.update(array.size)
+                del array
         if writing:
             writer.close()
             os.replace(temporary, out)

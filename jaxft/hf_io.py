@@ -283,17 +283,16 @@ def save_pretrained(
         pending, get_storage_size=lambda t: t.nbytes(name), filename_pattern=SAFETENSORS_PATTERN,
         max_shard_size=shard_bytes)
     writing = jax.process_index() == 0
-    bar = progress.bar(sum(t.nbytes(name) for t in pending.values()), desc="exporting",
-                       bytes_=True)
-    for filename, names in split.filename_to_tensors.items():
-        shard = {}
-        for n in names:
-            shard[n] = _to_dtype(pending[n].fetch(), name)
-            bar.update(shard[n].nbytes)
-        if writing:
-            write_safetensors(shard, out / filename)
-        del shard
-    bar.close()
+    with progress.bar(sum(t.nbytes(name) for t in pending.values()), desc="exporting",
+                      bytes_=True) as bar:
+        for filename, names in split.filename_to_tensors.items():
+            shard = {}
+            for n in names:
+                shard[n] = _to_dtype(pending[n].fetch(), name)
+                bar.update(shard[n].nbytes)
+            if writing:
+                write_safetensors(shard, out / filename)
+            del shard
     if writing:
         if split.is_sharded:
             index = {"metadata": split.metadata, "weight_map": split.tensor_to_filename}

@@ -57,7 +57,7 @@ class MetricsWriter:
             self._wandb.log(step, metrics)
 
     def progress(self, total: int, initial: int) -> Progress:
-        self._bar = Progress(total, initial, enabled=self.enabled and progress.shown())
+        self._bar = Progress(total, initial, enabled=self.enabled)
         return self._bar
 
     def say(self, message: str) -> None:
@@ -87,8 +87,8 @@ class Progress:
     """A tqdm bar showing loss, learning rate, tokens/s; tqdm itself estimates the ETA."""
 
     def __init__(self, total: int, initial: int, *, enabled: bool):
-        self.bar = tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True,
-                        disable=not enabled, desc="training")
+        self.bar = progress.bar(total, desc="training", unit="step", initial=initial,
+                                leave=True, disable=not enabled)
 
     def update(self, step: int, metrics: dict[str, Any]) -> None:
         self.bar.update(step - self.bar.n)

@@ -49,8 +49,9 @@ def bar(total: float | None = None, *, desc: str, unit: str = "it", initial: int
     else:
         kwargs.setdefault("unit", unit)
     kwargs.setdefault("leave", False)
+    disable = kwargs.pop("disable", False) or not shown()
     return tqdm(total=total, initial=initial, desc=desc, dynamic_ncols=True,
-                disable=not shown(), file=sys.stderr, **kwargs)
+                disable=disable, file=sys.stderr, **kwargs)
 
 
 def track(items: Iterable[T], *, desc: str, total: int | None = None,

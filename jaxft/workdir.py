@@ -49,8 +49,10 @@ BEST = "best"
 def parse_step(value: str | int | None) -> int | str | None:
     """A `--step` value: a checkpointed step number, 'best' (early stopping's best eval), or
     None for the newest."""
-    if value is None or value == "" or isinstance(value, int) or value == BEST:
-        return value or None
+    if value is None or value == "":
+        return None
+    if isinstance(value, int) or value == BEST:
+        return value
     try:
         return int(value)
     except ValueError:
