@@ -22,20 +22,50 @@ import json
 import logging
 import shutil
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
 
+from jaxft.config import LATER_LORA_FIELDS, base_config
 from jaxft.errors import JaxftError, first_line
+from jaxft.spec import RunSpec
 
 ITEMS = ("state", "meta")
 MANIFEST_NAME = "jaxft_manifest.json"
-# Fingerprint fields, named as the config fields (or what) they record; all must match to resume.
-FINGERPRINT_FIELDS = ("model.path", "task", "lora", "train.param_dtype",
-                      "train.optimizer_state_dtype", "optim.clip_norm", "optimizer state",
-                      "trainable parameters")
+
+
+# What a checkpoint must agree with to be resumed, keyed by the config field (or part of the
+# state) each entry records, from the run, its base checkpoint's path and its placed state.
+_FINGERPRINT: dict[str, Callable[[RunSpec, str, dict[str, Any]], Any]] = {
+    "model.path": lambda run, path, placed: path,
+    "task": lambda run, path, placed: run.task,
+    "lora": lambda run, path, placed: (None if run.lora is None
+                                       else _lora_fingerprint(run.config)),
+    "train.param_dtype": lambda run, path, placed: run.train.param_dtype,
+    "train.optimizer_state_dtype": lambda run, path, placed: run.train.optimizer_state_dtype,
+    # clipping changes optax's state tree
+    "optim.clip_norm": lambda run, path, placed: "on" if run.config.optim.clip_norm else "off",
+    "optimizer state": lambda run, path, placed: layout(placed["opt_state"]),
+    "trainable parameters": lambda run, path, placed: layout(placed["trainable"]),
+}
+FINGERPRINT_FIELDS = tuple(_FINGERPRINT)
+
+
+def fingerprint(run: RunSpec, model_path: str, placed: dict[str, Any]) -> dict[str, Any]:
+    """A run's fingerprint (`FINGERPRINT_FIELDS`), as it reads back from a checkpoint."""
+    found = {field: entry(run, model_path, placed) for field, entry in _FINGERPRINT.items()}
+    return json.loads(json.dumps(found))
+
+
+def _lora_fingerprint(c) -> dict[str, Any]:
+    """The LoRA section, less the fields added since checkpoints were first written while they
+    are at their defaults, so a run saved before those fields existed still resumes."""
+    defaults = base_config().lora
+    return {k: v for k, v in c.lora.to_dict().items()
+            if not (k in LATER_LORA_FIELDS and v == defaults[k])}
 
 
 def manager(directory: Path, *, keep: int | None = None, create: bool = False,
@@ -128,7 +158,7 @@ class Checkpoints:
         self.manager.reload()
 
     def _check_fingerprint(self, saved: dict[str, Any], path: Path) -> None:
-        for field in FINGERPRINT_FIELDS:
+        for field in self.fingerprint:
             if field not in saved:
                 raise JaxftError(
                     f"{path}: checkpoint was written by an older jaxft, which did not record "

@@ -1,15 +1,17 @@
-"""Every field of a training run, with its default, and the checks that run before any compile.
+"""Every field of a training run, with its default, and the canonical form of the fields that
+take several spellings.
 
 `configs/*.py` start from `base_config()` and change what their recipe needs; users override
 any field on the command line (`--config.lora.rank=16`). Configs are locked, so a misspelt field
-is refused instead of silently ignored.
+is refused instead of silently ignored. `jaxft.spec` checks a config and resolves it, once,
+into the typed `RunSpec` every module reads.
 
 Fields that take a string or a list (`lora.targets`, `lora.modules_to_save`,
 `train.sample_prompts`) and the dtype fields are typed `object`: a config file may assign
 `("q_proj", "v_proj")` or `jnp.bfloat16`, and on the command line a value is read as a Python
 literal when it is one (`--config.lora.targets='("q_proj","v_proj")'`) and as a plain string
 otherwise (`--config.lora.targets=all-linear`, `--config.train.param_dtype=bfloat16`);
-`validate` then reduces each to its canonical form.
+`spec.validate` then reduces each to its canonical form.
 """
 
 from __future__ import annotations
@@ -20,11 +22,8 @@ from typing import Any
 
 import ml_collections
 
-from jaxft import data, dtypes, lora, quant
-from jaxft.dpo import DpoConfig
+from jaxft import data, lora, tasks
 from jaxft.errors import JaxftError
-from jaxft.models.layers import ATTENTION_IMPLEMENTATIONS, REMAT_POLICIES
-from jaxft.tasks import DPO, TASKS
 
 
 def _any(default: Any) -> ml_collections.FieldReference:
@@ -37,7 +36,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.workdir = "runs/default"  # metrics.jsonl, TensorBoard events, config.json, checkpoints/
     # 'lm' (causal LM), 'classification' (BERT sequence classifier) or 'dpo' (preference
     # tuning of a causal LM on prompt/chosen/rejected pairs: the `dpo` section)
-    c.task = "lm"
+    c.task = tasks.LM
 
     c.model = ml_collections.ConfigDict()
     # HF directory, hub id, .gguf file, or 'package:<python package>/<file>' for weights shipped
@@ -141,160 +140,8 @@ def base_config() -> ml_collections.ConfigDict:
     return c
 
 
-def _check_early_stopping(c: ml_collections.ConfigDict) -> None:
-    settings = c.train.early_stopping
-    if not settings.enabled:
-        return
-    if not isinstance(settings.patience, int) or settings.patience <= 0:
-        raise JaxftError(f"config: train.early_stopping.patience must be a positive number of "
-                         f"evals, got {settings.patience!r}")
-    if settings.min_delta < 0:
-        raise JaxftError(f"config: train.early_stopping.min_delta must be >= 0, got "
-                         f"{settings.min_delta}")
-    if c.train.eval_every <= 0:
-        raise JaxftError("config: train.early_stopping needs evals during the run: set "
-                         "train.eval_every to a positive number of steps")
-
-
-def validate(c: ml_collections.ConfigDict, device_count: int,
-             platform: str | None = None) -> None:
-    """Refuse a bad config with one line, before any weights load or anything compiles.
-
-    `device_count` and `platform` are those of the machine the run will train on (the dry run
-    for a TPU slice passes the slice's; by default, this machine's).
-
-    The string-or-list and dtype fields are first reduced to their canonical form, in place, so
-    everything downstream (and `config.json`) sees one spelling.
-    """
-    from jaxft.sharding import data_parallel_size_of, mesh_shape
-
-    _one_of("task", c.task, TASKS)
-    for name in ("param_dtype", "optimizer_state_dtype"):
-        c.train[name] = dtypes.canonical(c.train[name], f"config: train.{name}")
-    if c.train.compute_dtype != "auto":
-        c.train.compute_dtype = dtypes.canonical(c.train.compute_dtype,
-                                                 "config: train.compute_dtype", also=("auto",))
-    c.lora.targets = lora_targets(c.lora.targets)
-    c.lora.modules_to_save = names(c.lora.modules_to_save, "lora.modules_to_save")
-    c.train.sample_prompts = texts(c.train.sample_prompts, "train.sample_prompts")
-    _one_of("model.attention", c.model.attention, ATTENTION_IMPLEMENTATIONS)
-    platform = platform or _default_platform()
-    if c.model.attention == "cudnn" and (platform != "gpu"
-                                         or compute_dtype(c, platform) == "float32"):
-        raise JaxftError(f"config: model.attention 'cudnn' needs a GPU and a 16-bit "
-                         f"train.compute_dtype; this is {platform} with "
-                         f"{compute_dtype(c, platform)} (use 'auto')")
-    if c.model.attention == "splash" and platform != "tpu":
-        raise JaxftError(f"config: model.attention 'splash' is a TPU kernel; this is {platform} "
-                         "(use 'auto')")
-    _one_of("train.remat", c.train.remat, tuple(REMAT_POLICIES))
-    _one_of("train.on_nonfinite", c.train.on_nonfinite, ("skip", "stop"))
-    _one_of("checkpoint.resume", c.checkpoint.resume, ("auto", "never", "fresh"))
-    if not c.model.path:
-        raise JaxftError("config: model.path is empty (an HF directory, hub id or .gguf file)")
-    if not c.data.train_path:
-        raise JaxftError("config: data.train_path is empty")
-    for name in ("train.steps", "train.batch_size", "train.accum_steps", "data.max_len"):
-        section, field = name.split(".")
-        if c[section][field] <= 0:
-            raise JaxftError(f"config: {name} must be positive, got {c[section][field]}")
-    _check_early_stopping(c)
-    from jaxft import wandb_log
-
-    c.logging.wandb.tags = names(c.logging.wandb.tags, "logging.wandb.tags")
-    wandb_log.check(c)
-    if c.lora.enabled and c.lora.rank <= 0:
-        raise JaxftError(f"config: lora.rank must be positive, got {c.lora.rank}")
-    if c.lora.enabled and not 0 <= c.lora.dropout < 1:
-        raise JaxftError(f"config: lora.dropout must be in [0, 1), got {c.lora.dropout}")
-    if c.lora.use_dora and not c.lora.enabled:
-        raise JaxftError("config: lora.use_dora needs lora.enabled (DoRA is a LoRA variant)")
-    if c.lora.base_quant != quant.NONE and not c.lora.enabled:
-        raise JaxftError(f"config: lora.base_quant={c.lora.base_quant!r} needs lora.enabled: a "
-                         "full fine-tune trains the weights it would freeze in low precision")
-    try:
-        quant_config(c).check()
-    except JaxftError as e:
-        raise JaxftError(f"config: {e}") from None
-    if c.optim.lr <= 0:
-        raise JaxftError(f"config: optim.lr must be positive, got {c.optim.lr}")
-    shape = mesh_shape(c.mesh.data, c.mesh.fsdp, c.mesh.tensor, device_count)
-    dp = data_parallel_size_of(shape)
-    if c.train.batch_size % (dp * c.train.accum_steps):
-        raise JaxftError(f"config: train.batch_size {c.train.batch_size} is not divisible by the "
-                         f"data-parallel size {dp} (mesh.data×mesh.fsdp) × train.accum_steps "
-                         f"{c.train.accum_steps}")
-    parse_rank_pattern(c.lora.rank_pattern)
-    if c.task == DPO:
-        try:
-            dpo_config(c).check()
-        except JaxftError as e:
-            raise JaxftError(f"config: {e}") from None
-        if c.data.max_prompt_len < 0:
-            raise JaxftError(f"config: data.max_prompt_len must be >= 0, got "
-                             f"{c.data.max_prompt_len}")
-
-
-def dpo_reference(c: ml_collections.ConfigDict) -> str:
-    """Where a DPO run's reference log-probabilities come from (see `c.dpo.precompute_ref`):
-    'precomputed' (one pass before training), 'adapters_off' (LoRA: the base, in the step) or
-    'frozen_copy' (full fine-tuning: a copy of the initial weights, per batch)."""
-    if c.dpo.precompute_ref:
-        return "precomputed"
-    return "adapters_off" if c.lora.enabled else "frozen_copy"
-
-
-def dpo_config(c: ml_collections.ConfigDict) -> DpoConfig:
-    """The preference loss a run's config describes (task 'dpo')."""
-    return DpoConfig(beta=c.dpo.beta, loss_type=c.dpo.loss_type,
-                     label_smoothing=c.dpo.label_smoothing)
-
-
-def compute_dtype(c: ml_collections.ConfigDict, platform: str | None = None) -> str:
-    """`train.compute_dtype` with 'auto' resolved for the platform that will train (by default
-    this machine's): bfloat16 where the matrix units want it (TPU, GPU), float32 on CPU, where
-    bfloat16 matmuls are emulated and slower."""
-    if c.train.compute_dtype != "auto":
-        return dtypes.canonical(c.train.compute_dtype, "config: train.compute_dtype")
-    return "float32" if (platform or _default_platform()) == "cpu" else "bfloat16"
-
-
-def _default_platform() -> str:
-    import jax
-
-    return jax.default_backend()
-
-
-def lora_config(c: ml_collections.ConfigDict) -> lora.LoraConfig | None:
-    """The `LoraConfig` a run's config describes, or None for full fine-tuning.
-
-    The one place a LoraConfig is built from a config: train, evaluate, generate and export all
-    rebuild the same adapters from it.
-    """
-    if not c.lora.enabled:
-        return None
-    return lora.LoraConfig(
-        rank=c.lora.rank, alpha=c.lora.alpha, dropout=c.lora.dropout,
-        targets=lora_targets(c.lora.targets), use_rslora=c.lora.use_rslora,
-        use_dora=lora_field(c, "use_dora"),
-        rank_pattern=parse_rank_pattern(c.lora.rank_pattern),
-        modules_to_save=names(c.lora.modules_to_save, "lora.modules_to_save"))
-
-
-def quant_config(c: ml_collections.ConfigDict) -> quant.QuantConfig:
-    """How the run stores its frozen base ('none' for runs saved before quantization)."""
-    return quant.QuantConfig(kind=lora_field(c, "base_quant"),
-                             block_size=lora_field(c, "quant_block_size"),
-                             double_quant=lora_field(c, "double_quant"))
-
-
 # LoRA fields added after runs were first saved: a workdir's config.json may lack them.
 LATER_LORA_FIELDS = ("use_dora", "base_quant", "quant_block_size", "double_quant")
-
-
-def lora_field(c: ml_collections.ConfigDict, name: str) -> Any:
-    """A LoRA field of a run's config, or its default where the run predates the field."""
-    return c.lora.get(name, base_config().lora[name])
 
 
 # A string of these is a module name (or a comma-separated list of names), never a regex: a
@@ -338,11 +185,6 @@ def _strings(value: Any, field: str) -> tuple[str, ...]:
         raise JaxftError(f"config: {field} must be a string or a list of strings, got "
                          f"{value!r}")
     return tuple(value)
-
-
-def _one_of(name: str, value, allowed) -> None:
-    if value not in allowed:
-        raise JaxftError(f"config: {name} is {value!r}, expected one of {', '.join(allowed)}")
 
 
 def parse_rank_pattern(text: str) -> tuple[tuple[str, int], ...]:

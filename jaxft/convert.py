@@ -10,7 +10,8 @@ from __future__ import annotations
 
 from absl import app, flags
 
-from jaxft import cli, hf_io, outdir
+from jaxft import cli, outdir
+from jaxft.hf import weights
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("model", None, "HF model directory, hub id or .gguf file.", required=True)
@@ -23,9 +24,10 @@ def main(argv: list[str]) -> None:
     cli.start(argv)
     with cli.user_errors():
         outdir.check_output(FLAGS.out, overwrite=FLAGS.overwrite)  # before loading, not after
-        model = hf_io.load_model(FLAGS.model)
-        out = hf_io.save_pretrained(model, FLAGS.out, dtype=FLAGS.dtype, overwrite=FLAGS.overwrite)
-        hf_io.copy_tokenizer(FLAGS.model, out)
+        model = weights.load_hf_model(FLAGS.model)
+        out = weights.save_pretrained(model, FLAGS.out, dtype=FLAGS.dtype,
+                                      overwrite=FLAGS.overwrite)
+        weights.copy_tokenizer(FLAGS.model, out)
     print(f"wrote {out}")
 
 

@@ -29,6 +29,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxft.errors import JaxftError
+from jaxft.models.layers import linear_modules
 
 LOSS_TYPES = ("sigmoid", "hinge", "ipo", "robust")
 # Summed over the pairs of a batch (divided by `count`, the pairs, when logged), under TRL's
@@ -99,8 +100,6 @@ def reference_logps(model: nnx.Module, batch: dict[str, jax.Array]) -> jax.Array
 def base_logps(model: nnx.Module, batch: dict[str, jax.Array]) -> jax.Array:
     """`sequence_logps` of the model with its adapters (if any) switched off: the reference
     pass scores pairs with this before training, from the initial weights."""
-    from jaxft.lora import linear_modules
-
     adapted = [(linear, linear.adapter) for _, linear in linear_modules(model)
                if linear.adapter is not None]
     for linear, _ in adapted:

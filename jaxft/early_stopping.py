@@ -18,12 +18,14 @@ from typing import Any
 
 import ml_collections
 
+from jaxft import tasks
+
 BEST_DIRECTORY = "best_checkpoint"  # in the workdir: one checkpoint, the best eval's weights
 
 
 def metric_of(task: str) -> tuple[str, str]:
     """(the metric early stopping watches, 'min' or 'max') for a task."""
-    return ("eval_accuracy", "max") if task == "classification" else ("eval_loss", "min")
+    return ("eval_accuracy", "max") if task == tasks.CLASSIFICATION else ("eval_loss", "min")
 
 
 @dataclasses.dataclass

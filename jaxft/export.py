@@ -21,9 +21,10 @@ from pathlib import Path
 from absl import app, flags
 from flax import nnx
 
-from jaxft import adapters, cli, dtypes, gguf_export, hf_io, hub, lora, outdir
+from jaxft import cli, dtypes, lora, outdir
 from jaxft.dtypes import DTypeLike
 from jaxft.errors import JaxftError
+from jaxft.hf import adapters, gguf_write, hub, weights
 from jaxft.workdir import load_run, read_run_config
 
 
@@ -37,7 +38,7 @@ def export_model(
     merged: bool = False,
     dtype: DTypeLike = "float32",
     overwrite: bool = False,
-    max_shard_size: int | str = hf_io.MAX_SHARD_SIZE,
+    max_shard_size: int | str = weights.MAX_SHARD_SIZE,
 ) -> Path:
     """Write a model as a PEFT adapter (it has adapters and not `merged`) or a full HF model.
 
@@ -55,10 +56,10 @@ def export_model(
                                    dtype=dtype, overwrite=True)
     else:
         lora.merge_lora(model)
-        hf_io.save_pretrained(model, out, dtype=dtype, overwrite=True,
+        weights.save_pretrained(model, out, dtype=dtype, overwrite=True,
                               max_shard_size=max_shard_size)
     if base is not None:
-        hf_io.copy_tokenizer(base, out)
+        weights.copy_tokenizer(base, out)
     return out
 
 
@@ -70,7 +71,7 @@ def export_workdir(
     merged: bool = False,
     dtype: DTypeLike = "float32",
     overwrite: bool = False,
-    max_shard_size: int | str = hf_io.MAX_SHARD_SIZE,
+    max_shard_size: int | str = weights.MAX_SHARD_SIZE,
 ) -> Path:
     """`python -m jaxft.export` as a function: export a run's checkpoint to `out`.
 
@@ -78,7 +79,7 @@ def export_workdir(
     not after; nothing in it changes until the model is loaded.
     """
     dtypes.canonical(dtype, "dtype")
-    hf_io.shard_size_bytes(max_shard_size)
+    weights.shard_size_bytes(max_shard_size)
     outdir.check_output(out, overwrite=overwrite)
     run = load_run(workdir, step)
     return export_model(run.model, run.lora, out, base=run.base, base_name=run.base_name,
@@ -99,16 +100,16 @@ def export_gguf(
     Everything that can refuse the export (the output path, the storage type, a family or rope
     scaling GGUF cannot express) is checked from the run's config before any weight is read.
     """
-    gguf_export.check_output_file(out, overwrite=overwrite)
-    gguf_export.check_gguf_type(gguf_type)
+    gguf_write.check_output_file(out, overwrite=overwrite)
+    gguf_write.check_gguf_type(gguf_type)
     cfg = read_run_config(Path(workdir))
     base = cfg.model.resolved_path
     hf_config = hub.read_config(hub.resolve(base))
-    gguf_export.check_exportable(hf_config.get("model_type"), hf_config,
+    gguf_write.check_exportable(hf_config.get("model_type"), hf_config,
                                  str(Path(workdir) / "config.json"))
     run = load_run(workdir, step, dtype="float32")
     lora.merge_lora(run.model)
-    return gguf_export.write_gguf(run.model, out, tokenizer_source=run.base,
+    return gguf_write.write_gguf(run.model, out, tokenizer_source=run.base,
                                   gguf_type=gguf_type, name=Path(workdir).name,
                                   overwrite=overwrite)
 
@@ -128,11 +129,11 @@ def define_flags() -> None:
                         "stopping's best eval); default: the newest.")
     flags.DEFINE_bool("merged", False, "Fold LoRA into the base weights: write a full model.")
     flags.DEFINE_bool("gguf", False, "Write one merged llama.cpp .gguf file to --out.")
-    flags.DEFINE_enum("gguf_type", "f16", list(gguf_export.GGUF_TYPES),
+    flags.DEFINE_enum("gguf_type", "f16", list(gguf_write.GGUF_TYPES),
                       "Storage type of the GGUF file's matrices (norms stay float32).")
     flags.DEFINE_enum("dtype", "float32", list(dtypes.NAMES), "dtype of the written tensors.")
     flags.DEFINE_bool("overwrite", False, "Replace an existing export in --out.")
-    flags.DEFINE_string("max_shard_size", hf_io.MAX_SHARD_SIZE,
+    flags.DEFINE_string("max_shard_size", weights.MAX_SHARD_SIZE,
                         "Largest safetensors file of a full model ('5GB', '500MB').")
 
 
@@ -144,7 +145,7 @@ def main(argv: list[str]) -> None:
         if FLAGS.gguf:
             out = export_gguf(FLAGS.workdir, FLAGS.out, step=FLAGS.step,
                               gguf_type=FLAGS.gguf_type, overwrite=FLAGS.overwrite)
-            counts = gguf_export.describe_tensor_types(out)
+            counts = gguf_write.describe_tensor_types(out)
             print(f"wrote a GGUF file to {out} ({out.stat().st_size / 1e6:.1f} MB; tensors: "
                   + ", ".join(f"{n} {k}" for k, n in sorted(counts.items()))
                   + f"); run it with llama.cpp: llama-cli -m {out}")

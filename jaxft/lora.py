@@ -17,7 +17,7 @@ import dataclasses
 import logging
 import math
 import re
-from typing import Iterator, Sequence
+from typing import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -25,7 +25,7 @@ from flax import nnx
 
 from jaxft import models
 from jaxft.errors import JaxftError
-from jaxft.models.layers import Dropout, Linear
+from jaxft.models.layers import Dropout, Linear, is_output_head, linear_modules
 
 
 @dataclasses.dataclass(frozen=True)
@@ -138,32 +138,17 @@ def hf_paths(model: nnx.Module, path: str) -> list[str]:
     return models.tensor_table(model).layer_paths(path, model.config.num_hidden_layers)
 
 
-def linear_modules(model: nnx.Module) -> Iterator[tuple[str, Linear]]:
-    """Every `Linear` in the model with its dotted jaxft path."""
-    for path, module in nnx.iter_modules(model):
-        if isinstance(module, Linear):
-            yield ".".join(str(p) for p in path), module
-
-
 def has_adapters(model: nnx.Module) -> bool:
     """Whether any projection of `model` carries a LoRA adapter."""
     return any(linear.adapter is not None for _, linear in linear_modules(model))
 
 
-# Output heads never get adapters under 'all-linear': PEFT leaves out the output embedding
-# (`lm_head`) and a sequence classifier's head (`classifier`, `score`) too.
-OUTPUT_HEADS = ("lm_head", "classifier", "score")
 ALL_LINEAR = "all-linear"
 
 
 def is_all_linear(targets: str | Sequence[str]) -> bool:
     """PEFT's shorthand for every linear layer but the output head (any letter case)."""
     return isinstance(targets, str) and targets.lower() == ALL_LINEAR
-
-
-def is_output_head(path: str) -> bool:
-    """The one rule for what 'all-linear' leaves alone, for configs and imported adapters."""
-    return path.rsplit(".", 1)[-1] in OUTPUT_HEADS
 
 
 def target_matches(targets: str | Sequence[str], name: str) -> bool:

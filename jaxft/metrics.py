@@ -1,4 +1,5 @@
-"""What the user watches: a progress bar, `metrics.jsonl`, and TensorBoard event files.
+"""What the user watches: a progress bar, `metrics.jsonl`, and TensorBoard event files; and the
+log window, what the host gathers between two log lines.
 
 Only the main process writes; every other process gets a writer that does nothing, so the
 training loop never branches on the process index. The writer owns the bar: lines printed
@@ -15,7 +16,7 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from jaxft import progress
+from jaxft import dpo, progress, tasks
 
 METRICS_FILE = "metrics.jsonl"
 
@@ -100,3 +101,41 @@ class Progress:
 
     def close(self) -> None:
         self.bar.close()
+
+
+class LogWindow:
+    """What the host gathers from the train step's device windows between two log lines: the
+    train loss is the token-weighted mean over every finite step of the window (as the Hugging
+    Face Trainer averages over its logging steps), not the last step's."""
+
+    def __init__(self, task: str, sum_names: tuple[str, ...]):
+        self.task = task
+        self.sums = dict.fromkeys(sum_names, 0.0)
+        self.tokens = 0  # processed tokens, padding included (for tokens/s)
+        self.started = time.perf_counter()
+        self.grad_norm = float("nan")
+        self.first_nonfinite = 0
+
+    def add(self, window: dict[str, Any]) -> int:
+        """Fold in a window read from the devices; returns its number of non-finite steps."""
+        for k in self.sums:
+            self.sums[k] += float(window[k])
+        self.grad_norm = float(window["grad_norm"])
+        if window["nonfinite"] and not self.first_nonfinite:
+            self.first_nonfinite = int(window["first_nonfinite"])
+        return int(window["nonfinite"])
+
+    def metrics(self) -> dict[str, float]:
+        count = max(self.sums["count"], 1.0)
+        out = {"train_loss": self.sums["loss_sum"] / count if self.sums["count"] else
+               float("nan"), "grad_norm": self.grad_norm,
+               "tokens_per_s": self.tokens / max(time.perf_counter() - self.started, 1e-9)}
+        if self.task == tasks.DPO:  # per pair, under TRL's names
+            out.update({k: v for k, v in dpo.metrics(self.sums).items() if k != "loss"})
+            out["train_pairs"] = int(self.sums["count"])
+        elif self.task == tasks.CLASSIFICATION:  # one label per row
+            out["train_accuracy"] = self.sums["correct"] / count
+            out["train_examples"] = int(self.sums["count"])
+        else:  # the tokens the loss was taken on (padding and prompts excluded)
+            out["train_tokens"] = int(self.sums["count"])
+        return out

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 from pathlib import Path
 
 from jaxft.errors import JaxftError
@@ -99,15 +98,14 @@ def plot_metrics(workdir: str | os.PathLike, out: str | os.PathLike | None = Non
 def main(argv: list[str]) -> None:
     from absl import app, flags
 
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+    from jaxft import cli
+
+    cli.start(argv)
     f = flags.FLAGS
     if not f.workdir:
         raise app.UsageError("--workdir is required")
-    try:
+    with cli.user_errors():
         path = plot_metrics(f.workdir, f.out)
-    except JaxftError as e:
-        sys.exit(f"error: {e}")
     print(f"wrote {path}")
 
 

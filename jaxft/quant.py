@@ -27,7 +27,6 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Callable, Iterator
-from typing import TYPE_CHECKING
 
 import jax
 import jax.numpy as jnp
@@ -35,9 +34,7 @@ import numpy as np
 from flax import nnx
 
 from jaxft.errors import JaxftError
-
-if TYPE_CHECKING:
-    from jaxft.models.layers import Linear
+from jaxft.models.layers import Linear, is_output_head, linear_modules
 
 NONE, NF4, INT8 = "none", "nf4", "int8"
 KINDS = (NONE, NF4, INT8)
@@ -258,8 +255,6 @@ def _quantizable(model: nnx.Module, cfg: QuantConfig) -> Iterator[tuple[str, Lin
     """The projections a quantized base packs: every dense `Linear` but the output head, which
     bitsandbytes leaves in its dtype (transformers' `get_keys_to_not_convert`), and but a kernel
     whose input width the block does not divide."""
-    from jaxft.lora import is_output_head, linear_modules
-
     for path, linear in list(linear_modules(model)):
         if (not linear.packed and not is_output_head(path)
                 and cfg.quantizable(linear.kernel_shape[-2])):
@@ -281,9 +276,9 @@ def quantize_kernels(model: nnx.Module, cfg: QuantConfig) -> dict[str, Encoder]:
 
 
 def quantize_model(model: nnx.Module, cfg: QuantConfig) -> nnx.Module:
-    """Quantize an in-memory model's projections in place, as `hf_io.load_model(quantize=)`
-    does while it reads a checkpoint: for a model built or changed in Python. Each kernel
-    passes through the host one at a time, and its packed arrays go back where it lived."""
+    """Quantize an in-memory model's projections in place, as `jaxft.hf.weights.load_hf_model`
+    does while it reads a checkpoint: for a model built or changed in Python. Each kernel passes
+    through the host one at a time, and its packed arrays go back where it lived."""
     from jaxft import sharding
     from jaxft.models.params import to_host
 
@@ -308,8 +303,6 @@ def quantize_model(model: nnx.Module, cfg: QuantConfig) -> nnx.Module:
 
 
 def _packed(model: nnx.Module) -> Iterator[Linear]:
-    from jaxft.lora import linear_modules
-
     return (linear for _, linear in linear_modules(model) if linear.packed)
 
 

@@ -20,10 +20,8 @@ import itertools
 import json
 import logging
 import os
-import signal
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -32,30 +30,18 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from absl import app, flags
-from absl import logging as absl_logging
 from flax import nnx
 from ml_collections import config_flags
 
-from jaxft import (
-    checkpoint,
-    cli,
-    data,
-    dpo,
-    hf_io,
-    hub,
-    lora,
-    outdir,
-    progress,
-    sharding,
-    tasks,
-    train_step,
-)
-from jaxft import config as config_lib
+from jaxft import checkpoint, cli, data, lora, sharding, spec, tasks, train_step
+from jaxft import evaluate as evaluation_lib
 from jaxft.early_stopping import BEST_DIRECTORY, EarlyStopping
 from jaxft.errors import JaxftError
-from jaxft.evaluate import lm_metrics
-from jaxft.metrics import MetricsWriter
+from jaxft.hf import hub, weights
+from jaxft.metrics import LogWindow, MetricsWriter
+from jaxft.preemption import Preemption
 from jaxft.wandb_log import WandbRun, requested
+from jaxft.workdir import claim_workdir, prepare_workdir, wipe_workdir
 
 config_flags.DEFINE_config_file("config", None, "A configs/*.py file.", lock_config=True)
 # --- dry run (jaxft.plan) ---
@@ -73,44 +59,6 @@ FLAGS = flags.FLAGS
 # What the steps between two host reads may copy from the devices: nothing, not even
 # explicitly (jax.device_get), so any per-step sync is an error rather than a slowdown.
 STEP_TRANSFERS = "disallow_explicit"
-
-
-class Preemption:
-    """Turns SIGTERM into "save at the next step boundary, then exit 0", from `__enter__` on;
-    `__exit__` puts the previous handler back."""
-
-    def __init__(self):
-        self.requested = False
-        self._previous = None
-
-    def __enter__(self) -> Preemption:
-        self._previous = signal.signal(signal.SIGTERM, self._handle)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        signal.signal(signal.SIGTERM, self._previous)
-
-    def _handle(self, signum, frame) -> None:
-        self.requested = True
-
-    def agreed(self) -> bool:
-        """True on every process once any was asked to stop (a collective with several)."""
-        if jax.process_count() == 1:
-            return self.requested
-        from jax.experimental import multihost_utils
-
-        return bool(np.any(multihost_utils.process_allgather(np.array([self.requested]))))
-
-    def at_step(self, step: int, reading: bool) -> bool:
-        """Whether to save and stop after `step`. With several processes, JAX's preemption
-        sync point (set by the coordination service, no device work) is asked every step, and
-        our own flag is gathered only at steps that read from the devices anyway."""
-        if jax.process_count() == 1:
-            return self.requested
-        from jax.experimental import multihost_utils
-
-        return multihost_utils.reached_preemption_sync_point(step) or (reading and
-                                                                       self.agreed())
 
 
 def maybe_initialize_distributed() -> None:
@@ -147,15 +95,14 @@ def _run(cfg: ml_collections.ConfigDict, preemption: Preemption) -> dict[str, An
     # Config and workdir: refused in one line before anything loads; nothing written yet
     # ----------------------------------------------------------------------------------------
     maybe_initialize_distributed()
-    config_lib.validate(cfg, jax.device_count())
+    run_spec = spec.resolve(cfg)
     workdir = Path(cfg.workdir)
-    outdir.prepare_workdir(workdir)
+    prepare_workdir(workdir)
     if cfg.checkpoint.resume == "fresh":
-        outdir.wipe_workdir(workdir)
+        wipe_workdir(workdir)
     if not workdir.exists() or not any(workdir.iterdir()):
-        outdir.claim_workdir(workdir)  # a new workdir is this run's from the start
+        claim_workdir(workdir)  # a new workdir is this run's from the start
     is_main = jax.process_index() == 0
-    lora_cfg = config_lib.lora_config(cfg)
 
     # ----------------------------------------------------------------------------------------
     # Mesh
@@ -173,22 +120,18 @@ def _run(cfg: ml_collections.ConfigDict, preemption: Preemption) -> dict[str, An
                              task=cfg.task)
     print(f"data: {bundle.format}, {_describe_stats(bundle.stats)}")
     num_labels = None
-    if cfg.task == "classification":
+    if run_spec.task == tasks.CLASSIFICATION:
         num_labels = cfg.model.num_labels or len(bundle.label_map)
 
     # ----------------------------------------------------------------------------------------
     # Model and step: split, sharded, jitted (train_step.build, as the dry run compiles it)
     # ----------------------------------------------------------------------------------------
-    model = hf_io.load_model(model_path, dtype=cfg.train.param_dtype,
-                             compute_dtype=config_lib.compute_dtype(cfg), num_labels=num_labels,
-                             seed=cfg.train.seed, remat=cfg.train.remat,
-                             attention=cfg.model.attention, mesh=mesh,
-                             quantize=config_lib.quant_config(cfg))
-    if lora_cfg is not None:
-        lora.apply_lora(model, lora_cfg, seed=cfg.train.seed)
-    lora.log_trainable(model, lora_cfg)
+    model = weights.load_hf_model(model_path, run_spec.model_options(num_labels), mesh=mesh)
+    if run_spec.lora is not None:
+        lora.apply_lora(model, run_spec.lora, seed=cfg.train.seed)
+    lora.log_trainable(model, run_spec.lora)
     hf_config = model.config.to_hf()
-    step, states = train_step.build(model, cfg, mesh, lora_cfg)
+    step, states = train_step.build(model, run_spec, mesh)
     del model
     placed = step.place(states)
     trainable, frozen, dropout, opt_state = (placed[k] for k in ("trainable", "frozen",
@@ -200,24 +143,28 @@ def _run(cfg: ml_collections.ConfigDict, preemption: Preemption) -> dict[str, An
 
     # DPO's reference, when it is not LoRA's base in the step: the initial weights, either
     # scored once here or kept as a frozen copy that scores each batch (before any restore)
-    reference_mode = config_lib.dpo_reference(cfg) if cfg.task == tasks.DPO else None
-    if reference_mode == "precomputed":
+    if run_spec.reference == spec.PRECOMPUTED:
         _score_reference(step, placed, bundle, global_batch)
-    if reference_mode == "frozen_copy":
+    if run_spec.reference == spec.FROZEN_COPY:
         initial = jax.jit(lambda t: jax.tree.map(jnp.copy, t),
                           out_shardings=step.shardings["trainable"])(trainable)
-        global_batch = _with_reference(step, initial, frozen, dropout, global_batch)
+        global_batch = evaluation_lib.with_reference(step, initial, frozen, dropout,
+                                                     global_batch)
 
     def evaluate() -> dict[str, float]:
+        """`jaxft.evaluate`'s evaluation of the weights as they are: `eval_<metric>`s ({}
+        without eval data)."""
         batches = itertools.islice(bundle.eval_batches(), cfg.train.eval_batches or None)
-        sums = step.zero_sums()
-        for local in progress.track(batches, desc="evaluating", unit="batch"):  # read once
-            sums = step.evaluate(trainable, frozen, dropout, sums, global_batch(local))
-        return _eval_metrics(jax.device_get(sums), cfg.task)
+        sums = evaluation_lib.evaluate_batches(step, (trainable, frozen, dropout), batches,
+                                               global_batch)
+        if not sums["count"]:
+            return {}
+        return {f"eval_{k}": v for k, v in evaluation_lib.metrics(sums, run_spec.task).items()
+                if k != "count"}
 
     def samples() -> dict[str, Any]:
         """Greedy completions of `train.sample_prompts`, to read what the model has learned."""
-        if not cfg.train.sample_prompts or cfg.task not in tasks.CAUSAL:
+        if not cfg.train.sample_prompts or not run_spec.causal:
             return {}  # (every process runs the generation: the weights are sharded over all)
         from jaxft import generate
 
@@ -234,7 +181,8 @@ def _run(cfg: ml_collections.ConfigDict, preemption: Preemption) -> dict[str, An
     # Checkpoint: resume if the workdir has one (an incompatible one is refused right here)
     # ----------------------------------------------------------------------------------------
     ckpts = checkpoint.Checkpoints(workdir / "checkpoints", keep=cfg.checkpoint.keep,
-                                   fingerprint=_fingerprint(cfg, model_path, placed))
+                                   fingerprint=checkpoint.fingerprint(run_spec, model_path,
+                                                                      placed))
     start_step, skipped = 0, 0
     history: dict[str, Any] = {}
     if cfg.checkpoint.resume == "never" and ckpts.steps():
@@ -252,10 +200,10 @@ def _run(cfg: ml_collections.ConfigDict, preemption: Preemption) -> dict[str, An
     best = None if stopper is None else checkpoint.Checkpoints(
         workdir / BEST_DIRECTORY, keep=1, fingerprint=ckpts.fingerprint)
     # The run is compatible with the workdir: from here on it is ours to write.
-    outdir.claim_workdir(workdir)
+    claim_workdir(workdir)
     if is_main:
         _write_resolved_config(cfg, workdir, hf_config, model_path, num_labels)
-        if cfg.task == "classification":
+        if run_spec.task == tasks.CLASSIFICATION:
             bundle.save_label_map(workdir / "label_map.json")
 
     def save(at: int) -> None:
@@ -279,10 +227,15 @@ def _run(cfg: ml_collections.ConfigDict, preemption: Preemption) -> dict[str, An
     every = {"log": cfg.train.log_every, "eval": cfg.train.eval_every,
              "save": cfg.checkpoint.every}
 
+    tokens_per_step = cfg.train.batch_size * bundle.seq_len * bundle.sequences_per_row
+
     def due(kind: str, n: int) -> bool:
         return bool(every[kind]) and n % every[kind] == 0
 
-    def log_line(at: int, window: _LogWindow, skipped: int, bar: Any) -> dict[str, Any]:
+    def new_window() -> LogWindow:
+        return LogWindow(run_spec.task, train_step.sum_names(run_spec.task))
+
+    def log_line(at: int, window: LogWindow, skipped: int, bar: Any) -> dict[str, Any]:
         """A metrics line for the steps of `window`, written and shown on the bar."""
         line = {**window.metrics(), "lr": float(jax.device_get(step.schedule(at - 1))),
                 "skipped_steps": skipped}
@@ -308,7 +261,7 @@ def _run(cfg: ml_collections.ConfigDict, preemption: Preemption) -> dict[str, An
             writer.write(0, {**base, **samples()})
         training_bar = writer.progress(total, start_step)
         window = step.zero_window()
-        logged = _LogWindow(cfg.task)
+        logged = new_window()
         last: dict[str, Any] = {}
         n = start_step
         while n < total:
@@ -319,7 +272,7 @@ def _run(cfg: ml_collections.ConfigDict, preemption: Preemption) -> dict[str, An
                     train_step.step_number(n))
                 n += 1
                 # padding included
-                logged.tokens += cfg.train.batch_size * bundle.seq_len * bundle.sequences_per_row
+                logged.tokens += tokens_per_step
                 training_bar.update(n, last)
                 stop = preemption.at_step(n, reading)
             if not (reading or stop):
@@ -337,7 +290,7 @@ def _run(cfg: ml_collections.ConfigDict, preemption: Preemption) -> dict[str, An
                 logging.warning("steps to %d: %d non-finite updates skipped, the first at step %d "
                                 "(%d so far)", n, bad, logged.first_nonfinite, skipped)
             if due("log", n) or n == total:
-                last, logged = log_line(n, logged, skipped, training_bar), _LogWindow(cfg.task)
+                last, logged = log_line(n, logged, skipped, training_bar), new_window()
             if due("eval", n) and n != total:
                 evaluated = evaluate()
                 writer.write(n, {**evaluated, **samples()})
@@ -379,18 +332,6 @@ def _run(cfg: ml_collections.ConfigDict, preemption: Preemption) -> dict[str, An
     return final
 
 
-def _with_reference(step: train_step.Step, initial: Any, frozen: Any, dropout: Any,
-                    global_batch: Callable) -> Callable:
-    """`global_batch` whose pairs also carry `ref_logps` from the frozen copy of the initial
-    weights (`initial`, sharded like the trained ones): a dispatch, no host read."""
-
-    def scored(local: dict[str, np.ndarray]) -> dict[str, jax.Array]:
-        batch = global_batch(local)
-        return {**batch, "ref_logps": step.reference(initial, frozen, dropout, batch)}
-
-    return scored
-
-
 def _score_reference(step: train_step.Step, placed: dict[str, Any], bundle: data.DataBundle,
                      global_batch) -> None:
     """Score every train and eval pair with the reference model (the weights as loaded, with
@@ -409,60 +350,6 @@ def _score_reference(step: train_step.Step, placed: dict[str, Any], bundle: data
           f"{time.perf_counter() - started:.1f} s")
 
 
-def _eval_metrics(sums: dict[str, np.ndarray], task: str) -> dict[str, float]:
-    """eval_loss (and perplexity, accuracy, or DPO's rewards) from an evaluation's sums; {}
-    without data."""
-    if not sums["count"]:
-        return {}
-    if task == tasks.DPO:
-        return dpo.metrics(sums, prefix="eval_")
-    lm = lm_metrics(float(sums["loss_sum"]), float(sums["count"]))
-    result = {"eval_loss": lm["loss"]}
-    if task == "lm":
-        result["eval_perplexity"] = lm["perplexity"]
-    if "correct" in sums:
-        result["eval_accuracy"] = float(sums["correct"] / sums["count"])
-    return result
-
-
-class _LogWindow:
-    """What the host gathers from the step's device windows between two log lines: the train
-    loss is the token-weighted mean over every finite step of the window (as the Hugging Face
-    Trainer averages over its logging steps), not the last step's."""
-
-    def __init__(self, task: str):
-        self.task = task
-        self.sums = dict.fromkeys(train_step.sum_names(task), 0.0)
-        self.tokens = 0  # processed tokens, padding included (for tokens/s)
-        self.started = time.perf_counter()
-        self.grad_norm = float("nan")
-        self.first_nonfinite = 0
-
-    def add(self, window: dict[str, np.ndarray]) -> int:
-        """Fold in a window read from the devices; returns its number of non-finite steps."""
-        for k in self.sums:
-            self.sums[k] += float(window[k])
-        self.grad_norm = float(window["grad_norm"])
-        if window["nonfinite"] and not self.first_nonfinite:
-            self.first_nonfinite = int(window["first_nonfinite"])
-        return int(window["nonfinite"])
-
-    def metrics(self) -> dict[str, float]:
-        count = max(self.sums["count"], 1.0)
-        out = {"train_loss": self.sums["loss_sum"] / count if self.sums["count"] else
-               float("nan"), "grad_norm": self.grad_norm,
-               "tokens_per_s": self.tokens / max(time.perf_counter() - self.started, 1e-9)}
-        if self.task == tasks.DPO:  # per pair, under TRL's names
-            out.update({k: v for k, v in dpo.metrics(self.sums).items() if k != "loss"})
-            out["train_pairs"] = int(self.sums["count"])
-        elif "correct" in self.sums:  # classification: one label per row
-            out["train_accuracy"] = self.sums["correct"] / count
-            out["train_examples"] = int(self.sums["count"])
-        else:  # the tokens the loss was taken on (padding and prompts excluded)
-            out["train_tokens"] = int(self.sums["count"])
-        return out
-
-
 # --- plot (jaxft.plot) ---
 def _write_plot(workdir: Path) -> None:
     """metrics.png beside metrics.jsonl; a plot must never fail a run that trained."""
@@ -473,30 +360,6 @@ def _write_plot(workdir: Path) -> None:
     except Exception as e:  # matplotlib missing, a metrics file edited by hand: log, carry on
         logging.warning("no plot for %s: %s: %s", workdir, type(e).__name__, e)
 # --- end plot ---
-
-
-def _fingerprint(cfg, model_path: str, placed: dict[str, Any]) -> dict[str, Any]:
-    """What a checkpoint must agree with to be resumed, keyed by the config field (or part of
-    the state) each entry records: see `checkpoint.FINGERPRINT_FIELDS`."""
-    fingerprint = {
-        "model.path": model_path,
-        "task": cfg.task,
-        "lora": _lora_fingerprint(cfg) if cfg.lora.enabled else None,
-        "train.param_dtype": cfg.train.param_dtype,
-        "train.optimizer_state_dtype": cfg.train.optimizer_state_dtype,
-        "optim.clip_norm": "on" if cfg.optim.clip_norm else "off",  # changes optax's tree
-        "optimizer state": checkpoint.layout(placed["opt_state"]),
-        "trainable parameters": checkpoint.layout(placed["trainable"]),
-    }
-    return json.loads(json.dumps(fingerprint))  # as it reads back from the checkpoint
-
-
-def _lora_fingerprint(cfg) -> dict[str, Any]:
-    """The LoRA section, less the fields added since checkpoints were first written while they
-    are at their defaults, so a run saved before those fields existed still resumes."""
-    defaults = config_lib.base_config().lora
-    return {k: v for k, v in cfg.lora.to_dict().items()
-            if not (k in config_lib.LATER_LORA_FIELDS and v == defaults[k])}
 
 
 def _write_resolved_config(cfg, workdir: Path, hf_config: dict, model_path: str,
@@ -521,29 +384,23 @@ def _describe_stats(stats: dict[str, Any]) -> str:
 
 
 def main(argv: list[str]) -> None:
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+    cli.start(argv)
     if FLAGS.config is None:
         raise app.UsageError("--config=configs/<recipe>.py is required")
-    if not FLAGS["verbosity"].present:  # Orbax and XLA log every save at INFO
-        absl_logging.set_verbosity(absl_logging.WARNING)
-    progress.enable(FLAGS.progress)
-    try:
+    with cli.user_errors():
         if (FLAGS.topology or FLAGS.suggest) and not FLAGS.dry_run:
             raise JaxftError("--topology and --suggest plan a run; add --dry_run")
         if FLAGS.dry_run:  # --- dry run (jaxft.plan): compile abstractly, read no weights ---
-            from jaxft import plan, suggest
+            from jaxft.plan import dry_run, suggest
 
             if FLAGS.topology:  # compile-only devices: this process needs no accelerator
                 jax.config.update("jax_platforms", "cpu")
             if FLAGS.suggest:
                 suggest.print_suggestions(FLAGS.config, FLAGS.topology, sys.argv)
             else:
-                plan.print_plan(FLAGS.config, FLAGS.topology)
+                dry_run.print_plan(FLAGS.config, FLAGS.topology)
             return
         run(FLAGS.config)
-    except JaxftError as e:
-        sys.exit(f"error: {e}")
 
 
 if __name__ == "__main__":

@@ -12,7 +12,7 @@ norm), which the training loop reads only when it logs, evaluates or checkpoints
 keys derive from the step number inside the step. `build` splits the model, derives every
 sharding from the parameters' logical axes, makes the optimizer, and jits both steps with
 explicit in/out shardings and donation: `jaxft.train`, the dry-run planner and the benchmark
-all run exactly what it returns.
+all run exactly what it returns. `build_evaluation` is its eval step alone, for `jaxft.evaluate`.
 """
 
 from __future__ import annotations
@@ -22,16 +22,15 @@ from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import optax
 from flax import nnx
 from jax.sharding import Mesh
 
-from jaxft import config as config_lib
 from jaxft import dpo, lora, optim, sharding, tasks
 from jaxft.kernels.cross_entropy import head_cross_entropy
 from jaxft.models import layers
+from jaxft.spec import RunSpec
 
 Batch = dict[str, jax.Array]
 
@@ -58,14 +57,19 @@ def lm_losses(model: nnx.Module, batch: Batch) -> dict[str, jax.Array]:
 
 
 def classification_losses(model: nnx.Module, batch: Batch) -> dict[str, jax.Array]:
-    """Summed cross-entropy and correct predictions over valid rows."""
+    """Summed cross-entropy and correct predictions over valid rows, and their confusion
+    matrix [predicted, label] (what macro-F1 is computed from; training drops it)."""
     logits = model(batch["input_ids"], batch["attention_mask"],
                    batch.get("token_type_ids")).astype(jnp.float32)  # B C
     nll = -jnp.take_along_axis(jax.nn.log_softmax(logits), batch["labels"][:, None], axis=-1)[:, 0]
     valid = batch.get("valid", jnp.ones_like(nll)).astype(jnp.float32)
-    correct = (jnp.argmax(logits, -1) == batch["labels"]).astype(jnp.float32)
+    predicted = jnp.argmax(logits, -1)
+    correct = (predicted == batch["labels"]).astype(jnp.float32)
+    classes = logits.shape[-1]
+    confusion = jnp.einsum("bp,bl->pl", jax.nn.one_hot(predicted, classes) * valid[:, None],
+                           jax.nn.one_hot(batch["labels"], classes))  # C C
     return {"loss_sum": jnp.sum(nll * valid), "count": jnp.sum(valid),
-            "correct": jnp.sum(correct * valid)}
+            "correct": jnp.sum(correct * valid), "confusion": confusion}
 
 
 LossFn = Callable[[nnx.Module, Batch], dict[str, jax.Array]]
@@ -92,9 +96,13 @@ def sum_names(task: str) -> tuple[str, ...]:
     return ("loss_sum", "count")
 
 
-def zero_sums(task: str) -> dict[str, np.ndarray]:
-    """Those sums as zeros, on the host (`Step` places them; under jit they are constants)."""
-    return {n: np.zeros((), np.float32) for n in sum_names(task)}
+def zero_sums(task: str, num_labels: int | None = None) -> dict[str, np.ndarray]:
+    """Those sums as zeros, on the host (`Step` places them; under jit they are constants).
+    An evaluation of a classifier (`num_labels`) also sums its confusion matrix."""
+    sums = {n: np.zeros((), np.float32) for n in sum_names(task)}
+    if task == tasks.CLASSIFICATION and num_labels:
+        sums["confusion"] = np.zeros((num_labels, num_labels), np.float32)
+    return sums
 
 
 def zero_window(task: str) -> dict[str, np.ndarray]:
@@ -134,10 +142,12 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, *,
     """
     losses_fn = task_losses(task, preference)
 
+    names = sum_names(task)
+
     def loss(trainable, frozen, dropout, micro):
         model = nnx.merge(graphdef, trainable, frozen, dropout)
         out = losses_fn(model, micro)
-        return out["loss_sum"], out
+        return out["loss_sum"], {k: out[k] for k in names}  # the window's scalars
 
     grad_fn = jax.grad(loss, has_aux=True)
 
@@ -211,35 +221,53 @@ def make_reference_step(graphdef: nnx.GraphDef) -> Callable:
 
 
 @dataclasses.dataclass(frozen=True)
-class Step:
-    """A model's train and eval steps, jitted for a mesh, with everything they were built from.
+class Evaluation:
+    """A model's eval step (and DPO's reference pass), jitted for a mesh: what the training
+    loop's evals and `jaxft.evaluate` both run.
 
-    `train(trainable, frozen, dropout, opt_state, window, batch, number)` donates the trainable
-    parameters, the optimizer state and the window; `evaluate(trainable, frozen, dropout, sums,
-    batch)` donates the sums. Batches arrive as global arrays (rows over data × fsdp).
+    `evaluate(trainable, frozen, dropout, sums, batch)` adds a batch's sums to `sums` (donated);
+    `reference(trainable, frozen, dropout, batch) -> [B, 2]` scores preference pairs with the
+    weights it is given, adapters off. Batches arrive as global arrays (rows over data × fsdp).
     """
 
-    graphdef: nnx.GraphDef  # training mode: dropout on
-    eval_graphdef: nnx.GraphDef  # the same model in eval mode
+    eval_graphdef: nnx.GraphDef  # the model in eval mode
     task: str
     mesh: Mesh
-    tx: optax.GradientTransformation
-    schedule: optax.Schedule
-    shardings: dict[str, Any]  # trainable, frozen, dropout, opt_state: trees of NamedSharding
-    train: Callable
+    shardings: dict[str, Any]  # trainable, frozen, dropout (and opt_state): NamedSharding trees
     evaluate: Callable
-    # task 'dpo', unless LoRA's base is the reference in the step: (trainable, frozen, dropout,
-    # batch) -> [B, 2] (see `config.dpo_reference`)
-    reference: Callable | None = None
+    # task 'dpo', unless LoRA's base is the reference in the step (`spec.ADAPTERS_OFF`)
+    reference: Callable | None
+    num_labels: int | None  # a classifier's classes: its evaluation sums a confusion matrix
 
     @property
     def replicated(self) -> jax.sharding.NamedSharding:
         return sharding.replicated(self.mesh)
 
     def place(self, states: dict[str, nnx.State]) -> dict[str, Any]:
-        """The split states on their shardings, plus the optimizer state: real arrays from
-        real ones, `ShapeDtypeStruct`s carrying shardings from abstract ones (the dry run)."""
-        placed = {name: _place(state, self.shardings[name]) for name, state in states.items()}
+        """The split states on their shardings: real arrays from real ones,
+        `ShapeDtypeStruct`s carrying shardings from abstract ones (the dry run)."""
+        return {name: _place(state, self.shardings[name]) for name, state in states.items()}
+
+    def zero_sums(self) -> dict[str, jax.Array]:
+        """Empty evaluation sums, on the devices."""
+        return jax.device_put(zero_sums(self.task, self.num_labels), self.replicated)
+
+
+@dataclasses.dataclass(frozen=True)
+class Step(Evaluation):
+    """A model's train step beside its `Evaluation`, jitted for a mesh, with everything they
+    were built from. `train(trainable, frozen, dropout, opt_state, window, batch, number)`
+    donates the trainable parameters, the optimizer state and the window.
+    """
+
+    graphdef: nnx.GraphDef  # training mode: dropout on
+    tx: optax.GradientTransformation
+    schedule: optax.Schedule
+    train: Callable
+
+    def place(self, states: dict[str, nnx.State]) -> dict[str, Any]:
+        """`Evaluation.place`, plus the optimizer state."""
+        placed = super().place(states)
         if _is_abstract(placed["trainable"]):
             init = jax.eval_shape(self.tx.init, placed["trainable"])
             placed["opt_state"] = jax.tree.map(
@@ -254,53 +282,77 @@ class Step:
         """An empty logging window, on the devices."""
         return jax.device_put(zero_window(self.task), self.replicated)
 
-    def zero_sums(self) -> dict[str, jax.Array]:
-        """Empty evaluation sums, on the devices."""
-        return jax.device_put(zero_sums(self.task), self.replicated)
 
-
-def build(model: nnx.Module, cfg: ml_collections.ConfigDict, mesh: Mesh,
-          lora_cfg: lora.LoraConfig | None) -> tuple[Step, dict[str, nnx.State]]:
-    """The steps `cfg` describes for `model` (real or from `nnx.eval_shape`) on `mesh`, and the
-    model split into its `trainable`, `dropout` and `frozen` states (not yet placed: see
-    `Step.place`). `lora_cfg` says what trains (None: everything). Reads `cfg.task`,
-    `cfg.optim`, `cfg.train.{steps, accum_steps, seed, optimizer_state_dtype}`, and `cfg.dpo`
-    for task 'dpo'.
-    """
-    preference = config_lib.dpo_config(cfg) if cfg.task == tasks.DPO else None
+def split(model: nnx.Module, lora_cfg: lora.LoraConfig | None
+          ) -> tuple[nnx.GraphDef, nnx.GraphDef, dict[str, nnx.State]]:
+    """(training graphdef, eval graphdef, states): the model split into what trains
+    (everything in full fine-tuning, else the adapters and `modules_to_save`), its dropout
+    keys and the frozen rest."""
     model.train()  # dropout on, at the checkpoint's rates (and LoRA's)
     graphdef, trainable, dropout, frozen = nnx.split(
         model, lora.trainable_filter(lora_cfg), layers.DropoutKey, ...)
     model.eval()
     eval_graphdef = nnx.split(model, lora.trainable_filter(lora_cfg), layers.DropoutKey, ...)[0]
-    states = {"trainable": trainable, "dropout": dropout, "frozen": frozen}
+    return graphdef, eval_graphdef, {"trainable": trainable, "dropout": dropout,
+                                     "frozen": frozen}
+
+
+def build_evaluation(model: nnx.Module, mesh: Mesh, task: str, *,
+                     lora_cfg: lora.LoraConfig | None = None,
+                     preference: dpo.DpoConfig | None = None,
+                     reference: bool = False) -> tuple[Evaluation, dict[str, nnx.State]]:
+    """The eval step for `model` on `mesh`, and the model split as `split` does (not yet
+    placed). `preference` is task 'dpo''s loss; `reference` adds the pass that scores pairs
+    with other weights (a full fine-tune's initial ones)."""
+    _, eval_graphdef, states = split(model, lora_cfg)
     shardings = {name: sharding.state_shardings(s, mesh) for name, s in states.items()}
-    # The optimizer is built for the trees the step will see: arrays, as `place` leaves them.
-    params = _abstract(trainable, shardings["trainable"])
-    tx, schedule = optim.make_optimizer(cfg.optim, params, cfg.train.steps,
-                                        state_dtype=cfg.train.optimizer_state_dtype)
-    shardings["opt_state"] = sharding.optimizer_shardings(tx, params, shardings["trainable"],
-                                                          mesh)
+    return _evaluation(eval_graphdef, shardings, mesh, task, preference, reference,
+                       model.config.num_labels), states
+
+
+def _evaluation(eval_graphdef: nnx.GraphDef, shardings: dict[str, Any], mesh: Mesh, task: str,
+                preference: dpo.DpoConfig | None, reference: bool,
+                num_labels: int | None) -> Evaluation:
     replicated = sharding.replicated(mesh)
     params = (shardings["trainable"], shardings["frozen"], shardings["dropout"])
-    train = jax.jit(
-        sharding.traced_under(mesh, make_train_step(
-            graphdef, tx, task=cfg.task, accum_steps=cfg.train.accum_steps, seed=cfg.train.seed,
-            preference=preference)),
-        in_shardings=(*params, shardings["opt_state"], replicated, None, replicated),
-        out_shardings=(shardings["trainable"], shardings["opt_state"], replicated),
-        donate_argnums=(0, 3, 4))
-    evaluate = jax.jit(sharding.traced_under(mesh, make_eval_step(eval_graphdef, task=cfg.task,
+    evaluate = jax.jit(sharding.traced_under(mesh, make_eval_step(eval_graphdef, task=task,
                                                                   preference=preference)),
                        in_shardings=(*params, replicated, None), out_shardings=replicated,
                        donate_argnums=(3,))
-    reference = None
-    if preference is not None and config_lib.dpo_reference(cfg) != "adapters_off":
-        reference = jax.jit(sharding.traced_under(mesh, make_reference_step(eval_graphdef)),
-                            in_shardings=(*params, None), out_shardings=replicated)
-    step = Step(graphdef, eval_graphdef, cfg.task, mesh, tx, schedule, shardings, train,
-                evaluate, reference)
-    return step, states
+    score = None
+    if reference:
+        score = jax.jit(sharding.traced_under(mesh, make_reference_step(eval_graphdef)),
+                        in_shardings=(*params, None), out_shardings=replicated)
+    return Evaluation(eval_graphdef, task, mesh, shardings, evaluate, score, num_labels)
+
+
+def build(model: nnx.Module, run: RunSpec, mesh: Mesh) -> tuple[Step, dict[str, nnx.State]]:
+    """The steps `run` describes for `model` (real or from `nnx.eval_shape`, adapters already
+    attached) on `mesh`, and the model split into its `trainable`, `dropout` and `frozen`
+    states (not yet placed: see `Step.place`). Reads the run's task, LoRA and DPO settings,
+    `optim` and `train.{steps, accum_steps, seed, optimizer_state_dtype}`.
+    """
+    graphdef, eval_graphdef, states = split(model, run.lora)
+    shardings = {name: sharding.state_shardings(s, mesh) for name, s in states.items()}
+    # The optimizer is built for the trees the step will see: arrays, as `place` leaves them.
+    params = _abstract(states["trainable"], shardings["trainable"])
+    tx, schedule = optim.make_optimizer(run.config.optim, params, run.train.steps,
+                                        state_dtype=run.train.optimizer_state_dtype)
+    shardings["opt_state"] = sharding.optimizer_shardings(tx, params, shardings["trainable"],
+                                                          mesh)
+    evaluation = _evaluation(eval_graphdef, shardings, mesh, run.task, run.dpo,
+                             run.batch_ref_logps, model.config.num_labels)
+    replicated = sharding.replicated(mesh)
+    train = jax.jit(
+        sharding.traced_under(mesh, make_train_step(
+            graphdef, tx, task=run.task, accum_steps=run.train.accum_steps, seed=run.train.seed,
+            preference=run.dpo)),
+        in_shardings=(shardings["trainable"], shardings["frozen"], shardings["dropout"],
+                      shardings["opt_state"], replicated, None, replicated),
+        out_shardings=(shardings["trainable"], shardings["opt_state"], replicated),
+        donate_argnums=(0, 3, 4))
+    fields = {f.name: getattr(evaluation, f.name) for f in dataclasses.fields(Evaluation)}
+    return Step(**fields, graphdef=graphdef, tx=tx, schedule=schedule, train=train), states
 
 
 def _is_abstract(state: Any) -> bool:

@@ -1,8 +1,13 @@
-"""Rebuild a training run from its workdir: export, evaluation and generation all start here.
+"""A training run's workdir: checked, claimed and wiped by `jaxft.train`, and rebuilt from by
+export, evaluation and generation.
+
+Before anything loads, a run checks its workdir (`prepare_workdir`) and claims it with a marker
+file (`claim_workdir`) only once the run is known to be compatible with what is there; wiping
+one (`checkpoint.resume=fresh`) removes only what jaxft wrote, and only where the marker is.
 
 `W/config.json` names the base checkpoint and the LoRA setup; a checkpoint in `W/checkpoints`
-holds the trained weights. Only the `trainable` subtree is restored (an Orbax partial restore),
-so the optimizer state is never read.
+holds the trained weights. `load_run` restores only the `trainable` subtree (an Orbax partial
+restore), so the optimizer state is never read.
 """
 
 from __future__ import annotations
@@ -10,17 +15,27 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import shutil
+import time
 from pathlib import Path
 
+import jax
 import ml_collections
 import orbax.checkpoint as ocp
 from flax import nnx
 from jax.sharding import Mesh
 
-from jaxft import checkpoint, hf_io, hub, lora
-from jaxft import config as config_lib
+from jaxft import checkpoint, lora, spec, tasks
 from jaxft.early_stopping import BEST_DIRECTORY
 from jaxft.errors import JaxftError, first_line
+from jaxft.hf import hub, weights
+from jaxft.outdir import check_directory
+
+# The workdir marker, and what a run writes beside it (all that `wipe_workdir` removes).
+WORKDIR_MARKER = ".jaxft-workdir"
+WORKDIR_ENTRIES = ("checkpoints", "best_checkpoint", "damaged_checkpoints", "tensorboard",
+                   "config.json", "label_map.json", "metrics.jsonl", "metrics.png",
+                   "final_metrics.json", "wandb", "wandb_run.json")
 
 
 @dataclasses.dataclass
@@ -28,11 +43,18 @@ class Run:
     """A training run rebuilt from its workdir: the model as it was at `step`."""
 
     model: nnx.Module
-    lora: lora.LoraConfig | None
-    config: ml_collections.ConfigDict  # the run's resolved config
+    spec: spec.RunSpec  # the run's, resolved from its config.json
     base: str  # the resolved base checkpoint: a local directory or .gguf file (and tokenizer)
     base_name: str  # what PyTorch users load: the hub id if the run named one, else `base`
     step: int
+
+    @property
+    def lora(self) -> lora.LoraConfig | None:
+        return self.spec.lora
+
+    @property
+    def config(self) -> ml_collections.ConfigDict:
+        return self.spec.config
 
 
 def read_run_config(workdir: str | os.PathLike) -> ml_collections.ConfigDict:
@@ -66,7 +88,7 @@ def load_run(workdir: str | os.PathLike, step: int | str | None = None, *,
     with a `mesh` the base weights go straight onto their shardings as they load."""
     workdir = Path(workdir)
     cfg = read_run_config(workdir)
-    lora_cfg = config_lib.lora_config(cfg)
+    run = spec.of_saved_run(cfg)
     step = parse_step(step)
     directory = workdir / (BEST_DIRECTORY if step == BEST else "checkpoints")
     manager = checkpoint.manager(directory) if directory.is_dir() else None
@@ -83,19 +105,17 @@ def load_run(workdir: str | os.PathLike, step: int | str | None = None, *,
         raise JaxftError(f"{workdir}: no checkpoint for step {step} (saved steps: "
                          f"{', '.join(map(str, steps))})")
     num_labels = None
-    if cfg.task == "classification":  # the head size training settled on (0: none recorded)
+    if run.task == tasks.CLASSIFICATION:  # the head size training settled on (0: none recorded)
         num_labels = cfg.model.get("num_labels") or None
-    model = hf_io.load_model(cfg.model.resolved_path, dtype=dtype or cfg.train.param_dtype,
-                             compute_dtype=config_lib.compute_dtype(cfg),
-                             num_labels=num_labels, seed=cfg.train.seed, mesh=mesh,
-                             quantize=config_lib.quant_config(cfg))
-    if lora_cfg is not None:
-        lora.apply_lora(model, lora_cfg, seed=cfg.train.seed)
-    trainable = nnx.state(model, lora.trainable_filter(lora_cfg))
+    model = weights.load_hf_model(cfg.model.resolved_path,
+                                  run.model_options(num_labels, param_dtype=dtype), mesh=mesh)
+    if run.lora is not None:
+        lora.apply_lora(model, run.lora, seed=run.train.seed)
+    trainable = nnx.state(model, lora.trainable_filter(run.lora))
     restored = _restore_trainable(manager, step, trainable.to_pure_dict(), directory)
     nnx.replace_by_pure_dict(trainable, restored)
     nnx.update(model, trainable)
-    return Run(model, lora_cfg, cfg, cfg.model.resolved_path, _base_name(cfg), step)
+    return Run(model, run, cfg.model.resolved_path, _base_name(cfg), step)
 
 
 def _base_name(cfg: ml_collections.ConfigDict) -> str:
@@ -116,3 +136,63 @@ def _restore_trainable(manager: ocp.CheckpointManager, step: int, target: dict,
         raise JaxftError(f"{directory / str(step)}: does not restore into this run's model "
                          f"({first_line(e)})") from e
     return restored.state["trainable"]
+
+
+def prepare_workdir(workdir: Path) -> None:
+    """Check a training workdir before anything is loaded: it, and every directory and file a
+    run writes in it that exists already (a resumed run's), must be writable and of the right
+    kind. Nothing is written."""
+    check_directory(workdir, "workdir")
+    for name in WORKDIR_ENTRIES:
+        entry = workdir / name
+        if name in ("checkpoints", "best_checkpoint", "damaged_checkpoints", "tensorboard",
+                    "wandb"):
+            if entry.exists() and not entry.is_dir():
+                raise JaxftError(f"{entry}: exists and is not a directory (move it out of the "
+                                 "workdir)")
+            if entry.is_dir():
+                check_directory(entry, "workdir's directory")
+        elif entry.is_dir():
+            raise JaxftError(f"{entry}: is a directory, where the run writes a file")
+        elif entry.exists():
+            try:
+                with entry.open("a"):  # opened to append, not changed
+                    pass
+            except OSError as e:
+                raise JaxftError(f"{entry}: workdir's file is not writable: {first_line(e)}"
+                                 ) from e
+
+
+def claim_workdir(workdir: Path) -> None:
+    """Create the workdir (if needed) and mark it as a jaxft run's; process 0 only."""
+    if jax.process_index() != 0:
+        return
+    workdir.mkdir(parents=True, exist_ok=True)
+    marker = workdir / WORKDIR_MARKER
+    if not marker.exists():
+        marker.write_text(json.dumps({"created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}) + "\n")
+
+
+def wipe_workdir(workdir: Path) -> None:
+    """`checkpoint.resume=fresh`: remove what earlier runs wrote to `workdir`, and nothing else.
+
+    Only a directory with jaxft's marker is touched, and in it only the entries jaxft writes: a
+    workdir pointed at `.` or at a directory of other files loses nothing that was not jaxft's.
+    Process 0 deletes; every process waits until it has.
+    """
+    if workdir.exists() and not (workdir / WORKDIR_MARKER).is_file():
+        if any(workdir.iterdir()):
+            raise JaxftError(f"{workdir}: checkpoint.resume=fresh deletes only a workdir a jaxft "
+                             f"run made, and this one has no {WORKDIR_MARKER} marker; delete "
+                             "it yourself or choose another workdir")
+    elif workdir.exists() and jax.process_index() == 0:
+        for name in WORKDIR_ENTRIES:
+            entry = workdir / name
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry)
+            elif entry.exists() or entry.is_symlink():
+                entry.unlink()
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices("jaxft_wipe_workdir")

@@ -111,6 +111,7 @@ def test_export_into_a_read_only_directory_is_refused_before_loading(trained, tm
 
 # -- the command line: the same refusals, one line each ---------------------------------------
 
+@pytest.mark.slow
 def test_misspelt_config_field_is_one_line(model_dir, tmp_path):
     config = write_config_file(tmp_path / "cfg.py", model_dir, tmp_path / "w")
     for command in ("jaxft.train", "jaxft.evaluate"):
@@ -123,6 +124,7 @@ def test_misspelt_config_field_is_one_line(model_dir, tmp_path):
         "config: nosuch is not a field (in --config.nosuch.x)"
 
 
+@pytest.mark.slow
 def test_command_line_refusals_are_one_line(model_dir, trained, tmp_path):
     (tmp_path / "w").write_text("a file where the workdir should be")
     config = write_config_file(tmp_path / "cfg.py", model_dir, tmp_path / "w")

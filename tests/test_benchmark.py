@@ -8,6 +8,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+pytestmark = pytest.mark.slow  # (see the README: the -m 'not slow' lane)
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -36,6 +40,12 @@ def test_quick_benchmark_writes_json_rows(tmp_path):
     # The same model FLOPs per token in both implementations, and LoRA's below full's.
     flops = {(r["impl"], r["mode"]): r["model_flops"] for r in steps}
     assert flops["jaxft", "lora"] == flops["torch", "lora"] < flops["jaxft", "full"]
+    # ...and that count (jaxft's FLOPs model, the dry run's) is what PyTorch's own FLOP counter
+    # sees in a forward and backward of the same model under PEFT.
+    for mode in ("lora", "full"):
+        counted = next(r["counted_flops"] for r in steps if r["impl"] == "torch"
+                       and r["mode"] == mode)
+        assert flops["jaxft", mode] == counted, mode
 
 
 def test_readme_tpu_table_is_the_tools_output_of_its_json():

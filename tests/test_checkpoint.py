@@ -13,12 +13,10 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-import jaxft
 from jaxft import train
 from tests.tiny_run import (
     DATA,
     REPO,
-    nan_at_step,
     read_metrics,
     subprocess_env,
     tiny_config,
@@ -26,6 +24,8 @@ from tests.tiny_run import (
     train_losses,
     write_config_file,
 )
+
+pytestmark = pytest.mark.slow  # (see the README: the -m 'not slow' lane)
 
 
 @pytest.fixture(scope="module")
@@ -103,7 +103,7 @@ def test_sigkill_during_async_saves_never_breaks_resume(model_dir, tmp_path):
     config = write_config_file(tmp_path / "cfg.py", model_dir, workdir, **{
         "train.steps": 40, "checkpoint.every": 1, "checkpoint.keep": 2,
         "data.eval_fraction": 0.0, "lora.enabled": False, "optim.lr": 1e-3})
-    for delay in (0.0, 0.3):  # kills land at different points of the save cycle
+    for delay in (0.0, 0.15, 0.4):  # kills land at different points of the save cycle
         proc = start(config)
         reached = 1 + max([m["step"] for m in read_metrics(workdir) if "train_loss" in m]
                           if (workdir / "metrics.jsonl").exists() else [0])
@@ -159,37 +159,6 @@ def test_corrupted_latest_checkpoint_is_skipped(model_dir, tmp_path, caplog):
                for r in caplog.records)
     steps = [m["step"] for m in read_metrics(workdir) if "train_loss" in m]
     assert steps[-4:] == [4, 5, 6, 7]  # resumed from 3
-
-
-def test_changed_lora_setup_refuses_to_resume(model_dir, tmp_path):
-    workdir = tmp_path / "run"
-    train.run(tiny_config(model_dir, workdir, **{"train.steps": 2}))
-    with pytest.raises(jaxft.JaxftError, match=r"checkpoints/2: checkpoint was written by a run "
-                       r"with a different lora"):
-        train.run(tiny_config(model_dir, workdir, **{"train.steps": 4, "lora.rank": 8}))
-    # Adapters trained against a 16-bit base do not continue on a 4-bit one, nor the reverse.
-    with pytest.raises(jaxft.JaxftError, match=r"checkpoints/2: checkpoint was written by a run "
-                       r"with a different lora .*'base_quant': 'nf4'"):
-        train.run(tiny_config(model_dir, workdir, **{"train.steps": 4, "lora.base_quant": "nf4"}))
-    with pytest.raises(jaxft.JaxftError, match="checkpoint.resume is 'never'"):
-        train.run(tiny_config(model_dir, workdir, **{"checkpoint.resume": "never"}))
-    final = train.run(tiny_config(model_dir, workdir, **{"train.steps": 2, "lora.rank": 8,
-                                                         "checkpoint.resume": "fresh"}))
-    assert final["step"] == 2
-
-
-def test_nonfinite_step_is_skipped_or_stops(model_dir, tmp_path, monkeypatch):
-    nan_at_step(monkeypatch, 3)
-    skip = tmp_path / "skip"
-    final = train.run(tiny_config(model_dir, skip, **{
-        "train.steps": 5, "checkpoint.every": 2}))
-    assert final["skipped_steps"] == 1 and np.isfinite(final["train_loss"])
-    stop = tmp_path / "stop"
-    with pytest.raises(jaxft.JaxftError, match=r"step 3: loss or gradient is not finite; "
-                       r"stopped without saving \(last checkpoint: \[2\]\)"):
-        train.run(tiny_config(model_dir, stop, **{
-            "train.steps": 5, "checkpoint.every": 2, "train.on_nonfinite": "stop"}))
-    assert sorted(p.name for p in (stop / "checkpoints").iterdir()) == ["2"]
 
 
 def test_lora_checkpoint_is_adapter_sized(tmp_path):

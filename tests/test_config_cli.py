@@ -1,7 +1,6 @@
 """Config fields as users pass them: `--config.x=y` overrides parsed as absl parses the command
 line, and JAX-native values (`jnp.bfloat16`) in config files."""
 
-import jax
 import peft
 import pytest
 from absl import flags
@@ -9,8 +8,7 @@ from flax import nnx
 from ml_collections import config_flags
 
 import jaxft
-from jaxft import config as config_lib
-from jaxft import lora
+from jaxft import lora, spec
 from tests import hf_models
 
 
@@ -22,8 +20,7 @@ def parse(config_file, *overrides: str):
                                     sys_argv=argv)  # (overrides are read from it, not sys.argv)
     values(argv)
     cfg = values.config
-    config_lib.validate(cfg, jax.device_count())
-    return cfg
+    return spec.resolve(cfg)
 
 
 @pytest.fixture
@@ -62,9 +59,9 @@ def config_file(tmp_path, llama):
 def test_lora_targets_from_the_command_line_adapt_what_peft_adapts(flag, target_modules, llama,
                                                                   config_file):
     hf, model_dir = llama
-    cfg = parse(config_file, f"--config.lora.targets={flag}")
+    run = parse(config_file, f"--config.lora.targets={flag}")
     model = jaxft.from_pretrained(model_dir)
-    lora.apply_lora(model, config_lib.lora_config(cfg))
+    lora.apply_lora(model, run.lora)
     ours = lora.count_parameters(nnx.state(model, nnx.LoRAParam))
     theirs, _ = peft.get_peft_model(hf, peft.LoraConfig(
         r=4, target_modules=target_modules)).get_nb_trainable_parameters()

@@ -189,6 +189,7 @@ def test_eval_is_one_padded_pass_over_every_example(tok):
     assert_batches_equal(again, batches)
 
 
+@pytest.mark.slow
 def test_classification_eval_marks_padding_rows_invalid():
     bert = data.load_tokenizer(minilm_dir())
     bundle = data.build_data(config(TICKETS, max_len=32, eval_fraction=0.25), bert,
@@ -200,6 +201,7 @@ def test_classification_eval_marks_padding_rows_invalid():
     assert (batches[-1]["attention_mask"][2:] == 0).all()
 
 
+@pytest.mark.slow
 def test_to_global_arrays_assembles_the_batch(tok):
     devices = np.array(jax.devices())
     mesh = Mesh(devices, ("data",))

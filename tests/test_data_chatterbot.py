@@ -42,6 +42,7 @@ def test_chat_source_rows_and_stable_split():
     assert not train_q & eval_q  # every answer to a question is on the same side
 
 
+@pytest.mark.slow
 def test_topics_source_classifies_questions_by_file(tmp_path):
     bert = data.load_tokenizer(minilm_dir())
     bundle = data.build_data(config("chatterbot:topics", max_len=32), bert, global_batch_size=8,

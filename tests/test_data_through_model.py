@@ -9,6 +9,7 @@ from jaxft import data
 from tests.tiny_run import DATA, tiny_model_dir
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("family", ["llama", "qwen3_qk_norm_mixed_window", "phi3_longrope_window",
                                     "gemma2_softcap_window", "gemma3_local_global_rope"])
 def test_packed_row_logits_equal_each_example_alone(family, tmp_path):

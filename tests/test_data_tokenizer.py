@@ -20,11 +20,13 @@ def smollm2():
     return data.load_tokenizer(smollm2_gguf_path())
 
 
+@pytest.mark.slow
 def test_gguf_tokenizer_has_its_chat_template(smollm2):
     assert smollm2.chat_template and "<|im_start|>" in smollm2.chat_template
     assert smollm2.eos_token == "<|im_end|>"
 
 
+@pytest.mark.slow
 def test_gguf_tokenizer_equals_transformers_own_and_needs_no_torch(smollm2):
     """jaxft reads the vocabulary with the `gguf` package; transformers' reader needs torch."""
     path = smollm2_gguf_path()
@@ -51,6 +53,7 @@ def test_gguf_tokenizer_equals_transformers_own_and_needs_no_torch(smollm2):
     assert run.stdout.strip() == str(reference("Where is my order?")["input_ids"])
 
 
+@pytest.mark.slow
 def test_directory_holding_only_a_gguf_file(smollm2, tmp_path):
     os.symlink(smollm2_gguf_path(), tmp_path / "model.gguf")
     tok = data.load_tokenizer(str(tmp_path))
@@ -58,6 +61,7 @@ def test_directory_holding_only_a_gguf_file(smollm2, tmp_path):
     assert tok(text)["input_ids"] == smollm2(text)["input_ids"]
 
 
+@pytest.mark.slow
 def test_smollm2_template_masks_exactly_the_assistant_turns(smollm2):
     conversations = [r["messages"] for r in read_jsonl(SUPPORT_CHAT)]
     bundle = data.build_data(config(SUPPORT_CHAT, max_len=512, eval_fraction=0.0), smollm2,
@@ -109,6 +113,7 @@ def test_directory_and_hub_errors(tmp_path):
             data.load_tokenizer("no-such-org-xyz/no-such-model")
 
 
+@pytest.mark.slow
 def test_model_directory(tmp_path):
     bert = data.load_tokenizer(minilm_dir())
     assert bert("hello world")["input_ids"] == [101, 7592, 2088, 102]

@@ -18,8 +18,9 @@ import torch
 import transformers
 
 import jaxft
-from jaxft import adapters, lora
+from jaxft import lora
 from jaxft.errors import JaxftError
+from jaxft.hf import adapters
 from tests import hf_models
 
 CASES = {  # name -> (HF config, PEFT LoraConfig kwargs)
@@ -77,6 +78,7 @@ def test_peft_dora_adapter_imports_with_pytorchs_logits(dora_pair):
     assert_close(jaxft_logits(model, ids, mask), torch_logits(peft_model, ids, mask), mask)
 
 
+@pytest.mark.slow
 def test_merged_dora_equals_peft_merge_and_unload(dora_pair):
     base, adapter, _ = dora_pair
     ids, mask = hf_models.padded_batch()
@@ -153,6 +155,7 @@ def test_magnitudes_without_use_dora_are_refused_by_name(dora_pair, tmp_path):
         jaxft.from_pretrained(base, adapter=copy)
 
 
+@pytest.mark.slow
 def test_dora_run_trains_and_exports_for_peft(tmp_path):
     """`lora.use_dora=True` through jaxft.train: the eval loss falls, and the exported adapter
     loads in PEFT with the run's own logits."""

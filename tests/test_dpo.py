@@ -273,6 +273,7 @@ def test_long_prompts_keep_their_end_with_max_prompt_len(tmp_path):
 # ---------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_twenty_lora_dpo_steps_follow_trl(tmp_path):
     """`jaxft.train` with task='dpo' against `DPOTrainer.train()`: same base, same initial
     adapters (jaxft's A, B = 0), same eight pairs in every step, TRL's default optimizer and
@@ -283,8 +284,7 @@ def test_twenty_lora_dpo_steps_follow_trl(tmp_path):
     import torch
     import transformers
 
-    from jaxft import config as config_lib
-    from jaxft import train
+    from jaxft import spec, train
     from tests.tiny_run import DATA, read_metrics, tiny_config
 
     steps, lr, targets = 20, 5e-3, ["q_proj", "v_proj", "down_proj"]
@@ -302,7 +302,7 @@ def test_twenty_lora_dpo_steps_follow_trl(tmp_path):
     got = [m["train_loss"] for m in read_metrics(tmp_path / "run") if "train_loss" in m]
 
     model = jaxft.from_pretrained(model_dir)
-    lora.apply_lora(model, config_lib.lora_config(cfg), seed=cfg.train.seed)
+    lora.apply_lora(model, spec.resolve(cfg).lora, seed=cfg.train.seed)
     init_a = {path: np.asarray(m.adapter.lora_a[...]) for path, m in lora.linear_modules(model)
               if m.adapter is not None}
     args = trl.DPOConfig(output_dir=str(tmp_path / "trl"), report_to=[], use_cpu=True,

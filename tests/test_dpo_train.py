@@ -23,6 +23,8 @@ from jaxft.workdir import load_run
 from tests import hf_models
 from tests.tiny_run import DATA, REPO, read_metrics, subprocess_env, tiny_config, tiny_model_dir
 
+pytestmark = pytest.mark.slow  # (see the README: the -m 'not slow' lane)
+
 PAIRS = DATA / "support_preferences.jsonl"
 
 
@@ -86,9 +88,12 @@ def test_a_dpo_run_generates_and_evaluates_as_any_run(dpo_run):
     assert "Where is my order?" in done.stdout
     got = E.run(None, str(workdir))
     assert got["task"] == "dpo"
-    # float32 sums: the run summed over 8 devices, this over one
     assert got["loss"] == pytest.approx(final["eval_loss"], rel=1e-5)
     assert got["rewards/accuracies"] == pytest.approx(final["eval_rewards/accuracies"])
+    # one evaluation: the loop's eval step, sums and metrics on the run's mesh, to the bit
+    for name in ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins",
+                 "rewards/accuracies", "logps/chosen", "logps/rejected"):
+        assert got[name] == final[f"eval_{name}"], name
 
 
 def test_full_fine_tuning_scores_the_reference_once_before_training(model_dir, tmp_path,

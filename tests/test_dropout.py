@@ -39,6 +39,7 @@ def torch_logits(hf) -> np.ndarray:
         return hf(torch.from_numpy(IDS)).logits.numpy()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(MODELS))
 def test_training_mode_matches_pytorch_in_distribution(name, tmp_path):
     cls = (transformers.BertForSequenceClassification if name == "bert_classifier"

@@ -8,9 +8,8 @@ import shutil
 import numpy as np
 import pytest
 
-from jaxft import config as config_lib
 from jaxft import evaluate as E
-from jaxft import export, train
+from jaxft import export, spec, train
 from jaxft.errors import JaxftError
 from jaxft.workdir import load_run
 from tests.tiny_run import read_metrics, tiny_config, tiny_model_dir
@@ -89,6 +88,7 @@ def test_a_rerun_of_a_stopped_run_does_not_train_on(stopped, model_dir) -> None:
     assert train.run(_overfitting(model_dir, workdir)) == final
 
 
+@pytest.mark.slow
 def test_a_resumed_run_counts_its_patience_on(model_dir, stopped, tmp_path, monkeypatch) -> None:
     """Preempted between its best eval and its stop, the resumed run stops at the same step
     with the same best, and every eval equals the uninterrupted run's bitwise."""
@@ -124,7 +124,7 @@ def test_no_best_checkpoint_without_early_stopping(stopped, tmp_path) -> None:
 def test_bad_settings_are_one_line(model_dir, tmp_path, overrides, message) -> None:
     cfg = _overfitting(model_dir, tmp_path, **overrides)
     with pytest.raises(JaxftError, match=message):
-        config_lib.validate(cfg, device_count=1)
+        spec.validate(cfg, device_count=1)
     assert not any(tmp_path.iterdir())
 
 

@@ -14,7 +14,7 @@ from flax import nnx
 from safetensors import safe_open
 
 import jaxft
-from jaxft import hf_io
+from jaxft.hf import weights
 from tests import hf_models
 from tests.test_models import torch_logits
 
@@ -107,8 +107,8 @@ def test_big_export_is_sharded_as_transformers_shards_and_streamed(tmp_path):
         tracemalloc.stop()
     assert total > 12e6 and peak < 3e6  # one shard, one tensor being converted, and change
 
-    ours = json.loads((tmp_path / "out" / hf_io.SAFETENSORS_INDEX_NAME).read_text())
-    theirs = json.loads((tmp_path / "theirs" / hf_io.SAFETENSORS_INDEX_NAME).read_text())
+    ours = json.loads((tmp_path / "out" / weights.SAFETENSORS_INDEX_NAME).read_text())
+    theirs = json.loads((tmp_path / "theirs" / weights.SAFETENSORS_INDEX_NAME).read_text())
     assert ours["metadata"]["total_size"] == theirs["metadata"]["total_size"]
     assert sorted(ours["weight_map"]) == sorted(theirs["weight_map"])
     shards = sorted(set(ours["weight_map"].values()))
@@ -118,7 +118,7 @@ def test_big_export_is_sharded_as_transformers_shards_and_streamed(tmp_path):
     for name in shards:  # at most 1 MB, or one tensor bigger than that on its own
         held = [t for t, f in ours["weight_map"].items() if f == name]
         assert (tmp_path / "out" / name).stat().st_size <= 1e6 + 4096 or len(held) == 1
-    assert not (tmp_path / "out" / hf_io.SAFETENSORS_NAME).exists()
+    assert not (tmp_path / "out" / weights.SAFETENSORS_NAME).exists()
     reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
     ids, mask = hf_models.padded_batch(vocab=1024)
     np.testing.assert_allclose(torch_logits(reloaded, ids, mask), torch_logits(hf, ids, mask),
@@ -155,10 +155,10 @@ def test_dtypes_are_taken_as_jax_numpy_and_torch_users_write_them(dtype, name, t
 
 
 def test_a_shard_size_that_is_no_size_is_named(tmp_path):
-    assert hf_io.shard_size_bytes("5GB") == 5 * 10**9 == hf_io.shard_size_bytes("5 gb")
-    assert hf_io.shard_size_bytes(1234) == 1234 and hf_io.shard_size_bytes("1.5MB") == 1_500_000
+    assert weights.shard_size_bytes("5GB") == 5 * 10**9 == weights.shard_size_bytes("5 gb")
+    assert weights.shard_size_bytes(1234) == 1234 and weights.shard_size_bytes("1.5MB") == 1_500_000
     with pytest.raises(jaxft.JaxftError, match=r"^max_shard_size '5XB' is not a size"):
-        hf_io.shard_size_bytes("5XB")
+        weights.shard_size_bytes("5XB")
 
 
 def test_a_dtype_jaxft_cannot_hold_is_named(tmp_path):
@@ -173,20 +173,18 @@ def test_a_fresh_classifier_head_is_initialised_alone():
     are only the head, so XLA drops every other initialiser: the compiled program holds the
     head's bytes, not the model's, and the values are those of the whole model initialised
     under jit."""
-    from jaxft.models import bert
+    from jaxft.hf.model import Blueprint, ModelOptions
+    from jaxft.models import bert, params
 
     cfg = bert.Config(vocab_size=4096, hidden_size=256, num_hidden_layers=4,
                       num_attention_heads=4, intermediate_size=1024, num_labels=3)
 
-    def build():
-        return bert.Model(cfg, rngs=nnx.Rngs(0), param_dtype=jnp.float32)
-
-    missing = [p for p in hf_io.params.flat_variables(nnx.state(nnx.eval_shape(build),
-                                                               nnx.Param))
+    plan = Blueprint(bert, cfg, ModelOptions())
+    missing = [p for p in params.flat_variables(nnx.state(plan.abstract(), nnx.Param))
                if cfg.may_be_missing(p)]
-    init = jax.jit(hf_io.initialiser_of(build, missing))
+    init = jax.jit(plan.initialiser(missing))
     fresh = init()
-    full = hf_io.params.flat_variables(jax.jit(lambda: nnx.state(build(), nnx.Param))())
+    full = params.flat_variables(jax.jit(lambda: nnx.state(plan.build(), nnx.Param))())
     assert sorted(fresh) == sorted(missing) and len(full) > 4 * len(missing)
     for path, value in fresh.items():
         np.testing.assert_array_equal(np.asarray(value), np.asarray(full[path].get_value()))

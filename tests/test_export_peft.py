@@ -25,7 +25,8 @@ import transformers
 from safetensors.numpy import load_file
 
 import jaxft
-from jaxft import adapters, export, lora
+from jaxft import export, lora
+from jaxft.hf import adapters
 from jaxft.workdir import load_run
 from tests import hf_models
 from tests.test_data_helpers import SUPPORT_CHAT, TICKETS, tiny_bpe
@@ -164,6 +165,7 @@ def _torch_class(name: str):
     return (transformers.AutoModel if FAMILIES[name][1] is transformers.BertModel else CAUSAL), {}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(FAMILIES))
 def test_peft_loads_jaxft_adapter_with_jaxft_logits(name, family_exports):
     base, adapter, _, expected, base_out = family_exports[name]
@@ -222,6 +224,7 @@ def test_adapter_round_trip_is_byte_identical(family_exports, tmp_path):
 # ------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_cli_exports_trained_lora_run_as_peft_adapter(runs, tmp_path):
     out = tmp_path / "adapter"
     done = _export_cli(f"--workdir={runs['lora']}", f"--out={out}")

@@ -15,6 +15,8 @@ import pytest
 from jaxft import train
 from tests.tiny_run import REPO, subprocess_env, tiny_config, tiny_model_dir, train_losses
 
+pytestmark = pytest.mark.slow  # (see the README: the -m 'not slow' lane)
+
 STEPS = 6
 RUNS = {  # family -> overrides of tests.tiny_run.tiny_config: full fine-tuning, every weight
     # sharded; adapters by each family's PEFT names are in test_generate and test_*_peft

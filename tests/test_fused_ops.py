@@ -13,7 +13,7 @@ import pytest
 
 from jaxft import JaxftError, train_step
 from jaxft.kernels import cross_entropy, swiglu
-from jaxft.models import layers
+from jaxft.models import attention
 
 TOL = dict(rtol=1e-5, atol=1e-5)
 
@@ -26,10 +26,11 @@ def packed_mask(batch: int, length: int) -> jax.Array:
     seg[0, 5:length - 2], pos[0, 5:length - 2] = 2, np.arange(length - 7)
     for b in range(1, batch):
         seg[b, b:], pos[b, b:] = 1, np.arange(length - b)
-    return layers.attention_mask(jnp.asarray(seg), jnp.asarray(seg), jnp.asarray(pos),
+    return attention.attention_mask(jnp.asarray(seg), jnp.asarray(seg), jnp.asarray(pos),
                                  jnp.asarray(pos), causal=True)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("heads,kv_heads", [(4, 4), (6, 2), (4, 1)])
 def test_attention_matches_jax_reference(heads, kv_heads):
     b, t, h = 3, 12, 8
@@ -41,7 +42,7 @@ def test_attention_matches_jax_reference(heads, kv_heads):
     mask, scale = packed_mask(b, t), h**-0.5
 
     def ours(q, k, v):
-        return layers.dot_product_attention(q, k, v, mask, scale, implementation="xla")
+        return attention.dot_product_attention(q, k, v, mask, scale, implementation="xla")
 
     def reference(q, k, v):
         return jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale, implementation="xla")
@@ -79,13 +80,13 @@ def test_soft_capped_attention_matches_autodiff():
     dout = jnp.where(real, dout, 0.0)
 
     def ours(q, k, v):
-        return layers.dot_product_attention(q, k, v, mask, scale, implementation="xla",
+        return attention.dot_product_attention(q, k, v, mask, scale, implementation="xla",
                                             soft_cap=cap)
 
     out, vjp = jax.vjp(ours, q, k, v)
     ref_out, ref_vjp = jax.vjp(lambda *a: soft_capped_reference(*a, mask, scale, cap), q, k, v)
     np.testing.assert_allclose(jnp.where(real, out, 0), jnp.where(real, ref_out, 0), **TOL)
-    uncapped = layers.dot_product_attention(q, k, v, mask, scale, implementation="xla")
+    uncapped = attention.dot_product_attention(q, k, v, mask, scale, implementation="xla")
     assert float(jnp.abs(jnp.where(real, uncapped - out, 0)).max()) > 1e-2  # the cap bites
     for name, got, want in zip("qkv", vjp(dout), ref_vjp(dout), strict=True):
         np.testing.assert_allclose(got, want, **TOL, err_msg=f"d{name}")
@@ -94,11 +95,11 @@ def test_soft_capped_attention_matches_autodiff():
 def test_cudnn_cannot_cap_so_capped_attention_falls_back_with_one_line(caplog):
     q = jax.random.normal(jax.random.PRNGKey(2), (2, 9, 2, 8), jnp.bfloat16)
     mask = packed_mask(2, 9)
-    layers._log_fallback_once.cache_clear()  # said once per process: make this the once
+    attention._log_fallback_once.cache_clear()  # said once per process: make this the once
     with caplog.at_level("WARNING"):
-        got = layers.dot_product_attention(q, q, q, mask, 0.5, implementation="cudnn",
+        got = attention.dot_product_attention(q, q, q, mask, 0.5, implementation="cudnn",
                                            soft_cap=0.3)
-    want = layers.dot_product_attention(q, q, q, mask, 0.5, implementation="xla", soft_cap=0.3)
+    want = attention.dot_product_attention(q, q, q, mask, 0.5, implementation="xla", soft_cap=0.3)
     assert (got == want).all()
     lines = [r.getMessage() for r in caplog.records]
     assert lines == ["cuDNN attention cannot cap attention scores (soft-capping); using the "
@@ -108,14 +109,14 @@ def test_cudnn_cannot_cap_so_capped_attention_falls_back_with_one_line(caplog):
 def test_attention_auto_is_xla_on_cpu_and_cudnn_needs_a_gpu():
     q = jnp.ones((2, 9, 2, 8), jnp.bfloat16)
     mask = packed_mask(2, 9)
-    auto = layers.dot_product_attention(q, q, q, mask, 0.5)
-    xla = layers.dot_product_attention(q, q, q, mask, 0.5, implementation="xla")
+    auto = attention.dot_product_attention(q, q, q, mask, 0.5)
+    xla = attention.dot_product_attention(q, q, q, mask, 0.5, implementation="xla")
     assert (auto == xla).all()
     if jax.default_backend() != "gpu":
         with pytest.raises(JaxftError, match="cudnn.*GPU"):
-            layers.dot_product_attention(q, q, q, mask, 0.5, implementation="cudnn")
+            attention.dot_product_attention(q, q, q, mask, 0.5, implementation="cudnn")
     with pytest.raises(JaxftError, match="attention implementation 'flash' unknown"):
-        layers.dot_product_attention(q, q, q, mask, 0.5, implementation="flash")
+        attention.dot_product_attention(q, q, q, mask, 0.5, implementation="flash")
 
 
 def test_swiglu_gradients_match_autodiff():
@@ -156,6 +157,7 @@ def test_head_cross_entropy_matches_unfused_loss(monkeypatch, chunk_elements):
     np.testing.assert_allclose(frozen_dh, 3 * ref_dh, **TOL)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("family", ["llama", "llama_linear_rope_tied", "gpt2",
                                     "gemma2_softcap_window", "gemma3_local_global_rope"])
 def test_fused_training_loss_equals_transformers_loss(family, tmp_path):

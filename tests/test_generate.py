@@ -13,7 +13,7 @@ from transformers.generation import logits_process
 import jaxft
 from jaxft import generate as G
 from jaxft import lora
-from jaxft.data.tokenizer import load_tokenizer
+from jaxft.hf.tokenizer import load_tokenizer
 from tests import hf_models
 from tests.real_weights import smollm2_gguf_path, smollm2_transformers
 
@@ -89,6 +89,7 @@ def add_lora(model, hf, name: str):
     return hf.eval()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name, with_lora", [("llama", False), ("llama", True)]
                          + [(name, True) for name in FAMILIES])
 def test_greedy_matches_transformers_generate(name, with_lora, tmp_path):
@@ -113,6 +114,7 @@ def test_greedy_matches_transformers_generate(name, with_lora, tmp_path):
     assert (got[:, expected.shape[1]:] == PAD).all()  # transformers stops once all rows are done
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["llama_gqa_untied_llama3_rope", "gpt2", "mistral_gqa",
                                   "gemma2_softcap_window", "gemma3_local_global_rope"])
 def test_cached_decode_matches_full_forward(name, tmp_path):
@@ -208,7 +210,7 @@ def test_bad_arguments_are_one_line_errors(tiny_llama):
 def test_peft_adapter_loads_for_generation(tmp_path):
     """`--adapter`: a PEFT directory written by jaxft.adapters generates as the model it came
     from."""
-    from jaxft import adapters
+    from jaxft.hf import adapters
 
     hf_models.build(lively("qwen2_bias_tied")).save_pretrained(tmp_path / "base")
     model = jaxft.from_pretrained(tmp_path / "base")
@@ -266,6 +268,7 @@ def smollm2_reference():
     return path, tokenizer, texts
 
 
+@pytest.mark.slow
 def test_smollm2_greedy_completions_match_transformers(smollm2_reference):
     path, tokenizer, expected = smollm2_reference
     model = jaxft.from_pretrained(path)
@@ -274,6 +277,7 @@ def test_smollm2_greedy_completions_match_transformers(smollm2_reference):
     assert "Paris" in got[0] and "Paris" in got[2]
 
 
+@pytest.mark.slow
 def test_cli_prints_completions():
     smollm2_gguf_path()  # skips without the package
     out = subprocess.run(
@@ -284,6 +288,7 @@ def test_cli_prints_completions():
     assert "### The capital of France is" in out.stdout and "### What is 2+2?" in out.stdout
 
 
+@pytest.mark.slow
 def test_cli_error_is_one_line():
     out = subprocess.run([sys.executable, "-m", "jaxft.generate", "--model=/nonexistent",
                           "--prompt=hi"], capture_output=True, text=True, timeout=300,

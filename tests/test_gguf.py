@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from jaxft.errors import JaxftError
-from jaxft.gguf import iter_gguf_tensors, read_gguf_config
+from jaxft.hf.gguf import iter_gguf_tensors, read_gguf_config
 from tests.real_weights import smollm2_gguf_path, smollm2_transformers
 
 torch = pytest.importorskip("torch")
@@ -71,11 +71,13 @@ def smollm2() -> tuple[str, dict[str, np.ndarray], object]:
     return (path, *_load_transformers(path, smollm2_transformers()))
 
 
+@pytest.mark.slow
 def test_smollm2_tensors_bitwise_equal_transformers(smollm2) -> None:
     path, state, _ = smollm2
     _assert_tensors_match(path, state, tied=True)
 
 
+@pytest.mark.slow
 def test_smollm2_config_matches_transformers(smollm2) -> None:
     path, _, reference = smollm2
     cfg = read_gguf_config(path)
@@ -251,6 +253,7 @@ def test_undequantizable_tensor_type(tmp_path) -> None:
     assert "token_embd.weight" in message and "I32" in message
 
 
+@pytest.mark.slow
 def test_module_imports_neither_torch_nor_transformers() -> None:
     code = (
         "import sys, jaxft.gguf; "

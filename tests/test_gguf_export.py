@@ -22,14 +22,17 @@ from gguf import GGMLQuantizationType, GGUFReader
 from gguf.quants import dequantize, quantize
 
 import jaxft
-from jaxft import export, gguf_export, train
-from jaxft.data.tokenizer import load_tokenizer
+from jaxft import export, train
 from jaxft.errors import JaxftError
+from jaxft.hf import gguf_write
+from jaxft.hf.tokenizer import load_tokenizer
 from tests import hf_models
 from tests.real_weights import smollm2_gguf_path
 from tests.terminal import on_a_terminal
 from tests.test_models import torch_logits
 from tests.tiny_run import tiny_config, tiny_model_dir
+
+pytestmark = pytest.mark.slow  # (see the README: the -m 'not slow' lane)
 
 STORAGE = {"f32": GGMLQuantizationType.F32, "f16": GGMLQuantizationType.F16,
            "bf16": GGMLQuantizationType.BF16, "q8_0": GGMLQuantizationType.Q8_0}
@@ -123,7 +126,7 @@ def test_smollm2_round_trip_generates_the_same_text(tmp_path) -> None:
 
     source = smollm2_gguf_path()
     model = jaxft.from_pretrained(source, dtype="float32")
-    out = gguf_export.write_gguf(model, tmp_path / "smollm2.gguf", tokenizer_source=source,
+    out = gguf_write.write_gguf(model, tmp_path / "smollm2.gguf", tokenizer_source=source,
                                  gguf_type="f16")
     tokenizer, again = load_tokenizer(source), load_tokenizer(str(out))
     messages = [{"role": "user", "content": "What is the capital of France?"}]
@@ -191,7 +194,7 @@ def test_the_file_is_written_a_tensor_at_a_time(tmp_path) -> None:
                   for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
     tracemalloc.start()
     try:
-        out = gguf_export.write_gguf(model, tmp_path / "m.gguf", tokenizer_source=None,
+        out = gguf_write.write_gguf(model, tmp_path / "m.gguf", tokenizer_source=None,
                                      gguf_type="q8_0")
         peak = tracemalloc.get_traced_memory()[1]
     finally:

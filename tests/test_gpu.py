@@ -16,7 +16,7 @@ import pytest
 import torch
 
 import jaxft
-from jaxft.models import layers
+from jaxft.models import attention
 from tests import hf_models
 from tests.test_fused_ops import packed_mask
 
@@ -82,7 +82,7 @@ def test_cudnn_attention_matches_xla(heads, kv_heads):
 
     def run(implementation):
         def f(q, k, v):
-            return layers.dot_product_attention(q, k, v, mask, scale, causal=True,
+            return attention.dot_product_attention(q, k, v, mask, scale, causal=True,
                                                 implementation=implementation)
         out, vjp = jax.vjp(f, q, k, v)
         return [np.asarray(x, np.float32) for x in (out, *vjp(dout))]

@@ -18,7 +18,8 @@ import transformers
 from safetensors.numpy import load_file
 
 import jaxft
-from jaxft import adapters, lora
+from jaxft import lora
+from jaxft.hf import adapters
 from tests import hf_models
 from tests.test_models import torch_logits
 

@@ -149,8 +149,9 @@ def test_packed_segments_equal_separate_examples(tmp_path):
 def test_every_family_provides_the_written_interface(name, tmp_path):
     """What the rest of jaxft reads of a model (`jaxft.models.family`) is there for every
     family, with transformers' own values for the sizes it derives."""
-    from jaxft import hub, models
-    from jaxft.hf_io import model_config
+    from jaxft import models
+    from jaxft.hf import hub
+    from jaxft.hf.model import model_config
 
     hf_config = hf_models.bert_config() if name == "bert" else hf_models.CAUSAL_CONFIGS[name]()
     cls = transformers.BertModel if name == "bert" else None

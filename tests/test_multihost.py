@@ -19,6 +19,8 @@ from tests.tiny_run import (
     write_config_file,
 )
 
+pytestmark = pytest.mark.slow  # (see the README: the -m 'not slow' lane)
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -81,6 +83,7 @@ from flax import nnx
 
 import jaxft
 from jaxft import export, lora, sharding, train
+
 
 train.maybe_initialize_distributed()
 model_dir, out = sys.argv[1], sys.argv[2]

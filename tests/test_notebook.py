@@ -6,9 +6,12 @@ from __future__ import annotations
 import re
 
 import nbformat
+import pytest
 from nbclient import NotebookClient
 
 from tests.tiny_run import DATA, REPO, subprocess_env, tiny_model_dir
+
+pytestmark = pytest.mark.slow  # (see the README: the -m 'not slow' lane)
 
 NOTEBOOK = REPO / "colab" / "finetune_lora.ipynb"
 

@@ -32,6 +32,7 @@ def batches(seed=0, b=4, t=24, vocab=hf_models.VOCAB):
     return [pair[i % 2] for i in range(STEPS)]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("use_dora", [False, True])
 def test_lora_loss_curve_matches_peft(tmp_path, use_dora):
     hf = hf_models.build(hf_models.CAUSAL_CONFIGS["llama_gqa_untied_llama3_rope"]())

@@ -13,9 +13,12 @@ import pytest
 from flax import nnx
 
 import jaxft
-from jaxft import checkpoint, hf_io, plan, train
+from jaxft import checkpoint, plan, train
+from jaxft.hf import weights
 from jaxft.plan import array_bytes
 from tests.tiny_run import subprocess_env, tiny_config, tiny_model_dir, write_config_file
+
+pytestmark = pytest.mark.slow  # (see the README: the -m 'not slow' lane)
 
 # Llama-3-8B's config.json, as the hub serves it (sizes only: this test never sees a weight).
 LLAMA3_8B = {
@@ -59,7 +62,7 @@ def test_plan_matches_the_buffers_of_a_real_run(mode, llama_dir, tmp_path, monke
     assert p.opt_state == seen["opt_state"]
     assert p.trainable_params == seen["params"]
 
-    base = hf_io.load_model(llama_dir)
+    base = weights.load_hf_model(llama_dir)
     base_bytes = sum(x.nbytes for x in jax.tree.leaves(nnx.state(base, nnx.Param)))
     base_count = sum(x.size for x in jax.tree.leaves(nnx.state(base, nnx.Param)))
     assert p.total_params - p.adapter_params == base_count

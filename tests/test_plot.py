@@ -86,6 +86,7 @@ def test_bad_metrics_are_one_line_errors(tmp_path, content, message):
     assert not (tmp_path / "metrics.png").exists()
 
 
+@pytest.mark.slow
 def test_command_line(tmp_path):
     _write_metrics(tmp_path / "run", _run_like(5))
     ok = subprocess.run([sys.executable, "-m", "jaxft.plot", f"--workdir={tmp_path / 'run'}",

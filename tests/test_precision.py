@@ -7,6 +7,7 @@ factor it promises and stay close to float32's losses, never silently diverge.
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from flax import nnx
 
 import jaxft
@@ -41,6 +42,7 @@ def train_losses(model, lora_cfg, state_dtype):
     return np.array(losses), trainable, opt_state
 
 
+@pytest.mark.slow
 def test_bfloat16_optimizer_state_halves_it_and_tracks_float32(tmp_path):
     path = llama_dir(tmp_path)
     ref_losses, trainable, ref_state = train_losses(jaxft.from_pretrained(path), None, "float32")
@@ -55,6 +57,7 @@ def test_bfloat16_optimizer_state_halves_it_and_tracks_float32(tmp_path):
     np.testing.assert_allclose(losses, ref_losses, rtol=5e-3)
 
 
+@pytest.mark.slow
 def test_lora_on_a_bfloat16_base_keeps_float32_adapters(tmp_path):
     path = llama_dir(tmp_path)
     lora_cfg = lora.LoraConfig(rank=4, targets="all-linear")

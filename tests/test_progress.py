@@ -9,6 +9,8 @@ from __future__ import annotations
 import io
 import sys
 
+import pytest
+
 from jaxft import evaluate as E
 from jaxft import plan, progress, train
 from jaxft.workdir import load_run
@@ -22,6 +24,7 @@ class _Terminal(io.StringIO):
         return True
 
 
+@pytest.mark.slow
 def test_every_long_wait_reports_on_a_terminal_only(tmp_path, monkeypatch) -> None:
     model = tiny_model_dir(tmp_path / "model")
     cfg = tiny_config(model, tmp_path / "run", **{"train.steps": 2})

@@ -27,8 +27,9 @@ from flax import nnx
 
 import jaxft
 from jaxft import config as config_lib
-from jaxft import plan, quant
+from jaxft import quant, spec
 from jaxft.errors import JaxftError
+from jaxft.hf.model import ModelOptions, blueprint
 from tests import hf_models
 
 SHAPES = [(96, 128), (1000, 64), (64, 4096)]  # Hugging Face [out, in]
@@ -171,10 +172,9 @@ LLAMA_2_7B = {
 
 @pytest.mark.parametrize("double_quant, at_most", [(False, 0.5625), (True, 0.5159)])
 def test_nf4_base_costs_at_most_057_bytes_per_projection_parameter(double_quant, at_most):
-    abstract = plan.abstract_model(
-        LLAMA_2_7B, "Llama-2-7b", param_dtype="bfloat16", compute_dtype="bfloat16",
-        num_labels=None, remat="full", attention="xla", lora_cfg=None,
-        quantize=quant.QuantConfig(quant.NF4, 64, double_quant))
+    abstract = blueprint(LLAMA_2_7B, "Llama-2-7b", ModelOptions(
+        param_dtype="bfloat16", compute_dtype="bfloat16", remat="full", attention="xla",
+        quantize=quant.QuantConfig(quant.NF4, 64, double_quant))).abstract()
     packed_bytes, packed_params = quant.packed_size(abstract)
     assert packed_params == 32 * (4 * 4096 * 4096 + 3 * 4096 * 11008)
     assert packed_bytes / packed_params <= at_most
@@ -198,9 +198,10 @@ def test_bad_quantization_settings_are_one_line(override, message):
         c[section][field] = value
     with pytest.raises(JaxftError, match="^config: " + message.replace("(", r"\(").replace(
             ")", r"\)")):
-        config_lib.validate(c, device_count=1, platform="cpu")
+        spec.validate(c, device_count=1, platform="cpu")
 
 
+@pytest.mark.slow
 def test_qlora_run_learns_and_exports_for_peft_and_transformers(tmp_path):
     """A jaxft.train QLoRA run: its eval loss falls; the adapter loads in PEFT on the float
     base; the merged export (adapters folded into the dequantized base) reloads in
@@ -241,6 +242,7 @@ def test_qlora_run_learns_and_exports_for_peft_and_transformers(tmp_path):
     np.testing.assert_allclose(merged_logits[real], trained[real], atol=1e-4, rtol=0)
 
 
+@pytest.mark.slow
 def test_qlora_recipe_learns_on_the_bundled_smollm2(tmp_path):
     """configs/qlora.py is configs/lora.py on an NF4 base, and on the real SmolLM2 and chat data
     its eval loss falls within a few steps (the README states both recipes' full runs)."""

@@ -11,6 +11,8 @@ import transformers
 import jaxft
 from tests.real_weights import minilm_dir, smollm2_gguf_path, smollm2_transformers
 
+pytestmark = pytest.mark.slow  # (see the README: the -m 'not slow' lane)
+
 
 @pytest.fixture(scope="module")
 def smollm2():

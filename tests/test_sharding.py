@@ -19,6 +19,8 @@ from tests.tiny_run import (
     write_config_file,
 )
 
+pytestmark = pytest.mark.slow  # (see the README: the -m 'not slow' lane)
+
 STEPS = 5
 
 
@@ -36,8 +38,9 @@ def single_device_losses(model_dir, tmp_path, **overrides) -> dict[int, float]:
     return train_losses(workdir)
 
 
-MESHES = {  # pure data parallel; all three axes at once
-    "lora": [(8, 1, 1), (2, 2, 2)], "full": [(8, 1, 1), (2, 2, 2)], "qlora": [(2, 2, 2)]}
+MESHES = {  # pure data parallel; fsdp over four with data over two; all three axes at once
+    "lora": [(8, 1, 1), (2, 4, 1), (2, 2, 2)], "full": [(8, 1, 1), (2, 4, 1), (2, 2, 2)],
+    "qlora": [(2, 2, 2)]}
 
 
 @pytest.mark.parametrize("mode", ["lora", "full", "qlora"])

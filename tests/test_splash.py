@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from jaxft import sharding
-from jaxft.models import layers
+from jaxft.models import attention
 
 VALUES = dict(rtol=1e-5, atol=1e-5)
 GRADIENTS = dict(rtol=1e-4, atol=1e-4)
@@ -42,19 +42,19 @@ def compare(q, k, v, dout, seg, pos, window=None, run=lambda f: f, soft_cap=None
     with a soft cap, which JAX's lacks) on real tokens; padding rows compute something
     different in each and reach no loss, so their cotangent is 0."""
     seg, pos = jnp.asarray(seg), jnp.asarray(pos)
-    mask = layers.attention_mask(seg, seg, pos, pos, causal=True, sliding_window=window)
+    mask = attention.attention_mask(seg, seg, pos, pos, causal=True, sliding_window=window)
     scale = q.shape[-1] ** -0.5
     real = (seg > 0)[:, :, None, None]
     dout = jnp.where(real, dout, 0.0)
 
     def splash(q, k, v):
-        return layers.dot_product_attention(q, k, v, mask, scale, implementation="splash",
+        return attention.dot_product_attention(q, k, v, mask, scale, implementation="splash",
                                             causal=True, segment_ids=seg, sliding_window=window,
                                             soft_cap=soft_cap)
 
     def reference(q, k, v):
         if soft_cap is not None:
-            return layers.dot_product_attention(q, k, v, mask, scale, implementation="xla",
+            return attention.dot_product_attention(q, k, v, mask, scale, implementation="xla",
                                                 soft_cap=soft_cap)
         return jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale, implementation="xla")
 
@@ -97,11 +97,11 @@ def test_splash_falls_back_to_xla_with_one_line(caplog):
     q = jax.random.normal(jax.random.PRNGKey(3), (b, t, n, h))
     seg = jnp.ones((b, t), jnp.int32)
     pos = jnp.broadcast_to(jnp.arange(t), (b, t))
-    mask = layers.attention_mask(seg, seg, pos, pos, causal=True)
+    mask = attention.attention_mask(seg, seg, pos, pos, causal=True)
     with caplog.at_level("WARNING"):
-        got = layers.dot_product_attention(q, q, q, mask, 0.125, implementation="splash",
+        got = attention.dot_product_attention(q, q, q, mask, 0.125, implementation="splash",
                                            causal=True, segment_ids=seg)
-    want = layers.dot_product_attention(q, q, q, mask, 0.125, implementation="xla")
+    want = attention.dot_product_attention(q, q, q, mask, 0.125, implementation="xla")
     np.testing.assert_array_equal(got, want)
     assert any("sequence length 100 is not a multiple of 128" in r.getMessage()
                for r in caplog.records)

@@ -23,14 +23,17 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 import jaxft
-from jaxft import config as config_lib
-from jaxft import generate, plan, suggest, tpu, train_step
-from jaxft.kernels import attention, cross_entropy, swiglu
-from jaxft.models import layers
+from jaxft import generate, plan, spec, train_step
+from jaxft.hf.model import ModelOptions, model_config
+from jaxft.kernels import attention as attention_kernel
+from jaxft.kernels import cross_entropy, swiglu
+from jaxft.models import attention
+from jaxft.plan import dry_run, suggest, tpu
 from tests.tiny_run import subprocess_env, tiny_config, write_config_file
 
-pytestmark = pytest.mark.skipif(importlib.util.find_spec("libtpu") is None,
-                                reason="needs libtpu: pip install -e '.[tpu]'")
+pytestmark = [pytest.mark.skipif(importlib.util.find_spec("libtpu") is None,
+                                 reason="needs libtpu: pip install -e '.[tpu]'"),
+              pytest.mark.slow]  # (see the README: the -m 'not slow' lane)
 
 SMALL_LLAMA = {
     "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 256,
@@ -62,10 +65,11 @@ def tpu_config(model_dir: Path, tmp_path: Path, **overrides):
 def lower_train_step(cfg, mesh: Mesh):
     """The training step `cfg` describes, assembled by `train_step.build` for `mesh` and lowered
     on abstract arrays (bfloat16 base, a batch of 8 × 256): what the planner compiles."""
-    model = plan.configured_model(cfg, "bfloat16")[1]
-    step, states = train_step.build(model, cfg, mesh, config_lib.lora_config(cfg))
+    run = spec.resolve(cfg, mesh.devices.flat)
+    model = dry_run.configured_model(run)[1]
+    step, states = train_step.build(model, run, mesh)
     placed = step.place(states)
-    batch = plan.abstract_batch("lm", 8, 256, mesh)
+    batch = dry_run.abstract_batch(run, mesh)
     window, number = jax.tree.map(
         lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=step.replicated),
         (train_step.zero_window("lm"), train_step.step_number(0)))
@@ -179,7 +183,8 @@ def test_remat_recomputation_is_counted(small, tmp_path):
     """Full remat reruns every layer's forward: 2N per token for the layers' projections,
     plus attention; the output head is outside the layers and is not rerun."""
     cfg = tpu_config(small, tmp_path, **{"lora.enabled": False})
-    flops = plan.flops_by_remat(cfg, ("none", "dots_saveable", "full"))
+    flops = {remat: sum(step) for remat, step in
+             suggest.flops_by_remat(cfg, tpu.topology("v5e-8")).items()}
     d, f, layers_, t = 256, 512, 2, 256
     projections = layers_ * (d * d + 2 * d * 128 + d * d + 3 * d * f)  # q, k+v (2 kv heads), o, mlp
     attention_fwd = 4 * t * d * layers_
@@ -311,9 +316,9 @@ def test_fused_kernels_compile_for_tpu(chip):
         return cross_entropy.head_cross_entropy(hidden, w, jnp.zeros((b, t), jnp.int32), weights)
 
     def attn(q, k, v_):
-        mask = layers.attention_mask(*(jnp.ones((b, t), jnp.int32),) * 2,
+        mask = attention.attention_mask(*(jnp.ones((b, t), jnp.int32),) * 2,
                                      *(jnp.broadcast_to(jnp.arange(t), (b, t)),) * 2, causal=True)
-        out = attention.attention(q, k, v_, mask[:, :, None], h**-0.5)
+        out = attention_kernel.attention(q, k, v_, mask[:, :, None], h**-0.5)
         return out.astype(jnp.float32).sum()
 
     def mlp(gate, up):
@@ -331,10 +336,8 @@ def test_fused_kernels_compile_for_tpu(chip):
 
 def test_generation_compiles_for_tpu(small, chip):
     """Generation's one program (prefill, then the decode loop over the KV cache)."""
-    from jaxft import hf_io
-
-    family, cfg = hf_io.model_config(json.loads((small / "config.json").read_text()),
-                                     str(small), compute_dtype="bfloat16")
+    family, cfg = model_config(json.loads((small / "config.json").read_text()), str(small),
+                               ModelOptions(compute_dtype="bfloat16"))
     model = nnx.eval_shape(lambda: family.Model(cfg, rngs=nnx.Rngs(0), param_dtype=jnp.bfloat16))
     graphdef, state = nnx.split(model)
     state = jax.tree.map(lambda x: chip(x.shape, x.dtype), state)
@@ -362,7 +365,8 @@ def test_readme_qlora_rows_are_xla_tpus_own_figures(tmp_path):
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
     assert (f"| NF4 + double quantization | {plan.human_bytes(nf4.frozen.per_device)} | "
             f"{plan.human_bytes(nf4.peak_bytes)} |") in readme
-    _, bf16 = plan.configured_model(tpu_config(model_dir, tmp_path, **settings), "bfloat16")
+    _, bf16 = dry_run.configured_model(spec.resolve(tpu_config(model_dir, tmp_path, **settings),
+                                                    tpu.topology("v5e-1").devices))
     frozen = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(nnx.state(bf16, nnx.Param))
                  if x.dtype == jnp.bfloat16)
     assert f"| bfloat16 (`base_quant=none`) | {plan.human_bytes(frozen)} |" in readme

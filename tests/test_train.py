@@ -34,6 +34,7 @@ def test_training_lowers_eval_loss(mode, llama_dir, tmp_path):
     assert list((tmp_path / "tensorboard").iterdir())
 
 
+@pytest.mark.slow
 def test_text_format_full_fine_tune_of_gpt2(tmp_path):
     model_dir = tiny_model_dir(tmp_path / "gpt2", "gpt2")
     cfg = tiny_config(model_dir, tmp_path / "run", **{
@@ -50,12 +51,13 @@ def test_bert_classifier_lora_learns(tmp_path):
         "lora.targets": ("query", "value"), "lora.modules_to_save": ("classifier",),
         "train.steps": 30, "optim.lr": 1e-2, "data.eval_fraction": 0.3})
     final = train.run(cfg)
-    # The loop's own eval (device sums) is what jaxft.evaluate finds from the checkpoint
-    # (logits gathered, metrics in numpy).
+    # The loop's own eval is what jaxft.evaluate finds from the checkpoint: one evaluation.
     again = evaluate.run(None, str(tmp_path / "run"))
     assert again["count"] == 12  # the same rows called right:
     assert round(final["eval_accuracy"] * 12) == round(again["accuracy"] * 12)
     np.testing.assert_allclose(final["eval_loss"], again["loss"], rtol=1e-5)
+    assert [again[k] for k in ("loss", "accuracy", "macro_f1")] == [
+        final[f"eval_{k}"] for k in ("loss", "accuracy", "macro_f1")]  # to the bit
     losses = [m["train_loss"] for m in read_metrics(tmp_path / "run") if "train_loss" in m]
     assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 - 0.1  # a random encoder still fits
     assert json.loads((tmp_path / "run" / "label_map.json").read_text())
@@ -95,6 +97,7 @@ def test_bad_config_fails_before_loading(override, message, tmp_path):
     assert str(e.value).startswith(message)
 
 
+@pytest.mark.slow
 def test_command_line_errors_are_one_line(tmp_path):
     config_file = tmp_path / "cfg.py"
     config_file.write_text(
@@ -115,6 +118,7 @@ def test_command_line_errors_are_one_line(tmp_path):
     assert run.returncode != 0 and "rnak" in run.stderr
 
 
+@pytest.mark.slow
 def test_eval_logs_generated_samples(llama_dir, tmp_path):
     from jaxft import data, generate
     from jaxft.workdir import load_run

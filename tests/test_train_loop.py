@@ -79,7 +79,7 @@ class _Counted:
 def test_nonfinite_steps_are_counted_on_the_device_and_never_saved(model_dir, tmp_path,
                                                                    monkeypatch):
     """A NaN at step 2 is skipped on the device, counted at the next read (step 4), and no
-    checkpoint holds a post-NaN state."""
+    checkpoint holds a post-NaN state; with `train.on_nonfinite=stop` the run stops there."""
     nan_at_step(monkeypatch, 2)
     cfg = tiny_config(model_dir, tmp_path, **{
         "train.steps": 8, "train.log_every": 4, "train.eval_every": 4, "checkpoint.every": 4,
@@ -93,8 +93,16 @@ def test_nonfinite_steps_are_counted_on_the_device_and_never_saved(model_dir, tm
     for step in (4, 8):
         state = ocp.PyTreeCheckpointer().restore(tmp_path / "checkpoints" / str(step) / "state")
         assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(state))
+    # train.on_nonfinite='stop': the run ends at the bad step, after the last good save
+    stop = tmp_path / "stop"
+    with pytest.raises(jaxft.JaxftError, match=r"step 2: loss or gradient is not finite; "
+                       r"stopped without saving \(last checkpoint: \[1\]\)"):
+        train.run(tiny_config(model_dir, stop, **{
+            "train.steps": 5, "checkpoint.every": 1, "train.on_nonfinite": "stop"}))
+    assert sorted(p.name for p in (stop / "checkpoints").iterdir()) == ["1"]
 
 
+@pytest.mark.slow
 def test_logged_loss_is_the_token_weighted_mean_of_its_window(model_dir, tmp_path):
     every_step = tiny_config(model_dir, tmp_path / "each", **{"train.steps": 6})
     train.run(every_step)
@@ -126,6 +134,7 @@ def test_run_restores_the_sigterm_handler_it_found(model_dir, tmp_path):
         signal.signal(signal.SIGTERM, previous)
 
 
+@pytest.mark.slow
 def test_sigterm_while_loading_exits_zero_without_training(model_dir, tmp_path):
     workdir = tmp_path / "run"
     config = write_config_file(tmp_path / "cfg.py", model_dir, workdir, **{"train.steps": 3})
@@ -144,6 +153,7 @@ def test_sigterm_while_loading_exits_zero_without_training(model_dir, tmp_path):
     assert not (workdir / "checkpoints").exists() or not any((workdir / "checkpoints").iterdir())
 
 
+@pytest.mark.slow
 def test_stop_on_a_nonfinite_step_is_the_last_line(model_dir, tmp_path):
     """The progress bar is closed before the error is printed, so the error stays visible."""
     config = write_config_file(tmp_path / "cfg.py", model_dir, tmp_path / "run", nan_at=3, **{

@@ -8,8 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from jaxft import config as config_lib
-from jaxft import train
+from jaxft import spec, train
 from jaxft.errors import JaxftError
 from tests.tiny_run import read_metrics, tiny_config, tiny_model_dir
 
@@ -65,6 +64,7 @@ def _config(model_dir, workdir, **overrides):
         **overrides})
 
 
+@pytest.mark.slow
 def test_an_offline_run_logs_what_metrics_jsonl_logs(model_dir, tmp_path, monkeypatch) -> None:
     """Preempted at step 2 and resumed: one W&B run (one id, two log files) holding every
     number of every metrics.jsonl line at its step, the sample tables, the config and the
@@ -112,7 +112,7 @@ def test_an_offline_run_logs_what_metrics_jsonl_logs(model_dir, tmp_path, monkey
 ])
 def test_bad_wandb_settings_are_one_line(model_dir, tmp_path, overrides, message) -> None:
     with pytest.raises(JaxftError, match=message):
-        config_lib.validate(_config(model_dir, tmp_path / "w", **overrides), device_count=1)
+        spec.validate(_config(model_dir, tmp_path / "w", **overrides), device_count=1)
 
 
 def test_wandb_missing_is_refused_before_any_work(model_dir, tmp_path, monkeypatch) -> None:

@@ -21,7 +21,11 @@ def listing(workdir):
     return sorted(str(p.relative_to(workdir)) for p in workdir.rglob("*"))
 
 
-def test_refused_resume_leaves_the_run_record_and_its_export_intact(model_dir, tmp_path):
+def test_changed_lora_setup_is_refused_and_leaves_the_run_and_its_export_intact(model_dir,
+                                                                              tmp_path):
+    """Another LoRA rank, or a quantized base under adapters trained on a 16-bit one (or the
+    reverse), is refused by name; the run's record, files and export are as they were; 'never'
+    refuses any checkpoint and 'fresh' starts over."""
     workdir = tmp_path / "run"
     train.run(tiny_config(model_dir, workdir, **{"train.steps": 2}))
     record = (workdir / "config.json").read_bytes()
@@ -31,10 +35,19 @@ def test_refused_resume_leaves_the_run_record_and_its_export_intact(model_dir, t
         train.run(tiny_config(model_dir, workdir, **{"train.steps": 4, "lora.rank": 8}))
     assert (workdir / "config.json").read_bytes() == record
     assert listing(workdir) == before
+    with pytest.raises(jaxft.JaxftError, match=r"checkpoints/2: checkpoint was written by a run "
+                       r"with a different lora .*'base_quant': 'nf4'"):
+        train.run(tiny_config(model_dir, workdir, **{"train.steps": 4, "lora.base_quant": "nf4"}))
+    with pytest.raises(jaxft.JaxftError, match="checkpoint.resume is 'never'"):
+        train.run(tiny_config(model_dir, workdir, **{"checkpoint.resume": "never"}))
     out = export.export_workdir(workdir, tmp_path / "adapter")  # still the rank-4 run's
     assert json.loads((out / "adapter_config.json").read_text())["r"] == 4
+    final = train.run(tiny_config(model_dir, workdir, **{"train.steps": 2, "lora.rank": 8,
+                                                         "checkpoint.resume": "fresh"}))
+    assert final["step"] == 2
 
 
+@pytest.mark.slow
 def test_changed_optimizer_is_refused_by_name_and_nothing_is_moved(model_dir, tmp_path):
     workdir = tmp_path / "run"
     overrides = {"train.steps": 2, "optim.clip_norm": 1.0}
@@ -72,6 +85,7 @@ def test_a_checkpoint_that_fails_to_restore_with_intact_files_is_not_moved(tmp_p
     np.testing.assert_array_equal(restored["w"], state["w"])
 
 
+@pytest.mark.slow
 def test_fresh_deletes_only_what_jaxft_wrote(model_dir, tmp_path):
     workdir = tmp_path / "run"
     train.run(tiny_config(model_dir, workdir, **{"train.steps": 2}))

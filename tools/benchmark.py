@@ -26,7 +26,10 @@ a large float32 jnp and torch matmul, each measured in its own subprocess):
     LoRA    : 4·N·tokens + 6·N_lora·tokens + 12·L·T·D·tokens
 N counts the weights of every matmul (layers and output head, not the embedding lookup); the
 frozen base of LoRA needs no weight gradients, hence 4 rather than 6. 12·L·T·D·tokens is dense
-attention: QKᵀ and PV forward (2·2·T·D per token and layer), twice that backward.
+attention: QKᵀ and PV forward (2·2·T·D per token and layer), twice that backward. The count is
+jaxft's FLOPs model (`jaxft.plan.flops`, the dry run's), used for both implementations; each
+PyTorch row also records what PyTorch's own FLOP counter sees in its step (`counted_flops`),
+which the tests hold the model to.
 
 On a GPU (`--dtype auto`, `--param-dtype auto`) both run in bfloat16, weights and compute, as
 the usual recipe for one card is: PyTorch with bfloat16 weights under bfloat16 autocast, PEFT's
@@ -44,6 +47,7 @@ measured one. A worker that fails (out of memory, say) leaves a row with its err
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import resource
@@ -152,27 +156,44 @@ SHAPE_FIELDS = ("hidden", "layers", "intermediate", "heads", "kv_heads", "vocab"
 # ---------------------------------------------------------------------------------------------
 
 
-def matmul_params(a) -> tuple[int, int]:
-    """(N, N_lora): weights of every matmul in the model, and of the LoRA factors."""
-    head = a.hidden // a.heads
-    attn = a.hidden * head * (2 * a.heads + 2 * a.kv_heads)  # q, o, k, v
-    mlp = 3 * a.hidden * a.intermediate
-    n = a.layers * (attn + mlp) + a.hidden * a.vocab
-    lora_in_out = [(a.hidden, a.heads * head), (a.hidden, a.kv_heads * head),
-                   (a.hidden, a.kv_heads * head), (a.heads * head, a.hidden),
-                   (a.hidden, a.intermediate), (a.hidden, a.intermediate),
-                   (a.intermediate, a.hidden)]
-    n_lora = a.layers * sum(a.rank * (i + o) for i, o in lora_in_out)
-    return n, n_lora
+def model_flops(a, mode: str) -> float:
+    """jaxft's FLOPs model (`jaxft.plan.flops`) of the benchmark's step, from the abstract model
+    (no weights allocated): the numerator of every row's MFU, PyTorch's included, so the two
+    implementations are measured against the same work."""
+    import jax
+    from flax import nnx
+
+    from jaxft.plan import flops
+
+    mode = "lora" if mode == "qlora" else mode  # the same matmuls, on a dequantized base
+    run = jaxft_run(a, mode, jax.devices("cpu")[:1])
+    abstract = nnx.eval_shape(lambda: jaxft_model(a, mode, run))
+    return sum(flops.step_flops(abstract, run, "none"))
 
 
-def step_flops(a, mode: str) -> float:
-    n, n_lora = matmul_params(a)
-    tokens = a.batch * a.seq
-    attention = 12 * a.layers * a.seq * a.hidden * tokens
-    if mode == "full":
-        return 6 * n * tokens + attention
-    return 4 * n * tokens + 6 * n_lora * tokens + attention  # LoRA, and QLoRA's same matmuls
+def counted_torch_flops(a, mode: str) -> float:
+    """The FLOPs PyTorch's own counter (`torch.utils.flop_counter`) sees in one forward and
+    backward of the same model under PEFT, on the meta device (nothing computed or allocated):
+    the independent count that `model_flops` is held to. The embedding is made to require a
+    gradient, so the first layer's input gradient is taken as in jaxft's scanned layers (which
+    cannot skip it for one layer)."""
+    import peft
+    import torch
+    import transformers
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with torch.device("meta"):
+        model = transformers.AutoModelForCausalLM.from_config(
+            transformers.LlamaConfig(**hf_config(a)), dtype=torch.float32,
+            attn_implementation="eager")
+        if mode in ("lora", "qlora"):
+            model = peft.get_peft_model(model, peft.LoraConfig(
+                r=a.rank, lora_alpha=2.0 * a.rank, target_modules=list(TARGETS)))
+        model.get_input_embeddings().weight.requires_grad_(True)
+        ids = torch.zeros((a.batch, a.seq), dtype=torch.long)
+        with FlopCounterMode(display=False) as counter:
+            model(input_ids=ids, labels=ids).loss.backward()
+    return float(counter.get_total_flops())
 
 
 # ---------------------------------------------------------------------------------------------
@@ -255,39 +276,57 @@ def peak_torch(a) -> dict:
             "matmul": f"{n}x{n} {str(dtype).removeprefix('torch.')}"}
 
 
-def run_jaxft(a, mode: str) -> dict:
-    import jax
-    from flax import nnx
+def jaxft_run(a, mode: str, devices):
+    """The run's `RunSpec`, as `jaxft.train` resolves it: AdamW at a constant rate, clipping at
+    1.0, LoRA (`lora`, `qlora`) on TARGETS, or full fine-tuning."""
+    from jaxft import config, spec
 
-    from jaxft import config, dtypes, hf_io, lora, quant, sharding, train_step
-
-    start_rss = rss_mb()
-    accelerator = jax.default_backend() != "cpu"
+    accelerator = devices[0].platform != "cpu"
     param_dtype, compute = dtypes_for(a, accelerator)
-    family, model_cfg = hf_io.model_config(hf_config(a), "benchmark", compute_dtype=compute,
-                                           remat=a.remat, attention=a.attention)
-
-    def build():
-        return family.Model(model_cfg, rngs=nnx.Rngs(0),
-                            param_dtype=dtypes.jax_dtype(param_dtype))
-
-    # Initialised inside one jit, so only the weights themselves are ever allocated.
-    graphdef, _ = nnx.split(nnx.eval_shape(build))
-    model = nnx.merge(graphdef, jax.jit(lambda: nnx.split(build())[1])())
-    # The run's config, as `jaxft.train` reads it: AdamW at a constant rate, clipping at 1.0.
     cfg = config.base_config()
+    cfg.model.path = "benchmark (random weights)"
+    cfg.model.attention = a.attention
+    cfg.data.train_path = "benchmark (one random batch)"
+    cfg.data.max_len = a.seq
+    cfg.train.batch_size, cfg.train.remat = a.batch, a.remat
+    cfg.train.param_dtype, cfg.train.compute_dtype = param_dtype, compute
     cfg.train.steps = a.steps + a.warmup + 1
     cfg.optim.lr, cfg.optim.schedule, cfg.optim.warmup_steps = LR, "constant", 0
     # Moments as torch.optim.AdamW keeps them: in the weights' dtype (LoRA's are float32).
     cfg.train.optimizer_state_dtype = param_dtype if mode == "full" else "float32"
-    lora_cfg = None
+    cfg.lora.enabled = mode in ("lora", "qlora")
+    cfg.lora.rank, cfg.lora.alpha, cfg.lora.targets = a.rank, 2.0 * a.rank, TARGETS
+    return spec.resolve(cfg, devices)
+
+
+def jaxft_model(a, mode: str, run):
+    """The benchmark's model (`jaxft.hf.model`'s blueprint of `hf_config(a)`), with its
+    adapters; initialised with random weights unless `abstract`."""
+    from jaxft import lora, quant
+    from jaxft.hf.model import blueprint
+
+    # A quantized base is packed from random dense weights, as a checkpoint's would be.
+    options = dataclasses.replace(run.model_options(), quantize=None)
+    model = blueprint(hf_config(a), "benchmark", options).initialised()
     if mode == "qlora":  # the base in NF4, as bitsandbytes stores it
         quant.quantize_model(model, quant.QuantConfig(quant.NF4))
-    if mode in ("lora", "qlora"):
-        lora_cfg = lora.LoraConfig(rank=a.rank, alpha=2.0 * a.rank, targets=TARGETS)
-        lora.apply_lora(model, lora_cfg)
+    if run.lora is not None:
+        lora.apply_lora(model, run.lora)
+    return model
+
+
+def run_jaxft(a, mode: str) -> dict:
+    import jax
+
+    from jaxft import sharding, train_step
+
+    start_rss = rss_mb()
+    accelerator = jax.default_backend() != "cpu"
+    run = jaxft_run(a, mode, jax.devices()[:1])
+    compute = run.compute_dtype
+    model = jaxft_model(a, mode, run)
     mesh = sharding.make_mesh(devices=jax.devices()[:1])
-    step, states = train_step.build(model, cfg, mesh, lora_cfg)
+    step, states = train_step.build(model, run, mesh)
     del model
     placed = step.place(states)
     trainable, frozen, dropout = placed["trainable"], placed["frozen"], placed["dropout"]
@@ -467,7 +506,8 @@ def run_torch(a, mode: str, compiled: bool = False) -> dict:
     times = timed(one_step, a.steps)
     compile_s = first - statistics.median(times) if compiled else None
     row = {"compile_s": compile_s, "dtype": compute, "first_step_s": first, "step_times": times,
-           "loss": state["loss"], "peak_rss_mb": peak_rss_mb(), "runtime_rss_mb": start_rss}
+           "loss": state["loss"], "peak_rss_mb": peak_rss_mb(), "runtime_rss_mb": start_rss,
+           "counted_flops": counted_torch_flops(a, mode)}
     if cuda:
         row["device_peak_mb"] = torch.cuda.max_memory_allocated() / 2**20
     return row
@@ -483,8 +523,7 @@ def worker(a) -> dict:
         row = run_torch(a, mode, compiled=impl == "torch_compile")
     tokens = a.batch * a.seq
     median = statistics.median(row["step_times"])
-    row.update(impl=impl, mode=mode, tokens_per_s=tokens / median, step_s=median,
-               model_flops=step_flops(a, mode))
+    row.update(impl=impl, mode=mode, tokens_per_s=tokens / median, step_s=median)
     row.update({f: getattr(a, f) for f in SHAPE_FIELDS})
     row["load"] = os.getloadavg()[0]  # what else ran on this machine meanwhile
     return row
@@ -524,7 +563,10 @@ def spawn(a, job: str, profile: bool = False, **overrides) -> dict:
         raise RuntimeError(f"{job} failed:\nno result after {WORKER_TIMEOUT_S} s") from e
     if proc.returncode != 0:
         raise RuntimeError(f"{job} failed:\n{proc.stderr[-4000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    row = json.loads(proc.stdout.strip().splitlines()[-1])
+    if "step_s" in row:
+        row["model_flops"] = model_flops(argparse.Namespace(**{**vars(a), **flags}), row["mode"])
+    return row
 
 
 def main(argv=None) -> list[dict]:
@@ -629,11 +671,10 @@ def gpu_name() -> str:
 
 def report(a, rows: list[dict], peaks: list[dict], peak: float, seconds: float) -> None:
     if not a.gpu_suite:
-        n, n_lora = matmul_params(a)
         print(f"\nLlama D={a.hidden} L={a.layers} F={a.intermediate} heads={a.heads}/{a.kv_heads}"
               f" V={a.vocab}; batch {a.batch}×{a.seq} tokens; LoRA rank {a.rank} on "
               f"{len(TARGETS)} projections; {a.threads} thread(s) per process; best of "
-              f"{a.repeat} run(s); N={n / 1e6:.2f}M matmul weights, N_lora={n_lora / 1e6:.2f}M")
+              f"{a.repeat} run(s)")
     else:
         print(f"\nGPU suite on {gpu_name() or 'no GPU'}; LoRA rank {a.rank} on {len(TARGETS)} "
               f"projections; " + "; ".join(

@@ -29,7 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from jaxft import config as config_lib  # noqa: E402
-from jaxft import suggest, tpu  # noqa: E402
+from jaxft.plan import suggest, tpu  # noqa: E402
 
 # Published config.json sizes (meta-llama on the hub).
 LLAMA = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "rms_norm_eps": 1e-5,

@@ -18,7 +18,7 @@ from jaxft.data.config import default_config
 from jaxft.data.iterator import EvalBatches, TrainIterator, to_global_arrays
 from jaxft.data.labels import load_label_map, save_label_map
 from jaxft.data.pipeline import DataBundle, build_data
-from jaxft.data.tokenizer import load_tokenizer
+from jaxft.hf.tokenizer import load_tokenizer
 
 __all__ = [
     "DataBundle",

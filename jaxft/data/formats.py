@@ -22,6 +22,7 @@ import dataclasses
 
 import ml_collections
 
+from jaxft import tasks
 from jaxft.data.config import FORMATS
 from jaxft.errors import JaxftError
 from jaxft.tasks import TASKS
@@ -54,13 +55,13 @@ def resolve(cfg: ml_collections.ConfigDict, found: list[str], task: str, where: 
     fmt = cfg.format
     if fmt not in FORMATS:
         raise JaxftError(f"data.format must be one of {', '.join(FORMATS)}, got {fmt!r}")
-    if task == "classification" and fmt not in ("auto", "classification"):
+    if task == tasks.CLASSIFICATION and fmt not in ("auto", "classification"):
         raise JaxftError(f"task 'classification' needs data.format 'classification', got {fmt!r}")
-    if task == "lm" and fmt == "classification":
+    if task == tasks.LM and fmt == "classification":
         raise JaxftError("data.format 'classification' needs task='classification'")
-    if task == "lm" and fmt == "preference":
+    if task == tasks.LM and fmt == "preference":
         raise JaxftError("data.format 'preference' needs task='dpo'")
-    if task == "dpo" and fmt not in ("auto", "preference"):
+    if task == tasks.DPO and fmt not in ("auto", "preference"):
         raise JaxftError(f"task 'dpo' needs data.format 'preference' (prompt/chosen/rejected "
                          f"columns), got {fmt!r}")
     candidates = _candidates(cfg, task)
@@ -76,12 +77,12 @@ def resolve(cfg: ml_collections.ConfigDict, found: list[str], task: str, where: 
 
 
 def _candidates(cfg: ml_collections.ConfigDict, task: str) -> list[Schema]:
-    if task == "classification":
+    if task == tasks.CLASSIFICATION:
         cols = {"text": cfg.text_column, "label": cfg.label_column}
         if cfg.text_pair_column:
             cols["text_pair"] = cfg.text_pair_column
         return [Schema("classification", cols)]
-    if task == "dpo":
+    if task == tasks.DPO:
         return [
             Schema("preference", {"prompt": cfg.prompt_column, "chosen": cfg.chosen_column,
                                   "rejected": cfg.rejected_column}),

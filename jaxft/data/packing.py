@@ -35,9 +35,38 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from jaxft import tasks
 from jaxft.data.encode import Examples
 
 OPEN_ROWS = 64  # how far back first-fit looks; more packs a little tighter but costs more time
+
+LM_ARRAYS = {"input_ids": np.int32, "targets": np.int32, "loss_mask": np.float32,
+             "segment_ids": np.int32, "positions": np.int32, "attention_mask": np.int32}
+
+
+def batch_spec(task: str, batch_size: int, seq_len: int, *,
+               ref_logps: bool = False) -> dict[str, tuple[tuple[int, ...], type]]:
+    """The batch contract above as data: {key: (shape, dtype)} of a batch of `batch_size` rows
+    for `task`; `ref_logps`: preference pairs carry their reference's scores. What the loader
+    fills and what the dry run compiles the step for."""
+    rows, per_row = (batch_size, seq_len), (batch_size,)
+    if task == tasks.DPO:
+        pairs = {k: ((batch_size, 2, seq_len), dtype) for k, dtype in LM_ARRAYS.items()}
+        return {**pairs, "valid": (per_row, np.float32),
+                **({"ref_logps": ((batch_size, 2), np.float32)} if ref_logps else {})}
+    if task == tasks.CLASSIFICATION:
+        return {"input_ids": (rows, np.int32), "attention_mask": (rows, np.int32),
+                "token_type_ids": (rows, np.int32), "labels": (per_row, np.int32),
+                "valid": (per_row, np.float32)}
+    return {k: (rows, dtype) for k, dtype in LM_ARRAYS.items()}
+
+
+def _empty(task: str, batch_size: int, seq_len: int, pad_id: int) -> dict[str, np.ndarray]:
+    """A batch of the contract's arrays, all padding (`pad_id` tokens, zeros elsewhere)."""
+    out = {k: np.zeros(shape, dtype) for k, (shape, dtype) in
+           batch_spec(task, batch_size, seq_len).items()}
+    out["input_ids"][...] = pad_id
+    return out
 
 
 def plan_rows(lengths: np.ndarray, order: np.ndarray, seq_len: int,
@@ -73,12 +102,9 @@ def efficiency(lengths: np.ndarray, n_rows: int, seq_len: int) -> float:
 def lm_batch(ex: Examples, rows: Sequence[Sequence[int]], seq_len: int,
              pad_id: int) -> dict[str, np.ndarray]:
     """The language-model arrays for `rows` (an empty row is all padding)."""
-    shape = (len(rows), seq_len)
-    input_ids = np.full(shape, pad_id, np.int32)
-    targets = np.zeros(shape, np.int32)
-    loss_mask = np.zeros(shape, np.float32)
-    segment_ids = np.zeros(shape, np.int32)
-    positions = np.zeros(shape, np.int32)
+    out = _empty(tasks.LM, len(rows), seq_len, pad_id)
+    input_ids, targets, loss_mask, segment_ids, positions = (
+        out[k] for k in ("input_ids", "targets", "loss_mask", "segment_ids", "positions"))
     for r, row in enumerate(rows):
         col = 0
         for segment, i in enumerate(row, 1):
@@ -90,20 +116,16 @@ def lm_batch(ex: Examples, rows: Sequence[Sequence[int]], seq_len: int,
             segment_ids[r, col:col + n] = segment
             positions[r, col:col + n] = np.arange(n)
             col += n
-    return {"input_ids": input_ids, "targets": targets, "loss_mask": loss_mask,
-            "segment_ids": segment_ids, "positions": positions,
-            "attention_mask": (segment_ids > 0).astype(np.int32)}
+    out["attention_mask"][...] = segment_ids > 0
+    return out
 
 
 def classification_batch(ex: Examples, rows: Sequence[Sequence[int]], seq_len: int,
                          pad_id: int) -> dict[str, np.ndarray]:
     """The classification arrays for `rows`, each holding one example (or none: padding)."""
-    shape = (len(rows), seq_len)
-    input_ids = np.full(shape, pad_id, np.int32)
-    attention_mask = np.zeros(shape, np.int32)
-    token_type_ids = np.zeros(shape, np.int32)
-    labels = np.zeros(len(rows), np.int32)
-    valid = np.zeros(len(rows), np.float32)
+    out = _empty(tasks.CLASSIFICATION, len(rows), seq_len, pad_id)
+    input_ids, attention_mask, token_type_ids, labels, valid = (
+        out[k] for k in ("input_ids", "attention_mask", "token_type_ids", "labels", "valid"))
     for r, row in enumerate(rows):
         if not row:
             continue
@@ -114,8 +136,7 @@ def classification_batch(ex: Examples, rows: Sequence[Sequence[int]], seq_len: i
         token_type_ids[r, : b - a] = ex.token_types[a:b]
         labels[r] = ex.labels[i]
         valid[r] = 1.0
-    return {"input_ids": input_ids, "attention_mask": attention_mask,
-            "token_type_ids": token_type_ids, "labels": labels, "valid": valid}
+    return out
 
 
 def pair_batch(ex: Examples, rows: Sequence[Sequence[int]], seq_len: int,

@@ -18,6 +18,7 @@ from collections.abc import Iterator
 import ml_collections
 from transformers import PreTrainedTokenizerBase
 
+from jaxft import tasks
 from jaxft.data import encode, formats, labels, packing, sources
 from jaxft.data.files import LOCATION_COLUMNS, Loaded
 from jaxft.data.iterator import Batch, EvalBatches, TrainIterator
@@ -56,7 +57,7 @@ class DataBundle:
 
 
 def build_data(cfg: ml_collections.ConfigDict, tokenizer: PreTrainedTokenizerBase, *,
-               global_batch_size: int, task: str = "lm", process_index: int | None = None,
+               global_batch_size: int, task: str = tasks.LM, process_index: int | None = None,
                process_count: int | None = None) -> DataBundle:
     """Load, tokenize and lay out the data named by `cfg` (see `jaxft.data.config`).
 
@@ -69,8 +70,8 @@ def build_data(cfg: ml_collections.ConfigDict, tokenizer: PreTrainedTokenizerBas
     schema = formats.resolve(cfg, _data_columns(split.train), task, str(split.train.origin))
     if split.eval is not None:
         formats.require(schema, _data_columns(split.eval), str(split.eval.origin))
-    label_map = _label_map(cfg, split, schema) if task == "classification" else None
-    classification = task == "classification"
+    label_map = _label_map(cfg, split, schema) if task == tasks.CLASSIFICATION else None
+    classification = task == tasks.CLASSIFICATION
     pairs = schema.format == "preference"
 
     train_examples, stats = encode.encode(split.train, schema, tokenizer, cfg, label_map=label_map)

@@ -15,11 +15,11 @@ import dataclasses
 import datasets
 import numpy as np
 
-from jaxft import hub
 from jaxft.data import chatterbot, files
 from jaxft.data.files import Loaded, Origin
 from jaxft.data.order import holdout
 from jaxft.errors import JaxftError, first_line
+from jaxft.hf import hub
 
 
 @dataclasses.dataclass(frozen=True)

@@ -7,7 +7,7 @@ shipped rather than a kernel of its own.
 
 The kernel builds its mask from segment ids and indices: a query attends to the keys of its own
 segment at or before its index (and, with a window, fewer than `sliding_window` back). That is
-exactly jaxft's mask (`layers.attention_mask`, which compares positions) for every batch jaxft
+exactly jaxft's mask (`attention.attention_mask`, which compares positions) for every batch jaxft
 makes, since positions rise by one along each packed example; padding is segment 0, which no
 real token attends to, so what padding rows compute never reaches the loss.
 

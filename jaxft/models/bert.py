@@ -17,7 +17,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxft.errors import JaxftError
-from jaxft.models import layers
+from jaxft.models import attention, layers, stack
 from jaxft.models.params import IDENTITY, TRANSPOSE, TensorMapping
 
 MODEL_TYPES = ("bert",)
@@ -41,7 +41,7 @@ class Config:
     model_type: str = "bert"
     dtype: str | None = None
     remat: str = "none"
-    attention: str = "auto"  # 'xla' | 'cudnn' | 'auto' (see layers.dot_product_attention)
+    attention: str = "auto"  # 'xla' | 'cudnn' | 'auto' (see attention.dot_product_attention)
     hidden_dropout_prob: float = 0.1  # embeddings and both residual branches
     attention_probs_dropout_prob: float = 0.1
     classifier_dropout: float | None = None  # None: hidden_dropout_prob
@@ -205,7 +205,7 @@ class Attention(nnx.Module):
             getattr(self.self, n)(x).reshape(b, t, self.num_heads, d // self.num_heads)
             for n in ("query", "key", "value")
         )  # B T N H
-        out = layers.dot_product_attention(q, k, v, mask, (d // self.num_heads) ** -0.5,
+        out = attention.dot_product_attention(q, k, v, mask, (d // self.num_heads) ** -0.5,
                                            implementation=self.attention,
                                            probs_dropout=self.self.dropout)
         out = self.output.dropout(self.output.dense(out.reshape(b, t, d)))
@@ -253,7 +253,7 @@ class Embeddings(nnx.Module):
 
 class Encoder(nnx.Module):
     def __init__(self, cfg: Config, *, rngs, param_dtype):
-        self.layer = layers.stack_layers(
+        self.layer = stack.stack_layers(
             [Layer(cfg, rngs=rngs, param_dtype=param_dtype) for _ in range(cfg.num_hidden_layers)]
         )
 
@@ -313,7 +313,7 @@ class Model(nnx.Module):
             # HF masks only the keys: every query, padding included, sees all real tokens.
             mask = jnp.broadcast_to(valid[:, None, None, :], (b, 1, t, t))
         else:
-            mask = layers.attention_mask(segment_ids, segment_ids, causal=False)
+            mask = attention.attention_mask(segment_ids, segment_ids, causal=False)
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
         if token_type_ids is None:
@@ -325,7 +325,7 @@ class Model(nnx.Module):
             + emb.position_embeddings(positions)
         )
         h = emb.dropout(emb.LayerNorm(h))  # B T D
-        h, _ = layers.scan_layers(self.bert.encoder.layer, h, remat=self.config.remat, mask=mask)
+        h, _ = stack.scan_layers(self.bert.encoder.layer, h, remat=self.config.remat, mask=mask)
         if return_hidden or self.classifier is None:
             return h
         pooled = jnp.tanh(self.bert.pooler.dense(h[:, 0]))  # B D

@@ -13,7 +13,7 @@ What sets them apart from LLaMA, all of it data or a switch here:
   (base 10k without scaling locally; 1M, with the checkpoint's scaling, globally).
 
 The layers stay one stacked scan: which layers are local is a per-layer flag
-(`layers.scan_layers`' `per_layer`), and each layer picks its mask and RoPE frequencies by it.
+(`stack.scan_layers`' `per_layer`), and each layer picks its mask and RoPE frequencies by it.
 Tensor names are transformers' (`model.layers.N.pre_feedforward_layernorm`), so LoRA targets are
 PEFT's.
 """
@@ -28,7 +28,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxft.errors import JaxftError
-from jaxft.models import layers
+from jaxft.models import attention, layers, rope, stack
 from jaxft.models.llama import rope_settings
 from jaxft.models.params import IDENTITY, TRANSPOSE, TensorMapping
 
@@ -52,8 +52,8 @@ class Config:
     head_dim: int
     query_pre_attn_scalar: float
     rms_norm_eps: float = 1e-6
-    rope: layers.Rope = layers.Rope(())  # global layers'
-    local_rope: layers.Rope | None = None  # local layers' when it differs (Gemma 3)
+    rope: rope.Rope = rope.Rope(())  # global layers'
+    local_rope: rope.Rope | None = None  # local layers' when it differs (Gemma 3)
     sliding_window: int | None = None
     local_layers: tuple[bool, ...] = ()  # per layer: attends through the sliding window
     attn_logit_softcapping: float | None = None
@@ -144,26 +144,26 @@ def _default_layer_types(model_type: str, n: int, hf: dict) -> list[str]:
     return ["sliding_attention" if (i + 1) % pattern else "full_attention" for i in range(n)]
 
 
-def _ropes(hf: dict, head_dim: int) -> tuple[layers.Rope, layers.Rope | None]:
+def _ropes(hf: dict, head_dim: int) -> tuple[rope.Rope, rope.Rope | None]:
     """(global layers' RoPE, local layers' when it differs). Gemma 3 keeps one set of rope
     parameters per layer type (`rope_parameters: {full_attention: …, sliding_attention: …}`),
     or, in configs on the Hub, `rope_theta` + `rope_scaling` for global layers and
     `rope_local_base_freq` for local ones."""
-    def rope(theta, scaling):
-        return layers.Rope.from_hf(head_dim, theta, dict(scaling) if scaling else None)
+    def make(theta, scaling):
+        return rope.Rope.from_hf(head_dim, theta, dict(scaling) if scaling else None)
 
     params = hf.get("rope_parameters") or {}
     if hf["model_type"] != "gemma3_text":
         theta, scaling, _ = rope_settings(hf)
-        return rope(theta, scaling), None
+        return make(theta, scaling), None
     if "full_attention" in params or "sliding_attention" in params:
         per_kind = {}
         for kind in ("full_attention", "sliding_attention"):
             theta, scaling, _ = rope_settings({}, params.get(kind) or {})
-            per_kind[kind] = rope(theta, scaling)
+            per_kind[kind] = make(theta, scaling)
         return per_kind["full_attention"], per_kind["sliding_attention"]
     theta, scaling, _ = rope_settings({**hf, "rope_theta": hf.get("rope_theta", 1_000_000.0)})
-    return rope(theta, scaling), rope(float(hf.get("rope_local_base_freq", 10_000.0)), None)
+    return make(theta, scaling), make(float(hf.get("rope_local_base_freq", 10_000.0)), None)
 
 
 HF_TENSORS = TensorMapping(
@@ -249,7 +249,7 @@ class Attention(nnx.Module):
         q, k = self.rope(q, positions, inv_freq), self.rope(k, positions, inv_freq)
         if cache is not None:
             k, v, cache = cache.update(k, v)
-        out = layers.layer_attention(
+        out = attention.layer_attention(
             q, k, v, masks, local, self.scale, implementation=self.attention, causal=True,
             probs_dropout=self.dropout, segment_ids=segment_ids, soft_cap=self.soft_cap,
         )
@@ -299,7 +299,7 @@ class Backbone(nnx.Module):
     def __init__(self, cfg: Config, *, rngs: nnx.Rngs, param_dtype):
         self.embed_tokens = layers.Embed(cfg.vocab_size, cfg.hidden_size, ("vocab", "embed"),
                                          rngs=rngs, param_dtype=param_dtype, dtype=cfg.dtype)
-        self.layers = layers.stack_layers(
+        self.layers = stack.stack_layers(
             [DecoderLayer(cfg, rngs=rngs, param_dtype=param_dtype)
              for _ in range(cfg.num_hidden_layers)]
         )
@@ -321,10 +321,10 @@ class Model(nnx.Module):
     def __call__(self, input_ids, attention_mask=None, *, segment_ids=None, positions=None,
                  cache=None, return_hidden: bool = False):
         """Same contract as `jaxft.models.llama.Model.__call__`."""
-        positions, mask, segments, cache = layers.causal_lm_inputs(
+        positions, mask, segments, cache = attention.causal_lm_inputs(
             input_ids, attention_mask, segment_ids, positions, cache
         )
-        h, cache = layers.run_decoder(
+        h, cache = stack.run_decoder(
             self.model.layers, self.model.norm, self.embed(input_ids), positions=positions,
             mask=mask, segment_ids=segments, cache=cache, window=self.config.sliding_window,
             kinds=self.config.layer_kinds, remat=self.config.remat)

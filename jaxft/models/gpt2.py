@@ -16,7 +16,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxft.errors import JaxftError
-from jaxft.models import layers
+from jaxft.models import attention, layers, stack
 from jaxft.models.params import IDENTITY, TensorMapping
 
 MODEL_TYPES = ("gpt2",)
@@ -38,7 +38,7 @@ class Config:
     model_type: str = "gpt2"
     dtype: str | None = None
     remat: str = "none"
-    attention: str = "auto"  # 'xla' | 'cudnn' | 'auto' (see layers.dot_product_attention)
+    attention: str = "auto"  # 'xla' | 'cudnn' | 'auto' (see attention.dot_product_attention)
     embd_pdrop: float = 0.1  # dropout of the embeddings, attention probabilities, residuals
     attn_pdrop: float = 0.1
     resid_pdrop: float = 0.1
@@ -148,7 +148,7 @@ class Attention(nnx.Module):
         q, k, v = (a.reshape(b, t, self.num_heads, d // self.num_heads) for a in (q, k, v))
         if cache is not None:
             k, v, cache = cache.update(k, v)
-        out = layers.dot_product_attention(q, k, v, mask, (d // self.num_heads) ** -0.5,
+        out = attention.dot_product_attention(q, k, v, mask, (d // self.num_heads) ** -0.5,
                                            implementation=self.attention, causal=True,
                                            probs_dropout=self.attn_dropout,
                                            segment_ids=segment_ids)
@@ -192,7 +192,7 @@ class Transformer(nnx.Module):
         self.wte = layers.Embed(cfg.vocab_size, cfg.hidden_size, ("vocab", "embed"), **kw)
         self.wpe = layers.Embed(cfg.n_positions, cfg.hidden_size, (None, "embed"), **kw)
         self.drop = layers.Dropout(cfg.embd_pdrop)
-        self.h = layers.stack_layers(
+        self.h = stack.stack_layers(
             [Block(cfg, rngs=rngs, param_dtype=param_dtype) for _ in range(cfg.num_hidden_layers)]
         )
         self.ln_f = layers.LayerNorm(
@@ -218,12 +218,12 @@ class Model(nnx.Module):
         return_hidden: bool = False,
     ):
         """Same contract as `jaxft.models.llama.Model.__call__`."""
-        positions, mask, segments, cache = layers.causal_lm_inputs(
+        positions, mask, segments, cache = attention.causal_lm_inputs(
             input_ids, attention_mask, segment_ids, positions, cache
         )
         h = self.transformer.wte(input_ids) + self.transformer.wpe(positions)  # B T D
         h = self.transformer.drop(h)
-        h, layer_cache = layers.scan_layers(
+        h, layer_cache = stack.scan_layers(
             self.transformer.h,
             h,
             remat=self.config.remat,

@@ -18,7 +18,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxft.errors import JaxftError
-from jaxft.models import layers
+from jaxft.kernels.swiglu import swiglu
+from jaxft.models import attention, layers, rope, stack
 from jaxft.models.params import IDENTITY, TRANSPOSE, TensorMapping
 
 MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "phi3")
@@ -52,8 +53,8 @@ class Config:
     max_position_embeddings: int | None = None  # read by longrope's default attention factor
     model_type: str = "llama"
     dtype: str | None = None  # compute dtype; None computes in the parameter dtype
-    remat: str = "none"  # rematerialisation policy of the layer scan (see layers.REMAT_POLICIES)
-    attention: str = "auto"  # 'xla' | 'cudnn' | 'auto' (see layers.dot_product_attention)
+    remat: str = "none"  # rematerialisation policy of the layer scan (see stack.REMAT_POLICIES)
+    attention: str = "auto"  # 'xla' | 'cudnn' | 'auto' (see attention.dot_product_attention)
     attention_dropout: float = 0.0  # on attention probabilities, in training (HF's default: 0)
     hf_config_json: str = "{}"  # the original config.json, written back on export
 
@@ -70,9 +71,9 @@ class Config:
         return False
 
     @property
-    def rope(self) -> layers.Rope:
+    def rope(self) -> rope.Rope:
         scaling = dict(self.rope_scaling) if self.rope_scaling else None
-        return layers.Rope.from_hf(self.head_dim, self.rope_theta, scaling,
+        return rope.Rope.from_hf(self.head_dim, self.rope_theta, scaling,
                                    partial_rotary_factor=self.partial_rotary_factor,
                                    max_position_embeddings=self.max_position_embeddings)
 
@@ -124,26 +125,26 @@ class Config:
         )
 
 
-def rope_settings(hf: dict, rope: dict | None = None) -> tuple[float, tuple | None, float]:
+def rope_settings(hf: dict, params: dict | None = None) -> tuple[float, tuple | None, float]:
     """(theta, scaling as sorted pairs or None, partial rotary factor) from a config.json in
     either of transformers' forms: `rope_theta` + `rope_scaling` (configs on the Hub), or
-    `rope_parameters` (what transformers 5 saves). `rope` is one layer kind's parameters when a
-    config has several (Gemma 3)."""
-    rope = dict(rope if rope is not None else hf.get("rope_parameters") or {})
-    theta = float(rope.pop("rope_theta", hf.get("rope_theta", 10000.0)))
-    partial = float(rope.pop("partial_rotary_factor", hf.get("partial_rotary_factor", 1.0)))
+    `rope_parameters` (what transformers 5 saves). `params` is one layer kind's parameters when
+    a config has several (Gemma 3)."""
+    params = dict(params if params is not None else hf.get("rope_parameters") or {})
+    theta = float(params.pop("rope_theta", hf.get("rope_theta", 10000.0)))
+    partial = float(params.pop("partial_rotary_factor", hf.get("partial_rotary_factor", 1.0)))
     scaling = dict(hf.get("rope_scaling") or
-                   (rope if rope.get("rope_type", rope.get("type", "default")) != "default"
+                   (params if params.get("rope_type", params.get("type", "default")) != "default"
                     else {}))
     if not scaling:
         return theta, None, partial
     kind = scaling.get("rope_type", scaling.get("type", "default"))
     if kind in ("su", "yarn") and hf.get("model_type") == "phi3":  # transformers' renaming
         kind = "longrope"
-    if kind not in layers.ROPE_TYPES:
+    if kind not in rope.ROPE_TYPES:
         raise JaxftError(
             f"rope_scaling type {kind!r} is not supported (supported: "
-            f"{', '.join(layers.ROPE_TYPES)})"
+            f"{', '.join(rope.ROPE_TYPES)})"
         )
     scaling["rope_type"] = kind
     scaling.pop("type", None)
@@ -250,7 +251,7 @@ class Attention(nnx.Module):
         q, k = self.rope(q, positions, inv_freq), self.rope(k, positions, inv_freq)
         if cache is not None:
             k, v, cache = cache.update(k, v)
-        out = layers.layer_attention(
+        out = attention.layer_attention(
             q, k, v, masks, local, self.head_dim**-0.5, implementation=self.attention,
             causal=True, probs_dropout=self.dropout, segment_ids=segment_ids,
         )
@@ -274,7 +275,7 @@ class MLP(nnx.Module):
             gate, up = jnp.split(self.gate_up_proj(x), 2, axis=-1)
         else:
             gate, up = self.gate_proj(x), self.up_proj(x)
-        return self.down_proj(layers.swiglu(gate, up))
+        return self.down_proj(swiglu(gate, up))
 
 
 class DecoderLayer(nnx.Module):
@@ -310,7 +311,7 @@ class Backbone(nnx.Module):
             param_dtype=param_dtype,
             dtype=cfg.dtype,
         )
-        self.layers = layers.stack_layers(
+        self.layers = stack.stack_layers(
             [
                 DecoderLayer(cfg, rngs=rngs, param_dtype=param_dtype)
                 for _ in range(cfg.num_hidden_layers)
@@ -356,10 +357,10 @@ class Model(nnx.Module):
         `cache` (`jaxft.kv_cache.Cache`) the tokens are appended to it and the call returns
         `(logits, cache)`; `jaxft.generate` drives it.
         """
-        positions, mask, segments, cache = layers.causal_lm_inputs(
+        positions, mask, segments, cache = attention.causal_lm_inputs(
             input_ids, attention_mask, segment_ids, positions, cache
         )
-        h, cache = layers.run_decoder(
+        h, cache = stack.run_decoder(
             self.model.layers, self.model.norm, self.model.embed_tokens(input_ids),  # B T D
             positions=positions, mask=mask, segment_ids=segments, cache=cache,
             window=self.config.sliding_window, kinds=self.config.layer_kinds,

@@ -39,7 +39,7 @@ from gguf.quants import quant_shape_to_byte_shape, quantize
 
 from jaxft import lora, models, outdir, progress
 from jaxft.errors import JaxftError
-from jaxft.gguf import gguf_name
+from jaxft.hf.gguf import gguf_name
 from jaxft.models import params
 
 # The storage types a user picks, as llama.cpp's converter names them (`--outtype`).
@@ -229,7 +229,7 @@ def _copy_tokenizer_fields(writer: GGUFWriter, source: Path) -> None:
 def _add_hf_tokenizer(writer: GGUFWriter, source: Path) -> None:
     """A byte-level BPE tokenizer as llama.cpp's converter writes one (`_set_vocab_gpt2`): every
     token in id order with its type, the merges, the special-token ids and the chat template."""
-    from jaxft.data.tokenizer import load_tokenizer
+    from jaxft.hf.tokenizer import load_tokenizer
 
     tok = load_tokenizer(str(source))
     backend = json.loads(tok.backend_tokenizer.to_str())

@@ -2,7 +2,7 @@
 
 One rule (`looks_local`) decides whether a string names something on this machine; what does not
 look local is a hub id, fetched through `huggingface_hub` (whole, or only its `config.json` for
-the dry run). Everything here is about finding files: reading weights is `jaxft.hf_io`'s job.
+the dry run). Everything here is about finding files: reading weights is `jaxft.hf.weights`' job.
 """
 
 from __future__ import annotations
@@ -108,7 +108,7 @@ def config_source(path: Path) -> str:
 def read_config(path: Path) -> dict:
     """The Hugging Face config dict of a checkpoint directory or .gguf file."""
     if path.suffix == ".gguf":
-        from jaxft import gguf
+        from jaxft.hf import gguf
 
         return gguf.read_gguf_config(path)
     config_file = path / CONFIG_NAME

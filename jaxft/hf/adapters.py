@@ -30,10 +30,12 @@ import jax
 import numpy as np
 from flax import nnx
 
-from jaxft import dtypes, hf_io, hub, lora, models, outdir
+from jaxft import dtypes, lora, models, outdir
 from jaxft.dtypes import DTypeLike
 from jaxft.errors import JaxftError, collected
+from jaxft.hf import hub, weights
 from jaxft.models import params
+from jaxft.models.layers import is_output_head, linear_modules
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -88,7 +90,7 @@ def sites(model: nnx.Module) -> dict[str, Site]:
     mapping = models.tensor_table(model)
     kernels = {path: (hf, transform) for hf, path, transform in mapping.entries}
     found = {}
-    for path, _ in lora.linear_modules(model):
+    for path, _ in linear_modules(model):
         if path + ".kernel" not in kernels:
             raise JaxftError(f"no Hugging Face name maps to {path}.kernel")
         hf, transform = kernels[path + ".kernel"]
@@ -143,13 +145,13 @@ def save_peft_adapter(
                for name, value in adapter_tensors(model, lora_cfg)}
     config = peft_config(model, lora_cfg, base_name=base_name)
     if jax.process_index() == 0:
-        hf_io.write_safetensors(tensors, out / WEIGHTS_NAME)
+        weights.write_safetensors(tensors, out / WEIGHTS_NAME)
         (out / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     return out
 
 
 def _adapted(model: nnx.Module) -> dict[str, lora.LoRA]:
-    return {path: linear.adapter for path, linear in lora.linear_modules(model)
+    return {path: linear.adapter for path, linear in linear_modules(model)
             if isinstance(linear.adapter, lora.LoRA)}
 
 
@@ -314,7 +316,7 @@ def load_peft_adapter(model: nnx.Module, adapter_dir: str | os.PathLike) -> lora
         modules_to_save=saved)
     state = _saved_state(model, others, source)
     lora.apply_lora(model, cfg)
-    linears = dict(lora.linear_modules(model))
+    linears = dict(linear_modules(model))
     for path, (_, scale) in plan.items():
         adapter = linears[path].adapter
         adapter.scale = scale
@@ -385,7 +387,7 @@ def _is_target(key: str, config: dict, site: Site, model: nnx.Module) -> bool:
     if exclude and lora.target_matches(exclude, key):
         return False
     if lora.is_all_linear(targets):
-        return not lora.is_output_head(site.path)
+        return not is_output_head(site.path)
     return lora.target_matches(targets, key)
 
 
@@ -422,7 +424,7 @@ def _split_factors(model, table: dict[str, Site], plan: dict, tensors: dict, sou
     raised once.
     """
     mapping = models.tensor_table(model)
-    linears = dict(lora.linear_modules(model))
+    linears = dict(linear_modules(model))
     layers: dict[tuple[str, str], dict[int, np.ndarray]] = {}
     others, problems = {}, []
     for key, value in tensors.items():

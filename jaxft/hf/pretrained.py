@@ -1,7 +1,8 @@
 """`jaxft.from_pretrained`: a Hugging Face checkpoint, plus a PEFT adapter on top if one is named.
 
-Weight conversion (`jaxft.hf_io`) knows nothing of LoRA and the adapter code (`jaxft.adapters`)
-nothing of checkpoint files; this is the one place the two meet, for users.
+Weight conversion (`jaxft.hf.weights`) knows nothing of LoRA and the adapter code
+(`jaxft.hf.adapters`) nothing of checkpoint files; this is the one place the two meet, for
+users.
 """
 
 from __future__ import annotations
@@ -11,8 +12,10 @@ import os
 from flax import nnx
 from jax.sharding import Mesh
 
-from jaxft import adapters, hf_io, quant
+from jaxft import dtypes, quant
 from jaxft.dtypes import DTypeLike
+from jaxft.hf import adapters, weights
+from jaxft.hf.model import ModelOptions
 
 
 def from_pretrained(
@@ -32,15 +35,20 @@ def from_pretrained(
 
     `adapter` is a PEFT LoRA adapter directory (or hub id), e.g. one trained in PyTorch, to load
     on top for inference or to continue training. `dtype` is the parameter dtype in any
-    spelling (`jnp.bfloat16`, `"bfloat16"`, `np.float32`); the other arguments are those of
-    `jaxft.hf_io.load_model`. `quantize` stores the frozen projections packed: "nf4" (QLoRA,
-    as bitsandbytes), "int8", or a `jaxft.quant.QuantConfig` (block size, double quantization).
+    spelling (`jnp.bfloat16`, `"bfloat16"`, `np.float32`); `compute_dtype` defaults to it.
+    `num_labels` turns a BERT encoder into a sequence classifier with a freshly initialised
+    head (or checks an existing one); `remat` is the layer rematerialisation policy for
+    training, `attention` the attention kernel (`jaxft.models.attention`). With a `mesh` each
+    tensor goes straight onto its sharding as it is read. `quantize` stores the frozen
+    projections packed: "nf4" (QLoRA, as bitsandbytes), "int8", or a `jaxft.quant.QuantConfig`
+    (block size, double quantization).
     """
     if isinstance(quantize, str):
         quantize = quant.QuantConfig(kind=quantize)
-    model = hf_io.load_model(path_or_id, dtype=dtype, compute_dtype=compute_dtype,
-                             num_labels=num_labels, seed=seed, remat=remat, attention=attention,
-                             mesh=mesh, quantize=quantize)
+    options = ModelOptions(param_dtype=dtypes.canonical(dtype, "dtype"),
+                           compute_dtype=compute_dtype, num_labels=num_labels, remat=remat,
+                           attention=attention, quantize=quantize, seed=seed)
+    model = weights.load_hf_model(path_or_id, options, mesh=mesh)
     if adapter is not None:
         adapters.load_peft_adapter(model, adapter)
         model.eval()  # the adapters' dropout too, as transformers' from_pretrained leaves it

@@ -33,9 +33,11 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from jaxft import config as config_lib
-from jaxft import dtypes, hf_io, hub, lora, progress, quant, sharding, tpu, train_step
-from jaxft.dtypes import DTypeLike
+from jaxft import lora, progress, quant, sharding, spec, tasks, train_step
+from jaxft.data.packing import batch_spec
+from jaxft.hf import hub
+from jaxft.hf.model import blueprint
+from jaxft.plan import flops, tpu
 
 
 @dataclasses.dataclass(frozen=True)
@@ -138,22 +140,17 @@ def make_plan(cfg: ml_collections.ConfigDict, topology: tpu.Topology | None = No
     """Compile the configured train step abstractly and measure it; reads no weights. With a
     `topology`, for that TPU slice (see the module docstring), else for this machine."""
     devices = list(topology.devices) if topology else jax.devices()
-    platform = "tpu" if topology else jax.default_backend()
-    config_lib.validate(cfg, len(devices), platform)
-    compute_dtype = config_lib.compute_dtype(cfg, platform)
+    run = spec.resolve(cfg, devices)
     mesh = sharding.make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor, devices=devices)
-    lora_cfg = config_lib.lora_config(cfg)
-    source, abstract = configured_model(cfg, compute_dtype)
+    source, abstract = configured_model(run)
 
     # The step jaxft.train runs (train_step.build), on abstract arrays that carry shardings.
-    step, states = train_step.build(abstract, cfg, mesh, lora_cfg)
+    step, states = train_step.build(abstract, run, mesh)
     placed = step.place(states)
-    reference_mode = config_lib.dpo_reference(cfg) if cfg.task == "dpo" else None
-    batch = abstract_batch(cfg.task, cfg.train.batch_size, cfg.data.max_len, mesh,
-                           ref_logps=reference_mode in ("precomputed", "frozen_copy"))
+    batch = abstract_batch(run, mesh)
     scalars = jax.tree.map(  # the step's running sums and its number: a few replicated scalars
         lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=step.replicated),
-        (train_step.zero_window(cfg.task), train_step.step_number(0)))
+        (train_step.zero_window(run.task), train_step.step_number(0)))
     window, number = scalars
     lowered = step.train.lower(placed["trainable"], placed["frozen"], placed["dropout"],
                                placed["opt_state"], window, batch, number)
@@ -167,44 +164,28 @@ def make_plan(cfg: ml_collections.ConfigDict, topology: tpu.Topology | None = No
         if refusal is None:
             raise
 
-    tokens = cfg.train.batch_size * cfg.data.max_len * (2 if cfg.task == "dpo" else 1)
-    full = lora_cfg is None
-    # DPO scores the reference in each step (LoRA's base, or the frozen copy): one more forward.
-    reference = reference_mode in ("adapters_off", "frozen_copy")
+    analytic, recompute = flops.step_flops(abstract, run)
     packed_bytes, packed_params = quant.packed_size(abstract)
     return Plan(
         model_type=abstract.config.model_type, source=source, mesh=dict(mesh.shape),
-        platform=platform, batch_size=cfg.train.batch_size,
-        seq_len=cfg.data.max_len, accum_steps=cfg.train.accum_steps, remat=cfg.train.remat,
-        param_dtype=cfg.train.param_dtype, compute_dtype=compute_dtype,
-        lora_rank=None if lora_cfg is None else lora_cfg.rank,
+        platform=run.platform, batch_size=run.train.batch_size,
+        seq_len=cfg.data.max_len, accum_steps=run.train.accum_steps, remat=run.train.remat,
+        param_dtype=run.train.param_dtype, compute_dtype=run.compute_dtype,
+        lora_rank=None if run.lora is None else run.lora.rank,
         total_params=lora.count_parameters(nnx.state(abstract, nnx.Param)) + packed_params,
         adapter_params=lora.count_parameters(nnx.state(abstract, nnx.LoRAParam)),
         trainable_params=lora.count_parameters(placed["trainable"]),
         trainable=array_bytes(placed["trainable"]),
         frozen=array_bytes((placed["frozen"], placed["dropout"])),
         opt_state=array_bytes(placed["opt_state"]), batch=array_bytes((batch, scalars)),
-        memory=memory, xla_flops=xla_flops,
-        analytic_flops=analytic_flops(abstract, tokens, cfg.data.max_len, full=full,
-                                      reference=reference),
-        recompute_flops=recompute_flops(abstract, tokens, cfg.data.max_len, cfg.train.remat),
+        memory=memory, xla_flops=xla_flops, analytic_flops=analytic, recompute_flops=recompute,
         target=topology.describe() if topology else None,
         capacity=tpu.usable_hbm(topology) if topology else None,
         peak_tflops=topology.chip.peak_tflops if topology else None, refusal=refusal,
-        base_quant=config_lib.quant_config(cfg).kind, packed_params=packed_params,
-        packed_bytes=packed_bytes,
-        reference=array_bytes(placed["trainable"]) if reference_mode == "frozen_copy" else None,
+        base_quant=run.quant.kind, packed_params=packed_params, packed_bytes=packed_bytes,
+        reference=(array_bytes(placed["trainable"]) if run.reference == spec.FROZEN_COPY
+                   else None),
     )
-
-
-def flops_by_remat(cfg: ml_collections.ConfigDict, remats: tuple[str, ...]) -> dict[str, float]:
-    """Each remat policy's step FLOPs (recomputation included), all devices, without compiling:
-    what `jaxft.suggest` ranks candidates by before it compiles any."""
-    _, abstract = configured_model(cfg, config_lib.compute_dtype(cfg, "tpu"))
-    tokens = cfg.train.batch_size * cfg.data.max_len
-    step = analytic_flops(abstract, tokens, cfg.data.max_len, full=not cfg.lora.enabled)
-    return {remat: step + recompute_flops(abstract, tokens, cfg.data.max_len, remat)
-            for remat in remats}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -212,68 +193,27 @@ def flops_by_remat(cfg: ml_collections.ConfigDict, remats: tuple[str, ...]) -> d
 # ---------------------------------------------------------------------------------------------
 
 
-def configured_model(cfg: ml_collections.ConfigDict, compute_dtype: str) -> tuple[str, nnx.Module]:
-    """(source, the abstract model with its LoRA) that `cfg` describes, from config.json alone."""
-    source, hf_config = hub.resolve_config(cfg.model.path)
-    num_labels = (cfg.model.num_labels or 2) if cfg.task == "classification" else None
-    return source, abstract_model(
-        hf_config, source, param_dtype=cfg.train.param_dtype, compute_dtype=compute_dtype,
-        num_labels=num_labels, remat=cfg.train.remat, attention=cfg.model.attention,
-        lora_cfg=config_lib.lora_config(cfg), quantize=config_lib.quant_config(cfg),
-        seed=cfg.train.seed)
+def configured_model(run: spec.RunSpec) -> tuple[str, nnx.Module]:
+    """(source, the abstract model with its LoRA) that a run describes, from config.json
+    alone: the model `jaxft.train` would load (`jaxft.hf.model`), as shapes only."""
+    source, hf_config = hub.resolve_config(run.config.model.path)
+    num_labels = ((run.config.model.num_labels or 2) if run.task == tasks.CLASSIFICATION
+                  else None)
+    plan = blueprint(hf_config, source, run.model_options(num_labels))
+    if run.lora is None:
+        return source, plan.abstract()
+    return source, nnx.eval_shape(lambda: lora.apply_lora(plan.build(), run.lora,
+                                                          seed=run.train.seed))
 
 
-
-def abstract_model(hf_config: dict, source: str, *, param_dtype: DTypeLike, compute_dtype: str,
-                   num_labels: int | None, remat: str, attention: str,
-                   lora_cfg: lora.LoraConfig | None, quantize: quant.QuantConfig | None = None,
-                   seed: int = 0) -> nnx.Module:
-    """The model `hf_io.load_model` would build (plus LoRA), as shapes only: with a quantized
-    base, its packed kernels."""
-    family, model_cfg = hf_io.model_config(hf_config, source, num_labels=num_labels,
-                                           compute_dtype=compute_dtype, remat=remat,
-                                           attention=attention)
-
-    def build() -> nnx.Module:
-        model = family.Model(model_cfg, rngs=nnx.Rngs(seed),
-                             param_dtype=dtypes.jax_dtype(param_dtype))
-        if quantize is not None and quantize.enabled:
-            quant.quantize_kernels(model, quantize)
-        if lora_cfg is not None:
-            lora.apply_lora(model, lora_cfg, seed=seed)
-        return model
-
-    return nnx.eval_shape(build)
-
-
-def abstract_batch(task: str, batch_size: int, seq_len: int, mesh,
-                   ref_logps: bool = False) -> dict[str, Any]:
-    """The batch `jaxft.data` would produce (see `jaxft.data.packing`), as sharded shapes;
-    `ref_logps`: preference pairs carry their precomputed reference scores."""
-    rows = sharding.batch_sharding(mesh)
-    per_row = sharding.batch_sharding(mesh, ndim=1)
-
-    def array(dtype, shape=(batch_size, seq_len)) -> jax.ShapeDtypeStruct:
-        return jax.ShapeDtypeStruct(shape, dtype, sharding=rows if len(shape) == 2 else per_row)
-
-    if task == "dpo":  # pairs: [B, 2, T], and which rows are real
-        pairs = sharding.batch_sharding(mesh, ndim=3)
-        pair = lambda dtype: jax.ShapeDtypeStruct((batch_size, 2, seq_len), dtype,  # noqa: E731
-                                                  sharding=pairs)
-        out = {"input_ids": pair(np.int32), "targets": pair(np.int32),
-               "loss_mask": pair(np.float32), "segment_ids": pair(np.int32),
-               "positions": pair(np.int32), "attention_mask": pair(np.int32),
-               "valid": array(np.float32, (batch_size,))}
-        if ref_logps:
-            out["ref_logps"] = jax.ShapeDtypeStruct((batch_size, 2), np.float32, sharding=rows)
-        return out
-    if task == "classification":
-        return {"input_ids": array(np.int32), "attention_mask": array(np.int32),
-                "token_type_ids": array(np.int32), "labels": array(np.int32, (batch_size,)),
-                "valid": array(np.float32, (batch_size,))}
-    return {"input_ids": array(np.int32), "targets": array(np.int32),
-            "loss_mask": array(np.float32), "segment_ids": array(np.int32),
-            "positions": array(np.int32), "attention_mask": array(np.int32)}
+def abstract_batch(run: spec.RunSpec, mesh) -> dict[str, Any]:
+    """The batch `jaxft.data` would produce for the run (`data.packing.batch_spec`), as shapes
+    whose rows are sharded over the mesh's data axes."""
+    found = batch_spec(run.task, run.train.batch_size, run.config.data.max_len,
+                       ref_logps=run.batch_ref_logps)
+    return {k: jax.ShapeDtypeStruct(shape, dtype,
+                                    sharding=sharding.batch_sharding(mesh, ndim=len(shape)))
+            for k, (shape, dtype) in found.items()}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -292,55 +232,6 @@ def array_bytes(tree: Any) -> Bytes:
                               for s, n in zip(index, x.shape, strict=True))
             per_device[device] = per_device.get(device, 0) + shard * itemsize
     return Bytes(total, max(per_device.values(), default=0))
-
-
-def analytic_flops(model: nnx.Module, tokens: int, seq_len: int, *, full: bool,
-                   reference: bool = False) -> float:
-    """FLOPs of one step on all devices: the 6N·tokens rule, counted from the matmuls.
-
-    A forward pass costs 2 FLOPs per weight per token; the backward pass costs 2 more for the
-    activation gradients and, only for weights that train, 2 more for the weight gradients:
-    6N·tokens in full fine-tuning, 4N·tokens when the base is frozen (LoRA), plus 6 per adapter
-    weight. N counts the projection kernels (and a tied embedding, which is the output head);
-    embedding lookups cost nothing. Attention scores and values add 4·T·width per token and
-    layer forward, 3× that for a training step. Remat's recomputation is `recompute_flops`.
-    `reference`: the step also runs the frozen base forward (DPO's reference under LoRA).
-    """
-    matmul, adapters, attention = _forward_terms(model, seq_len)
-    extra = 2 * matmul + attention if reference else 0
-    return float(tokens * ((6 if full else 4) * matmul + 6 * adapters + 3 * attention + extra))
-
-
-def recompute_flops(model: nnx.Module, tokens: int, seq_len: int, remat: str) -> float:
-    """What remat adds to a step: `full` runs each layer's forward again in the backward pass
-    (the output head and loss are outside the layers and are not rerun); `dots_saveable` keeps
-    the projections' outputs and reruns only the rest, of which attention is the part that
-    counts; `none` reruns nothing."""
-    if remat == "none":
-        return 0.0
-    matmul, adapters, attention = _forward_terms(model, seq_len, layers_only=True)
-    per_token = attention if remat == "dots_saveable" else 2 * (matmul + adapters) + attention
-    return float(tokens * per_token)
-
-
-def _forward_terms(model: nnx.Module, seq_len: int,
-                   layers_only: bool = False) -> tuple[int, int, int]:
-    """Per token: the base matmul weights N, the adapter weights, and attention's forward
-    FLOPs (4·T·width per layer)."""
-    cfg = model.config
-    linears = [linear for _, linear in lora.linear_modules(model)
-               if not layers_only or _stacked(linear)]
-    matmul = sum(math.prod(linear.kernel_shape) for linear in linears)
-    adapters = sum(lora.count_parameters(nnx.state(linear, nnx.LoRAParam)) for linear in linears)
-    if cfg.tie_word_embeddings and not layers_only:
-        matmul += cfg.vocab_size * cfg.hidden_size
-    width = cfg.head_dim * cfg.num_attention_heads
-    return matmul, adapters, 4 * seq_len * width * cfg.num_hidden_layers
-
-
-def _stacked(linear: nnx.Module) -> bool:
-    """A projection inside the scanned layers: its kernel carries the leading `layers` axis."""
-    return linear.kernel_axes[:1] == ("layers",)
 
 
 def _memory(compiled) -> dict[str, int]:

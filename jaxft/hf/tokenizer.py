@@ -14,8 +14,8 @@ import os
 import transformers
 from transformers import PreTrainedTokenizerBase
 
-from jaxft import hub
 from jaxft.errors import JaxftError, first_line
+from jaxft.hf import hub
 
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.txt",
                     "vocab.json")
@@ -33,7 +33,7 @@ def _gguf_tokenizer(path: str) -> PreTrainedTokenizerBase | None:
         renames, special_ids = hf_gguf.GGUF_TOKENIZER_MAPPING, hf_gguf._SPECIAL_TOKENS
     except (ImportError, AttributeError):
         return None
-    from jaxft import gguf
+    from jaxft.hf import gguf
 
     metadata = gguf.read_tokenizer_metadata(path)
     tokenizer, config = (

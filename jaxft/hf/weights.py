@@ -1,15 +1,15 @@
-"""Read and write Hugging Face checkpoints: `load_model` and `save_pretrained`.
+"""Read and write Hugging Face checkpoints: `load_hf_model` and `save_pretrained`.
 
 A checkpoint is a local directory, a hub id (found by `jaxft.hub`), or a llama.cpp `.gguf` file.
 Weights stream in one tensor at a time (safetensors, sharded safetensors, or a pickled `.bin`
 only through `torch.load(weights_only=True)`), so peak host memory stays near one copy of the
 model, and stream out a shard at a time. Remote code is never run. This is weight conversion
-only: LoRA adapters live in `jaxft.adapters`, and `jaxft.from_pretrained` composes the two.
+only: LoRA adapters live in `jaxft.hf.adapters`, and `jaxft.from_pretrained` composes the
+two.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import re
@@ -23,9 +23,11 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
-from jaxft import dtypes, hub, models, outdir, progress, quant
+from jaxft import dtypes, models, outdir, progress, quant
 from jaxft.dtypes import DTypeLike
 from jaxft.errors import JaxftError, first_line
+from jaxft.hf import hub
+from jaxft.hf.model import ModelOptions, blueprint
 from jaxft.models import params
 
 SAFETENSORS_NAME = "model.safetensors"
@@ -51,7 +53,7 @@ def shard_size_bytes(size: int | str) -> int:
 def iter_tensors(path: Path) -> Iterator[tuple[str, np.ndarray]]:
     """Yield (Hugging Face name, numpy array) for every tensor in a checkpoint, one at a time."""
     if path.suffix == ".gguf":
-        from jaxft import gguf
+        from jaxft.hf import gguf
 
         yield from gguf.iter_gguf_tensors(path)
         return
@@ -115,93 +117,50 @@ def _iter_torch_bin(file: Path) -> Iterator[tuple[str, np.ndarray]]:
         yield name, (tensor.float() if tensor.is_floating_point() else tensor).numpy()
 
 
-def model_config(hf_config: dict, source: str, *, num_labels: int | None = None,
-                 compute_dtype: DTypeLike | None = None, remat: str = "none",
-                 attention: str = "auto") -> tuple[models.Family, models.ModelConfig]:
-    """(family module, its Config) for a Hugging Face config, with the run-time options set.
+def load_hf_model(path_or_id: str | os.PathLike, options: ModelOptions | None = None, *,
+                  mesh: Mesh | None = None) -> nnx.Module:
+    """Load a Hugging Face checkpoint (directory, hub id or .gguf file) as a jaxft model,
+    built with `options` (`jaxft.hf.model`), in eval mode (no dropout), as transformers'
+    `from_pretrained` returns it; `model.train()` turns dropout on. Adapters are
+    `jaxft.from_pretrained`'s business.
 
-    Shared by loading and by the dry-run planner, so both build exactly the same model.
+    With a `mesh`, each tensor goes straight onto its sharding as it is read, so no device ever
+    holds the whole model. With a quantized base (`options.quantize`: NF4 or int8, all but the
+    output head) each tensor is quantized on the host as it is read, so no device ever holds
+    the model in its float dtype. A parameter the checkpoint lacks that the model may add (a
+    new classifier head) is initialised as the family's `__init__` does, and nothing else.
     """
-    family = models.family_for(hf_config, source=source)
-    try:
-        cfg = family.Config.from_hf(hf_config, num_labels=num_labels)
-    except KeyError as e:
-        raise JaxftError(f"{source}: missing field {e.args[0]!r}") from e
-    except JaxftError as e:
-        raise JaxftError(f"{source}: {e}") from e
-    compute = None if compute_dtype is None else dtypes.canonical(compute_dtype, "compute_dtype")
-    return family, dataclasses.replace(cfg, dtype=compute, remat=remat, attention=attention)
-
-
-def load_model(
-    path_or_id: str | os.PathLike,
-    *,
-    dtype: DTypeLike = "float32",
-    compute_dtype: DTypeLike | None = None,
-    num_labels: int | None = None,
-    seed: int = 0,
-    remat: str = "none",
-    attention: str = "auto",
-    mesh: Mesh | None = None,
-    quantize: quant.QuantConfig | None = None,
-) -> nnx.Module:
-    """Load a Hugging Face checkpoint (directory, hub id or .gguf file) as a jaxft model.
-
-    `dtype` is the parameter dtype (`jnp.bfloat16`, `"bfloat16"`, …); `compute_dtype` defaults
-    to it. `num_labels` turns a BERT encoder into a sequence classifier with a freshly
-    initialised head (or checks an existing one). `remat` is the layer rematerialisation policy
-    for training; `attention` the attention kernel (`layers.dot_product_attention`). With a
-    `mesh`, each tensor goes straight onto its sharding as it is read, so no device ever holds
-    the whole model. The model comes back in eval mode (no dropout), as transformers' does;
-    `model.train()` turns dropout on. Adapters are `jaxft.from_pretrained`'s business.
-
-    `quantize` stores the projections packed (`jaxft.quant`: NF4 or int8, all but the output
-    head): each tensor is quantized on the host as it is read, so no device ever holds the
-    model in its float dtype.
-    """
-    param_dtype = dtypes.jax_dtype(dtype)
+    options = options or ModelOptions()
     path = hub.resolve(path_or_id)
-    hf_config = hub.read_config(path)
-    family, cfg = model_config(hf_config, hub.config_source(path), num_labels=num_labels,
-                               compute_dtype=compute_dtype, remat=remat, attention=attention)
-
-    encoders: dict[str, quant.Encoder] = {}
-    if quantize is not None:
-        quantize.check()
-
-    def build() -> nnx.Module:
-        model = family.Model(cfg, rngs=nnx.Rngs(seed), param_dtype=param_dtype)
-        if quantize is not None and quantize.enabled:
-            encoders.update(quant.quantize_kernels(model, quantize))
-        return model
-
-    abstract = nnx.eval_shape(build)
+    plan = blueprint(hub.read_config(path), hub.config_source(path), options)
+    cfg = plan.config
     # Weights come from the checkpoint; dropout keys (rewritten every training step) start at 0.
     graphdef, abstract_state, abstract_keys = nnx.split(
-        abstract, nnx.Any(nnx.Param, quant.Quantized), ...)
+        plan.abstract(), nnx.Any(nnx.Param, quant.Quantized), ...)
     keys = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), abstract_keys)
     place = None if mesh is None else _placer(mesh)
-    what = "loading weights" + (f" (quantizing to {quantize.kind})"
-                                if quantize is not None and quantize.enabled else "")
+    what = "loading weights" + (f" (quantizing to {options.quantize.kind})"
+                                if options.quantized else "")
     state, missing = params.load_state(
         abstract_state,
-        family.HF_TENSORS,
-        _with_progress(iter_tensors(path), what, _expected_tensors(abstract_state, family, cfg)),
+        plan.family.HF_TENSORS,
+        _with_progress(iter_tensors(path), what,
+                       _expected_tensors(abstract_state, plan.family, cfg)),
         source=str(path),
         tied=cfg.tie_word_embeddings,
         num_layers=cfg.num_hidden_layers,
         may_be_missing=cfg.may_be_missing,
         place=place,
-        encoders=encoders,
+        encoders=plan.encoders,
     )
-    if missing:  # a new task head: initialised as the family's __init__ does, and nothing else
-        fresh = jax.jit(initialiser_of(build, missing))()
+    if missing:
+        fresh = jax.jit(plan.initialiser(missing))()
         place = place or (lambda var, array: jnp.asarray(array))
         state = nnx.from_flat_state([
             (p, v.replace(value=place(v, fresh[key])) if (key := ".".join(map(str, p))) in fresh
              else v) for p, v in nnx.to_flat_state(state)])
     model = nnx.merge(graphdef, state, keys)
-    model.eval()  # as transformers' from_pretrained: dropout off until `model.train()`
+    model.eval()
     return model
 
 
@@ -226,20 +185,6 @@ def _with_progress(tensors: Iterator[tuple[str, np.ndarray]], desc: str,
             read += array.nbytes
             bar.set_postfix_str(f"{read / 1e9:.2f} GB", refresh=False)
             bar.update(1)
-
-
-def initialiser_of(build: Callable[[], nnx.Module],
-                   paths: list[str]) -> Callable[[], dict[str, jax.Array]]:
-    """A function returning the freshly initialised values of some parameters of `build()`'s
-    model, for `jax.jit`: with only these as outputs XLA drops every other initialiser, so a
-    classifier head on an 8B encoder costs the head, not a second copy of the model."""
-    wanted = set(paths)
-
-    def init() -> dict[str, jax.Array]:
-        flat = params.flat_variables(nnx.state(build(), nnx.Param))
-        return {path: var.get_value() for path, var in flat.items() if path in wanted}
-
-    return init
 
 
 def _placer(mesh: Mesh) -> Callable[[nnx.Variable, np.ndarray], jax.Array]:
@@ -319,7 +264,7 @@ def _to_dtype(value: np.ndarray, dtype: str) -> np.ndarray:
 
 def copy_tokenizer(source: str | os.PathLike, out_dir: str | os.PathLike) -> None:
     """Write the checkpoint's tokenizer (and chat template) next to exported weights."""
-    from jaxft.data.tokenizer import load_tokenizer
+    from jaxft.hf.tokenizer import load_tokenizer
 
     if jax.process_index() == 0:
         load_tokenizer(str(hub.resolve(source))).save_pretrained(str(out_dir))

@@ -32,9 +32,10 @@ from collections.abc import Sequence
 
 import ml_collections
 
-from jaxft import plan as plan_lib
-from jaxft import tpu
+from jaxft import spec
 from jaxft.errors import JaxftError
+from jaxft.plan import dry_run as plan_lib
+from jaxft.plan import flops, tpu
 
 MAX_COMPILES = 12
 REMATS = ("none", "dots_saveable", "full")  # least to most memory saved
@@ -100,8 +101,8 @@ def search(cfg: ml_collections.ConfigDict, topology: tpu.Topology,
         raise JaxftError(f"--suggest: train.batch_size {cfg.train.batch_size} cannot be split "
                          f"over {topology.num_devices} chips in any layout; use a multiple of "
                          f"{smallest}")
-    seconds = {remat: flops / topology.peak_flops
-               for remat, flops in plan_lib.flops_by_remat(cfg, REMATS).items()}
+    seconds = {remat: sum(step) / topology.peak_flops
+               for remat, step in flops_by_remat(cfg, topology).items()}
     order = [name for name, _ in layouts(topology.num_devices, cfg.train.batch_size)]
 
     def rank(trial: Trial) -> tuple:
@@ -168,6 +169,15 @@ def search(cfg: ml_collections.ConfigDict, topology: tpu.Topology,
                              u.fits and u.candidate.layout == t.candidate.layout
                              for u in trials) else f"over the {max_compiles}-compile budget")
     return sorted(trials, key=lambda t: (not t.fits, t.plan is None, rank(t)))
+
+
+def flops_by_remat(cfg: ml_collections.ConfigDict, topology: tpu.Topology
+                   ) -> dict[str, tuple[float, float]]:
+    """Each remat policy's step FLOPs (the step's, and what remat recomputes), all devices,
+    without compiling: what candidates are ranked by before any is compiled."""
+    run = spec.resolve(cfg.copy_and_resolve_references(), topology.devices)
+    _, abstract = plan_lib.configured_model(run)
+    return {remat: flops.step_flops(abstract, run, remat) for remat in REMATS}
 
 
 def with_overrides(cfg: ml_collections.ConfigDict,

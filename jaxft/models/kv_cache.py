@@ -7,11 +7,11 @@
 Shapes are static (S slots, fixed at init), so a prefill and a decode step each compile once. A
 call with T tokens writes slots `[end, end + T)` for every row at once. Each slot remembers the
 segment id and position of the token in it; empty slots and left padding carry segment 0, so
-`mask` is the training mask (`layers.attention_mask`) between the new tokens and the slots —
+`mask` is the training mask (`attention.attention_mask`) between the new tokens and the slots —
 same segment, causal by position, sliding window by position — and a cached forward computes
 exactly what a full forward over the whole sequence computes.
 
-Keys and values live in `LayerCache` with a leading layer axis, which `layers.scan_layers`
+Keys and values live in `LayerCache` with a leading layer axis, which `stack.scan_layers`
 slices one layer at a time; the write index `end` is stored per layer for the same reason (all
 layers hold the same value). Axis letters: L layers, B batch, S cache slots, T new tokens,
 K key/value heads, H head dim.
@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
-from jaxft.models import layers
+from jaxft.models import attention
 
 Array = jax.Array
 
@@ -83,6 +83,6 @@ class Cache:
 
     def mask(self, segment_ids: Array, positions: Array) -> Array:
         """[B,1,T,S]: which slots each new token may attend to (call after `add`); layers with
-        a sliding window narrow it (`layers.decoder_masks`)."""
-        return layers.attention_mask(segment_ids, self.segment_ids, positions, self.positions,
+        a sliding window narrow it (`attention.decoder_masks`)."""
+        return attention.attention_mask(segment_ids, self.segment_ids, positions, self.positions,
                                      causal=True)

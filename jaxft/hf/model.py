@@ -1,0 +1,112 @@
+"""A jaxft model from a Hugging Face `config.json`: the one place a model is constructed.
+
+Loading a checkpoint (`weights.load_hf_model`), the dry run (an abstract model, no weights) and
+the benchmark (random weights, initialised on the devices) all start from a `Blueprint`, so the
+three build exactly the same module tree: the family `Model`, its run-time options
+(`ModelOptions`: dtypes, remat, attention kernel, a classifier head) and, with a quantized base,
+its packed kernels. Adapters come later, from `jaxft.lora`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+
+import jax
+from flax import nnx
+
+from jaxft import dtypes, models, quant
+from jaxft.dtypes import DTypeLike
+from jaxft.errors import JaxftError
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelOptions:
+    """How a model is built around its config: the parameter dtype (`jnp.bfloat16`,
+    "bfloat16", …), the compute dtype (None: the parameters'), a sequence classifier's classes
+    (`num_labels`: a fresh head where the checkpoint has none), the remat policy, the attention
+    kernel, a quantized frozen base, and the seed of freshly initialised parameters."""
+
+    param_dtype: DTypeLike = "float32"
+    compute_dtype: DTypeLike | None = None
+    num_labels: int | None = None
+    remat: str = "none"
+    attention: str = "auto"
+    quantize: quant.QuantConfig | None = None
+    seed: int = 0
+
+    @property
+    def quantized(self) -> bool:
+        return self.quantize is not None and self.quantize.enabled
+
+
+def model_config(hf_config: dict, source: str, options: ModelOptions | None = None
+                 ) -> tuple[models.Family, models.ModelConfig]:
+    """(family module, its Config) for a Hugging Face config, with the run-time options set.
+    `source` names the config in errors."""
+    options = options or ModelOptions()
+    family = models.family_for(hf_config, source=source)
+    try:
+        cfg = family.Config.from_hf(hf_config, num_labels=options.num_labels)
+    except KeyError as e:
+        raise JaxftError(f"{source}: missing field {e.args[0]!r}") from e
+    except JaxftError as e:
+        raise JaxftError(f"{source}: {e}") from e
+    compute = (None if options.compute_dtype is None
+               else dtypes.canonical(options.compute_dtype, "compute_dtype"))
+    return family, dataclasses.replace(cfg, dtype=compute, remat=options.remat,
+                                       attention=options.attention)
+
+
+@dataclasses.dataclass
+class Blueprint:
+    """What `build` constructs: the family, its config and the options. A quantized base's
+    `encoders` (kernel path -> how a checkpoint tensor becomes packed arrays) are filled in by
+    `build`, so the loader that traced it knows how to fill the packed kernels."""
+
+    family: models.Family
+    config: models.ModelConfig
+    options: ModelOptions
+    encoders: dict[str, quant.Encoder] = dataclasses.field(default_factory=dict)
+
+    def build(self) -> nnx.Module:
+        """The model with freshly initialised (random) weights; a quantized base's projections
+        packed and zero-filled. Meant for `nnx.eval_shape` or a `jax.jit`."""
+        model = self.family.Model(self.config, rngs=nnx.Rngs(self.options.seed),
+                                  param_dtype=dtypes.jax_dtype(self.options.param_dtype))
+        if self.options.quantized:
+            self.encoders.update(quant.quantize_kernels(model, self.options.quantize))
+        return model
+
+    def abstract(self) -> nnx.Module:
+        """The model as shapes only: what the dry run compiles and the loader fills."""
+        return nnx.eval_shape(self.build)
+
+    def initialised(self) -> nnx.Module:
+        """The model with random weights, initialised inside one jit, so only the weights
+        themselves are ever allocated (the benchmark's model)."""
+        graphdef, _ = nnx.split(self.abstract())
+        return nnx.merge(graphdef, jax.jit(lambda: nnx.split(self.build())[1])())
+
+    def initialiser(self, paths: list[str]) -> Callable[[], dict[str, jax.Array]]:
+        """A function returning the freshly initialised values of some parameters, for
+        `jax.jit`: with only these as outputs XLA drops every other initialiser, so a
+        classifier head on an 8B encoder costs the head, not a second copy of the model."""
+        from jaxft.models import params
+
+        wanted = set(paths)
+
+        def init() -> dict[str, jax.Array]:
+            flat = params.flat_variables(nnx.state(self.build(), nnx.Param))
+            return {path: var.get_value() for path, var in flat.items() if path in wanted}
+
+        return init
+
+
+def blueprint(hf_config: dict, source: str, options: ModelOptions | None = None) -> Blueprint:
+    """The `Blueprint` of the model a Hugging Face config describes, built with `options`."""
+    options = options or ModelOptions()
+    if options.quantize is not None:
+        options.quantize.check()
+    family, cfg = model_config(hf_config, source, options)
+    return Blueprint(family, cfg, options)
