@@ -1,6 +1,10 @@
 """Splash attention (Pallas' TPU kernel, run here in Pallas' interpreter) equals JAX's own XLA
 attention on jaxft's masks: values and gradients, packed and padded rows, grouped-query heads,
 Mistral's sliding window, and traced under a (2, 2, 2) mesh.
+
+Asked for splash, jaxft's attention falls back to XLA (with one logged line) when a call does not
+qualify, so every comparison below also asserts that the kernel is in the traced program: a
+fallback would otherwise compare XLA with XLA and pass.
 """
 
 import jax
@@ -37,6 +41,17 @@ def inputs(batch, heads, kv_heads, head_dim, seed=0):
     return q, k, v, dout
 
 
+def kernel_calls(fn, *args, backward: bool = True) -> int:
+    """Pallas kernel calls in the program `fn` traces to (with its backward pass)."""
+
+    def forward_and_back(*a):
+        out, vjp = jax.vjp(fn, *a)
+        return vjp(out)
+
+    traced = jax.make_jaxpr(forward_and_back if backward else fn)(*args)
+    return str(traced).count("pallas_call")
+
+
 def compare(q, k, v, dout, seg, pos, window=None, run=lambda f: f, soft_cap=None):
     """Splash vs `jax.nn.dot_product_attention` (JAX's XLA reference; jaxft's own XLA path
     with a soft cap, which JAX's lacks) on real tokens; padding rows compute something
@@ -58,6 +73,7 @@ def compare(q, k, v, dout, seg, pos, window=None, run=lambda f: f, soft_cap=None
                                                 soft_cap=soft_cap)
         return jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale, implementation="xla")
 
+    assert kernel_calls(run(splash), q, k, v) >= 2  # the kernel, forward and backward
     out, vjp = jax.vjp(run(splash), q, k, v)
     want, want_vjp = jax.vjp(reference, q, k, v)
     np.testing.assert_allclose(jnp.where(real, out, 0), jnp.where(real, want, 0), **VALUES)
@@ -71,11 +87,13 @@ def test_splash_equals_xla_packed_and_grouped(heads, kv_heads, head_dim):
     compare(q, k, v, dout, *packed_rows(3))
 
 
+@pytest.mark.slow
 def test_splash_sliding_window_equals_xla():
     q, k, v, dout = inputs(2, 4, 2, 64, seed=1)
     compare(q, k, v, dout, *packed_rows(2), window=48)
 
 
+@pytest.mark.slow
 def test_splash_soft_cap_equals_xla():
     """Gemma 2's capped scores: the kernel's own `attn_logits_soft_cap` with a window."""
     seg, pos = packed_rows(2)
@@ -98,9 +116,13 @@ def test_splash_falls_back_to_xla_with_one_line(caplog):
     seg = jnp.ones((b, t), jnp.int32)
     pos = jnp.broadcast_to(jnp.arange(t), (b, t))
     mask = attention.attention_mask(seg, seg, pos, pos, causal=True)
+    def splash(q):
+        return attention.dot_product_attention(q, q, q, mask, 0.125, implementation="splash",
+                                               causal=True, segment_ids=seg)
+
     with caplog.at_level("WARNING"):
-        got = attention.dot_product_attention(q, q, q, mask, 0.125, implementation="splash",
-                                           causal=True, segment_ids=seg)
+        got = splash(q)
+    assert kernel_calls(splash, q) == 0
     want = attention.dot_product_attention(q, q, q, mask, 0.125, implementation="xla")
     np.testing.assert_array_equal(got, want)
     assert any("sequence length 100 is not a multiple of 128" in r.getMessage()
@@ -143,6 +165,8 @@ def test_models_with_splash_give_transformers_logits(family, tmp_path):
     with torch.no_grad():
         want = hf(torch.from_numpy(ids), attention_mask=torch.from_numpy(mask)).logits.numpy()
     model = jaxft.from_pretrained(tmp_path, attention="splash")
-    got = np.asarray(model(jnp.asarray(ids), jnp.asarray(mask)))
+    call = lambda ids, mask: model(ids, mask)  # noqa: E731
+    assert kernel_calls(call, jnp.asarray(ids), jnp.asarray(mask), backward=False)  # splash
+    got = np.asarray(call(jnp.asarray(ids), jnp.asarray(mask)))
     real = mask.astype(bool)
     np.testing.assert_allclose(got[real], want[real], rtol=1e-4, atol=1e-4)

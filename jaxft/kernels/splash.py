@@ -95,6 +95,9 @@ def _kernel(seq_len: int, heads: int, sliding_window: int | None, soft_cap: floa
     sizes = splash.BlockSizes(block_q=block, block_kv=block, block_kv_compute=block,
                               block_q_dkv=block, block_kv_dkv=block, block_kv_dkv_compute=block,
                               block_q_dq=block, block_kv_dq=block)
-    return splash.make_splash_mha(splash.MultiHeadMask([mask] * heads), block_sizes=sizes,
-                                  head_shards=1, q_seq_shards=1, interpret=interpret,
-                                  attn_logits_soft_cap=soft_cap)
+    # The kernel holds its mask's block tables as arrays: made concrete here even when the first
+    # call comes inside a trace, so the cached kernel never carries a tracer into the next one.
+    with jax.ensure_compile_time_eval():
+        return splash.make_splash_mha(splash.MultiHeadMask([mask] * heads), block_sizes=sizes,
+                                      head_shards=1, q_seq_shards=1, interpret=interpret,
+                                      attn_logits_soft_cap=soft_cap)
