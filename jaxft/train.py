@@ -48,9 +48,11 @@ config_flags.DEFINE_config_file("config", None, "A configs/*.py file.", lock_con
 flags.DEFINE_bool("dry_run", False, "Print per-device memory, FLOPs and trainable parameters of "
                   "the configured step from the model's config alone, then exit: no weights are "
                   "read, nothing is allocated.")
-flags.DEFINE_string("topology", None, "With --dry_run: compile for this TPU slice instead of "
-                    "this machine (v5e-8, v4-8, v5p-8, v6e-8, other standard sizes, or a raw "
-                    "'v5e:2x4'); no TPU needed, libtpu is (the `tpu` extra).")
+flags.DEFINE_string("topology", None, "With --dry_run: compile for this TPU slice or these "
+                    "GPUs instead of this machine: v5e-8, v4-8, v5p-8, v6e-8, other standard "
+                    "sizes or a raw 'v5e:2x4' (needs libtpu: the `tpu` extra); h100, h100x8, "
+                    "a100-80, l4, rtx4090, rtx4060-laptop, … or a card's .txtpb (needs JAX's "
+                    "CUDA plugin: the `gpu-plan` extra). No accelerator needed.")
 flags.DEFINE_bool("suggest", False, "With --dry_run: compile candidate remat policies, "
                   "micro-batch counts and mesh layouts and print the fastest that fits, as a "
                   "command line.")

@@ -7,19 +7,22 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
-def _libtpu_without_an_accelerator() -> bool:
-    """libtpu is installed (for the compile-only TPU tests) on a machine with no TPU or GPU.
-    Then a jax process that is not told `JAX_PLATFORMS=cpu` tries to start a TPU first, and
-    holds libtpu's lock file while it runs, which makes a TPU compile in another process fail."""
+def _compilers_without_an_accelerator() -> bool:
+    """libtpu or JAX's CUDA plugin is installed (for the compile-only TPU and GPU tests) on a
+    machine with no TPU or GPU. Then a jax process that is not told `JAX_PLATFORMS=cpu` tries
+    to start a TPU first, and holds libtpu's lock file while it runs, which makes a TPU compile
+    in another process fail; the CUDA plugin fails its start-up check and JAX drops it, so no
+    compile-only GPU can be made."""
     import glob
     import importlib.util
 
-    return (importlib.util.find_spec("libtpu") is not None
+    return ((importlib.util.find_spec("libtpu") is not None
+             or importlib.util.find_spec("jax_plugins.xla_cuda12") is not None)
             and not glob.glob("/dev/accel*") and not glob.glob("/dev/vfio/[0-9]*")
             and not glob.glob("/dev/nvidia[0-9]*"))
 
 
-if _libtpu_without_an_accelerator():
+if _compilers_without_an_accelerator():
     os.environ.setdefault("JAX_PLATFORMS", "cpu")  # children (subprocess_env) inherit it
 
 

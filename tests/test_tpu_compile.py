@@ -248,8 +248,8 @@ def test_dry_run_command_refusals_are_one_line(small, tmp_path):
         assert "Traceback" not in bad.stderr
     assert not (tmp_path / "run").exists()
     cfg = tpu_config(small, tmp_path)
-    with pytest.raises(jaxft.JaxftError, match=r"^--suggest compiles for a TPU slice; add "
-                       r"--topology \(e.g. v5e-8\)$"):
+    with pytest.raises(jaxft.JaxftError, match=r"^--suggest compiles for a TPU slice or GPUs; "
+                       r"add --topology \(e.g. v5e-8 or h100x8\)$"):
         suggest.print_suggestions(cfg, None)
     with pytest.raises(jaxft.JaxftError, match=r"^config: train.batch_size 8 is not divisible "
                        r"by the data-parallel size 16 "):

@@ -7,7 +7,9 @@
 #   bash tools/gpu_check.sh [tests|1b|8b|all] [OUT]   # on the GPU machine (default: all)
 #
 # Logs and the benchmark's JSON go to OUT (default runs/gpu_check): tests.log, versions.txt,
-# benchmark-<preset>.log and <gpu-name>-<preset>.json. `all` fits in about 8 minutes on an
+# benchmark-<preset>.log and <gpu-name>-<preset>.json. Each jaxft row prints the planner's
+# per-GPU peak (what `--dry_run` reports: XLA:GPU's memory_analysis of the same step) beside
+# the measured `peak_bytes_in_use` ("planned MB" and "GPU peak MB"). `all` fits in about 8 minutes on an
 # H100/H200: tests ~1 min, the 1B suite ~4, the 8B suite ~3.
 set -uo pipefail
 cd "$(dirname "$0")/.."

@@ -10,16 +10,19 @@ from __future__ import annotations
 
 import functools
 import logging
+import math
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
 
 from jaxft import target
 from jaxft.errors import JaxftError
 from jaxft.kernels import attention as attention_kernel
 from jaxft.kernels import splash as splash_kernel
 from jaxft.models.layers import Dropout
+from jaxft.sharding import BATCH_AXES
 
 Array = jax.Array
 
@@ -196,7 +199,12 @@ def dot_product_attention(
                 f"attention implementation 'cudnn' needs a GPU and a 16-bit compute dtype; "
                 f"this is {platform} with {q.dtype} (use 'auto' or 'xla')"
             )
-        if not dropping:
+        reason = cudnn_unsupported(q.shape[1], k.shape[1], q.shape[-1])
+        if reason is not None:
+            _log_fallback_once(f"cuDNN attention cannot take this call ({reason}); using the "
+                               "XLA attention path")
+        elif not dropping:
+            q, k, v, mask = _one_sharding(q, k, v, mask)
             return jax.nn.dot_product_attention(
                 q, k, v, mask=mask, scale=scale, is_causal=causal and self_attention,
                 implementation="cudnn",
@@ -212,6 +220,40 @@ def dot_product_attention(
         return out.transpose(0, 3, 1, 2, 4).reshape(b, t, n, h)
     out = attention_kernel.attention(q, k, v, mask[:, :, None], scale, soft_cap)  # B 1 1 T S
     return out.transpose(0, 3, 1, 2, 4).reshape(b, t, n, h)
+
+
+CUDNN_MAX_HEAD_DIM = 128  # on every GPU; 256 from Hopper on, which only a real device shows
+
+
+def cudnn_unsupported(q_len: int, kv_len: int, head_dim: int) -> str | None:
+    """Why cuDNN's fused attention cannot take these shapes on every GPU (a reason to log and
+    fall back), or None. JAX asks the host's backend, not the compile target, whether the
+    card is a Hopper (which takes head dims up to 256), so a dry run from a machine without a
+    GPU would refuse what the card runs; the rule here is the one every card keeps, so the
+    planned program is the trained one."""
+    if head_dim > CUDNN_MAX_HEAD_DIM or head_dim % 8:
+        return f"head dim {head_dim} is not a multiple of 8 up to {CUDNN_MAX_HEAD_DIM}"
+    if q_len % 2 or kv_len % 2:
+        return f"sequence lengths {q_len}, {kv_len} are not even"
+    return None
+
+
+def _one_sharding(q: Array, k: Array, v: Array, mask: Array) -> tuple[Array, ...]:
+    """q, k, v (and the mask) constrained to one sharding, as cuDNN's partitioner requires of
+    them under a mesh: rows over the batch axes, heads over `tensor` when both head counts
+    divide it (with grouped-query heads the propagated shardings of q and k/v differ)."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return q, k, v, mask
+    axes = tuple(a for a in BATCH_AXES if a in mesh.axis_names)
+    rows = math.prod(mesh.shape[a] for a in axes)
+    batch = axes if axes and q.shape[0] % rows == 0 else None
+    tensor = mesh.shape.get("tensor", 1)
+    heads = "tensor" if tensor > 1 and q.shape[2] % tensor == 0 and k.shape[2] % tensor == 0 \
+        else None
+    qkv = P(batch, None, heads, None)
+    q, k, v = (jax.lax.with_sharding_constraint(x, qkv) for x in (q, k, v))
+    return q, k, v, jax.lax.with_sharding_constraint(mask, P(batch, None, None, None))
 
 
 @functools.lru_cache(maxsize=None)

@@ -15,11 +15,14 @@ activations), and the parameter and optimizer-state bytes are also counted exact
 abstract trees. Batch shapes come from `train.batch_size` × `data.max_len`, so neither
 tokenizer nor data is read.
 
-With a TPU slice as the target (`--topology=v5e-8`, `jaxft.tpu`) the step is compiled by XLA's
-TPU compiler for the slice's compile-only devices, on any host: the memory figures are XLA:TPU's,
-an out-of-memory refusal is a result ("does not fit", with XLA's figure), and the hardware
-choices (attention kernel, compute dtype, cross-entropy chunk) are the TPU's. The FLOPs of the
-step, remat's recomputation included, over the slice's peak bf16 rate bound its time from below.
+With a target (`--topology`: a TPU slice such as `v5e-8`, `jaxft.plan.tpu`, or NVIDIA GPUs
+such as `h100x8` or `rtx4060-laptop`, `jaxft.plan.gpu`) the step is compiled by that
+accelerator's own XLA compiler for its compile-only devices, on any host: the memory figures are
+XLA:TPU's or XLA:GPU's, and the hardware choices (attention kernel, compute dtype, cross-entropy
+chunk) are the target's. XLA:TPU refuses a program that does not fit, and that refusal is the
+result ("does not fit", with its figure); XLA:GPU compiles it anyway, and the verdict compares
+its figure with what JAX lets a program use of the card. The FLOPs of the step, remat's
+recomputation included, over the devices' peak bf16 rate bound its time from below.
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ from jaxft.data.packing import batch_spec
 from jaxft.hf import hub
 from jaxft.hf.model import blueprint
 from jaxft.plan import flops, tpu
+from jaxft.plan.targets import Target, target
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,10 +81,15 @@ class Plan:
     xla_flops: float | None
     analytic_flops: float  # the whole step, all devices
     recompute_flops: float  # what remat recomputes in the backward pass, all devices
-    target: str | None = None  # a TPU slice (`tpu.Topology.describe`); None: this machine
-    capacity: int | None = None  # HBM one device lets a program use (TPU targets)
-    peak_tflops: float | None = None  # per device, bf16 (TPU targets)
+    target: str | None = None  # the compile target (`describe()`); None: this machine
+    capacity: int | None = None  # memory one device lets a program use (targets)
+    peak_tflops: float | None = None  # per device, bf16 (targets)
     refusal: str | None = None  # XLA's out-of-memory message when it would not compile
+    compiler: str = "XLA"  # "XLA:TPU", "XLA:GPU" for a target
+    device_word: str = "device"  # what one device is called: "chip", "GPU"
+    memory_word: str = "memory"  # "HBM" on a TPU
+    capacity_note: str = ""  # how the capacity was arrived at
+    warnings: tuple[str, ...] = ()  # what the compiler said about memory (XLA:GPU)
     base_quant: str = "none"  # how the frozen projections are stored (jaxft.quant)
     packed_params: int = 0  # parameters of the quantized projections
     packed_bytes: int = 0  # what they cost, codes and scales
@@ -136,9 +145,10 @@ class Plan:
         return None if seconds is None else self.batch_size * self.seq_len / seconds
 
 
-def make_plan(cfg: ml_collections.ConfigDict, topology: tpu.Topology | None = None) -> Plan:
+def make_plan(cfg: ml_collections.ConfigDict, topology: Target | None = None) -> Plan:
     """Compile the configured train step abstractly and measure it; reads no weights. With a
-    `topology`, for that TPU slice (see the module docstring), else for this machine."""
+    `topology`, for that TPU slice or those GPUs (see the module docstring), else for this
+    machine."""
     devices = list(topology.devices) if topology else jax.devices()
     run = spec.resolve(cfg, devices)
     mesh = sharding.make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor, devices=devices)
@@ -154,13 +164,14 @@ def make_plan(cfg: ml_collections.ConfigDict, topology: tpu.Topology | None = No
     window, number = scalars
     lowered = step.train.lower(placed["trainable"], placed["frozen"], placed["dropout"],
                                placed["opt_state"], window, batch, number)
-    refusal, memory, xla_flops = None, _memory(None), None
+    refusal, memory, xla_flops, warnings = None, _memory(None), None, []
     try:
         with progress.waiting("compiling the train step"):
-            compiled = lowered.compile()
+            compiled, warnings = (topology.compile(lowered) if topology
+                                  else (lowered.compile(), []))
         memory, xla_flops = _memory(compiled), _flops(compiled)
     except Exception as e:  # noqa: BLE001  (XLA raises its out-of-memory as a runtime error)
-        refusal = tpu.out_of_memory(e) if topology else None
+        refusal = topology.refusal(e) if topology else None
         if refusal is None:
             raise
 
@@ -180,8 +191,11 @@ def make_plan(cfg: ml_collections.ConfigDict, topology: tpu.Topology | None = No
         opt_state=array_bytes(placed["opt_state"]), batch=array_bytes((batch, scalars)),
         memory=memory, xla_flops=xla_flops, analytic_flops=analytic, recompute_flops=recompute,
         target=topology.describe() if topology else None,
-        capacity=tpu.usable_hbm(topology) if topology else None,
-        peak_tflops=topology.chip.peak_tflops if topology else None, refusal=refusal,
+        capacity=topology.usable_bytes() if topology else None,
+        peak_tflops=topology.peak_tflops if topology else None, refusal=refusal,
+        **({"compiler": topology.compiler, "device_word": topology.device_word,
+            "memory_word": topology.memory_word, "capacity_note": topology.capacity_note(),
+            "warnings": tuple(warnings)} if topology else {}),
         base_quant=run.quant.kind, packed_params=packed_params, packed_bytes=packed_bytes,
         reference=(array_bytes(placed["trainable"]) if run.reference == spec.FROZEN_COPY
                    else None),
@@ -262,8 +276,9 @@ def describe(plan: Plan) -> str:
     mode = "full fine-tuning" if plan.lora_rank is None else f"LoRA rank {plan.lora_rank}"
     share = 100 * plan.trainable_params / max(plan.total_params, 1)
     adam = plan.opt_state.total - 2 * plan.trainable.total
-    where = f"{plan.devices} chips" if plan.target else f"{plan.devices} {plan.platform} devices"
-    device = "chip" if plan.target else "device"
+    device = plan.device_word
+    where = (f"{plan.devices} {device}s" if plan.target
+             else f"{plan.devices} {plan.platform} devices")
     rows = [
         ("trainable parameters", plan.trainable),
         ("frozen parameters", plan.frozen),
@@ -273,8 +288,8 @@ def describe(plan: Plan) -> str:
     ]
     lines = [
         f"dry run: {plan.model_type} from {plan.source} (no weights read, nothing allocated)",
-        *([f"  target: {plan.target}, compiled by XLA:TPU on this host (no TPU needed)"]
-          if plan.target else []),
+        *([f"  target: {plan.target}, compiled by {plan.compiler} on this host (no "
+           f"{plan.compiler.split(':')[1]} needed)"] if plan.target else []),
         f"  {mode}; params {plan.param_dtype}, compute {plan.compute_dtype}; remat "
         f"{plan.remat}; mesh {mesh} ({where})",
         f"  step: {plan.batch_size} rows × {plan.seq_len} tokens = "
@@ -304,7 +319,7 @@ def describe(plan: Plan) -> str:
 
 def _memory_lines(plan: Plan, device: str) -> list[str]:
     m = plan.memory
-    compiler = "XLA:TPU" if plan.target else "XLA"
+    compiler = plan.compiler
     if plan.refusal is not None:
         needed, whole = tpu.required_bytes(plan.refusal) or (0, False)
         of = f"needs ≥ {human_bytes(plan.peak_bytes)} of {human_bytes(plan.capacity)}"
@@ -323,17 +338,22 @@ def _memory_lines(plan: Plan, device: str) -> list[str]:
         *([f"  + DPO's frozen reference copy {human_bytes(plan.reference_bytes)}, held beside "
            "the step (its own forward pass scores each batch first)"] if plan.reference else []),
     ]
+    lines += [f"  {compiler} warned: {warning}" for warning in plan.warnings]
     if plan.fits is None:
         lines.append(f"  peak ≈ {human_bytes(plan.peak_bytes)} per {device}")
     else:
-        verdict = "fits" if plan.fits else "does not fit"
+        share = f"{100 * plan.peak_bytes / plan.capacity:.0f}%"
+        verdict = (f"fits ({share})" if plan.fits else
+                   f"does not fit (needs {human_bytes(plan.peak_bytes)} of "
+                   f"{human_bytes(plan.capacity)}, {share})")
         lines.append(f"  peak ≈ {human_bytes(plan.peak_bytes)} of {human_bytes(plan.capacity)} "
-                     f"usable HBM per {device}: {verdict} "
-                     f"({100 * plan.peak_bytes / plan.capacity:.0f}%)")
+                     f"usable {plan.memory_word} per {device}: {verdict}")
+        if plan.capacity_note:
+            lines.append(f"  (usable: {plan.capacity_note})")
     if plan.platform == "cpu" and plan.compute_dtype != "float32":
         lines.append("  note: XLA:CPU computes half-precision matmuls on float32 copies of the "
                      "weights, so these temporaries overstate an accelerator's; plan on the "
-                     "machine that will train, or for a TPU slice with --topology")
+                     "machine that will train, or for a TPU slice or GPU with --topology")
     return lines
 
 
@@ -355,8 +375,8 @@ def human_bytes(n: float) -> str:
 
 
 def print_plan(cfg: ml_collections.ConfigDict, topology: str | None = None) -> Plan:
-    """`--dry_run [--topology=v5e-8]`: plan, print, return the plan."""
-    plan = make_plan(cfg, tpu.topology(topology) if topology else None)
+    """`--dry_run [--topology=v5e-8|h100]`: plan, print, return the plan."""
+    plan = make_plan(cfg, target(topology) if topology else None)
     print(describe(plan))
     return plan
 

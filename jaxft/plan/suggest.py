@@ -2,16 +2,17 @@ r"""`--dry_run --suggest`: which remat policy, micro-batch count and mesh layout
 
   python -m jaxft.train --config=configs/lora.py --config.model.path=<8B dir> \
       --config.train.batch_size=8 --config.data.max_len=2048 --dry_run --topology=v5e-8 --suggest
+  python -m jaxft.train --config=configs/lora.py ... --dry_run --topology=h100x8 --suggest
 
-A user otherwise finds these by trial and out-of-memory error, one paid-for slice start at a
-time. Here each candidate is the real step compiled by `jaxft.plan` (for a TPU slice by
-XLA:TPU itself), so "fits" is the compiler's verdict, not a formula's.
+A user otherwise finds these by trial and out-of-memory error, one paid-for slice or GPU start
+at a time. Here each candidate is the real step compiled by `jaxft.plan` (for a TPU slice by
+XLA:TPU itself, for GPUs by XLA:GPU), so "fits" is the compiler's figure, not a formula's.
 
 The candidates, at the configured global batch: remat `none` / `dots_saveable` / `full`;
 micro-batches (`train.accum_steps`) 1, 2, 4, … while each still has a row per data-parallel
 device; and the layouts `fsdp` over every device, `data` over every device, and fsdp with
 `tensor` 2 or 4. They are ranked by the time bound (`Plan.step_seconds`: the step's FLOPs,
-remat's recomputation included, at the chips' peak rate), then by fewer micro-batches (each
+remat's recomputation included, at the devices' peak rate), then by fewer micro-batches (each
 one re-gathers fsdp's weights and runs smaller matmuls), then by the layout order above, then
 by less memory. The ranking is a compute-bound estimate: it knows nothing of communication.
 
@@ -35,7 +36,8 @@ import ml_collections
 from jaxft import spec
 from jaxft.errors import JaxftError
 from jaxft.plan import dry_run as plan_lib
-from jaxft.plan import flops, tpu
+from jaxft.plan import flops
+from jaxft.plan.targets import Target, target
 
 MAX_COMPILES = 12
 REMATS = ("none", "dots_saveable", "full")  # least to most memory saved
@@ -74,7 +76,10 @@ class Trial:
 
 def layouts(devices: int, batch_size: int | None = None
             ) -> list[tuple[str, tuple[int, int, int]]]:
-    """The mesh layouts worth comparing, in preference order (those the batch can use)."""
+    """The mesh layouts worth comparing, in preference order (those the batch can use); one
+    device has one layout."""
+    if devices == 1:
+        return [("one device", (1, 1, 1))]
     found = [("fsdp", (1, devices, 1)), ("data", (devices, 1, 1))]
     found += [(f"fsdp+tensor{t}", (1, devices // t, t)) for t in TENSOR_SIZES
               if devices % t == 0 and devices // t > 1]
@@ -91,7 +96,7 @@ def candidates(devices: int, batch_size: int) -> list[Candidate]:
     return found
 
 
-def search(cfg: ml_collections.ConfigDict, topology: tpu.Topology,
+def search(cfg: ml_collections.ConfigDict, topology: Target,
            max_compiles: int = MAX_COMPILES, progress=print) -> list[Trial]:
     """Compile candidates in the order above until each layout has its best fit or the budget
     is spent; every candidate comes back, compiled or with the reason it was not."""
@@ -99,9 +104,10 @@ def search(cfg: ml_collections.ConfigDict, topology: tpu.Topology,
     if not trials:
         smallest = min(d * f for _, (d, f, _) in layouts(topology.num_devices))
         raise JaxftError(f"--suggest: train.batch_size {cfg.train.batch_size} cannot be split "
-                         f"over {topology.num_devices} chips in any layout; use a multiple of "
-                         f"{smallest}")
-    seconds = {remat: sum(step) / topology.peak_flops
+                         f"over {topology.num_devices} {topology.device_word}s in any layout; use "
+                         f"a multiple of {smallest}")
+    rate = topology.peak_flops or 1.0  # a card of unknown peak: rank by FLOPs alone
+    seconds = {remat: sum(step) / rate
                for remat, step in flops_by_remat(cfg, topology).items()}
     order = [name for name, _ in layouts(topology.num_devices, cfg.train.batch_size)]
 
@@ -122,7 +128,8 @@ def search(cfg: ml_collections.ConfigDict, topology: tpu.Topology,
                  f"{c.accum_steps} micro-batch(es) …")
         trial.plan = plan_lib.make_plan(with_overrides(cfg, c.overrides()), topology)
         verdict = "fits" if trial.fits else "does not fit"
-        progress(f"      {verdict}: {plan_lib.human_bytes(trial.plan.peak_bytes)} per chip "
+        progress(f"      {verdict}: {plan_lib.human_bytes(trial.plan.peak_bytes)} per "
+                 f"{topology.device_word} "
                  f"({time.perf_counter() - started:.0f} s)")
 
     def pruned(trial: Trial) -> bool:
@@ -171,7 +178,7 @@ def search(cfg: ml_collections.ConfigDict, topology: tpu.Topology,
     return sorted(trials, key=lambda t: (not t.fits, t.plan is None, rank(t)))
 
 
-def flops_by_remat(cfg: ml_collections.ConfigDict, topology: tpu.Topology
+def flops_by_remat(cfg: ml_collections.ConfigDict, topology: Target
                    ) -> dict[str, tuple[float, float]]:
     """Each remat policy's step FLOPs (the step's, and what remat recomputes), all devices,
     without compiling: what candidates are ranked by before any is compiled."""
@@ -190,19 +197,22 @@ def with_overrides(cfg: ml_collections.ConfigDict,
     return new
 
 
-def describe(trials: Sequence[Trial], topology: tpu.Topology, argv: Sequence[str]) -> str:
+def describe(trials: Sequence[Trial], topology: Target, argv: Sequence[str]) -> str:
     """The table (fits first, best first) and the winner as a ready command line."""
-    lines = [f"suggestions for {topology.describe()} (compiled by XLA:TPU; ranked by the "
-             "compute-bound time at peak bf16, then fewer micro-batches):",
-             f"  {'layout':<15}{'remat':<15}{'micro':>6}{'HBM/chip':>12}{'fits':>6}"
+    per = f"{topology.memory_word}/{topology.device_word}"
+    lines = [f"suggestions for {topology.describe()} (compiled by {topology.compiler}; ranked by "
+             "the compute-bound time at peak bf16, then fewer micro-batches):",
+             f"  {'layout':<15}{'remat':<15}{'micro':>6}{per:>12}{'fits':>6}"
              f"{'≤ tokens/s':>13}"]
     for t in trials:
         if t.plan is None:
             continue
         c = t.candidate
         hbm = plan_lib.human_bytes(t.plan.peak_bytes) if t.plan.peak_bytes else "?"
+        rate = t.plan.tokens_per_second
         lines.append(f"  {c.layout:<15}{c.remat:<15}{c.accum_steps:>6}{hbm:>12}"
-                     f"{'yes' if t.fits else 'no':>6}{t.plan.tokens_per_second:>13,.0f}")
+                     f"{'yes' if t.fits else 'no':>6}"
+                     f"{f'{rate:,.0f}' if rate is not None else '?':>13}")
     reasons: dict[str, int] = {}
     for t in trials:
         if t.plan is None:
@@ -212,11 +222,12 @@ def describe(trials: Sequence[Trial], topology: tpu.Topology, argv: Sequence[str
                                                    for why, n in reasons.items()))
     best = next((t for t in trials if t.fits), None)
     if best is None:
-        lines.append("nothing fits: try a bigger slice, a smaller train.batch_size or "
-                     "data.max_len, train.param_dtype=bfloat16, or LoRA")
+        lines.append(f"nothing fits: try more {topology.device_word}s, a smaller "
+                     "train.batch_size or data.max_len, train.param_dtype=bfloat16, LoRA, or a "
+                     "4-bit base (lora.base_quant=nf4)")
         return "\n".join(lines)
     lines.append(f"suggested ({plan_lib.human_bytes(best.plan.peak_bytes)} of "
-                 f"{plan_lib.human_bytes(best.plan.capacity)} per chip):")
+                 f"{plan_lib.human_bytes(best.plan.capacity)} per {topology.device_word}):")
     lines.append("  " + command_line(argv, best.candidate))
     return "\n".join(lines)
 
@@ -239,8 +250,9 @@ def print_suggestions(cfg: ml_collections.ConfigDict, topology_name: str | None,
                       argv: Sequence[str] = ()) -> list[Trial]:
     """`--dry_run --topology=… --suggest`."""
     if not topology_name:
-        raise JaxftError("--suggest compiles for a TPU slice; add --topology (e.g. v5e-8)")
-    topology = tpu.topology(topology_name)
+        raise JaxftError("--suggest compiles for a TPU slice or GPUs; add --topology (e.g. "
+                         "v5e-8 or h100x8)")
+    topology = target(topology_name)
     print(f"searching settings for {topology.describe()} "
           f"(at most {MAX_COMPILES} compiles):", flush=True)
     trials = search(cfg, topology, progress=lambda line: print(line, flush=True))

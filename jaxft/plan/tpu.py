@@ -64,10 +64,18 @@ class Topology:
     chip: Chip
     shape: str  # "2x4"
     devices: tuple
+    compiler: str = "XLA:TPU"
+    device_word: str = "chip"
+    memory_word: str = "HBM"
 
     @property
     def num_devices(self) -> int:
         return len(self.devices)
+
+    @property
+    def peak_tflops(self) -> float:
+        """Dense bf16 TFLOP/s of one chip."""
+        return self.chip.peak_tflops
 
     @property
     def peak_flops(self) -> float:
@@ -76,6 +84,23 @@ class Topology:
 
     def describe(self) -> str:
         return f"{self.name} ({self.num_devices} × TPU {self.chip.name}, {self.shape})"
+
+    def usable_bytes(self) -> int:
+        """HBM one chip lets a program use (`usable_hbm`)."""
+        return usable_hbm(self)
+
+    def capacity_note(self) -> str:
+        return "what XLA:TPU says a program may use"
+
+    @staticmethod
+    def refusal(error: BaseException) -> str | None:
+        """XLA:TPU's out-of-memory refusal, which is a result (`out_of_memory`)."""
+        return out_of_memory(error)
+
+    @staticmethod
+    def compile(lowered) -> tuple[object, list[str]]:
+        """(compiled, warnings): XLA:TPU refuses what does not fit rather than warn."""
+        return lowered.compile(), []
 
 
 def known_names() -> list[str]:
@@ -100,6 +125,11 @@ def parse(name: str) -> tuple[Chip, str]:
     raise JaxftError(f"--topology: {name!r} is not a TPU slice jaxft knows; known: "
                      f"{', '.join(known_names())}, or a raw '<chip>:<topology>' such as "
                      f"'v5e:2x4' (chips {', '.join(CHIPS)})")
+
+
+def looks_like_tpu(name: str) -> bool:
+    """Whether a `--topology` is meant as a TPU slice (`v5e-8`, `v4:2x2x2`)."""
+    return re.match(r"v\d+[a-z]*[-:]", name.strip().lower()) is not None
 
 
 def install_command() -> str:
