@@ -7,7 +7,7 @@ r"""Hand a training run back to PyTorch: a PEFT adapter, a merged model, or a fu
 A LoRA run becomes a PEFT adapter directory (`PeftModel.from_pretrained(base, out)`), or with
 `--merged` a plain Hugging Face model with W + scale·B·A folded into each kernel. A full
 fine-tune always becomes a plain model. The tokenizer (and its chat template) is copied alongside.
-With `--gguf`, a Llama-family run becomes one merged `.gguf` file (`jaxft.gguf_export`).
+With `--gguf`, a Llama-family run becomes one merged `.gguf` file (`jaxft.hf.gguf_write`).
 The run is rebuilt from the workdir alone: `config.json` names the base model and the LoRA
 setup, and the checkpoint (the newest, or `--step`) holds what trained.
 """

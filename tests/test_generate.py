@@ -208,7 +208,7 @@ def test_bad_arguments_are_one_line_errors(tiny_llama):
 
 
 def test_peft_adapter_loads_for_generation(tmp_path):
-    """`--adapter`: a PEFT directory written by jaxft.adapters generates as the model it came
+    """`--adapter`: a PEFT directory written by jaxft.hf.adapters generates as the model it came
     from."""
     from jaxft.hf import adapters
 

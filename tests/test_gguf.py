@@ -1,4 +1,4 @@
-"""jaxft.gguf must hand back exactly what transformers' own GGUF loader produces.
+"""jaxft.hf.gguf must hand back exactly what transformers' own GGUF loader produces.
 
 The real check runs on SmolLM2-135M-Instruct (Q4_1/Q8_0, GQA, tied embeddings); a tiny file written
 here covers what that one lacks: an untied `output.weight`, F16 storage, and the Q/K row permutation
@@ -256,7 +256,7 @@ def test_undequantizable_tensor_type(tmp_path) -> None:
 @pytest.mark.slow
 def test_module_imports_neither_torch_nor_transformers() -> None:
     code = (
-        "import sys, jaxft.gguf; "
+        "import sys, jaxft.hf.gguf; "
         "bad = {'torch', 'transformers'} & set(sys.modules); assert not bad, bad"
     )
     subprocess.run([sys.executable, "-c", code], check=True)

@@ -8,7 +8,7 @@
 For each model (Llama-3.2-1B, Llama-3.1-8B: their published config.json sizes, written here, so
 no weight or hub access is needed), each mode (LoRA rank 16 on all seven projections with a
 bfloat16 base; full fine-tuning in bfloat16 with float32 AdamW moments) and each slice (v5e-8,
-v5p-8, v6e-8), it runs `--dry_run --suggest` (`jaxft.suggest.search`) at 8 rows of 2048 tokens
+v5p-8, v6e-8), it runs `--dry_run --suggest` (`jaxft.plan.suggest.search`) at 8 rows of 2048 tokens
 per step (the batch of `configs/lora.py`'s 8B example), and keeps the suggested setting, its
 per-chip HBM from XLA:TPU, and its upper bound on tokens/s at the chips' peak bf16 rate. Llama-
 3.1-70B LoRA is tried on slices in order of total HBM until one fits. The rows go to

@@ -1,9 +1,9 @@
 """Write a jaxft model as one llama.cpp `.gguf` file: what llama.cpp, Ollama and LM Studio load.
 
-The inverse of `jaxft.gguf` (which reads GGUF as if it were a Hugging Face checkpoint), and the
+The inverse of `jaxft.hf.gguf` (which reads GGUF as if it were a Hugging Face checkpoint), and the
 same conversion llama.cpp's own `convert_hf_to_gguf.py` performs for a Llama checkpoint: the
 Hugging Face tensors of `jaxft.models.params.export_plan` get llama.cpp's names (the table in
-`jaxft.gguf`, read backwards), Q and K rows are permuted back into llama.cpp's rotary layout,
+`jaxft.hf.gguf`, read backwards), Q and K rows are permuted back into llama.cpp's rotary layout,
 one-dimensional tensors (norms, biases) stay float32 and every matrix is stored as the chosen
 type. The hyper-parameters go in under llama.cpp's keys, and the tokenizer and chat template
 with them: copied field for field from a GGUF base, or built from a Hugging Face byte-level BPE
@@ -174,14 +174,14 @@ def check_gguf_type(gguf_type: str) -> tuple[GGMLQuantizationType, LlamaFileType
 
 def permute_for_llama_cpp(weights: np.ndarray, n_head: int) -> np.ndarray:
     """HF's two rotary halves back to llama.cpp's interleaved pairs (its converter's `permute`);
-    the inverse of `jaxft.gguf`'s unpermute, for Q/K weights and biases alike."""
+    the inverse of `jaxft.hf.gguf`'s unpermute, for Q/K weights and biases alike."""
     return (weights.reshape(n_head, 2, weights.shape[0] // n_head // 2, *weights.shape[1:])
             .swapaxes(1, 2).reshape(weights.shape))
 
 
 def _add_hyperparameters(writer: GGUFWriter, hf: dict, name: str,
                          file_type: LlamaFileType) -> None:
-    """llama.cpp's `llama.*` keys, the ones `jaxft.gguf` and transformers read back."""
+    """llama.cpp's `llama.*` keys, the ones `jaxft.hf.gguf` and transformers read back."""
     heads = hf["num_attention_heads"]
     head_dim = hf.get("head_dim") or hf["hidden_size"] // heads
     writer.add_name(name)

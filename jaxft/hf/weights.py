@@ -1,6 +1,6 @@
 """Read and write Hugging Face checkpoints: `load_hf_model` and `save_pretrained`.
 
-A checkpoint is a local directory, a hub id (found by `jaxft.hub`), or a llama.cpp `.gguf` file.
+A checkpoint is a local directory, a hub id (found by `jaxft.hf.hub`), or a llama.cpp `.gguf` file.
 Weights stream in one tensor at a time (safetensors, sharded safetensors, or a pickled `.bin`
 only through `torch.load(weights_only=True)`), so peak host memory stays near one copy of the
 model, and stream out a shard at a time. Remote code is never run. This is weight conversion

@@ -1,7 +1,7 @@
 """Attention with a flash-style backward: softmax(q kᵀ · scale, masked) v, in float32 scores.
 
 Axis letters as in `jaxft.models.layers`: B batch, K key/value heads, G query heads per key/value
-head, T query positions, S key positions, H head dim. `jaxft.models.layers.dot_product_attention`
+head, T query positions, S key positions, H head dim. `jaxft.models.attention.dot_product_attention`
 chooses between this kernel and cuDNN's and lays heads out for it.
 """
 
