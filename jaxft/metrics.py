@@ -24,20 +24,37 @@ METRICS_FILE = "metrics.jsonl"
 class MetricsWriter:
     """Appends `{"step": …, metric: value}` lines to workdir/metrics.jsonl and TensorBoard."""
 
-    def __init__(self, workdir: str | Path, *, enabled: bool = True, wandb: Any = None):
-        """`wandb`: a `jaxft.wandb_log.WandbRun` to log the same lines to, or None."""
+    def __init__(self, workdir: str | Path, *, enabled: bool = True, wandb: Any = None,
+                 resumed_at: int = 0):
+        """`wandb`: a `jaxft.wandb_log.WandbRun` to log the same lines to, or None.
+        `resumed_at`: the step a resumed run restarts from; what the interrupted run logged
+        after it is dropped (those steps run again), so each step keeps one line."""
         self.enabled = enabled
         self.path = Path(workdir) / METRICS_FILE
         self._tb = None
         self._wandb = wandb if enabled else None
         self._bar: Progress | None = None
         if enabled:
+            if resumed_at:
+                self._forget_after(resumed_at)
             try:
                 from tensorboardX import SummaryWriter
 
-                self._tb = SummaryWriter(str(Path(workdir) / "tensorboard"))
+                self._tb = SummaryWriter(str(Path(workdir) / "tensorboard"),
+                                         **({"purge_step": resumed_at + 1} if resumed_at else {}))
             except ImportError:  # TensorBoard files are a convenience, metrics.jsonl the record
                 self._tb = None
+
+    def _forget_after(self, step: int) -> None:
+        """Drop the lines of steps after `step` (replaced in one rename: never half-written)."""
+        if not self.path.is_file():
+            return
+        lines = self.path.read_text().splitlines(keepends=True)
+        kept = [line for line in lines if _step_of(line) <= step]
+        if len(kept) != len(lines):
+            temporary = self.path.with_name(self.path.name + ".tmp")
+            temporary.write_text("".join(kept))
+            temporary.replace(self.path)
 
     def write(self, step: int, metrics: dict[str, Any]) -> None:
         if not self.enabled or not metrics:
@@ -82,6 +99,14 @@ class MetricsWriter:
         if self._tb is not None:
             self._tb.close()
             self._tb = None
+
+
+def _step_of(line: str) -> int:
+    """A metrics line's step (a line that does not parse is kept: -1)."""
+    try:
+        return int(json.loads(line)["step"])
+    except (ValueError, KeyError, TypeError):
+        return -1
 
 
 class Progress:

@@ -5,9 +5,11 @@ r"""Fine-tune a Hugging Face model, full or LoRA, on one device or a mesh of man
 Read top to bottom: config → workdir → mesh → data → model → step → checkpoint → loop.
 Starting again with the same workdir resumes from its latest checkpoint; nothing is written to
 the workdir until the run is known to be compatible with what is already there. SIGTERM
-(preemption), from the moment the run starts, saves a checkpoint at the next step boundary (or
-stops before training when it arrives during loading) and exits 0. Multi-host: run the same
-command on every host (see `maybe_initialize_distributed` for the environment it reads).
+(preemption) and Ctrl-C, from the moment the run starts, save a checkpoint at the next step
+boundary (or stop before training when they arrive during loading) and say how to resume; a
+preempted run exits 0, an interrupted one 130, and a second Ctrl-C aborts at once. Multi-host:
+run the same command on every host (see `maybe_initialize_distributed` for the environment it
+reads).
 
 Between log, eval and checkpoint steps the loop never waits on the devices: the step keeps its
 own running sums, and those steps run under a transfer guard that refuses any device-to-host
@@ -39,7 +41,7 @@ from jaxft.early_stopping import BEST_DIRECTORY, EarlyStopping
 from jaxft.errors import JaxftError
 from jaxft.hf import hub, weights
 from jaxft.metrics import LogWindow, MetricsWriter
-from jaxft.preemption import Preemption
+from jaxft.preemption import INTERRUPTED_EXIT_CODE, Preemption
 from jaxft.wandb_log import WandbRun, requested
 from jaxft.workdir import claim_workdir, prepare_workdir, wipe_workdir
 
@@ -223,7 +225,7 @@ def _run(cfg: ml_collections.ConfigDict, preemption: Preemption) -> dict[str, An
     # ----------------------------------------------------------------------------------------
     # Loop: host reads only at log, eval and checkpoint steps (and the last)
     # ----------------------------------------------------------------------------------------
-    writer = MetricsWriter(workdir, enabled=is_main,
+    writer = MetricsWriter(workdir, enabled=is_main, resumed_at=start_step,
                            wandb=WandbRun(cfg, workdir) if is_main and requested(cfg) else None)
     total = cfg.train.steps
     every = {"log": cfg.train.log_every, "eval": cfg.train.eval_every,
@@ -252,9 +254,11 @@ def _run(cfg: ml_collections.ConfigDict, preemption: Preemption) -> dict[str, An
             done = workdir / "final_metrics.json"  # absent only if it died writing it
             return json.loads(done.read_text()) if done.is_file() else {
                 "step": stopper.stopped_at, **stopper.summary()}
-        if preemption.agreed():  # SIGTERM while loading or compiling: nothing new to save
-            print(f"preempted before training resumed at step {start_step}; rerun to go on")
-            return {"step": start_step, "preempted": True}
+        if preemption.agreed():  # a stop while loading or compiling: nothing new to save
+            how = "stopped (Ctrl-C)" if preemption.interrupted else "preempted"
+            print(f"{how} before training resumed at step {start_step}; rerun to go on")
+            return {"step": start_step, "preempted": True,
+                    "interrupted": preemption.interrupted}
         if start_step == 0:
             base = evaluate()
             if base:
@@ -307,8 +311,8 @@ def _run(cfg: ml_collections.ConfigDict, preemption: Preemption) -> dict[str, An
             if stop:
                 ckpts.close()
                 writer.close()
-                print(f"preempted: saved step {n} to {ckpts.directory}; rerun to resume")
-                return {"step": n, "preempted": True}
+                print(preemption.stopped(n, ckpts.directory))
+                return {"step": n, "preempted": True, "interrupted": preemption.interrupted}
 
         else:  # the loop ran to train.steps: the final eval
             final_eval = evaluate()
@@ -402,7 +406,14 @@ def main(argv: list[str]) -> None:
             else:
                 dry_run.print_plan(FLAGS.config, FLAGS.topology)
             return
-        run(FLAGS.config)
+        try:
+            final = run(FLAGS.config)
+        except KeyboardInterrupt:
+            print("aborted (a second Ctrl-C): checkpoints saved before are kept; run the same "
+                  "command again to resume from the latest", file=sys.stderr)
+            sys.exit(INTERRUPTED_EXIT_CODE)
+    if final.get("interrupted"):
+        sys.exit(INTERRUPTED_EXIT_CODE)
 
 
 if __name__ == "__main__":

@@ -2,9 +2,11 @@
 SIGTERM is handled from the start, and a stop is the last thing on the screen."""
 
 import dataclasses
+import shutil
 import signal
 import subprocess
 import sys
+import time
 
 import jax
 import numpy as np
@@ -13,6 +15,7 @@ import pytest
 
 import jaxft
 from jaxft import data, export, train, train_step
+from tests.test_checkpoint import wait_for_step
 from tests.tiny_run import (
     REPO,
     nan_at_step,
@@ -122,6 +125,20 @@ def test_logged_loss_is_the_token_weighted_mean_of_its_window(model_dir, tmp_pat
     assert len({round(m["train_loss"], 6) for m in per_step.values()}) > 1  # windows differ
 
 
+def test_a_resumed_run_logs_each_step_once(model_dir, tmp_path):
+    """A run whose last checkpoint is behind what it logged (killed between a log line and the
+    next save) runs those steps again on resume; metrics.jsonl keeps one line per step."""
+    overrides = {"train.steps": 4, "checkpoint.every": 2, "data.eval_fraction": 0.2,
+                 "train.eval_every": 2}
+    train.run(tiny_config(model_dir, tmp_path, **overrides))
+    shutil.rmtree(tmp_path / "checkpoints" / "4")  # as if killed before the last save
+    train.run(tiny_config(model_dir, tmp_path, **overrides))
+    records = read_metrics(tmp_path)
+    trained = [m["step"] for m in records if "train_loss" in m]
+    evaluated = [m["step"] for m in records if "eval_loss" in m]
+    assert trained == [1, 2, 3, 4] and evaluated == [0, 2, 4]
+
+
 def test_run_restores_the_sigterm_handler_it_found(model_dir, tmp_path):
     def mine(signum, frame):
         pass
@@ -151,6 +168,58 @@ def test_sigterm_while_loading_exits_zero_without_training(model_dir, tmp_path):
     assert proc.returncode == 0, out[-3000:]
     assert "preempted before training resumed at step 0; rerun to go on" in out
     assert not (workdir / "checkpoints").exists() or not any((workdir / "checkpoints").iterdir())
+
+
+@pytest.mark.slow
+def test_ctrl_c_saves_at_the_next_step_and_says_how_to_resume(model_dir, tmp_path):
+    """Ctrl-C (SIGINT) in the middle of training saves at the next step boundary and stops
+    with exit code 130 and a last line saying where it saved and how to go on; the same
+    command resumes from there."""
+    workdir = tmp_path / "run"
+    config = write_config_file(tmp_path / "cfg.py", model_dir, workdir, **{
+        "train.steps": 500, "checkpoint.every": 0, "data.eval_fraction": 0.0})
+    command = [sys.executable, "-m", "jaxft.train", f"--config={config}", "--noprogress"]
+    proc = subprocess.Popen(command, cwd=REPO, env=subprocess_env(1), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    wait_for_step(workdir, 2, proc)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 130, err[-3000:]
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err
+    saved = [int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit()]
+    assert len(saved) == 1 and saved[0] >= 2
+    assert out.strip().splitlines()[-1] == (
+        f"stopped (Ctrl-C): saved step {saved[0]} to {workdir.absolute() / 'checkpoints'}; run "
+        "the same command again to resume")
+    write_config_file(tmp_path / "short.py", model_dir, workdir, **{
+        "train.steps": saved[0] + 1, "checkpoint.every": 0, "data.eval_fraction": 0.0})
+    again = subprocess.run([sys.executable, "-m", "jaxft.train",
+                            f"--config={tmp_path / 'short.py'}", "--noprogress"], cwd=REPO,
+                           env=subprocess_env(1), capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert f"resumed from {workdir.absolute() / 'checkpoints' / str(saved[0])}" in again.stdout
+
+
+@pytest.mark.slow
+def test_a_second_ctrl_c_aborts_at_once_in_one_line(model_dir, tmp_path):
+    """Two Ctrl-Cs while the model loads: no waiting for a step, one line, exit code 130."""
+    workdir = tmp_path / "run"
+    config = write_config_file(tmp_path / "cfg.py", model_dir, workdir, **{"train.steps": 3})
+    proc = subprocess.Popen([sys.executable, "-m", "jaxft.train", f"--config={config}"],
+                            cwd=REPO, env=subprocess_env(1), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    for line in proc.stdout:  # "data: …" comes before the model loads and the step compiles
+        if line.startswith("data: "):
+            proc.send_signal(signal.SIGINT)
+            time.sleep(0.2)
+            proc.send_signal(signal.SIGINT)
+            break
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 130, err[-3000:]
+    assert "Traceback" not in err
+    assert err.strip().splitlines()[-1] == (
+        "aborted (a second Ctrl-C): checkpoints saved before are kept; run the same command "
+        "again to resume from the latest")
 
 
 @pytest.mark.slow
