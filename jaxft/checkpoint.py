@@ -50,8 +50,14 @@ _FINGERPRINT: dict[str, Callable[[RunSpec, str, dict[str, Any]], Any]] = {
     "optim.clip_norm": lambda run, path, placed: "on" if run.config.optim.clip_norm else "off",
     "optimizer state": lambda run, path, placed: layout(placed["opt_state"]),
     "trainable parameters": lambda run, path, placed: layout(placed["trainable"]),
+    # preference tuning's loss and reference: another β is another objective
+    "dpo": lambda run, path, placed: None if run.dpo is None else {
+        "beta": run.dpo.beta, "loss_type": run.dpo.loss_type,
+        "label_smoothing": run.dpo.label_smoothing, "reference": run.reference},
 }
 FINGERPRINT_FIELDS = tuple(_FINGERPRINT)
+# Fields checkpoints did not always record, and the value that stands for their absence.
+LATER_FIELDS = {"dpo": None}
 
 
 def fingerprint(run: RunSpec, model_path: str, placed: dict[str, Any]) -> dict[str, Any]:
@@ -159,6 +165,9 @@ class Checkpoints:
 
     def _check_fingerprint(self, saved: dict[str, Any], path: Path) -> None:
         for field in self.fingerprint:
+            if (field not in saved and field in LATER_FIELDS
+                    and self.fingerprint[field] == LATER_FIELDS[field]):
+                continue  # recorded only since; absent, it meant what this run means
             if field not in saved:
                 raise JaxftError(
                     f"{path}: checkpoint was written by an older jaxft, which did not record "

@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import jaxft
 from jaxft import JaxftError, data, plan, train
 from jaxft import evaluate as E
 from jaxft.export import export_workdir
@@ -77,6 +78,20 @@ def test_a_dpo_run_exports_an_adapter_peft_loads(dpo_run, tmp_path):
     got = np.asarray(trained.model(jnp.asarray(ids), attention_mask=jnp.asarray(mask)))
     real = mask.astype(bool)
     np.testing.assert_allclose(got[real], want[real], atol=1e-4, rtol=0)
+
+
+def test_resuming_with_another_preference_loss_is_refused_and_changes_nothing(dpo_run,
+                                                                            model_dir):
+    """Another β or loss type is another objective: a resume with either is refused by name,
+    and the run's record (config.json, which names its β) is left as it was."""
+    workdir, _ = dpo_run
+    record = (workdir / "config.json").read_bytes()
+    for overrides, shown in (({"dpo.beta": 0.1}, "'beta': 0.1"),
+                             ({"dpo.loss_type": "hinge"}, "'loss_type': 'hinge'")):
+        with pytest.raises(jaxft.JaxftError, match=r"checkpoints/6: checkpoint was written by a "
+                           rf"run with a different dpo \(.*vs now .*{shown}"):
+            train.run(dpo_config(model_dir, workdir, **{"train.steps": 8, **overrides}))
+    assert (workdir / "config.json").read_bytes() == record
 
 
 def test_a_dpo_run_generates_and_evaluates_as_any_run(dpo_run):
