@@ -10,6 +10,7 @@ its packed kernels. Adapters come later, from `jaxft.lora`.
 from __future__ import annotations
 
 import dataclasses
+import json
 from collections.abc import Callable
 
 import jax
@@ -17,7 +18,8 @@ from flax import nnx
 
 from jaxft import dtypes, models, quant
 from jaxft.dtypes import DTypeLike
-from jaxft.errors import JaxftError
+from jaxft.errors import JaxftError, first_line
+from jaxft.models import config_checks
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,8 +48,19 @@ def model_config(hf_config: dict, source: str, options: ModelOptions | None = No
     `source` names the config in errors."""
     options = options or ModelOptions()
     family = models.family_for(hf_config, source=source)
+    missing = config_checks.unstated(hf_config)
+    if missing:
+        raise JaxftError(f"{source}: missing field {missing[0]!r}")
+    wrong = config_checks.problems(hf_config)
+    if wrong:
+        raise JaxftError(f"{source}: {wrong[0]}")
+    resolved = with_defaults(hf_config, source)
+    wrong = config_checks.problems(resolved)
+    if wrong:  # the file's fields fit together, but not with a default of what it leaves out
+        raise JaxftError(f"{source}: with transformers' defaults for the fields it leaves out, "
+                         f"{wrong[0]}")
     try:
-        cfg = family.Config.from_hf(hf_config, num_labels=options.num_labels)
+        cfg = family.Config.from_hf(resolved, num_labels=options.num_labels)
     except KeyError as e:
         raise JaxftError(f"{source}: missing field {e.args[0]!r}") from e
     except JaxftError as e:
@@ -55,7 +68,27 @@ def model_config(hf_config: dict, source: str, options: ModelOptions | None = No
     compute = (None if options.compute_dtype is None
                else dtypes.canonical(options.compute_dtype, "compute_dtype"))
     return family, dataclasses.replace(cfg, dtype=compute, remat=options.remat,
-                                       attention=options.attention)
+                                       attention=options.attention,
+                                       hf_config_json=json.dumps(hf_config, sort_keys=True))
+
+
+def with_defaults(hf_config: dict, source: str) -> dict:
+    """The config as transformers reads it: every field the file leaves out takes the default
+    of its transformers config class (Gemma 2's `query_pre_attn_scalar` 256, Mistral's 4096-token
+    window, Phi-3's `rms_norm_eps` 1e-5 …), and what the class derives (Gemma's and Qwen's
+    `layer_types`) is derived as it derives it, so a field missing from config.json never builds
+    a model other than the one transformers builds. Only the config class is used: no model, no
+    torch, no remote code."""
+    from transformers import AutoConfig
+
+    fields = {k: v for k, v in hf_config.items() if k != "model_type"}
+    try:
+        resolved = AutoConfig.for_model(hf_config["model_type"], **fields).to_dict()
+    except Exception as e:  # noqa: BLE001  (its classes raise ValueError, TypeError, their own)
+        cause = e.__cause__ or e
+        raise JaxftError(f"{source}: transformers' {hf_config['model_type']} config refuses it "
+                         f"({first_line(cause)})") from None
+    return {**resolved, "model_type": hf_config["model_type"]}
 
 
 @dataclasses.dataclass
