@@ -192,7 +192,7 @@ HF_TENSORS = TensorMapping(
         ("lm_head.weight", "lm_head.kernel", TRANSPOSE),
     ),
     ignored=(r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq",),
-    ignored_when_tied=(r"lm_head\.weight",),
+    tied_head=("lm_head.weight", "model.embed_tokens.weight"),
 )
 
 

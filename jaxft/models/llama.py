@@ -207,8 +207,8 @@ HF_TENSORS = TensorMapping(
     ),
     # Buffers some checkpoints carry that hold no parameters.
     ignored=(r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq",),
-    # A tied checkpoint may still list the head; it is the embedding, so it is skipped.
-    ignored_when_tied=(r"lm_head\.weight",),
+    # A tied checkpoint may still list the head; it must be the embedding, and is skipped.
+    tied_head=("lm_head.weight", "model.embed_tokens.weight"),
 )
 
 
@@ -354,7 +354,7 @@ class Model(nnx.Module):
 
         `attention_mask` (1 = token, 0 = padding) or `segment_ids` (packed examples) keep
         attention inside each example; `positions` default to 0..T-1 as in transformers. With a
-        `cache` (`jaxft.kv_cache.Cache`) the tokens are appended to it and the call returns
+        `cache` (`jaxft.models.kv_cache.Cache`) the tokens are appended to it and the call returns
         `(logits, cache)`; `jaxft.generate` drives it.
         """
         positions, mask, segments, cache = attention.causal_lm_inputs(

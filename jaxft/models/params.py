@@ -10,6 +10,7 @@ raises once with all of them.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import logging
 import math
 import re
@@ -40,7 +41,7 @@ class TensorMapping:
         entries: Iterable[tuple[str, str, str]],
         *,
         ignored: Iterable[str] = (),
-        ignored_when_tied: Iterable[str] = (),
+        tied_head: tuple[str, str] | None = None,
         base_prefix: str = "",
         renames: Iterable[tuple[str, str]] = (),
     ):
@@ -50,7 +51,9 @@ class TensorMapping:
             for hf, path, transform in self.entries
         ]
         self.ignored = [re.compile(p + "$") for p in ignored]
-        self.ignored_when_tied = [re.compile(p + "$") for p in ignored_when_tied]
+        # (head, embedding): a tied checkpoint may still list its head, which must then be the
+        # embedding itself; it is checked and skipped.
+        self.tied_head = tied_head
         self.base_prefix = base_prefix  # HF's base_model_prefix plus ".": absent in base models
         self.renames = tuple(renames)  # legacy suffixes, e.g. (".gamma", ".weight")
         # Where the per-layer modules live ('model.layers.'): jaxft stacks them under the same
@@ -85,8 +88,9 @@ class TensorMapping:
         return None
 
     def is_ignored(self, hf_name: str, tied: bool) -> bool:
-        patterns = self.ignored + (self.ignored_when_tied if tied else [])
-        return any(p.match(hf_name) for p in patterns)
+        if tied and self.tied_head is not None and hf_name == self.tied_head[0]:
+            return True
+        return any(p.match(hf_name) for p in self.ignored)
 
 
 def flat_variables(state: nnx.State) -> dict[str, nnx.Variable]:
@@ -126,6 +130,7 @@ def load_state(
     problems: list[str] = []
     unexpected: list[str] = []
     rejected: set[str] = set()  # reported already: not missing as well
+    tied_digests: dict[str, str] = {}  # a tied head and its embedding, when both are listed
     place = place or (lambda var, array: jnp.asarray(array))
 
     def store(path: str, layer: int | None, value: np.ndarray) -> None:
@@ -140,6 +145,8 @@ def load_state(
 
     for raw_name, array in tensors:
         name = mapping.normalize(raw_name)
+        if tied and mapping.tied_head is not None and name in mapping.tied_head:
+            tied_digests[name] = _digest(array)
         hit = mapping.match(name)
         if hit is None or (hit[0] not in variables and hit[0] not in encoders):
             if not mapping.is_ignored(name, tied):
@@ -170,6 +177,11 @@ def load_state(
                 store(f"{path}.{part}", layer, part_value)
         seen.setdefault(path, set()).add(layer)
 
+    if len(tied_digests) == 2 and len(set(tied_digests.values())) == 2:
+        head, embedding = mapping.tied_head
+        problems.append(f"config.json ties the output head to the embedding "
+                        f"(tie_word_embeddings), but the checkpoint's {head} differs from its "
+                        f"{embedding}")
     encoded_parts = {v for v in variables if v.rsplit(".", 1)[0] in encoders}
     missing_paths = []
     for path in [v for v in variables if v not in encoded_parts] + list(encoders):
@@ -206,6 +218,12 @@ def load_state(
 
     state = nnx.from_flat_state([(p, fill(p, v)) for p, v in nnx.to_flat_state(abstract)])
     return state, missing_paths
+
+
+def _digest(array: np.ndarray) -> str:
+    """A fingerprint of a tensor's values (its dtype and shape included)."""
+    array = np.ascontiguousarray(array)
+    return hashlib.sha256(f"{array.dtype}{array.shape}".encode() + array.tobytes()).hexdigest()
 
 
 class Encoding(Protocol):
