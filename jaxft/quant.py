@@ -139,9 +139,10 @@ class QuantConfig:
         return self.kind != NONE
 
     def quantizable(self, d_in: int) -> bool:
-        """Whether a kernel with `d_in` inputs can be stored: NF4 blocks never straddle two
-        output channels, so the input width must be a multiple of the block."""
-        return self.kind == INT8 or d_in % self.block_size == 0
+        """Whether a kernel with `d_in` inputs can be stored: NF4 packs two consecutive weights
+        of a row into a byte, so its rows must have an even length (bitsandbytes would pack
+        across rows otherwise)."""
+        return self.kind == INT8 or d_in % 2 == 0
 
 
 class Quantized(nnx.Variable):
@@ -151,22 +152,33 @@ class Quantized(nnx.Variable):
 
 class NF4Weight(nnx.Module):
     """A kernel [*layers, in, out] in NF4: `codes` [.., in/2, out] (two per byte), `absmax`
-    [.., in/block, out] (float32, or uint8 plus `absmax_scale` and `absmax_offset` with double
-    quantization). `dtype` is the parameter dtype it stands in for."""
+    (float32, or uint8 plus `absmax_scale` and `absmax_offset` with double quantization).
+    `dtype` is the parameter dtype it stands in for.
+
+    bitsandbytes blocks the weights in Hugging Face's row-major [out, in] order, flattened: when
+    the block divides the input width, each block lies in one output channel and the maxima are
+    kept [.., in/block, out], sharded along the kernel's own axes; otherwise blocks straddle
+    rows, exactly as bitsandbytes makes them, and the maxima are kept flat, [.., blocks]
+    (`rowwise` False), for every device."""
 
     def __init__(self, shape: tuple[int, ...], axes: tuple, dtype, cfg: QuantConfig):
         *lead, d_in, d_out = shape
         lead_axes, in_axis, out_axis = tuple(axes[:-2]), axes[-2], axes[-1]
-        blocks = d_in // cfg.block_size
         self.shape, self.axes, self.dtype = tuple(shape), tuple(axes), jnp.dtype(dtype)
         self.block_size = cfg.block_size
+        self.rowwise = d_in % cfg.block_size == 0
+        blocks = -(-d_in * d_out // cfg.block_size)  # bitsandbytes': a short last block allowed
         self.codes = Quantized(jnp.zeros((*lead, d_in // 2, d_out), jnp.uint8),
                                axes=(*lead_axes, in_axis, out_axis))
         absmax_dtype = jnp.uint8 if cfg.double_quant else jnp.float32
-        self.absmax = Quantized(jnp.zeros((*lead, blocks, d_out), absmax_dtype),
-                                axes=(*lead_axes, in_axis, out_axis))
+        if self.rowwise:
+            self.absmax = Quantized(jnp.zeros((*lead, d_in // cfg.block_size, d_out),
+                                              absmax_dtype), axes=(*lead_axes, in_axis, out_axis))
+        else:
+            self.absmax = Quantized(jnp.zeros((*lead, blocks), absmax_dtype),
+                                    axes=(*lead_axes, None))
         if cfg.double_quant:
-            groups = -(-blocks * d_out // ABSMAX_BLOCK)
+            groups = -(-blocks // ABSMAX_BLOCK)
             self.absmax_scale = Quantized(jnp.zeros((*lead, groups), jnp.float32),
                                           axes=(*lead_axes, None))
             self.absmax_offset = Quantized(jnp.zeros(tuple(lead), jnp.float32),
@@ -175,25 +187,39 @@ class NF4Weight(nnx.Module):
             self.absmax_scale = self.absmax_offset = None
 
     def block_maxima(self) -> jax.Array:
-        """The float32 block maxima [.., in/block, out], undoing double quantization as
-        bitsandbytes does: code · scale of its group of 256 (in Hugging Face's order), + mean."""
+        """The float32 block maxima in the layout `absmax` has, undoing double quantization
+        as bitsandbytes does: code · scale of its group of 256 (in Hugging Face's order), +
+        mean."""
         if self.absmax_scale is None:
             return self.absmax[...]
         q = self.absmax[...]
-        *lead, blocks, d_out = q.shape
-        flat = jnp.swapaxes(q, -1, -2).reshape(*lead, blocks * d_out)  # HF order: [out, blocks]
-        scale = jnp.repeat(self.absmax_scale[...], ABSMAX_BLOCK, axis=-1)[..., :blocks * d_out]
+        if self.rowwise:
+            *lead, blocks, d_out = q.shape
+            flat = jnp.swapaxes(q, -1, -2).reshape(*lead, blocks * d_out)  # HF: [out, blocks]
+        else:
+            flat = q
+        n = flat.shape[-1]
+        scale = jnp.repeat(self.absmax_scale[...], ABSMAX_BLOCK, axis=-1)[..., :n]
         values = jnp.asarray(DYNAMIC_CODE)[flat] * scale + self.absmax_offset[...][..., None]
+        if not self.rowwise:
+            return values
         return jnp.swapaxes(values.reshape(*lead, d_out, blocks), -1, -2)
 
     def dequantize(self, dtype=None) -> jax.Array:
         """The dense kernel [.., in, out]: code · block maximum in float32, then `dtype`."""
         codes = self.codes[...]
         *lead, half, d_out = codes.shape
+        d_in = 2 * half
         pairs = jnp.stack([codes >> 4, codes & 0xF], axis=-2)  # [.., in/2, 2, out]
-        values = jnp.asarray(NF4_CODE)[pairs.reshape(*lead, -1, self.block_size, d_out)]
-        dense = values * self.block_maxima()[..., :, None, :]
-        return dense.reshape(*lead, 2 * half, d_out).astype(dtype or self.dtype)
+        maxima = self.block_maxima()
+        if self.rowwise:
+            values = jnp.asarray(NF4_CODE)[pairs.reshape(*lead, -1, self.block_size, d_out)]
+            dense = values * maxima[..., :, None, :]
+        else:  # each weight's block, by its place in Hugging Face's flat [out, in] order
+            values = jnp.asarray(NF4_CODE)[pairs.reshape(*lead, d_in, d_out)]
+            flat = (jnp.arange(d_out)[None, :] * d_in + jnp.arange(d_in)[:, None])  # in out
+            dense = values * jnp.take(maxima, flat // self.block_size, axis=-1)
+        return dense.reshape(*lead, d_in, d_out).astype(dtype or self.dtype)
 
     @staticmethod
     def encode(kernel: np.ndarray, cfg: QuantConfig) -> dict[str, np.ndarray]:
@@ -203,13 +229,18 @@ class NF4Weight(nnx.Module):
         q, absmax = _blockwise(hf_order, cfg.block_size, NF4_CODE)
         q = q.reshape(d_out, d_in)
         out = {"codes": ((q[:, 0::2] << 4) | q[:, 1::2]).T}
+        rowwise = d_in % cfg.block_size == 0
+
+        def layout(maxima: np.ndarray) -> np.ndarray:
+            return maxima.reshape(d_out, -1).T if rowwise else maxima
+
         if cfg.double_quant:
             offset = np.float32(absmax.astype(np.float64).mean())
             q_absmax, absmax_scale = double_quantize(absmax, offset)
-            out.update(absmax=q_absmax.reshape(d_out, -1).T, absmax_scale=absmax_scale,
+            out.update(absmax=layout(q_absmax), absmax_scale=absmax_scale,
                        absmax_offset=np.asarray(offset, np.float32))
         else:
-            out["absmax"] = absmax.reshape(d_out, -1).T
+            out["absmax"] = layout(absmax)
         return out
 
 
@@ -253,12 +284,16 @@ class Encoder:
 
 def _quantizable(model: nnx.Module, cfg: QuantConfig) -> Iterator[tuple[str, Linear]]:
     """The projections a quantized base packs: every dense `Linear` but the output head, which
-    bitsandbytes leaves in its dtype (transformers' `get_keys_to_not_convert`), and but a kernel
-    whose input width the block does not divide."""
+    bitsandbytes leaves in its dtype (transformers' `get_keys_to_not_convert`); a width NF4
+    cannot pack is refused, never left dense in silence."""
     for path, linear in list(linear_modules(model)):
-        if (not linear.packed and not is_output_head(path)
-                and cfg.quantizable(linear.kernel_shape[-2])):
-            yield path, linear
+        if linear.packed or is_output_head(path):
+            continue
+        if not cfg.quantizable(linear.kernel_shape[-2]):
+            raise JaxftError(f"lora.base_quant {cfg.kind}: {path} has {linear.kernel_shape[-2]} "
+                             "inputs, an odd number, and NF4 packs two weights of a row into "
+                             "each byte; use lora.base_quant=int8 for this model")
+        yield path, linear
 
 
 def quantize_kernels(model: nnx.Module, cfg: QuantConfig) -> dict[str, Encoder]:

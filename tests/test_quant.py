@@ -65,6 +65,40 @@ def test_nf4_equals_bitsandbytes_bit_for_bit(shape, dtype):
     np.testing.assert_array_equal(ours, expected.float().numpy())
 
 
+@pytest.mark.parametrize("shape", [(96, 48), (40, 100), (7, 96), (3, 2304)])
+@pytest.mark.parametrize("block", [64, 512])
+def test_nf4_of_any_even_width_equals_bitsandbytes(shape, block):
+    """Widths the block does not divide (a hidden size of 48 with blocks of 64, Gemma-2-2b's
+    2304 with 512): bitsandbytes' blocks run over the flattened rows and straddle them; jaxft's
+    are the same blocks, codes and maxima, and its weights are those of bitsandbytes' own
+    device-independent dequantizer, bit for bit. (bitsandbytes' CPU kernel, which its generic
+    path stands in for on odd shapes, indexes blocks per row and disagrees with its own
+    quantizer on these widths, so it is not the reference.)"""
+    from bitsandbytes.backends.default.ops import _dequantize_4bit_compute
+    from bitsandbytes.backends.utils import _get_4bit_code
+
+    w = torch.from_numpy(weight(shape, seed=3))
+    packed, state = bnbf.quantize_4bit(w, blocksize=block, quant_type="nf4")
+    cfg = quant.QuantConfig(quant.NF4, block)
+    kernel = w.numpy().T
+    arrays = quant.NF4Weight.encode(kernel, cfg)
+    np.testing.assert_array_equal(arrays["codes"].T.reshape(-1), packed.numpy().reshape(-1))
+    absmax = arrays["absmax"] if arrays["absmax"].ndim == 1 else arrays["absmax"].T.reshape(-1)
+    np.testing.assert_array_equal(absmax, state.absmax.numpy())
+    ours = np.asarray(nf4_module(kernel, cfg).dequantize().astype(jnp.float32)).T
+    expected = _dequantize_4bit_compute(packed.reshape(-1), state.absmax,
+                                        _get_4bit_code("nf4", packed.device), block, state.shape,
+                                        state.dtype)
+    np.testing.assert_array_equal(ours, expected.numpy())
+
+
+def test_an_odd_width_is_refused_in_one_line(tmp_path):
+    hf_models.build(hf_models.llama_config(intermediate_size=97)).save_pretrained(tmp_path)
+    with pytest.raises(JaxftError, match=r"^lora.base_quant nf4: model.layers.mlp.down_proj has "
+                       r"97 inputs, an odd number, .*use lora.base_quant=int8"):
+        jaxft.from_pretrained(tmp_path, quantize="nf4")
+
+
 def test_double_quantization_differs_from_bitsandbytes_only_where_documented():
     w = torch.from_numpy(weight((512, 320), seed=1))
     _, single = bnbf.quantize_4bit(w, blocksize=64, quant_type="nf4")
