@@ -211,6 +211,8 @@ def run(config: ml_collections.ConfigDict | None, workdir: str | None = None, *,
 
     if config is None and workdir is None:
         raise JaxftError("pass --config=configs/<recipe>.py, --workdir=<train workdir>, or both")
+    if max_batches < 0:
+        raise JaxftError(f"--max_batches must be >= 0 (0: all), got {max_batches}")
     mesh_cfg = (read_run_config(workdir) if config is None else config).mesh
     mesh = sharding.make_mesh(mesh_cfg.data, mesh_cfg.fsdp, mesh_cfg.tensor)
     if workdir is not None:

@@ -288,6 +288,8 @@ def _define_flags() -> None:
     flags.DEFINE_string("model", DEFAULT_MODEL, "HF directory, hub id, .gguf file or package:.")
     flags.DEFINE_string("adapter", None, "A PEFT adapter directory to load onto the model.")
     flags.DEFINE_string("workdir", None, "A jaxft.train workdir: its model and latest weights.")
+    flags.DEFINE_string("step", None, "With --workdir, the checkpoint: a step number, or 'best' "
+                        "(early stopping's best eval); default: the newest.")
     flags.DEFINE_multi_string("prompt", [], "A prompt (repeat the flag for several).")
     flags.DEFINE_string("prompts_file", None, "A text file with one prompt per line.")
     flags.DEFINE_bool("chat", False, "Wrap each prompt as a user turn in the chat template.")
@@ -301,9 +303,10 @@ def _define_flags() -> None:
 
 
 def load_model(model: str, *, adapter: str | None = None, workdir: str | None = None,
-               dtype: str = "float32") -> tuple[nnx.Module, str]:
-    """The model to generate with (a checkpoint, plus a PEFT adapter or a train run's weights)
-    and the path its tokenizer loads from."""
+               dtype: str = "float32", step: int | str | None = None) -> tuple[nnx.Module, str]:
+    """The model to generate with (a checkpoint, plus a PEFT adapter or a train run's weights
+    at `step`: the newest by default, 'best' for early stopping's best eval) and the path its
+    tokenizer loads from."""
     from jaxft.hf import hub
     from jaxft.hf.pretrained import from_pretrained
 
@@ -312,8 +315,10 @@ def load_model(model: str, *, adapter: str | None = None, workdir: str | None = 
     if workdir:
         from jaxft.workdir import load_run
 
-        run = load_run(workdir, dtype=dtype)
+        run = load_run(workdir, step, dtype=dtype)
         return run.model, run.base
+    if step is not None:
+        raise JaxftError("--step picks a checkpoint of a --workdir run; add --workdir")
     path = str(hub.resolve(model))
     return from_pretrained(path, dtype=dtype, adapter=adapter or None), path
 
@@ -328,12 +333,21 @@ def main(argv: list[str]) -> None:
     f = flags.FLAGS
     with cli.user_errors():
         prompts = list(f.prompt)
+        if f.batch_size <= 0:
+            raise JaxftError(f"--batch_size must be a positive number of prompts, got "
+                             f"{f.batch_size}")
+        if f.max_new_tokens <= 0:
+            raise JaxftError(f"--max_new_tokens must be positive, got {f.max_new_tokens}")
         if f.prompts_file:
-            with open(f.prompts_file) as file:
-                prompts += [line.rstrip("\n") for line in file if line.strip()]
+            try:
+                with open(f.prompts_file) as file:
+                    prompts += [line.rstrip("\n") for line in file if line.strip()]
+            except OSError as e:
+                raise JaxftError(f"--prompts_file {f.prompts_file}: {e.strerror}") from None
         if not prompts:
             raise JaxftError("no prompts: pass --prompt=... or --prompts_file=...")
-        model, path = load_model(f.model, adapter=f.adapter, workdir=f.workdir, dtype=f.dtype)
+        model, path = load_model(f.model, adapter=f.adapter, workdir=f.workdir, dtype=f.dtype,
+                                 step=f.step)
         tokenizer = load_tokenizer(path)
         sampling = Sampling(f.temperature, f.top_k, f.top_p, f.seed)
         completions = generate(model, tokenizer, prompts, max_new_tokens=f.max_new_tokens,

@@ -143,3 +143,30 @@ def test_command_line_refusals_are_one_line(model_dir, trained, tmp_path):
     done = cli("jaxft.convert", f"--model={broken}", f"--out={tmp_path / 'converted'}")
     assert last_error_line(done).startswith(f"error: {weights}: not a readable safetensors")
     assert not Path(tmp_path / "converted").exists()
+
+
+@pytest.mark.slow
+def test_generate_and_evaluate_flags_are_checked_in_one_line(trained, tmp_path):
+    """Numbers that cannot be right and a prompts file that is not there: one line each,
+    before any model loads."""
+    for flags, message in [
+        (("--batch_size=0", "--prompt=hi"), "error: --batch_size must be a positive number of "
+                                            "prompts, got 0"),
+        ((f"--prompts_file={tmp_path / 'nope.txt'}",),
+         f"error: --prompts_file {tmp_path / 'nope.txt'}: No such file or directory"),
+        (("--max_new_tokens=-3", "--prompt=hi"), "error: --max_new_tokens must be positive, "
+                                                 "got -3"),
+    ]:
+        assert last_error_line(cli("jaxft.generate", f"--workdir={trained}", *flags)) == message
+    assert last_error_line(cli("jaxft.evaluate", f"--workdir={trained}", "--max_batches=-1")) \
+        == "error: --max_batches must be >= 0 (0: all), got -1"
+
+
+def test_a_preference_row_without_rejected_names_the_missing_field(tmp_path):
+    from jaxft.data import preference
+
+    with pytest.raises(preference.BadPair, match=r"^rejected is missing \(a preference row "
+                       r"needs prompt, chosen and rejected\)$"):
+        preference.parse("How do I reset my password?", "Use the link.", None)
+    with pytest.raises(preference.BadPair, match=r"^chosen is missing"):
+        preference.parse(None, None, "No.")

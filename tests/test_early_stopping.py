@@ -83,6 +83,23 @@ def test_export_of_the_best_step(stopped, tmp_path) -> None:
         export.export_workdir(workdir, tmp_path / "x", step="last")
 
 
+def test_generation_from_the_best_step(stopped) -> None:
+    """`jaxft.generate --workdir=W --step=best` generates with the best eval's weights."""
+    from jaxft import generate as G
+
+    workdir, final = stopped
+    best, _ = G.load_model("unused", workdir=str(workdir), step="best")
+    newest, _ = G.load_model("unused", workdir=str(workdir))
+    expected = load_run(workdir, "best").model
+    ids, mask = G.left_pad([[5, 6, 7, 8], [9, 10]], 0)
+    np.testing.assert_array_equal(G.generate_ids(best, ids, mask, max_new_tokens=6),
+                                  G.generate_ids(expected, ids, mask, max_new_tokens=6))
+    assert final["best_step"] != final["step"]
+    assert not np.array_equal(np.asarray(best(ids, mask)), np.asarray(newest(ids, mask)))
+    with pytest.raises(JaxftError, match="--step picks a checkpoint of a --workdir run"):
+        G.load_model("unused", step="best")
+
+
 def test_a_rerun_of_a_stopped_run_does_not_train_on(stopped, model_dir) -> None:
     workdir, final = stopped
     assert train.run(_overfitting(model_dir, workdir)) == final

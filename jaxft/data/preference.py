@@ -74,6 +74,10 @@ def split_prompt(chosen: str | list, rejected: str | list) -> tuple[object, obje
 def parse(prompt: object, chosen: object, rejected: object) -> tuple[object, object, object]:
     """A row's three fields, checked: all texts, or all message lists (roles checked as chat
     rows are); `prompt` None means the implicit-prompt layout."""
+    for name, value in (("chosen", chosen), ("rejected", rejected)):
+        if value is None:
+            raise BadPair(f"{name} is missing (a preference row needs prompt, chosen and "
+                          "rejected)")
     if prompt is None:
         if isinstance(chosen, str) and isinstance(rejected, str):
             return split_prompt(chosen, rejected)
