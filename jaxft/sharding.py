@@ -39,10 +39,13 @@ RULES: dict[str | None, str | None] = {
 
 
 def mesh_shape(data: int, fsdp: int, tensor: int, device_count: int) -> tuple[int, int, int]:
-    """Resolve one `-1` to "the rest of the devices" and check the product."""
+    """Resolve a `-1` to "the rest of the devices" and check the product. `mesh.data=-1` (the
+    default) is what the other axes leave: 1 when fsdp or tensor takes every device itself."""
     sizes = [data, fsdp, tensor]
+    if data == -1 and -1 in (fsdp, tensor):
+        sizes[0] = 1
     if sizes.count(-1) > 1:
-        raise JaxftError(f"mesh: at most one of mesh.data/fsdp/tensor may be -1, got {sizes}")
+        raise JaxftError(f"mesh: at most one of mesh.fsdp/tensor may be -1, got {sizes}")
     if any(s == 0 or s < -1 for s in sizes):
         raise JaxftError(f"mesh: sizes must be positive or -1, got {sizes}")
     known = math.prod(s for s in sizes if s != -1)

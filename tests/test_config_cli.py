@@ -87,3 +87,16 @@ def test_dtypes_in_config_files_and_flags(config_file, llama, tmp_path):
     with pytest.raises(jaxft.JaxftError, match=r"^config: train\.param_dtype is 'int8', "
                        r"expected one of float32, bfloat16, float16"):
         parse(config_file, "--config.train.param_dtype=int8")
+
+
+def test_the_default_data_axis_takes_what_fsdp_or_tensor_leave():
+    """`mesh.data=-1` (the default) is the devices the other axes leave: `--config.mesh.fsdp=-1`
+    alone shards over every device, as the README's dry-run command writes it."""
+    from jaxft import sharding
+
+    assert sharding.mesh_shape(-1, -1, 1, 8) == (1, 8, 1)
+    assert sharding.mesh_shape(-1, 2, -1, 8) == (1, 2, 4)
+    assert sharding.mesh_shape(-1, 2, 2, 8) == (2, 2, 2)
+    with pytest.raises(jaxft.JaxftError, match=r"^mesh: at most one of mesh.fsdp/tensor may be "
+                       r"-1, got \[1, -1, -1\]$"):
+        sharding.mesh_shape(-1, -1, -1, 8)
