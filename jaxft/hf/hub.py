@@ -62,13 +62,10 @@ def resolve(path_or_id: str | os.PathLike) -> Path:
     local = _local_path(text)
     if local is not None:
         return local
-    try:
-        from huggingface_hub import snapshot_download
+    from huggingface_hub import snapshot_download
 
-        return Path(snapshot_download(text, allow_patterns=list(HUB_FILES)))
-    except Exception as e:  # network, auth, unknown repo: all reported the same way
-        raise JaxftError(f"{text}: not a local path, and the hub download failed: "
-                         f"{first_line(e)}") from e
+    return Path(_from_hub(text, "the hub download", lambda offline: snapshot_download(
+        text, allow_patterns=list(HUB_FILES), local_files_only=offline)))
 
 
 def resolve_config(path_or_id: str | os.PathLike) -> tuple[str, dict]:
@@ -78,14 +75,51 @@ def resolve_config(path_or_id: str | os.PathLike) -> tuple[str, dict]:
     local = _local_path(text)
     if local is not None:
         return config_source(local), read_config(local)
-    try:
-        from huggingface_hub import hf_hub_download
+    from huggingface_hub import hf_hub_download
 
-        file = Path(hf_hub_download(text, CONFIG_NAME))
-    except Exception as e:  # network, auth, unknown repo: all reported the same way
-        raise JaxftError(f"{text}: not a local path, and fetching its {CONFIG_NAME} from the "
-                         f"hub failed: {first_line(e)}") from e
+    file = Path(_from_hub(text, f"fetching its {CONFIG_NAME} from the hub",
+                          lambda offline: hf_hub_download(text, CONFIG_NAME,
+                                                          local_files_only=offline)))
     return text, read_config(file.parent)
+
+
+HUB_HOST = "huggingface.co"
+
+
+def _from_hub(repo: str, what: str, fetch):
+    """`fetch(offline)` of a hub repository, with one line when it fails. Without a way to the
+    hub (no name resolution: an offline machine), only the local cache is asked, at once,
+    rather than after huggingface_hub's retries (half a minute of repeated warnings)."""
+    import logging
+
+    told = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes")
+    offline = told or not _reachable(os.environ.get("HF_ENDPOINT", HUB_HOST))
+    hub_logger = logging.getLogger("huggingface_hub")
+    level = hub_logger.level
+    hub_logger.setLevel(logging.ERROR)  # its retry warnings: the error below says it all
+    try:
+        return fetch(offline)
+    except Exception as e:  # network, auth, unknown repo: all reported the same way
+        where = "HF_HUB_OFFLINE is set" if told else \
+            f"the hub ({HUB_HOST}) cannot be reached from this machine"
+        why = (f"{where} and the model is not in the local cache; download it where there is "
+               "a network, or pass a local directory") if offline else first_line(e)
+        raise JaxftError(f"{repo}: not a local path, and {what} failed: {why}") from None
+    finally:
+        hub_logger.setLevel(level)
+
+
+def _reachable(endpoint: str) -> bool:
+    """Whether the hub's host name resolves (a DNS lookup, no connection)."""
+    import socket
+    from urllib.parse import urlparse
+
+    host = urlparse(endpoint).hostname or endpoint
+    try:
+        socket.getaddrinfo(host, 443)
+    except OSError:
+        return False
+    return True
 
 
 def _local_path(text: str) -> Path | None:
