@@ -68,3 +68,11 @@ def prepare(out: str | os.PathLike, *, overwrite: bool, replaces: tuple[str, ...
             for stale in out.glob(pattern):
                 stale.unlink()
     return out
+
+
+def readable_by_all(file: Path) -> None:
+    """Give a written file the permissions any new file gets here (0644 under the usual umask):
+    the safetensors writer creates its files readable by their owner alone."""
+    mask = os.umask(0)
+    os.umask(mask)
+    os.chmod(file, 0o666 & ~mask)

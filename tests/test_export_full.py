@@ -193,3 +193,24 @@ def test_a_fresh_classifier_head_is_initialised_alone():
     memory = init.lower().compile().memory_analysis()
     assert head_bytes <= memory.output_size_in_bytes < head_bytes + 1024  # (+ a tuple's table)
     assert memory.temp_size_in_bytes < 4 * head_bytes < model_bytes / 10
+
+
+def test_exported_files_are_readable_like_any_other_file(tmp_path):
+    """safetensors' writer makes its files readable by their owner alone (0600); an export is
+    for others to load, so it gets the mode every new file gets here (0644 under umask 022)."""
+    import os
+
+    from jaxft import lora
+    from jaxft.hf import adapters
+
+    hf_models.build(hf_models.llama_config()).save_pretrained(tmp_path / "base")
+    model = jaxft.from_pretrained(tmp_path / "base")
+    weights.save_pretrained(model, tmp_path / "full")
+    cfg = lora.LoraConfig(rank=2, targets=("q_proj",))
+    lora.apply_lora(model, cfg)
+    adapters.save_peft_adapter(model, cfg, tmp_path / "adapter")
+    mask = os.umask(0)
+    os.umask(mask)
+    for file in (tmp_path / "full" / "model.safetensors",
+                 tmp_path / "adapter" / "adapter_model.safetensors"):
+        assert os.stat(file).st_mode & 0o777 == 0o666 & ~mask, file

@@ -254,6 +254,7 @@ def write_safetensors(tensors: dict[str, np.ndarray], file: Path) -> None:
     from safetensors.numpy import save_file
 
     save_file(tensors, str(file), metadata={"format": "pt"})
+    outdir.readable_by_all(file)
 
 
 def _to_dtype(value: np.ndarray, dtype: str) -> np.ndarray:
