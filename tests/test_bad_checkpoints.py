@@ -41,6 +41,19 @@ def test_unreachable_hub_id(monkeypatch):
     assert one_line(e).startswith("some-org/some-model: not a local path, and the hub download")
 
 
+def test_a_hub_that_cannot_be_reached_is_said_at_once(monkeypatch):
+    """Without HF_HUB_OFFLINE, a host that does not resolve is named, and only the local cache
+    is asked (huggingface_hub's own path retries for half a minute and names neither)."""
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setenv("HF_ENDPOINT", "https://hub.invalid")
+    with pytest.raises(jaxft.JaxftError) as e:
+        jaxft.from_pretrained("some-org/some-model")
+    assert one_line(e) == (
+        "some-org/some-model: not a local path, and the hub download failed: the hub "
+        "(hub.invalid) cannot be reached from this machine and the model is not in the local "
+        "cache; download it where there is a network, or pass a local directory")
+
+
 def test_unsupported_model_type(llama_dir):
     config = json.loads((llama_dir / "config.json").read_text())
     config["model_type"] = "t5"

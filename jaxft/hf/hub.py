@@ -93,7 +93,8 @@ def _from_hub(repo: str, what: str, fetch):
     import logging
 
     told = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes")
-    offline = told or not _reachable(os.environ.get("HF_ENDPOINT", HUB_HOST))
+    host = _host(os.environ.get("HF_ENDPOINT", HUB_HOST))
+    offline = told or not _reachable(host)
     hub_logger = logging.getLogger("huggingface_hub")
     level = hub_logger.level
     hub_logger.setLevel(logging.ERROR)  # its retry warnings: the error below says it all
@@ -101,7 +102,7 @@ def _from_hub(repo: str, what: str, fetch):
         return fetch(offline)
     except Exception as e:  # network, auth, unknown repo: all reported the same way
         where = "HF_HUB_OFFLINE is set" if told else \
-            f"the hub ({HUB_HOST}) cannot be reached from this machine"
+            f"the hub ({host}) cannot be reached from this machine"
         why = (f"{where} and the model is not in the local cache; download it where there is "
                "a network, or pass a local directory") if offline else first_line(e)
         raise JaxftError(f"{repo}: not a local path, and {what} failed: {why}") from None
@@ -109,12 +110,17 @@ def _from_hub(repo: str, what: str, fetch):
         hub_logger.setLevel(level)
 
 
-def _reachable(endpoint: str) -> bool:
-    """Whether the hub's host name resolves (a DNS lookup, no connection)."""
-    import socket
+def _host(endpoint: str) -> str:
+    """The host name of a hub endpoint (`https://hf-mirror.com` or a bare host)."""
     from urllib.parse import urlparse
 
-    host = urlparse(endpoint).hostname or endpoint
+    return urlparse(endpoint).hostname or endpoint
+
+
+def _reachable(host: str) -> bool:
+    """Whether the hub's host name resolves (a DNS lookup, no connection)."""
+    import socket
+
     try:
         socket.getaddrinfo(host, 443)
     except OSError:
