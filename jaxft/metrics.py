@@ -9,8 +9,10 @@ printed afterwards is the last thing on the screen, not a redrawn bar.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -140,6 +142,15 @@ class LogWindow:
         self.started = time.perf_counter()
         self.grad_norm = float("nan")
         self.first_nonfinite = 0
+
+    @contextlib.contextmanager
+    def paused(self) -> Iterator[None]:
+        """Time that is not training (an eval, a save) is left out of tokens/s."""
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.started += time.perf_counter() - started
 
     def add(self, window: dict[str, Any]) -> int:
         """Fold in a window read from the devices; returns its number of non-finite steps."""

@@ -64,6 +64,22 @@ def track(items: Iterable[T], *, desc: str, total: int | None = None,
 
 
 @contextlib.contextmanager
+def datasets_bars_follow() -> Iterator[None]:
+    """Within: `datasets`' own bars ("Tokenizing …", "Generating train split") are drawn only
+    where jaxft's are; the caller's setting is restored after."""
+    import datasets
+
+    was_disabled = datasets.are_progress_bars_disabled()
+    if not shown():
+        datasets.disable_progress_bars()
+    try:
+        yield
+    finally:
+        if not was_disabled:
+            datasets.enable_progress_bars()
+
+
+@contextlib.contextmanager
 def waiting(desc: str) -> Iterator[None]:
     """An open-ended wait (a compile): a bar without a total shows the time elapsed."""
     with bar(None, desc=desc, bar_format="{desc}: {elapsed}", leave=True) as b:

@@ -35,7 +35,7 @@ from absl import app, flags
 from flax import nnx
 from ml_collections import config_flags
 
-from jaxft import checkpoint, cli, data, lora, sharding, spec, tasks, train_step
+from jaxft import checkpoint, cli, data, lora, progress, sharding, spec, tasks, train_step
 from jaxft import evaluate as evaluation_lib
 from jaxft.early_stopping import BEST_DIRECTORY, EarlyStopping
 from jaxft.errors import JaxftError
@@ -122,7 +122,9 @@ def _run(cfg: ml_collections.ConfigDict, preemption: Preemption) -> dict[str, An
     tokenizer = data.load_tokenizer(model_path)
     bundle = data.build_data(cfg.data, tokenizer, global_batch_size=cfg.train.batch_size,
                              task=cfg.task)
-    print(f"data: {bundle.format}, {_describe_stats(bundle.stats)}")
+    print(f"data: {bundle.describe()}")
+    for note in bundle.notes:
+        print(f"data: {note}")
     num_labels = None
     if run_spec.task == tasks.CLASSIFICATION:
         num_labels = cfg.model.num_labels or len(bundle.label_map)
@@ -166,6 +168,10 @@ def _run(cfg: ml_collections.ConfigDict, preemption: Preemption) -> dict[str, An
         return {f"eval_{k}": v for k, v in evaluation_lib.metrics(sums, run_spec.task).items()
                 if k != "count"}
 
+    # prompts go through a chat template only when the data did (conversations), and the same
+    if bundle.chat_template is not None:
+        tokenizer.chat_template = bundle.chat_template
+
     def samples() -> dict[str, Any]:
         """Greedy completions of `train.sample_prompts`, to read what the model has learned."""
         if not cfg.train.sample_prompts or not run_spec.causal:
@@ -175,7 +181,7 @@ def _run(cfg: ml_collections.ConfigDict, preemption: Preemption) -> dict[str, An
         prompts = list(cfg.train.sample_prompts)
         texts = generate.generate(nnx.merge(step.eval_graphdef, trainable, frozen, dropout),
                                   tokenizer, prompts, max_new_tokens=cfg.train.sample_tokens,
-                                  chat=tokenizer.chat_template is not None)
+                                  chat=bundle.chat_template is not None)
         for prompt, text in zip(prompts, texts, strict=True):
             writer.say(f"  sample: {prompt!r} -> {text!r}")
         return {"samples": [{"prompt": p, "completion": t}
@@ -240,12 +246,27 @@ def _run(cfg: ml_collections.ConfigDict, preemption: Preemption) -> dict[str, An
         return LogWindow(run_spec.task, train_step.sum_names(run_spec.task))
 
     def log_line(at: int, window: LogWindow, skipped: int, bar: Any) -> dict[str, Any]:
-        """A metrics line for the steps of `window`, written and shown on the bar."""
-        line = {**window.metrics(), "lr": float(jax.device_get(step.schedule(at - 1))),
-                "skipped_steps": skipped}
+        """A metrics line for the steps of `window`, written and shown on the bar (or, with no
+        bar drawn, printed as a line: logs and pipes see every log step)."""
+        line = {**window.metrics(), "lr": learning_rate(at - 1), "skipped_steps": skipped}
         writer.write(at, line)
         bar.update(at, line)
+        if not progress.shown():
+            writer.say(f"step {at}/{total}: {_describe(line)}")
         return line
+
+    def learning_rate(index: int) -> float:
+        return float(jax.device_get(step.schedule(index)))
+
+    def evaluate_and_sample(at: int) -> dict[str, float]:
+        """The eval at step `at`: its metrics printed and written with the samples; the time it
+        takes is left out of the tokens/s of the window it falls in."""
+        with logged.paused():
+            evaluated = evaluate()
+            if evaluated:
+                writer.say(f"step {at} eval: {_describe(evaluated)}")
+            writer.write(at, {**evaluated, **samples()})
+        return evaluated
 
     try:
         if stopper is not None and stopper.should_stop:  # a rerun of a run that stopped early
@@ -264,7 +285,8 @@ def _run(cfg: ml_collections.ConfigDict, preemption: Preemption) -> dict[str, An
             if base:
                 history["base_eval_loss"] = base["eval_loss"]
                 print(f"step 0 (base model): {_describe(base)}")
-            writer.write(0, {**base, **samples()})
+            # the schedule's first value, so a plot of the learning rate starts at its warmup
+            writer.write(0, {**base, "lr": learning_rate(0), **samples()})
         training_bar = writer.progress(total, start_step)
         window = step.zero_window()
         logged = new_window()
@@ -298,8 +320,7 @@ def _run(cfg: ml_collections.ConfigDict, preemption: Preemption) -> dict[str, An
             if due("log", n) or n == total:
                 last, logged = log_line(n, logged, skipped, training_bar), new_window()
             if due("eval", n) and n != total:
-                evaluated = evaluate()
-                writer.write(n, {**evaluated, **samples()})
+                evaluated = evaluate_and_sample(n)
                 judge(n, evaluated)
                 if stopper is not None and stopper.should_stop:
                     if logged.sums["count"]:  # the steps since the last line, logged at the stop
@@ -307,7 +328,8 @@ def _run(cfg: ml_collections.ConfigDict, preemption: Preemption) -> dict[str, An
                     final_eval = evaluated
                     break
             if (due("save", n) and n != total) or stop:  # the last step saves after its eval
-                save(n)
+                with logged.paused():
+                    save(n)
             if stop:
                 ckpts.close()
                 writer.close()
@@ -315,8 +337,7 @@ def _run(cfg: ml_collections.ConfigDict, preemption: Preemption) -> dict[str, An
                 return {"step": n, "preempted": True, "interrupted": preemption.interrupted}
 
         else:  # the loop ran to train.steps: the final eval
-            final_eval = evaluate()
-            writer.write(n, {**final_eval, **samples()})
+            final_eval = evaluate_and_sample(n)
             judge(n, final_eval)
         final = {"step": n, **last, **final_eval}
         if "base_eval_loss" in history:
@@ -334,7 +355,8 @@ def _run(cfg: ml_collections.ConfigDict, preemption: Preemption) -> dict[str, An
     if is_main:
         (workdir / "final_metrics.json").write_text(json.dumps(final, indent=2) + "\n")
         _write_plot(workdir)  # --- plot (jaxft.plot) ---
-    print(f"done: step {n}: {_describe(final)}; checkpoints in {ckpts.directory}")
+    print(f"done: step {n}: {_describe({k: v for k, v in final.items() if k != 'step'})}; "
+          f"checkpoints in {ckpts.directory}")
     return final
 
 
@@ -379,14 +401,16 @@ def _write_resolved_config(cfg, workdir: Path, hf_config: dict, model_path: str,
 
 
 def _describe(metrics: dict[str, Any]) -> str:
-    return ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
-                     for k, v in metrics.items())
-
-
-def _describe_stats(stats: dict[str, Any]) -> str:
-    keys = ("train_examples", "eval_examples", "rows_per_epoch", "packing_efficiency",
-            "truncated", "dropped")
-    return ", ".join(f"{k} {stats[k]}" for k in keys if k in stats)
+    """'train_loss 2.314, lr 2e-05, tokens_per_s 31,940': floats to 4 digits (rates as whole
+    numbers), counts with thousands separators, and no skipped_steps while there are none."""
+    def shown(name: str, value: Any) -> str:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            return str(value)
+        if isinstance(value, int) or name.endswith("_per_s"):
+            return f"{value:,.0f}"
+        return f"{value:.4g}"
+    return ", ".join(f"{k} {shown(k, v)}" for k, v in metrics.items()
+                     if not (k == "skipped_steps" and not v))
 
 
 def main(argv: list[str]) -> None:

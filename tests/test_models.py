@@ -3,6 +3,7 @@
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import safetensors.numpy
 import torch
 import transformers
 
@@ -73,6 +74,26 @@ def test_bert_hidden_states_match(tmp_path):
     expected = torch_logits(hf, ids, mask, token_type_ids=torch.tensor(types))
     got = np.asarray(model(jnp.asarray(ids), jnp.asarray(mask), jnp.asarray(types)))
     np.testing.assert_allclose(got, expected, atol=1e-4)  # padding included: HF masks keys only
+
+
+def test_a_base_berts_position_ids_buffer_loads_without_a_warning(tmp_path, caplog):
+    """Older encoder checkpoints (all-MiniLM-L6-v2 among them) store the `position_ids` buffer
+    under the base model's own names; transformers loads them in silence, and so must jaxft
+    (a tensor it does not know is still named)."""
+    hf = hf_models.build(hf_models.bert_config(), cls=transformers.BertModel)
+    hf.save_pretrained(tmp_path)
+    tensors = safetensors.numpy.load_file(tmp_path / "model.safetensors")
+    tensors["embeddings.position_ids"] = np.arange(32, dtype=np.int64)[None]
+    safetensors.numpy.save_file(tensors, tmp_path / "model.safetensors", {"format": "pt"})
+    transformers.BertModel.from_pretrained(tmp_path)  # the peer accepts the file
+    with caplog.at_level("WARNING"):
+        jaxft.from_pretrained(tmp_path)
+    assert not [r for r in caplog.records if r.levelname == "WARNING"]
+    tensors["embeddings.unknown"] = np.zeros(3, np.float32)
+    safetensors.numpy.save_file(tensors, tmp_path / "model.safetensors", {"format": "pt"})
+    with caplog.at_level("WARNING"):
+        jaxft.from_pretrained(tmp_path)
+    assert "ignored 1 tensors the model does not use: embeddings.unknown" in caplog.text
 
 
 def test_bert_classifier_logits_match(tmp_path):

@@ -46,27 +46,30 @@ def corpus_files() -> list[str]:
     return paths
 
 
-def qa_pairs() -> tuple[list[tuple[str, str, str]], int]:
-    """Distinct (topic, question, answer) triples in file order, and how many entries were skipped.
+def qa_pairs() -> tuple[list[tuple[str, str, str]], list[str]]:
+    """Distinct (topic, question, answer) triples in file order, and where each skipped entry is
+    and why.
 
     Entries that are not a list of strings (one trivia entry is a lone string with its answer run
     into it by a YAML indentation slip) are skipped and counted, not guessed at.
     """
     seen: set[tuple[str, str, str]] = set()
-    triples, skipped = [], 0
+    triples, skipped = [], []
     for path in corpus_files():
         topic = os.path.splitext(os.path.basename(path))[0]
         with open(path, encoding="utf-8") as fh:
             doc = yaml.safe_load(fh)
         conversations = doc.get("conversations") if isinstance(doc, dict) else None
-        for conv in conversations or []:
+        for number, conv in enumerate(conversations or [], start=1):
+            where = f"{path} conversation {number}"
             if not (isinstance(conv, list) and len(conv) >= 2 and isinstance(conv[0], str)):
-                skipped += 1
+                skipped.append(f"{where}: not a question followed by answers "
+                               f"({type(conv).__name__} {str(conv)[:40]!r})")
                 continue
             question = conv[0].strip()
             for answer in conv[1:]:
                 if not isinstance(answer, str) or not answer.strip() or not question:
-                    skipped += 1
+                    skipped.append(f"{where}: an empty question or answer")
                     continue
                 key = (topic, question, answer.strip())
                 if key not in seen:
@@ -119,10 +122,11 @@ def load(name: str) -> tuple[Loaded, Loaded]:
     held = [is_eval(q) for q in questions]
     train = [r for r, h in zip(rows, held, strict=True) if not h]
     evals = [r for r, h in zip(rows, held, strict=True) if h]
-    return _loaded(train, f"{name}[train]", skipped), _loaded(evals, f"{name}[eval]", 0)
+    return (_loaded(train, f"{name}[train]", skipped),
+            _loaded(evals, f"{name}[eval]", []))
 
 
-def _loaded(rows: list[dict], label: str, skipped: int) -> Loaded:
+def _loaded(rows: list[dict], label: str, skipped: list[str]) -> Loaded:
     ds = datasets.Dataset.from_list(rows)
     ds = ds.add_column("_file", [0] * len(ds)).add_column("_row", range(1, len(ds) + 1))
-    return Loaded(ds, Origin((label,), "pair"), skipped)
+    return Loaded(ds, Origin((label,), "pair"), len(skipped), skipped[0] if skipped else "")

@@ -72,7 +72,7 @@ def encode(loaded: Loaded, schema: Schema, tokenizer: PreTrainedTokenizerBase,
         raise JaxftError(f"data.max_len must be at least 2, got {cfg.max_len}")
     encoder = _Encoder(tokenizer, schema, loaded, max_len=cfg.max_len, overlong=cfg.overlong,
                        skip_bad_rows=cfg.skip_bad_rows, label_map=label_map,
-                       template=_template(tokenizer, schema, loaded, cfg),
+                       template=chat_template_for(tokenizer, schema, loaded, cfg),
                        max_prompt_len=cfg.max_prompt_len)
     rows = loaded.rows
     mapped = rows.map(encoder, batched=True, batch_size=256, remove_columns=rows.column_names,
@@ -105,7 +105,7 @@ def _nothing_left(where: str, stats: dict[str, int], cfg: ml_collections.ConfigD
             f"{stats['dropped_no_target']} with no tokens to train on after truncation)")
 
 
-def _template(tokenizer: PreTrainedTokenizerBase, schema: Schema, loaded: Loaded,
+def chat_template_for(tokenizer: PreTrainedTokenizerBase, schema: Schema, loaded: Loaded,
               cfg: ml_collections.ConfigDict) -> str | None:
     """The chat template conversations render with (messages, conversational pairs); None for
     data without conversations."""

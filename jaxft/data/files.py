@@ -47,6 +47,7 @@ class Loaded:
     rows: datasets.Dataset
     origin: Origin
     bad_rows: int = 0  # malformed rows skipped because skip_bad_rows=True
+    first_bad: str = ""  # where the first of them is and what is wrong with it, when known
 
 
 def expand(path: str) -> list[str]:

@@ -5,7 +5,7 @@
 
 The trainer calls it once, takes `bundle.train` (endless, `get_state`/`set_state` for
 checkpoints) and `bundle.eval_batches()` (one finite pass), saves `bundle.save_label_map(path)`
-for classification, and logs `bundle.stats`.
+for classification, and prints `bundle.describe()` and `bundle.notes`.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from collections.abc import Iterator
 import ml_collections
 from transformers import PreTrainedTokenizerBase
 
-from jaxft import tasks
+from jaxft import progress, tasks
 from jaxft.data import encode, formats, labels, packing, sources
 from jaxft.data.files import LOCATION_COLUMNS, Loaded
 from jaxft.data.iterator import Batch, EvalBatches, TrainIterator
@@ -44,6 +44,22 @@ class DataBundle:
     format: str  # the resolved data format
     seq_len: int  # T of every [B, T] array
     sequences_per_row: int = 1  # 2 for preference pairs: their arrays are [B, 2, T]
+    packed: bool = False  # several examples share a row
+    chat_template: str | None = None  # what conversations rendered with; None: no chat data
+    notes: list[str] = dataclasses.field(default_factory=list)  # data altered or left out
+
+    def describe(self) -> str:
+        """One line on what the run trains on: 'messages, 1,050 train + 118 eval examples,
+        1,050 rows per epoch, packing efficiency 0.93, 24 truncated'."""
+        unit = "pairs" if self.sequences_per_row == 2 else "examples"
+        counts = f"{self.stats['examples']:,} train"
+        if "eval_examples" in self.stats:
+            counts += f" + {self.stats['eval_examples']:,} eval"
+        parts = [self.format, f"{counts} {unit}",
+                 f"{self.stats['rows_per_epoch']:,} rows of {self.seq_len} tokens per epoch"]
+        if self.packed:
+            parts.append(f"packing efficiency {self.stats['packing_efficiency']:.2f}")
+        return ", ".join(parts)
 
     def eval_batches(self) -> Iterator[Batch]:
         """One pass over the eval set as local batches (nothing when there is no eval set)."""
@@ -62,8 +78,17 @@ def build_data(cfg: ml_collections.ConfigDict, tokenizer: PreTrainedTokenizerBas
     """Load, tokenize and lay out the data named by `cfg` (see `jaxft.data.config`).
 
     Each process gets `global_batch_size / process_count` rows of every global batch; process
-    index and count default to `jax.process_index()` / `jax.process_count()`.
+    index and count default to `jax.process_index()` / `jax.process_count()`. `datasets`' bars
+    are drawn only where jaxft's are (`jaxft.progress`).
     """
+    with progress.datasets_bars_follow():
+        return _build_data(cfg, tokenizer, global_batch_size=global_batch_size, task=task,
+                           process_index=process_index, process_count=process_count)
+
+
+def _build_data(cfg: ml_collections.ConfigDict, tokenizer: PreTrainedTokenizerBase, *,
+                global_batch_size: int, task: str, process_index: int | None,
+                process_count: int | None) -> DataBundle:
     split = sources.load_split(cfg.train_path, cfg.eval_path, eval_fraction=cfg.eval_fraction,
                                seed=cfg.seed, skip_bad_rows=cfg.skip_bad_rows,
                                text_column=cfg.text_column)
@@ -82,7 +107,7 @@ def build_data(cfg: ml_collections.ConfigDict, tokenizer: PreTrainedTokenizerBas
     train = TrainIterator(train_examples, seed=cfg.seed, **layout)
     rows_per_epoch = len(train.epoch_rows(0))
     per_row = 2 if pairs else 1
-    stats.update(rows_per_epoch=rows_per_epoch,
+    stats.update(rows_per_epoch=rows_per_epoch,  # (the share of row slots holding tokens)
                  packing_efficiency=round(packing.efficiency(
                      train_examples.lengths, rows_per_epoch * per_row, cfg.max_len), 4))
     eval_set = None
@@ -93,12 +118,29 @@ def build_data(cfg: ml_collections.ConfigDict, tokenizer: PreTrainedTokenizerBas
         stats.update({f"eval_{k}": v for k, v in eval_stats.items()})
     log.info("data: %s (format %s): %s", split.train.origin, schema.format,
              ", ".join(f"{k}={v}" for k, v in stats.items()))
-    for prefix in ("", "eval_"):
+    notes = _notes(stats, split)
+    return DataBundle(train, eval_set, label_map, stats, schema.format, cfg.max_len, per_row,
+                      packed=train.packing, notes=notes,
+                      chat_template=encode.chat_template_for(tokenizer, schema, split.train, cfg))
+
+
+def _notes(stats: dict[str, float], split: sources.Split) -> list[str]:
+    """A line for each way rows were altered or left out, naming the first malformed row where
+    its loader knows it (a malformed row found while tokenizing is named when
+    data.skip_bad_rows is off: the run then stops at it)."""
+    notes = []
+    for prefix, loaded in (("", split.train), ("eval_", split.eval)):
         for key, what in _LOSSES.items():
-            if stats.get(prefix + key):
-                log.warning("data: %d %s rows %s", stats[prefix + key],
-                            "eval" if prefix else "train", what)
-    return DataBundle(train, eval_set, label_map, stats, schema.format, cfg.max_len, per_row)
+            if not stats.get(prefix + key):
+                continue
+            count = stats[prefix + key]
+            line = (f"{count:,} {'eval' if prefix else 'train'} "
+                    + ("rows " + what if count != 1 else "row " + what.replace("were ", "was ")))
+            if key == "skipped_bad_rows" and loaded is not None:
+                line += (f"; the first: {loaded.first_bad}" if loaded.first_bad else
+                         " (data.skip_bad_rows=False stops at the first and names it)")
+            notes.append(line)
+    return notes
 
 
 def _data_columns(loaded: Loaded) -> list[str]:

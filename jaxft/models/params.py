@@ -90,7 +90,9 @@ class TensorMapping:
     def is_ignored(self, hf_name: str, tied: bool) -> bool:
         if tied and self.tied_head is not None and hf_name == self.tied_head[0]:
             return True
-        return any(p.match(hf_name) for p in self.ignored)
+        # a base model's checkpoint names its buffers without the base-model prefix
+        names = (hf_name, self.base_prefix + hf_name) if self.base_prefix else (hf_name,)
+        return any(p.match(name) for p in self.ignored for name in names)
 
 
 def flat_variables(state: nnx.State) -> dict[str, nnx.Variable]:
