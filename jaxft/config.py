@@ -51,6 +51,9 @@ def base_config() -> ml_collections.ConfigDict:
 
     c.train = ml_collections.ConfigDict()
     c.train.steps = 100
+    # Passes over the train rows instead of train.steps (0: use train.steps): the steps are
+    # then epochs × rows per epoch / batch_size, rounded up, once the data is read.
+    c.train.epochs = 0.0
     c.train.batch_size = 8  # global batch, in rows of data.max_len tokens
     c.train.accum_steps = 1  # micro-batches per step (gradient accumulation)
     c.train.seed = 0

@@ -174,6 +174,9 @@ def validate(c: ml_collections.ConfigDict, device_count: int,
         section, field = name.split(".")
         if c[section][field] <= 0:
             raise JaxftError(f"config: {name} must be positive, got {c[section][field]}")
+    if not isinstance(c.train.epochs, (int, float)) or c.train.epochs < 0:
+        raise JaxftError(f"config: train.epochs must be 0 (use train.steps) or a positive "
+                         f"number of passes over the data, got {c.train.epochs!r}")
     _check_early_stopping(c)
     c.logging.wandb.tags = config.names(c.logging.wandb.tags, "logging.wandb.tags")
     wandb_log.check(c)

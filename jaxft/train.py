@@ -21,6 +21,7 @@ from __future__ import annotations
 import itertools
 import json
 import logging
+import math
 import os
 import sys
 import time
@@ -125,6 +126,11 @@ def _run(cfg: ml_collections.ConfigDict, preemption: Preemption) -> dict[str, An
     print(f"data: {bundle.describe()}")
     for note in bundle.notes:
         print(f"data: {note}")
+    rows = bundle.stats["rows_per_epoch"]
+    if cfg.train.epochs:  # steps from epochs, before anything reads train.steps
+        cfg.train.steps = max(1, math.ceil(cfg.train.epochs * rows / cfg.train.batch_size))
+    print(f"train: {cfg.train.steps:,} steps of {cfg.train.batch_size} rows = "
+          f"{cfg.train.steps * cfg.train.batch_size / rows:.2f} epochs of the {rows:,} train rows")
     num_labels = None
     if run_spec.task == tasks.CLASSIFICATION:
         num_labels = cfg.model.num_labels or len(bundle.label_map)

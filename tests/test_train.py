@@ -77,6 +77,8 @@ def test_train_step_compiles_once(llama_dir, tmp_path, caplog):
 
 @pytest.mark.parametrize("override, message", [
     ({"lora.rank": 0}, "config: lora.rank must be positive, got 0"),
+    ({"train.epochs": -1.0}, "config: train.epochs must be 0 (use train.steps) or a positive "
+     "number of passes over the data, got -1.0"),
     ({"mesh.data": 3}, "mesh: data×fsdp×tensor = 3 but there are 8 devices"),
     ({"mesh.fsdp": 3, "mesh.data": -1}, "mesh: 3 (product of the fixed sizes [-1, 3, 1]) does "
      "not divide the 8 devices"),

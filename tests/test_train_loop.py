@@ -10,6 +10,7 @@ import time
 
 import jax
 import numpy as np
+import optax
 import orbax.checkpoint as ocp
 import pytest
 
@@ -137,6 +138,23 @@ def test_a_resumed_run_logs_each_step_once(model_dir, tmp_path):
     trained = [m["step"] for m in records if "train_loss" in m]
     evaluated = [m["step"] for m in records if "eval_loss" in m]
     assert trained == [1, 2, 3, 4] and evaluated == [0, 2, 4]
+
+
+def test_epochs_count_passes_over_the_train_rows(model_dir, tmp_path, capsys):
+    """`train.epochs` instead of `train.steps`: the steps are epochs × rows per epoch / batch
+    size, rounded up, and the schedule decays over them."""
+    cfg = tiny_config(model_dir, tmp_path, **{"train.epochs": 3.0, "optim.schedule": "linear"})
+    tokenizer = data.load_tokenizer(str(model_dir))
+    rows = data.build_data(cfg.data, tokenizer, global_batch_size=8).stats["rows_per_epoch"]
+    steps = -(-3 * rows // 8)
+    assert steps != cfg.train.steps  # (5, which epochs replace)
+    final = train.run(cfg)
+    assert final["step"] == steps
+    assert f"train: {steps} steps of 8 rows = {steps * 8 / rows:.2f} epochs of the {rows} " \
+        "train rows" in capsys.readouterr().out
+    lr = {m["step"]: m["lr"] for m in read_metrics(tmp_path) if "lr" in m}
+    decay = optax.linear_schedule(3e-3, 3e-4, steps)  # lr to lr × final_lr_ratio over the steps
+    assert lr[steps] == pytest.approx(float(decay(steps - 1)), rel=1e-5)
 
 
 def test_run_restores_the_sigterm_handler_it_found(model_dir, tmp_path):
