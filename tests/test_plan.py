@@ -7,6 +7,7 @@ import json
 import math
 import subprocess
 import sys
+from pathlib import Path
 
 import jax
 import pytest
@@ -114,6 +115,16 @@ def test_llama3_8b_plans_from_config_json_alone(tmp_path):
                                                     + 3 * 4 * 256 * 4096 * 32))
     text = plan.describe(p)
     assert "20,971,520 trainable" in text and "base model 8,030,261,248" in text
+    # the verdict on this machine: an eighth of its RAM (the kernel's MemTotal) per device,
+    # unless a container's limit is lower
+    ram = int(Path("/proc/meminfo").read_text().split("MemTotal:")[1].split()[0]) * 1024
+    limits = [int(value) for f in ("/sys/fs/cgroup/memory.max",
+                                  "/sys/fs/cgroup/memory/memory.limit_in_bytes")
+              if Path(f).is_file() and (value := Path(f).read_text().strip()).isdigit()]
+    usable = min([ram, *limits]) // 8
+    verdict = "fits" if p.peak_bytes <= usable else "does not fit"
+    assert (f"peak ≈ {plan.human_bytes(p.peak_bytes)} of {plan.human_bytes(usable)} usable "
+            f"RAM per device: {verdict}") in text
 
 
 # Released config.json files of the newer families (sizes and the fields that shape them).

@@ -40,7 +40,7 @@ from jaxft import lora, progress, quant, sharding, spec, tasks, train_step
 from jaxft.data.packing import batch_spec
 from jaxft.hf import hub
 from jaxft.hf.model import blueprint
-from jaxft.plan import flops, tpu
+from jaxft.plan import flops, host, tpu
 from jaxft.plan.targets import Target, target
 
 
@@ -176,6 +176,7 @@ def make_plan(cfg: ml_collections.ConfigDict, topology: Target | None = None) ->
             raise
 
     analytic, recompute = flops.step_flops(abstract, run)
+    local_capacity, local_note = (None, "") if topology else host.usable_bytes(devices)
     packed_bytes, packed_params = quant.packed_size(abstract)
     return Plan(
         model_type=abstract.config.model_type, source=source, mesh=dict(mesh.shape),
@@ -191,11 +192,13 @@ def make_plan(cfg: ml_collections.ConfigDict, topology: Target | None = None) ->
         opt_state=array_bytes(placed["opt_state"]), batch=array_bytes((batch, scalars)),
         memory=memory, xla_flops=xla_flops, analytic_flops=analytic, recompute_flops=recompute,
         target=topology.describe() if topology else None,
-        capacity=topology.usable_bytes() if topology else None,
+        capacity=topology.usable_bytes() if topology else local_capacity,
         peak_tflops=topology.peak_tflops if topology else None, refusal=refusal,
         **({"compiler": topology.compiler, "device_word": topology.device_word,
             "memory_word": topology.memory_word, "capacity_note": topology.capacity_note(),
-            "warnings": tuple(warnings)} if topology else {}),
+            "warnings": tuple(warnings)} if topology else
+           {"capacity_note": local_note, "memory_word": "RAM" if run.platform == "cpu"
+            else "memory"}),
         base_quant=run.quant.kind, packed_params=packed_params, packed_bytes=packed_bytes,
         reference=(array_bytes(placed["trainable"]) if run.reference == spec.FROZEN_COPY
                    else None),
