@@ -77,11 +77,12 @@ def _lora_fingerprint(c) -> dict[str, Any]:
 def manager(directory: Path, *, keep: int | None = None, create: bool = False,
             asynchronous: bool = False) -> ocp.CheckpointManager:
     """The Orbax manager of a run's checkpoint directory: for training (`create`, `keep`,
-    asynchronous saves) or for reading one back (export, evaluation, generation)."""
+    asynchronous saves) or for reading one back (export, evaluation, generation). The path is
+    made absolute, since Orbax refuses to restore from a relative one (`--workdir=runs/x`)."""
     options = ocp.CheckpointManagerOptions(
         max_to_keep=keep, create=create, enable_async_checkpointing=asynchronous,
         cleanup_tmp_directories=create)
-    return ocp.CheckpointManager(directory, options=options, item_names=ITEMS)
+    return ocp.CheckpointManager(Path(directory).absolute(), options=options, item_names=ITEMS)
 
 
 class Checkpoints:

@@ -158,6 +158,13 @@ def test_workdir_eval_loss_equals_the_runs_own(trained_workdir):
     assert got["perplexity"] == pytest.approx(np.exp(got["loss"]), rel=1e-12)
 
 
+def test_a_relative_workdir_restores(trained_workdir, monkeypatch):
+    """`--workdir=runs/x` as typed: Orbax restores only from absolute paths."""
+    workdir, _ = trained_workdir
+    monkeypatch.chdir(workdir.parent)
+    assert load_run(workdir.name).step == 2
+
+
 def test_generate_from_workdir_uses_the_trained_adapters(trained_workdir):
     workdir, _ = trained_workdir
     model, path = G.load_model("unused", workdir=str(workdir))
