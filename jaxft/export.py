@@ -7,6 +7,10 @@ r"""Hand a training run back to PyTorch: a PEFT adapter, a merged model, or a fu
 A LoRA run becomes a PEFT adapter directory (`PeftModel.from_pretrained(base, out)`), or with
 `--merged` a plain Hugging Face model with W + scale·B·A folded into each kernel. A full
 fine-tune always becomes a plain model. The tokenizer (and its chat template) is copied alongside.
+A classifier's model names its classes as the run's `label_map.json` does (`id2label`,
+`label2id`), so a transformers pipeline answers with the run's label names; a PEFT adapter has
+no place for them (its config names only the base), so the printed load line passes them to the
+base model.
 With `--gguf`, a Llama-family run becomes one merged `.gguf` file (`jaxft.hf.gguf_write`).
 The run is rebuilt from the workdir alone: `config.json` names the base model and the LoRA
 setup, and the checkpoint (the newest, or `--step`) holds what trained.
@@ -16,6 +20,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Mapping
 from pathlib import Path
 
 from absl import app, flags
@@ -25,7 +30,7 @@ from jaxft import cli, dtypes, lora, outdir
 from jaxft.dtypes import DTypeLike
 from jaxft.errors import JaxftError
 from jaxft.hf import adapters, gguf_write, hub, weights
-from jaxft.workdir import load_run, read_run_config
+from jaxft.workdir import load_run, read_label_map, read_run_config
 
 
 def export_model(
@@ -39,12 +44,14 @@ def export_model(
     dtype: DTypeLike = "float32",
     overwrite: bool = False,
     max_shard_size: int | str = weights.MAX_SHARD_SIZE,
+    label_map: Mapping[str, int] | None = None,
 ) -> Path:
     """Write a model as a PEFT adapter (it has adapters and not `merged`) or a full HF model.
 
     `base` is the base checkpoint, whose tokenizer is copied; an adapter names `base_name`
     (default: `base`) as its base model. Merging changes the model in place. A full model is
-    written in safetensors shards of at most `max_shard_size`, gathered a tensor at a time.
+    written in safetensors shards of at most `max_shard_size`, gathered a tensor at a time, and
+    a classifier's names its classes by `label_map` (an adapter has no field for them).
     Overwriting removes a previous export of either kind first.
     """
     dtypes.canonical(dtype, "dtype")
@@ -57,7 +64,7 @@ def export_model(
     else:
         lora.merge_lora(model)
         weights.save_pretrained(model, out, dtype=dtype, overwrite=True,
-                              max_shard_size=max_shard_size)
+                                max_shard_size=max_shard_size, label_map=label_map)
     if base is not None:
         weights.copy_tokenizer(base, out)
     return out
@@ -84,7 +91,7 @@ def export_workdir(
     run = load_run(workdir, step)
     return export_model(run.model, run.lora, out, base=run.base, base_name=run.base_name,
                         merged=merged, dtype=dtype, overwrite=overwrite,
-                        max_shard_size=max_shard_size)
+                        max_shard_size=max_shard_size, label_map=run.label_map)
 
 
 def export_gguf(
@@ -166,14 +173,25 @@ def _describe(out: Path, workdir: Path) -> str:
         path = Path(config["base_model_name_or_path"])
         base = f"{str(path.parent)!r}, gguf_file={path.name!r}"
     if config["task_type"] == "SEQ_CLS":  # PyTorch must build the head the adapter fills
-        labels = json.loads((workdir / "config.json").read_text())["model"].get("num_labels")
-        base = f"AutoModelForSequenceClassification.from_pretrained({base}, num_labels={labels})"
+        base = f"AutoModelForSequenceClassification.from_pretrained({base}, {_head(workdir)})"
     elif config["task_type"] == "FEATURE_EXTRACTION":
         base = f"AutoModel.from_pretrained({base})"
     else:
         base = f"AutoModelForCausalLM.from_pretrained({base})"
     return (f"wrote a PEFT LoRA adapter to {out}; load it with "
             f"PeftModel.from_pretrained({base}, {str(out)!r})")
+
+
+def _head(workdir: Path) -> str:
+    """The from_pretrained arguments that build a classifier's head as the run had it: its
+    size, and the run's label names where it saved them (the adapter cannot carry them)."""
+    num_labels = json.loads((workdir / "config.json").read_text())["model"].get("num_labels")
+    label_map = read_label_map(workdir)
+    if not num_labels or label_map is None:
+        return f"num_labels={num_labels}"
+    fields = weights.label_fields(label_map, num_labels)
+    id2label = {int(i): name for i, name in fields["id2label"].items()}
+    return f"id2label={id2label!r}, label2id={fields['label2id']!r}"
 
 
 if __name__ == "__main__":

@@ -44,7 +44,7 @@ from jaxft.hf import hub, weights
 from jaxft.metrics import LogWindow, MetricsWriter
 from jaxft.preemption import INTERRUPTED_EXIT_CODE, Preemption
 from jaxft.wandb_log import WandbRun, requested
-from jaxft.workdir import claim_workdir, prepare_workdir, wipe_workdir
+from jaxft.workdir import LABEL_MAP, claim_workdir, prepare_workdir, wipe_workdir
 
 config_flags.DEFINE_config_file("config", None, "A configs/*.py file.", lock_config=True)
 # --- dry run (jaxft.plan) ---
@@ -220,7 +220,7 @@ def _run(cfg: ml_collections.ConfigDict, preemption: Preemption) -> dict[str, An
     if is_main:
         _write_resolved_config(cfg, workdir, hf_config, model_path, num_labels)
         if run_spec.task == tasks.CLASSIFICATION:
-            bundle.save_label_map(workdir / "label_map.json")
+            bundle.save_label_map(workdir / LABEL_MAP)
 
     def save(at: int) -> None:
         if stopper is not None:

@@ -26,6 +26,7 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from jaxft import checkpoint, lora, spec, tasks
+from jaxft.data import labels
 from jaxft.early_stopping import BEST_DIRECTORY
 from jaxft.errors import JaxftError, first_line
 from jaxft.hf import hub, weights
@@ -36,6 +37,7 @@ WORKDIR_MARKER = ".jaxft-workdir"
 WORKDIR_ENTRIES = ("checkpoints", "best_checkpoint", "damaged_checkpoints", "tensorboard",
                    "config.json", "label_map.json", "metrics.jsonl", "metrics.png",
                    "final_metrics.json", "wandb", "wandb_run.json")
+LABEL_MAP = "label_map.json"  # a classifier's {name: id}, written when its run starts
 
 
 @dataclasses.dataclass
@@ -47,6 +49,7 @@ class Run:
     base: str  # the resolved base checkpoint: a local directory or .gguf file (and tokenizer)
     base_name: str  # what PyTorch users load: the hub id if the run named one, else `base`
     step: int
+    label_map: dict[str, int] | None = None  # a classifier's: what its class ids are called
 
     @property
     def lora(self) -> lora.LoraConfig | None:
@@ -63,6 +66,14 @@ def read_run_config(workdir: str | os.PathLike) -> ml_collections.ConfigDict:
     if not config_file.is_file():
         raise JaxftError(f"{workdir}: no config.json (not a jaxft training workdir)")
     return ml_collections.ConfigDict(json.loads(config_file.read_text()))
+
+
+def read_label_map(workdir: str | os.PathLike) -> dict[str, int] | None:
+    """The label map a classification run saved (`W/label_map.json`): the ids its head
+    predicts and the names the data gave them, which only the run knows (new data may lack a
+    class, or have no labels at all). None when the run saved none."""
+    path = Path(workdir) / LABEL_MAP
+    return labels.load_label_map(path) if path.is_file() else None
 
 
 BEST = "best"
@@ -115,7 +126,8 @@ def load_run(workdir: str | os.PathLike, step: int | str | None = None, *,
     restored = _restore_trainable(manager, step, trainable.to_pure_dict(), directory)
     nnx.replace_by_pure_dict(trainable, restored)
     nnx.update(model, trainable)
-    return Run(model, run, cfg.model.resolved_path, _base_name(cfg), step)
+    label_map = read_label_map(workdir) if run.task == tasks.CLASSIFICATION else None
+    return Run(model, run, cfg.model.resolved_path, _base_name(cfg), step, label_map)
 
 
 def _base_name(cfg: ml_collections.ConfigDict) -> str:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import os
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 
 import jax
@@ -203,6 +203,7 @@ def save_pretrained(
     dtype: DTypeLike = "float32",
     overwrite: bool = False,
     max_shard_size: int | str = MAX_SHARD_SIZE,
+    label_map: Mapping[str, int] | None = None,
 ) -> Path:
     """Write `config.json` + safetensors with Hugging Face names, as transformers does.
 
@@ -212,11 +213,14 @@ def save_pretrained(
     `max_shard_size` (bytes, or a string such as "5GB"), else `model-0000k-of-0000n.safetensors`
     plus `model.safetensors.index.json`, huggingface_hub's names and index. Host memory stays
     near one shard. Adapters are not written here (see `jaxft.export`): this is the plain
-    weight table read backwards. Only process 0 writes; every process must call it.
+    weight table read backwards. A classifier's `label_map` ({name: id}, the one it trained
+    with) names its classes in `config.json` (`label_fields`). Only process 0 writes; every
+    process must call it.
     """
     from huggingface_hub import split_state_dict_into_shards_factory
 
     name = dtypes.canonical(dtype, "dtype")
+    labels = {} if label_map is None else label_fields(label_map, model.config.num_labels)
     shard_bytes = shard_size_bytes(max_shard_size)
     out = outdir.prepare(out_dir, overwrite=overwrite)
     family = models.family_for({"model_type": model.config.model_type})
@@ -242,11 +246,29 @@ def save_pretrained(
         if split.is_sharded:
             index = {"metadata": split.metadata, "weight_map": split.tensor_to_filename}
             (out / SAFETENSORS_INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
-        hf_config = model.config.to_hf()
+        hf_config = {**model.config.to_hf(), **labels}
         hf_config["torch_dtype"] = name
         hf_config.pop("dtype", None)
         (out / hub.CONFIG_NAME).write_text(json.dumps(hf_config, indent=2, sort_keys=True) + "\n")
     return out
+
+
+def label_fields(label_map: Mapping[str, int], num_labels: int | None) -> dict[str, dict]:
+    """`config.json`'s `id2label` and `label2id` for a classifier trained with `label_map`
+    ({name: id}), as transformers writes them (string ids in id2label, int ids in label2id): what
+    makes a `pipeline` answer "billing" rather than "LABEL_1". An id no name claims keeps
+    transformers' default name."""
+    if not num_labels:
+        raise JaxftError("label names apply to a sequence classifier; this model has no "
+                         "classification head")
+    names = {i: f"LABEL_{i}" for i in range(num_labels)}
+    for label, i in label_map.items():
+        if not 0 <= i < num_labels:
+            raise JaxftError(f"label {label!r} has id {i}, outside the classifier's "
+                             f"{num_labels} classes (ids 0 to {num_labels - 1})")
+        names[i] = label
+    return {"id2label": {str(i): label for i, label in names.items()},
+            "label2id": {label: i for i, label in names.items()}}
 
 
 def write_safetensors(tensors: dict[str, np.ndarray], file: Path) -> None:
