@@ -3,12 +3,14 @@ DPO's rewards (preference pairs).
 
   python -m jaxft.evaluate --config=configs/lora.py                 # the base model
   python -m jaxft.evaluate --workdir=runs/lora                      # a jaxft.train run
-  python -m jaxft.evaluate --config=configs/lora.py --workdir=runs/lora \
-      --config.data.eval_path=held_out.jsonl                        # a run, on other data
+  python -m jaxft.evaluate --workdir=runs/lora --eval_path=held_out.jsonl   # a run, on new data
 
 Prints one JSON line. With `--workdir` the model is the run's (its base model, LoRA setup and
 the trainable weights of its latest checkpoint, from `W/config.json` and `W/checkpoints/`) and
-the data is `--config`'s when given, else the run's own eval split.
+the data is `--eval_path` when given, else `--config`'s eval data when given, else the run's
+own eval split. An eval file is read alone: the run's train file need not be there. A
+classifier reads labels with its run's `label_map.json`, never with a map built from the new
+file, so its class ids mean what they meant in training.
 
 There is one evaluation: `evaluate_batches` runs the eval step `jaxft.train_step` builds over a
 model's batches, summing on the devices, and `metrics` turns the sums into numbers. The
@@ -198,58 +200,118 @@ def _to_device(mesh: Mesh) -> Callable[[Batch], dict[str, jax.Array]]:
 
 
 def run(config: ml_collections.ConfigDict | None, workdir: str | None = None, *,
-        max_batches: int = 0, step: int | str | None = None) -> dict[str, Any]:
+        max_batches: int = 0, step: int | str | None = None,
+        eval_path: str | None = None) -> dict[str, Any]:
     """The CLI's work: pick model and data, evaluate, return the metrics. `step` picks a
-    workdir's checkpoint (default: the newest; 'best': early stopping's best eval).
+    workdir's checkpoint (default: the newest; 'best': early stopping's best eval);
+    `eval_path` names the data to evaluate on instead of the config's eval data.
 
     The model is sharded over the mesh of `config` (else of the run), as training shards it,
-    and evaluated with the eval step training runs.
+    and evaluated with the eval step training runs. A workdir's run is evaluated on its eval
+    rows alone (an eval file never needs the train file beside it), a classifier with the
+    label map it trained with.
     """
-    from jaxft import data
-    from jaxft.hf import hub, weights
-    from jaxft.workdir import load_run, read_run_config
+    from jaxft.workdir import read_run_config
 
     if config is None and workdir is None:
         raise JaxftError("pass --config=configs/<recipe>.py, --workdir=<train workdir>, or both")
     if max_batches < 0:
         raise JaxftError(f"--max_batches must be >= 0 (0: all), got {max_batches}")
-    mesh_cfg = (read_run_config(workdir) if config is None else config).mesh
+    saved = read_run_config(workdir) if workdir is not None else None
+    mesh_cfg = (saved if config is None else config).mesh
     mesh = sharding.make_mesh(mesh_cfg.data, mesh_cfg.fsdp, mesh_cfg.tensor)
-    if workdir is not None:
-        trained = load_run(workdir, step, mesh=mesh)
-        run_spec, model, model_path = trained.spec, trained.model, trained.base
-        data_cfg = data.default_config()
-        data_cfg.update((config if config is not None else run_spec.config).data.to_dict())
-        label_map = Path(workdir) / "label_map.json"
-        if (run_spec.task == tasks.CLASSIFICATION and data_cfg.label_map is None
-                and label_map.exists()):
-            data_cfg.label_map = str(label_map)  # the ids the classifier was trained with
-    else:
-        run_spec = spec.resolve(config)
-        data_cfg = config.data
-        model_path = str(hub.resolve(config.model.path))
-    task, batch_size = run_spec.task, run_spec.train.batch_size
+    data_cfg = _data_config(config if config is not None else saved, eval_path)
+    if workdir is None:
+        return _run_base(config, data_cfg, mesh, max_batches)
+    return _run_workdir(workdir, saved, data_cfg, mesh, max_batches, step)
+
+
+def _data_config(config: ml_collections.ConfigDict,
+                 eval_path: str | None) -> ml_collections.ConfigDict:
+    """The `data` section to evaluate with: `config`'s over today's defaults (a saved run's
+    config lacks fields added since), `eval_path` in place of its eval data."""
+    from jaxft import data
+
+    data_cfg = data.default_config()
+    data_cfg.update(config.data.to_dict())
+    if eval_path:
+        data_cfg.eval_path = eval_path
+    return data_cfg
+
+
+def _check_batch_size(batch_size: int, mesh: Mesh) -> None:
     if batch_size % sharding.data_parallel_size(mesh):
         raise JaxftError(f"eval batch size {batch_size} (train.batch_size) is not divisible by "
                          f"the mesh's data-parallel size {sharding.data_parallel_size(mesh)}")
-    tokenizer = data.load_tokenizer(model_path)
-    bundle = data.build_data(data_cfg, tokenizer, global_batch_size=batch_size, task=task)
+
+
+def _run_base(config: ml_collections.ConfigDict, data_cfg: ml_collections.ConfigDict,
+              mesh: Mesh, max_batches: int) -> dict[str, Any]:
+    """A config's base model (a classifier's head fresh, sized by the data's label map)."""
+    from jaxft import data
+    from jaxft.hf import hub, weights
+
+    run_spec = spec.resolve(config)
+    model_path = str(hub.resolve(config.model.path))
+    task, batch_size = run_spec.task, run_spec.train.batch_size
+    _check_batch_size(batch_size, mesh)
+    bundle = data.build_data(data_cfg, data.load_tokenizer(model_path),
+                             global_batch_size=batch_size, task=task)
     if bundle.eval is None:
         raise JaxftError("no eval data: set data.eval_path, or data.eval_fraction > 0")
-    if workdir is None:
-        num_labels = (config.model.num_labels or len(bundle.label_map)
-                      if task == tasks.CLASSIFICATION else None)
-        model = weights.load_hf_model(model_path, run_spec.model_options(num_labels), mesh=mesh)
+    num_labels = (config.model.num_labels or len(bundle.label_map)
+                  if task == tasks.CLASSIFICATION else None)
+    model = weights.load_hf_model(model_path, run_spec.model_options(num_labels), mesh=mesh)
+    batches = itertools.islice(bundle.eval_batches(), max_batches or None)
+    return {"task": task, "model": model_path, "workdir": None,
+            **evaluate(model, batches, task, mesh, run_spec.dpo, model if task == tasks.DPO
+                       and not lora.has_adapters(model) else None)}
+
+
+def _run_workdir(workdir: str, saved: ml_collections.ConfigDict,
+                 data_cfg: ml_collections.ConfigDict, mesh: Mesh, max_batches: int,
+                 step: int | str | None) -> dict[str, Any]:
+    """A training run's checkpoint, on the eval rows `data_cfg` names. The data is read and
+    checked before any weight loads, so a bad file is refused in seconds."""
+    from jaxft import data
+    from jaxft.hf import weights
+    from jaxft.workdir import load_run
+
+    run_spec = spec.of_saved_run(saved)
+    task, batch_size, model_path = run_spec.task, run_spec.train.batch_size, \
+        saved.model.resolved_path
+    _check_batch_size(batch_size, mesh)
+    eval_data = data.build_eval(data_cfg, data.load_tokenizer(model_path),
+                                global_batch_size=batch_size, task=task,
+                                label_map=_run_label_map(workdir, task, data_cfg))
+    model = load_run(workdir, step, mesh=mesh).model
     reference = None
     if task == tasks.DPO and not lora.has_adapters(model):
         # a full fine-tune's reference is its initial model, the base weights (under LoRA it is
         # the model with its adapters off, which the eval step scores itself)
-        reference = model if workdir is None else weights.load_hf_model(
-            model_path, run_spec.model_options(), mesh=mesh)
-    batches = itertools.islice(bundle.eval_batches(), max_batches or None)
+        reference = weights.load_hf_model(model_path, run_spec.model_options(), mesh=mesh)
+    batches = itertools.islice(iter(eval_data.batches), max_batches or None)
     return {"task": task, "model": model_path, "workdir": workdir,
             **evaluate(model, batches, task, mesh, run_spec.dpo, reference,
-                       lora_cfg=run_spec.lora if workdir is not None else None)}
+                       lora_cfg=run_spec.lora)}
+
+
+def _run_label_map(workdir: str, task: str,
+                   data_cfg: ml_collections.ConfigDict) -> dict[str, int] | None:
+    """A classifier's label map: the one its run saved (`W/label_map.json`), which alone says
+    which class each head output is; a run that saved none falls back to `data.label_map`."""
+    from jaxft.data import labels
+    from jaxft.workdir import LABEL_MAP, read_label_map
+
+    if task != tasks.CLASSIFICATION:
+        return None
+    saved = read_label_map(workdir)
+    if saved is not None:
+        return saved
+    if data_cfg.label_map is not None:
+        return labels.load_label_map(data_cfg.label_map)
+    raise JaxftError(f"{Path(workdir) / LABEL_MAP}: not found (a classification run saves its "
+                     "label map there; pass --config.data.label_map to give it)")
 
 
 def _define_flags() -> None:
@@ -258,6 +320,10 @@ def _define_flags() -> None:
 
     config_flags.DEFINE_config_file("config", None, "A configs/*.py file.", lock_config=True)
     flags.DEFINE_string("workdir", None, "A jaxft.train workdir: evaluate its latest checkpoint.")
+    flags.DEFINE_string("eval_path", None, "Data to evaluate on (a file, directory or glob, in "
+                        "the run's format and columns) instead of the run's (or --config's) eval "
+                        "data; with --workdir the train data is never read, and a classifier's "
+                        "labels are those of its label_map.json.")
     flags.DEFINE_integer("max_batches", 0, "Evaluate at most this many batches (0 = all).")
     flags.DEFINE_string("step", None, "The workdir's checkpoint: a step number, or 'best' "
                         "(early stopping's best eval); default: the newest.")
@@ -271,7 +337,8 @@ def main(argv: list[str]) -> None:
     cli.start(argv)
     f = flags.FLAGS
     with cli.user_errors():
-        result = run(f.config, f.workdir, max_batches=f.max_batches, step=f.step)
+        result = run(f.config, f.workdir, max_batches=f.max_batches, step=f.step,
+                     eval_path=f.eval_path)
     print(json.dumps(result))
 
 

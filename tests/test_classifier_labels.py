@@ -1,5 +1,6 @@
 """A classifier's label names, from its run to the user: the exported model names its classes
-as the run did, so transformers' pipeline answers with them, and agrees with jaxft.
+as the run did, so transformers' pipeline answers with them, and agrees with jaxft; new data,
+labelled, is evaluated with the run's own label map and without its train file.
 
 One real run of `jaxft.train.run` (LoRA on a tiny random BERT, the head in full, four labels
 from the sample support tickets) is shared by every test.
@@ -8,6 +9,7 @@ from the sample support tickets) is shared by every test.
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import jax
@@ -17,9 +19,11 @@ import peft
 import pytest
 import transformers
 
-from jaxft import data, export, train
+import jaxft
+from jaxft import data, evaluate, export, train, workdir
 from jaxft.workdir import load_run
-from tests.test_data_helpers import TICKETS
+from tests.test_bad_inputs import cli, last_error_line
+from tests.test_data_helpers import TICKETS, write_jsonl
 from tests.tiny_run import tiny_config, tiny_model_dir
 
 LABELS = {"account": 0, "billing": 1, "shipping": 2, "technical": 3}  # sorted names, as built
@@ -29,6 +33,12 @@ TEXTS = ["I was charged twice for my order, please refund one",
          "The app crashes every time I open the settings",
          "Where is my package? The tracking page shows nothing",
          "Please change the email address on my profile"]
+
+# New labelled rows with only two of the run's four labels, "technical" first: a label map built
+# from this file would call them 0 and 1, where the run's head has them at 3 and 2.
+NEW = [{"text": TEXTS[3], "label": "technical"}, {"text": TEXTS[1], "label": "shipping"},
+       {"text": TEXTS[4], "label": "shipping"}, {"text": TEXTS[0], "label": "technical"},
+       {"text": TEXTS[5], "label": "technical"}]
 
 
 @pytest.fixture(scope="module")
@@ -113,3 +123,63 @@ def test_label_names_that_do_not_fit_the_head_are_refused_in_one_line():
         weights.label_fields(LABELS, None)
     partial = weights.label_fields({"billing": 1}, 3)  # ids nobody named keep transformers' own
     assert partial["id2label"] == {"0": "LABEL_0", "1": "billing", "2": "LABEL_2"}
+
+
+# ------------------------------------------------------------------------------------------------
+# New data: evaluated with the run's label map, without the run's train file
+# ------------------------------------------------------------------------------------------------
+
+
+def without_train_file(run_dir: Path, tmp_path: Path) -> Path:
+    """A copy of the run whose train file is gone, as it is on another machine."""
+    copy = tmp_path / "run"
+    shutil.copytree(run_dir, copy)
+    config = json.loads((copy / "config.json").read_text())
+    config["data"]["train_path"] = str(tmp_path / "gone.csv")
+    (copy / "config.json").write_text(json.dumps(config))
+    return copy
+
+
+def test_a_new_labelled_file_evaluates_without_the_train_file(run_dir, tmp_path):
+    """--eval_path (or a config's data.eval_path, no train file named) alone: the metrics are
+    those of the run's model over the new rows, labels read with the run's label map."""
+    run = without_train_file(run_dir, tmp_path)
+    new = write_jsonl(tmp_path / "new.jsonl", NEW)
+    probabilities = jaxft_probabilities(run_dir, [r["text"] for r in NEW])
+    expected = evaluate.classification_metrics(np.log(probabilities),
+                                                np.array([LABELS[r["label"]] for r in NEW]))
+    config = tiny_config(Path("unused"), run, **{"data.train_path": None,
+                                                 "data.eval_path": new})
+    for got in (evaluate.run(None, str(run), eval_path=new), evaluate.run(config, str(run))):
+        assert got["count"] == len(NEW)
+        for key in ("loss", "accuracy", "macro_f1"):
+            assert got[key] == pytest.approx(expected[key], rel=1e-5), key
+
+
+@pytest.mark.parametrize("rows, message", [
+    ([NEW[0], {"text": TEXTS[2], "label": "refunds"}],
+     "{new} line 2: label 'refunds' is not in the label map (account, billing, shipping, "
+     "technical)"),
+    ([{"body": TEXTS[0], "label": "billing"}],
+     "{new}: cannot detect the data format: found columns ['body', 'label'], expected "
+     "['label', 'text'] (set data.format or data.*_column)"),
+])
+def test_bad_new_data_is_named_in_one_line_before_the_model_loads(run_dir, tmp_path, monkeypatch,
+                                                                   rows, message):
+    new = write_jsonl(tmp_path / "new.jsonl", rows)
+
+    def not_yet(*args, **kwargs):
+        raise AssertionError("the model loaded before the data was checked")
+
+    monkeypatch.setattr(workdir, "load_run", not_yet)
+    with pytest.raises(jaxft.JaxftError) as e:
+        evaluate.run(None, str(run_dir), eval_path=new)
+    assert str(e.value) == message.format(new=new)
+
+
+@pytest.mark.slow
+def test_evaluate_cli_names_a_label_the_run_never_saw(run_dir, tmp_path):
+    new = write_jsonl(tmp_path / "new.jsonl", [NEW[0], {"text": TEXTS[2], "label": "refunds"}])
+    done = cli("jaxft.evaluate", f"--workdir={run_dir}", f"--eval_path={new}")
+    assert last_error_line(done) == (f"error: {new} line 2: label 'refunds' is not in the label "
+                                     "map (account, billing, shipping, technical)")

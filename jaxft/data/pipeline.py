@@ -5,7 +5,9 @@
 
 The trainer calls it once, takes `bundle.train` (endless, `get_state`/`set_state` for
 checkpoints) and `bundle.eval_batches()` (one finite pass), saves `bundle.save_label_map(path)`
-for classification, and prints `bundle.describe()` and `bundle.notes`.
+for classification, and prints `bundle.describe()` and `bundle.notes`. A finished run is
+evaluated with `build_eval`, which reads and tokenizes the eval rows alone, with the run's own
+label map.
 """
 
 from __future__ import annotations
@@ -15,12 +17,14 @@ import logging
 import os
 from collections.abc import Iterator
 
+import datasets
 import ml_collections
 from transformers import PreTrainedTokenizerBase
 
 from jaxft import progress, tasks
 from jaxft.data import encode, formats, labels, packing, sources
 from jaxft.data.files import LOCATION_COLUMNS, Loaded
+from jaxft.data.formats import Schema
 from jaxft.data.iterator import Batch, EvalBatches, TrainIterator
 from jaxft.errors import JaxftError
 
@@ -96,14 +100,10 @@ def _build_data(cfg: ml_collections.ConfigDict, tokenizer: PreTrainedTokenizerBa
     if split.eval is not None:
         formats.require(schema, _data_columns(split.eval), str(split.eval.origin))
     label_map = _label_map(cfg, split, schema) if task == tasks.CLASSIFICATION else None
-    classification = task == tasks.CLASSIFICATION
     pairs = schema.format == "preference"
 
     train_examples, stats = encode.encode(split.train, schema, tokenizer, cfg, label_map=label_map)
-    layout = dict(seq_len=cfg.max_len, global_batch_size=global_batch_size,
-                  packing=bool(cfg.packing) and not classification, pad_id=_pad_id(tokenizer),
-                  classification=classification, process_index=process_index,
-                  process_count=process_count, pairs=pairs)
+    layout = _layout(cfg, tokenizer, schema, global_batch_size, process_index, process_count)
     train = TrainIterator(train_examples, seed=cfg.seed, **layout)
     rows_per_epoch = len(train.epoch_rows(0))
     per_row = 2 if pairs else 1
@@ -141,6 +141,64 @@ def _notes(stats: dict[str, float], split: sources.Split) -> list[str]:
                          " (data.skip_bad_rows=False stops at the first and names it)")
             notes.append(line)
     return notes
+
+
+@dataclasses.dataclass
+class EvalData:
+    """One eval set on its own, for a finished run (`build_eval`)."""
+
+    batches: EvalBatches  # one pass in file order
+    rows: datasets.Dataset  # the rows read (data columns plus `_file`/`_row`)
+    columns: dict[str, str]  # the column of each role: 'text', 'text_pair', 'label', …
+    stats: dict[str, int]  # counts of rows, truncations, drops, tokens
+    origin: str  # the file(s) the rows came from, for messages
+
+
+def build_eval(cfg: ml_collections.ConfigDict, tokenizer: PreTrainedTokenizerBase, *,
+               global_batch_size: int, task: str = tasks.LM,
+               label_map: dict[str, int] | None = None, process_index: int | None = None,
+               process_count: int | None = None) -> EvalData:
+    """The eval set `cfg` names (`cfg.eval_path`, else the held-out split of `cfg.train_path`),
+    laid out as `build_data` lays it out, without reading the train data when there is an eval
+    file: a finished run is evaluated on new data without its train file.
+
+    A classifier's class ids come from `label_map`, the run's own, never from the data: a new
+    file may lack a class or order its labels differently, and a map built from it would give
+    the head's classes other names. `datasets`' bars are drawn only where jaxft's are.
+    """
+    if task == tasks.CLASSIFICATION and label_map is None:
+        raise JaxftError("evaluating a classifier needs the label map it trained with")
+    with progress.datasets_bars_follow():
+        return _build_eval(cfg, tokenizer, global_batch_size=global_batch_size, task=task,
+                           label_map=label_map, process_index=process_index,
+                           process_count=process_count)
+
+
+def _build_eval(cfg: ml_collections.ConfigDict, tokenizer: PreTrainedTokenizerBase, *,
+                global_batch_size: int, task: str, label_map: dict[str, int] | None,
+                process_index: int | None, process_count: int | None) -> EvalData:
+    loaded = sources.load_eval(cfg.train_path, cfg.eval_path, eval_fraction=cfg.eval_fraction,
+                               seed=cfg.seed, skip_bad_rows=cfg.skip_bad_rows,
+                               text_column=cfg.text_column)
+    if loaded is None:
+        raise JaxftError("no eval data: set data.eval_path, or data.eval_fraction > 0")
+    where = str(loaded.origin)
+    schema = formats.resolve(cfg, _data_columns(loaded), task, where)
+    examples, stats = encode.encode(loaded, schema, tokenizer, cfg, label_map=label_map)
+    batches = EvalBatches(examples, **_layout(cfg, tokenizer, schema, global_batch_size,
+                                              process_index, process_count))
+    return EvalData(batches, loaded.rows, dict(schema.columns), stats, where)
+
+
+def _layout(cfg: ml_collections.ConfigDict, tokenizer: PreTrainedTokenizerBase, schema: Schema,
+            global_batch_size: int, process_index: int | None,
+            process_count: int | None) -> dict[str, object]:
+    """How examples of `schema`'s format become rows and batches (train and eval alike)."""
+    classification = schema.format == "classification"
+    return dict(seq_len=cfg.max_len, global_batch_size=global_batch_size,
+                packing=bool(cfg.packing) and not classification, pad_id=_pad_id(tokenizer),
+                classification=classification, process_index=process_index,
+                process_count=process_count, pairs=schema.format == "preference")
 
 
 def _data_columns(loaded: Loaded) -> list[str]:

@@ -48,6 +48,17 @@ def load_split(train_path: str | None, eval_path: str | None, *, eval_fraction: 
     return Split(_select(train, keep), _select(train, held, bad_rows=0))
 
 
+def load_eval(train_path: str | None, eval_path: str | None, *, eval_fraction: float, seed: int,
+              skip_bad_rows: bool, text_column: str) -> Loaded | None:
+    """Only the eval rows, as `load_split` would give them: the rows of `eval_path` when it is
+    set (the train data is then never read, so a finished run evaluates on new data without
+    its train file), else the eval split of `train_path`; None when there is none."""
+    if eval_path:
+        return _load(eval_path, skip_bad_rows, text_column)[0]
+    return load_split(train_path, None, eval_fraction=eval_fraction, seed=seed,
+                      skip_bad_rows=skip_bad_rows, text_column=text_column).eval
+
+
 def _select(loaded: Loaded, indices: np.ndarray, **changes) -> Loaded:
     return dataclasses.replace(loaded, rows=loaded.rows.select(indices), **changes)
 
