@@ -3,13 +3,17 @@
 An export's output directory (and, through `check_directory`, a training run's workdir, whose
 lifecycle is `jaxft.workdir`'s) is checked up front: a path that is a file, lies under a file,
 or cannot be written is refused in one line before minutes of loading and compiling. Nothing is
-ever deleted wholesale: overwriting an export removes only the files an export writes.
+ever deleted wholesale: overwriting an export removes only the files an export writes. A single
+output file (`check_output_file`) is refused as early when it exists (unless overwriting) or its
+directory does not, and is written whole or not at all (`whole_file`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import jax
@@ -68,6 +72,36 @@ def prepare(out: str | os.PathLike, *, overwrite: bool, replaces: tuple[str, ...
             for stale in out.glob(pattern):
                 stale.unlink()
     return out
+
+
+def check_output_file(out: str | os.PathLike, *, overwrite: bool, what: str,
+                      flag: str = "--overwrite") -> Path:
+    """Refuse, in one line, a file to write that exists (unless `overwrite`), is a directory,
+    or whose directory is missing or not writable; changes nothing, so call it before minutes
+    of loading. A missing directory is not created: a typo in it would scatter new ones."""
+    out = Path(out)
+    if out.is_dir():
+        raise JaxftError(f"{out}: is a directory (expected the path of the {what} to write)")
+    if out.exists() and not overwrite:
+        raise JaxftError(f"{out}: exists (pass {flag} to replace it)")
+    if not out.parent.exists():
+        raise JaxftError(f"{out}: directory {out.parent} does not exist")
+    check_directory(out.parent, f"the {what}'s directory")
+    return out
+
+
+@contextlib.contextmanager
+def whole_file(out: Path) -> Iterator[Path]:
+    """A temporary path beside `out` to write, renamed onto `out` when the block ends (and
+    removed if it fails): no reader, and no later run, ever finds half a file, and a file being
+    replaced stays whole until the new one is."""
+    temporary = out.with_name(f".{out.name}.partial")
+    try:
+        yield temporary
+        os.replace(temporary, out)
+    finally:
+        if temporary.exists():
+            temporary.unlink()
 
 
 def readable_by_all(file: Path) -> None:

@@ -56,11 +56,17 @@ def lm_losses(model: nnx.Module, batch: Batch) -> dict[str, jax.Array]:
     return {"loss_sum": jnp.sum(nll * mask), "count": jnp.sum(mask)}
 
 
+def classifier_logits(model: nnx.Module, batch: Batch) -> jax.Array:
+    """A classifier's float32 logits [B, C] for a classification batch: what its loss, its
+    metrics and its predictions are all computed from."""
+    return model(batch["input_ids"], batch["attention_mask"],
+                 batch.get("token_type_ids")).astype(jnp.float32)
+
+
 def classification_losses(model: nnx.Module, batch: Batch) -> dict[str, jax.Array]:
     """Summed cross-entropy and correct predictions over valid rows, and their confusion
     matrix [predicted, label] (what macro-F1 is computed from; training drops it)."""
-    logits = model(batch["input_ids"], batch["attention_mask"],
-                   batch.get("token_type_ids")).astype(jnp.float32)  # B C
+    logits = classifier_logits(model, batch)  # B C
     nll = -jnp.take_along_axis(jax.nn.log_softmax(logits), batch["labels"][:, None], axis=-1)[:, 0]
     valid = batch.get("valid", jnp.ones_like(nll)).astype(jnp.float32)
     predicted = jnp.argmax(logits, -1)

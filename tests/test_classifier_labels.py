@@ -1,6 +1,7 @@
 """A classifier's label names, from its run to the user: the exported model names its classes
 as the run did, so transformers' pipeline answers with them, and agrees with jaxft; new data,
-labelled, is evaluated with the run's own label map and without its train file.
+labelled, is evaluated with the run's own label map and without its train file; and
+`--predictions` labels new rows, labelled or not, as that pipeline does.
 
 One real run of `jaxft.train.run` (LoRA on a tiny random BERT, the head in full, four labels
 from the sample support tickets) is shared by every test.
@@ -8,6 +9,7 @@ from the sample support tickets) is shared by every test.
 
 from __future__ import annotations
 
+import csv
 import json
 import shutil
 from pathlib import Path
@@ -183,3 +185,118 @@ def test_evaluate_cli_names_a_label_the_run_never_saw(run_dir, tmp_path):
     done = cli("jaxft.evaluate", f"--workdir={run_dir}", f"--eval_path={new}")
     assert last_error_line(done) == (f"error: {new} line 2: label 'refunds' is not in the label "
                                      "map (account, billing, shipping, technical)")
+
+
+# ------------------------------------------------------------------------------------------------
+# Predictions: every row labelled with the run's names, as the exported model labels it
+# ------------------------------------------------------------------------------------------------
+
+
+def read_csv(path: Path) -> list[dict[str, str]]:
+    with open(path, newline="", encoding="utf-8") as fh:
+        return list(csv.DictReader(fh))
+
+
+def unlabelled_tickets(tmp_path: Path) -> tuple[Path, list[str]]:
+    """The 40 sample tickets without their labels, plus a column predictions leave out:
+    five batches of eight, the last one whole."""
+    texts = [row["text"] for row in read_csv(Path(TICKETS))]
+    path = tmp_path / "unlabelled.csv"
+    with open(path, "w", newline="", encoding="utf-8") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["ticket", "text"])
+        writer.writerows([f"T-{i}", text] for i, text in enumerate(texts))
+    return path, texts
+
+
+def test_predictions_label_unlabelled_rows_as_the_exported_pipeline_does(run_dir, tmp_path):
+    new, texts = unlabelled_tickets(tmp_path)
+    out = tmp_path / "predicted.csv"
+    got = evaluate.run(None, str(run_dir), eval_path=str(new), predictions=out)
+    assert got["predicted"] == len(texts) and "loss" not in got  # no labels, no metrics
+    written = read_csv(out)
+    assert list(written[0]) == ["text", "predicted_label", "probability"]
+    assert [row["text"] for row in written] == texts  # as given, in order
+    merged = export.export_workdir(run_dir, tmp_path / "merged", merged=True)
+    answers = transformers.pipeline("text-classification", model=str(merged),
+                                    device="cpu")(texts)
+    assert [row["predicted_label"] for row in written] == [a["label"] for a in answers]
+    np.testing.assert_allclose([float(row["probability"]) for row in written],
+                               [a["score"] for a in answers], atol=1e-4)
+    assert len({row["predicted_label"] for row in written}) > 1
+
+
+def test_predictions_of_labelled_rows_come_with_the_same_metrics(run_dir, tmp_path):
+    """A labelled file: its labels are kept as given beside the predictions, and the metrics
+    are those of the evaluation without predictions, to the bit."""
+    new = write_jsonl(tmp_path / "new.jsonl", NEW)
+    out = tmp_path / "predicted.csv"
+    got = evaluate.run(None, str(run_dir), eval_path=new, predictions=out)
+    plain = evaluate.run(None, str(run_dir), eval_path=new)
+    assert {k: got[k] for k in plain} == plain
+    written = read_csv(out)
+    assert [row["label"] for row in written] == [r["label"] for r in NEW]
+    assert [row["predicted_label"] for row in written] == names_of(
+        jaxft_probabilities(run_dir, [r["text"] for r in NEW]))
+
+
+def test_predictions_are_refused_in_one_line_before_the_model_loads(run_dir, tmp_path,
+                                                                    monkeypatch):
+    new = write_jsonl(tmp_path / "new.jsonl", NEW)
+    taken = tmp_path / "taken.csv"
+    taken.write_text("keep me\n")
+    lm_run = tmp_path / "lm_run"
+    lm_run.mkdir()
+    config = json.loads((run_dir / "config.json").read_text())
+    (lm_run / "config.json").write_text(json.dumps({**config, "task": "lm"}))
+
+    def not_yet(*args, **kwargs):
+        raise AssertionError("the model loaded before the flags were checked")
+
+    monkeypatch.setattr(workdir, "load_run", not_yet)
+    for run, out, message in [
+        (run_dir, taken, f"{taken}: exists (pass --overwrite to replace it)"),
+        (run_dir, tmp_path / "nowhere" / "out.csv",
+         f"{tmp_path / 'nowhere' / 'out.csv'}: directory {tmp_path / 'nowhere'} does not exist"),
+        (run_dir, tmp_path, f"{tmp_path}: is a directory (expected the path of the predictions "
+                            "file to write)"),
+        (lm_run, tmp_path / "out.csv", "--predictions labels rows with a classifier's label "
+                                       f"names; {lm_run} is a 'lm' run"),
+    ]:
+        with pytest.raises(jaxft.JaxftError) as e:
+            evaluate.run(None, str(run), eval_path=new, predictions=out)
+        assert str(e.value) == message
+    assert taken.read_text() == "keep me\n"
+    with pytest.raises(jaxft.JaxftError, match="^--predictions needs --workdir"):
+        evaluate.run(tiny_config(Path("unused"), tmp_path), None, predictions=tmp_path / "o.csv")
+
+
+def test_a_predictions_file_is_written_whole_or_not_at_all(tmp_path):
+    from jaxft import outdir
+
+    out = tmp_path / "predicted.csv"
+    out.write_text("the previous file\n")
+    with pytest.raises(RuntimeError), outdir.whole_file(out) as temporary:
+        temporary.write_text("half a fi")
+        raise RuntimeError("the disk filled up")
+    assert out.read_text() == "the previous file\n"
+    assert [p.name for p in tmp_path.iterdir()] == ["predicted.csv"]
+    evaluate.write_predictions(out, ["text", "predicted_label"], [["a, b", "billing"]],
+                               overwrite=True)
+    assert read_csv(out) == [{"text": "a, b", "predicted_label": "billing"}]
+
+
+@pytest.mark.slow
+def test_evaluate_cli_writes_predictions_and_will_not_overwrite_them(run_dir, tmp_path):
+    new, texts = unlabelled_tickets(tmp_path)
+    out = tmp_path / "predicted.csv"
+    args = (f"--workdir={run_dir}", f"--eval_path={new}", f"--predictions={out}")
+    done = cli("jaxft.evaluate", *args)
+    assert done.returncode == 0, done.stderr[-2000:]
+    said = json.loads(done.stdout.strip().splitlines()[-1])
+    assert said["predicted"] == len(texts) and said["predictions"] == str(out)
+    first = out.read_text()
+    assert last_error_line(cli("jaxft.evaluate", *args)) == (
+        f"error: {out}: exists (pass --overwrite to replace it)")
+    assert out.read_text() == first
+    assert cli("jaxft.evaluate", *args, "--overwrite").returncode == 0

@@ -11,7 +11,8 @@ Per format (see `formats.py`):
 - prompt/completion: prefix + prompt + completion + EOS; completion and EOS trained. Prompt and
   completion are tokenized separately, so no token straddles the boundary.
 - messages: see `chat.py`; the assistant turns (through their end-of-turn marker) are trained.
-- classification: the tokenizer's own [CLS] a [SEP] b [SEP] encoding plus a class id.
+- classification: the tokenizer's own [CLS] a [SEP] b [SEP] encoding plus a class id (0 for
+  rows to predict, which have no label column).
 - preference: see `preference.py`; each pair becomes two consecutive examples, prompt + chosen
   then prompt + rejected, their responses trained. Counts are of pairs.
 
@@ -249,12 +250,15 @@ class _Encoder:
         cols = self.schema.columns
         texts = batch[cols["text"]]
         seconds = batch[cols["text_pair"]] if "text_pair" in cols else [None] * len(texts)
+        # Rows to predict have no label column: they get class 0, which nothing reads.
+        given = batch[cols["label"]] if "label" in cols else [None] * len(texts)
         rows = []  # per row: (text, text pair, class id), or None when unusable
-        for t, t2, label, w in zip(texts, seconds, batch[cols["label"]], where, strict=True):
+        for t, t2, label, w in zip(texts, seconds, given, where, strict=True):
             try:
                 if not isinstance(t, str) or not isinstance(t2, (str, type(None))):
                     raise ValueError("text is not a string")
-                rows.append((t, t2, labels.label_id(label, self.label_map, self.label_ids)))
+                rows.append((t, t2, labels.label_id(label, self.label_map, self.label_ids)
+                             if "label" in cols else 0))
             except ValueError as e:
                 rows.append(self._usable(None, w, False, str(e)))
         good = [r for r in rows if r]

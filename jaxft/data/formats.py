@@ -48,8 +48,11 @@ class Schema:
         return "instruction" in self.columns
 
 
-def resolve(cfg: ml_collections.ConfigDict, found: list[str], task: str, where: str) -> Schema:
-    """The schema for a dataset with columns `found`, or a one-line error listing both sides."""
+def resolve(cfg: ml_collections.ConfigDict, found: list[str], task: str, where: str, *,
+            optional: tuple[str, ...] = ()) -> Schema:
+    """The schema for a dataset with columns `found`, or a one-line error listing both sides.
+    Roles in `optional` (say 'label', for rows to predict) drop out of a schema when their
+    column is not there."""
     if task not in TASKS:
         raise JaxftError(f"task must be one of {', '.join(TASKS)}, got {task!r}")
     fmt = cfg.format
@@ -64,7 +67,7 @@ def resolve(cfg: ml_collections.ConfigDict, found: list[str], task: str, where: 
     if task == tasks.DPO and fmt not in ("auto", "preference"):
         raise JaxftError(f"task 'dpo' needs data.format 'preference' (prompt/chosen/rejected "
                          f"columns), got {fmt!r}")
-    candidates = _candidates(cfg, task)
+    candidates = [_present(s, found, optional) for s in _candidates(cfg, task)]
     if fmt != "auto":
         candidates = [s for s in candidates if s.format == fmt]
     for schema in candidates:
@@ -95,6 +98,12 @@ def _candidates(cfg: ml_collections.ConfigDict, task: str) -> list[Schema]:
         Schema("prompt_completion", {"instruction": "instruction", "output": "output"}),
         Schema("text", {"text": cfg.text_column}),
     ]
+
+
+def _present(schema: Schema, found: list[str], optional: tuple[str, ...]) -> Schema:
+    """`schema` less its `optional` roles whose column is not among `found`."""
+    return Schema(schema.format, {role: column for role, column in schema.columns.items()
+                                  if role not in optional or column in found})
 
 
 def require(schema: Schema, found: list[str], where: str) -> None:

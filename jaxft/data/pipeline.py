@@ -149,15 +149,20 @@ class EvalData:
 
     batches: EvalBatches  # one pass in file order
     rows: datasets.Dataset  # the rows read (data columns plus `_file`/`_row`)
-    columns: dict[str, str]  # the column of each role: 'text', 'text_pair', 'label', …
+    columns: dict[str, str]  # the column of each role: 'text', 'text_pair', 'label' (if any), …
     stats: dict[str, int]  # counts of rows, truncations, drops, tokens
     origin: str  # the file(s) the rows came from, for messages
+
+    @property
+    def labelled(self) -> bool:
+        """The rows carry what the loss needs: not so for classification rows to predict."""
+        return not (self.batches.classification and "label" not in self.columns)
 
 
 def build_eval(cfg: ml_collections.ConfigDict, tokenizer: PreTrainedTokenizerBase, *,
                global_batch_size: int, task: str = tasks.LM,
-               label_map: dict[str, int] | None = None, process_index: int | None = None,
-               process_count: int | None = None) -> EvalData:
+               label_map: dict[str, int] | None = None, predict: bool = False,
+               process_index: int | None = None, process_count: int | None = None) -> EvalData:
     """The eval set `cfg` names (`cfg.eval_path`, else the held-out split of `cfg.train_path`),
     laid out as `build_data` lays it out, without reading the train data when there is an eval
     file: a finished run is evaluated on new data without its train file.
@@ -165,26 +170,38 @@ def build_eval(cfg: ml_collections.ConfigDict, tokenizer: PreTrainedTokenizerBas
     A classifier's class ids come from `label_map`, the run's own, never from the data: a new
     file may lack a class or order its labels differently, and a map built from it would give
     the head's classes other names. `datasets`' bars are drawn only where jaxft's are.
+
+    With `predict` (rows to label), example i is row i of `rows`: the label column may be
+    missing, an over-long text is truncated rather than dropped, and a malformed row is an
+    error naming it rather than skipped, so every row gets its prediction.
     """
     if task == tasks.CLASSIFICATION and label_map is None:
         raise JaxftError("evaluating a classifier needs the label map it trained with")
+    if predict:
+        cfg = cfg.copy_and_resolve_references()
+        cfg.skip_bad_rows, cfg.overlong = False, "truncate"
     with progress.datasets_bars_follow():
         return _build_eval(cfg, tokenizer, global_batch_size=global_batch_size, task=task,
-                           label_map=label_map, process_index=process_index,
+                           label_map=label_map, predict=predict, process_index=process_index,
                            process_count=process_count)
 
 
 def _build_eval(cfg: ml_collections.ConfigDict, tokenizer: PreTrainedTokenizerBase, *,
                 global_batch_size: int, task: str, label_map: dict[str, int] | None,
-                process_index: int | None, process_count: int | None) -> EvalData:
+                predict: bool, process_index: int | None,
+                process_count: int | None) -> EvalData:
     loaded = sources.load_eval(cfg.train_path, cfg.eval_path, eval_fraction=cfg.eval_fraction,
                                seed=cfg.seed, skip_bad_rows=cfg.skip_bad_rows,
                                text_column=cfg.text_column)
     if loaded is None:
         raise JaxftError("no eval data: set data.eval_path, or data.eval_fraction > 0")
     where = str(loaded.origin)
-    schema = formats.resolve(cfg, _data_columns(loaded), task, where)
+    schema = formats.resolve(cfg, _data_columns(loaded), task, where,
+                             optional=("label",) if predict else ())
     examples, stats = encode.encode(loaded, schema, tokenizer, cfg, label_map=label_map)
+    if predict and len(examples) != len(loaded.rows):
+        raise JaxftError(f"{where}: {len(loaded.rows)} rows gave {len(examples)} examples; "
+                         "predictions need one per row")
     batches = EvalBatches(examples, **_layout(cfg, tokenizer, schema, global_batch_size,
                                               process_index, process_count))
     return EvalData(batches, loaded.rows, dict(schema.columns), stats, where)
