@@ -165,7 +165,7 @@ def test_a_new_labelled_file_evaluates_without_the_train_file(run_dir, tmp_path)
     ([{"body": TEXTS[0], "label": "billing"}],
      "{new}: cannot detect the data format: found columns ['body', 'label'], expected "
      "['label', 'text'] (set data.format or data.*_column)"),
-])
+], ids=["a label the run never saw", "no text column"])
 def test_bad_new_data_is_named_in_one_line_before_the_model_loads(run_dir, tmp_path, monkeypatch,
                                                                    rows, message):
     new = write_jsonl(tmp_path / "new.jsonl", rows)
