@@ -422,8 +422,8 @@ def _run_workdir(workdir: str, saved: ml_collections.ConfigDict,
 def _predict(model: nnx.Module, eval_data: EvalData, label_map: dict[str, int], mesh: Mesh,
              lora_cfg: lora.LoraConfig | None, max_batches: int, out: Path,
              overwrite: bool) -> dict[str, Any]:
-    """Label every row of `eval_data` with the run's label names
-    and write them to `out`; the metrics too, when the rows have labels."""
+    """Label every row of `eval_data` with the run's label names and write them to `out`;
+    the metrics too, when the rows have labels."""
     from jaxft.hf import weights
 
     found, probabilities = classify(

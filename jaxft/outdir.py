@@ -74,8 +74,7 @@ def prepare(out: str | os.PathLike, *, overwrite: bool, replaces: tuple[str, ...
     return out
 
 
-def check_output_file(out: str | os.PathLike, *, overwrite: bool, what: str,
-                      flag: str = "--overwrite") -> Path:
+def check_output_file(out: str | os.PathLike, *, overwrite: bool, what: str) -> Path:
     """Refuse, in one line, a file to write that exists (unless `overwrite`), is a directory,
     or whose directory is missing or not writable; changes nothing, so call it before minutes
     of loading. A missing directory is not created: a typo in it would scatter new ones."""
@@ -83,7 +82,7 @@ def check_output_file(out: str | os.PathLike, *, overwrite: bool, what: str,
     if out.is_dir():
         raise JaxftError(f"{out}: is a directory (expected the path of the {what} to write)")
     if out.exists() and not overwrite:
-        raise JaxftError(f"{out}: exists (pass {flag} to replace it)")
+        raise JaxftError(f"{out}: exists (pass --overwrite, or overwrite=True, to replace it)")
     if not out.parent.exists():
         raise JaxftError(f"{out}: directory {out.parent} does not exist")
     check_directory(out.parent, f"the {what}'s directory")

@@ -34,10 +34,10 @@ from jaxft.outdir import check_directory
 
 # The workdir marker, and what a run writes beside it (all that `wipe_workdir` removes).
 WORKDIR_MARKER = ".jaxft-workdir"
-WORKDIR_ENTRIES = ("checkpoints", "best_checkpoint", "damaged_checkpoints", "tensorboard",
-                   "config.json", "label_map.json", "metrics.jsonl", "metrics.png",
-                   "final_metrics.json", "wandb", "wandb_run.json")
 LABEL_MAP = "label_map.json"  # a classifier's {name: id}, written when its run starts
+WORKDIR_ENTRIES = ("checkpoints", "best_checkpoint", "damaged_checkpoints", "tensorboard",
+                   "config.json", LABEL_MAP, "metrics.jsonl", "metrics.png",
+                   "final_metrics.json", "wandb", "wandb_run.json")
 
 
 @dataclasses.dataclass

@@ -255,7 +255,7 @@ def test_predictions_are_refused_in_one_line_before_the_model_loads(run_dir, tmp
 
     monkeypatch.setattr(workdir, "load_run", not_yet)
     for run, out, message in [
-        (run_dir, taken, f"{taken}: exists (pass --overwrite to replace it)"),
+        (run_dir, taken, f"{taken}: exists (pass --overwrite, or overwrite=True, to replace it)"),
         (run_dir, tmp_path / "nowhere" / "out.csv",
          f"{tmp_path / 'nowhere' / 'out.csv'}: directory {tmp_path / 'nowhere'} does not exist"),
         (run_dir, tmp_path, f"{tmp_path}: is a directory (expected the path of the predictions "
@@ -297,6 +297,6 @@ def test_evaluate_cli_writes_predictions_and_will_not_overwrite_them(run_dir, tm
     assert said["predicted"] == len(texts) and said["predictions"] == str(out)
     first = out.read_text()
     assert last_error_line(cli("jaxft.evaluate", *args)) == (
-        f"error: {out}: exists (pass --overwrite to replace it)")
+        f"error: {out}: exists (pass --overwrite, or overwrite=True, to replace it)")
     assert out.read_text() == first
     assert cli("jaxft.evaluate", *args, "--overwrite").returncode == 0
