@@ -169,21 +169,30 @@ def test_run_restores_the_sigterm_handler_it_found(model_dir, tmp_path):
         signal.signal(signal.SIGTERM, previous)
 
 
+def signalled_while_loading(config, *signals: int) -> tuple[str, str, int]:
+    """A `jaxft.train` child sent `signals` (0.2 s apart) once it prints its data line, which
+    comes before the model loads and the step compiles; its (stdout, stderr, exit code)."""
+    proc = subprocess.Popen([sys.executable, "-m", "jaxft.train", f"--config={config}"],
+                            cwd=REPO, env=subprocess_env(1), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    before = []
+    for line in proc.stdout:
+        before.append(line)
+        if line.startswith("data: "):
+            for i, sig in enumerate(signals):
+                time.sleep(0.2 if i else 0)
+                proc.send_signal(sig)
+            break
+    out, err = proc.communicate(timeout=300)
+    return "".join(before) + out, err, proc.returncode
+
+
 @pytest.mark.slow
 def test_sigterm_while_loading_exits_zero_without_training(model_dir, tmp_path):
     workdir = tmp_path / "run"
     config = write_config_file(tmp_path / "cfg.py", model_dir, workdir, **{"train.steps": 3})
-    proc = subprocess.Popen([sys.executable, "-m", "jaxft.train", f"--config={config}"],
-                            cwd=REPO, env=subprocess_env(1), stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
-    lines = []
-    for line in proc.stdout:  # "data: …" comes before the model loads and the step compiles
-        lines.append(line)
-        if line.startswith("data: "):
-            proc.send_signal(signal.SIGTERM)
-            break
-    out = "".join(lines) + proc.communicate(timeout=300)[0]
-    assert proc.returncode == 0, out[-3000:]
+    out, err, code = signalled_while_loading(config, signal.SIGTERM)
+    assert code == 0, err[-3000:]
     assert "preempted before training resumed at step 0; rerun to go on" in out
     assert not (workdir / "checkpoints").exists() or not any((workdir / "checkpoints").iterdir())
 
@@ -223,17 +232,8 @@ def test_a_second_ctrl_c_aborts_at_once_in_one_line(model_dir, tmp_path):
     """Two Ctrl-Cs while the model loads: no waiting for a step, one line, exit code 130."""
     workdir = tmp_path / "run"
     config = write_config_file(tmp_path / "cfg.py", model_dir, workdir, **{"train.steps": 3})
-    proc = subprocess.Popen([sys.executable, "-m", "jaxft.train", f"--config={config}"],
-                            cwd=REPO, env=subprocess_env(1), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
-    for line in proc.stdout:  # "data: …" comes before the model loads and the step compiles
-        if line.startswith("data: "):
-            proc.send_signal(signal.SIGINT)
-            time.sleep(0.2)
-            proc.send_signal(signal.SIGINT)
-            break
-    _, err = proc.communicate(timeout=300)
-    assert proc.returncode == 130, err[-3000:]
+    _, err, code = signalled_while_loading(config, signal.SIGINT, signal.SIGINT)
+    assert code == 130, err[-3000:]
     assert "Traceback" not in err
     assert err.strip().splitlines()[-1] == (
         "aborted (a second Ctrl-C): checkpoints saved before are kept; run the same command "
