@@ -1,8 +1,12 @@
 """One table per model family, read both ways: Hugging Face tensors in, Hugging Face tensors out.
 
 A family declares `TensorMapping(((hf_name, jaxft_path, transform), ...))`. `{L}` in a Hugging
-Face name is the layer index, which selects a slice of the stacked layer arrays in the jaxft path.
-Transforms come from a closed, invertible set, so export never needs a hand-written inverse.
+Face name is the layer index, which selects a slice of the stacked layer arrays in the jaxft path;
+`{E}` is an expert's index, the next axis, and a `Part` says which piece of the last axis the
+tensor is (Mixtral's `w1` and `w3` are the two halves of jaxft's fused `gate_up_proj`). Aliases
+are other names for the same parameters that load but are never written (transformers 5's fused
+expert tensors). Transforms come from a closed, invertible set, so export never needs a
+hand-written inverse.
 Loading streams tensors one at a time into preallocated buffers, collects every problem, and
 raises once with all of them.
 """
@@ -26,11 +30,50 @@ from jaxft.errors import collected
 
 IDENTITY = "identity"
 TRANSPOSE = "transpose"
+SWAP_LAST = "swap_last"  # the last two axes: [E, out, in] <-> [E, in, out]
 # transform -> (Hugging Face -> jaxft, jaxft -> Hugging Face)
 _TRANSFORMS: dict[str, tuple[Callable, Callable]] = {
     IDENTITY: (lambda a: a, lambda a: a),
     TRANSPOSE: (lambda a: a.T, lambda a: a.T),
+    SWAP_LAST: (lambda a: np.swapaxes(a, -1, -2), lambda a: np.swapaxes(a, -1, -2)),
 }
+
+
+@dataclasses.dataclass(frozen=True)
+class Part:
+    """A Hugging Face tensor that is piece `index` of `of` equal pieces of its jaxft parameter's
+    last axis (in jaxft's layout)."""
+
+    index: int
+    of: int
+
+
+WHOLE = Part(0, 1)
+
+
+@dataclasses.dataclass(frozen=True)
+class Hit:
+    """Where one Hugging Face tensor goes: its parameter path, layer (None: not stacked),
+    expert (None: all of them, or none), piece of the last axis, and transform."""
+
+    path: str
+    layer: int | None
+    expert: int | None
+    part: Part
+    transform: str
+
+    def shape_in(self, full: tuple[int, ...]) -> tuple[int, ...]:
+        """This tensor's shape (jaxft layout) inside a parameter of shape `full`."""
+        shape = full[(self.layer is not None) + (self.expert is not None):]
+        return (*shape[:-1], shape[-1] // self.part.of) if self.part.of > 1 else shape
+
+    def target(self, full: tuple[int, ...]) -> tuple:
+        """The index of this tensor's slice in a parameter of shape `full`."""
+        lead = tuple(i for i in (self.layer, self.expert) if i is not None)
+        if self.part.of == 1:
+            return lead
+        width = full[-1] // self.part.of
+        return (*lead, Ellipsis, slice(self.part.index * width, (self.part.index + 1) * width))
 
 
 class TensorMapping:
@@ -38,17 +81,24 @@ class TensorMapping:
 
     def __init__(
         self,
-        entries: Iterable[tuple[str, str, str]],
+        entries: Iterable[tuple],
         *,
+        aliases: Iterable[tuple[str, str, str]] = (),
         ignored: Iterable[str] = (),
         tied_head: tuple[str, str] | None = None,
         base_prefix: str = "",
         renames: Iterable[tuple[str, str]] = (),
     ):
-        self.entries = tuple(entries)
+        entries = tuple(entries)
+        # (hf, path, transform) of every tensor export writes; `parts` holds the non-whole ones.
+        self.entries = tuple(tuple(e[:3]) for e in entries)
+        self.parts = {e[0]: e[3] for e in entries if len(e) > 3}
+        self.aliases = tuple(aliases)
         self._patterns = [
-            (re.compile(re.escape(hf).replace(re.escape("{L}"), r"(\d+)") + "$"), path, transform)
-            for hf, path, transform in self.entries
+            (re.compile(re.escape(hf).replace(re.escape("{L}"), r"(?P<L>\d+)")
+                        .replace(re.escape("{E}"), r"(?P<E>\d+)") + "$"),
+             hf, path, transform)
+            for hf, path, transform in self.entries + self.aliases
         ]
         self.ignored = [re.compile(p + "$") for p in ignored]
         # (head, embedding): a tied checkpoint may still list its head, which must then be the
@@ -81,10 +131,39 @@ class TensorMapping:
 
     def match(self, hf_name: str) -> tuple[str, int | None, str] | None:
         """(jaxft path, layer index or None, transform) for a canonical HF name."""
-        for pattern, path, transform in self._patterns:
+        hit = self.locate(hf_name)
+        return None if hit is None else (hit.path, hit.layer, hit.transform)
+
+    def locate(self, hf_name: str) -> Hit | None:
+        """Where a canonical HF name goes, or None when no entry or alias names it."""
+        for pattern, hf, path, transform in self._patterns:
             m = pattern.match(hf_name)
             if m:
-                return path, (int(m.group(1)) if m.groups() else None), transform
+                found = m.groupdict()
+                return Hit(path, None if found.get("L") is None else int(found["L"]),
+                           None if found.get("E") is None else int(found["E"]),
+                           self.parts.get(hf, WHOLE), transform)
+        return None
+
+    def grid(self, path: str) -> tuple[bool, int]:
+        """How finely tensors may fill a parameter: (some tensor holds one expert, the most
+        pieces its last axis is cut into)."""
+        names = [hf for hf, p, _ in self.entries + self.aliases if p == path]
+        return (any("{E}" in hf for hf in names),
+                max((self.parts.get(hf, WHOLE).of for hf in names), default=1))
+
+    def name_of(self, path: str, layer: int | None = None, expert: int | None = None,
+                piece: tuple[int, int] = (0, 1)) -> str | None:
+        """The exported Hugging Face name of one layer's, expert's and piece's tensor of a
+        parameter (what a message about a missing tensor names)."""
+        for hf, entry_path, _ in self.entries:
+            part = self.parts.get(hf, WHOLE)
+            if entry_path != path:
+                continue
+            if part.of > 1 and piece[0] * part.of // piece[1] != part.index:
+                continue
+            return (hf.replace("{L}", str(0 if layer is None else layer))
+                    .replace("{E}", str(0 if expert is None else expert)))
         return None
 
     def is_ignored(self, hf_name: str, tied: bool) -> bool:
@@ -128,56 +207,82 @@ def load_state(
     variables = flat_variables(abstract)
     encoders = dict(encoders or {})
     buffers: dict[str, np.ndarray] = {}
-    seen: dict[str, set[int | None]] = {}  # table path -> layers read (None: not stacked)
+    # table path -> which (layer, expert, piece) cells tensors have filled
+    covered: dict[str, np.ndarray] = {}
     problems: list[str] = []
     unexpected: list[str] = []
     rejected: set[str] = set()  # reported already: not missing as well
     tied_digests: dict[str, str] = {}  # a tied head and its embedding, when both are listed
     place = place or (lambda var, array: jnp.asarray(array))
 
-    def store(path: str, layer: int | None, value: np.ndarray) -> None:
+    def cells(path: str, full_shape: tuple[int, ...]) -> np.ndarray:
+        if path not in covered:
+            per_expert, pieces = mapping.grid(path)
+            stacked = any("{L}" in hf for hf, p, _ in mapping.entries + mapping.aliases
+                          if p == path)
+            experts = full_shape[1 if stacked else 0] if per_expert else 1
+            covered[path] = np.zeros((num_layers if stacked else 1, experts, pieces), bool)
+        return covered[path]
+
+    def mark(hit: Hit, grid: np.ndarray) -> None:
+        pieces = grid.shape[2]
+        step = pieces // hit.part.of
+        grid[slice(None) if hit.layer is None else hit.layer,
+             slice(None) if hit.expert is None else hit.expert,
+             hit.part.index * step:(hit.part.index + 1) * step] = True
+
+    def store(path: str, hit: Hit, value: np.ndarray) -> None:
         var = variables[path]
         dtype = var.get_value().dtype
-        if layer is None:
+        full = var.get_value().shape
+        if hit.layer is None and hit.expert is None and hit.part.of == 1:
             buffers[path] = value.astype(dtype)
             return
         if path not in buffers:
-            buffers[path] = np.empty(var.get_value().shape, dtype)
-        buffers[path][layer] = value.astype(dtype)
+            buffers[path] = np.empty(full, dtype)
+        buffers[path][hit.target(full)] = value.astype(dtype)
 
     for raw_name, array in tensors:
         name = mapping.normalize(raw_name)
         if tied and mapping.tied_head is not None and name in mapping.tied_head:
             tied_digests[name] = _digest(array)
-        hit = mapping.match(name)
-        if hit is None or (hit[0] not in variables and hit[0] not in encoders):
+        hit = mapping.locate(name)
+        if hit is None or (hit.path not in variables and hit.path not in encoders):
             if not mapping.is_ignored(name, tied):
                 unexpected.append(raw_name)
             continue
-        path, layer, transform = hit
+        path = hit.path
         encoder = encoders.get(path)
-        full_shape = encoder.shape if encoder else variables[path].get_value().shape
-        value = _TRANSFORMS[transform][0](np.asarray(array))
-        expected = full_shape[1:] if layer is not None else full_shape
-        if layer is not None and layer >= num_layers:
+        full_shape = tuple(encoder.shape if encoder else variables[path].get_value().shape)
+        grid = cells(path, full_shape)
+        value = _TRANSFORMS[hit.transform][0](np.asarray(array))
+        expected = hit.shape_in(full_shape)
+        if hit.layer is not None and hit.layer >= num_layers:
             problems.append(
-                f"tensor {raw_name} is for layer {layer} but the config has {num_layers} layers"
+                f"tensor {raw_name} is for layer {hit.layer} but the config has {num_layers} "
+                "layers"
             )
             continue
+        if hit.expert is not None and hit.expert >= grid.shape[1]:
+            problems.append(f"tensor {raw_name} is for expert {hit.expert} but the config has "
+                            f"{grid.shape[1]} experts")
+            continue
         if value.shape != tuple(expected):
-            rejected.add(path) if layer is None else seen.setdefault(path, set()).add(layer)
-            hf_shape = _TRANSFORMS[transform][1](np.empty(expected, np.uint8)).shape
+            if hit.layer is None:
+                rejected.add(path)
+            mark(hit, grid)
+            hf_shape = _TRANSFORMS[hit.transform][1](np.empty(expected, np.uint8)).shape
             problems.append(
                 f"tensor {raw_name} has shape {tuple(array.shape)} but the model "
                 f"expects {tuple(hf_shape)}"
             )
             continue
         if encoder is None:
-            store(path, layer, value)
+            store(path, hit, value)
         else:
             for part, part_value in encoder.encode(value.astype(encoder.dtype)).items():
-                store(f"{path}.{part}", layer, part_value)
-        seen.setdefault(path, set()).add(layer)
+                store(f"{path}.{part}", hit, part_value)
+        mark(hit, grid)
 
     if len(tied_digests) == 2 and len(set(tied_digests.values())) == 2:
         head, embedding = mapping.tied_head
@@ -187,21 +292,19 @@ def load_state(
     encoded_parts = {v for v in variables if v.rsplit(".", 1)[0] in encoders}
     missing_paths = []
     for path in [v for v in variables if v not in encoded_parts] + list(encoders):
-        hf_name = _hf_name(mapping, path)
         if path in rejected:
             continue
-        if path not in seen:
+        if path not in covered:
             if may_be_missing(path):
                 missing_paths.append(path)
             else:
-                problems.append(
-                    f"missing tensor {hf_name.replace('{L}', '0')}"
-                    if hf_name
-                    else f"no Hugging Face name maps to {path}"
-                )
-        elif None not in seen[path] and len(seen[path]) != num_layers:
-            gap = min(set(range(num_layers)) - seen[path])
-            problems.append(f"missing tensor {hf_name.replace('{L}', str(gap))}")
+                hf_name = mapping.name_of(path)
+                problems.append(f"missing tensor {hf_name}" if hf_name
+                                else f"no Hugging Face name maps to {path}")
+        elif not covered[path].all():
+            layer, expert, piece = (int(i) for i in np.argwhere(~covered[path])[0])
+            hf_name = mapping.name_of(path, layer, expert, (piece, covered[path].shape[2]))
+            problems.append(f"missing tensor {hf_name}")
     if problems:
         raise collected(source, problems)
     if unexpected:
@@ -237,13 +340,6 @@ class Encoding(Protocol):
     def encode(self, value: np.ndarray) -> dict[str, np.ndarray]: ...
 
 
-def _hf_name(mapping: TensorMapping, path: str) -> str | None:
-    for hf, entry_path, _ in mapping.entries:
-        if entry_path == path:
-            return hf
-    return None
-
-
 @dataclasses.dataclass(frozen=True)
 class ExportTensor:
     """One Hugging Face tensor of a state, gathered to the host only when `fetch` is called.
@@ -255,11 +351,11 @@ class ExportTensor:
     shape: tuple[int, ...]  # in Hugging Face's layout
     dtype: np.dtype
     source: jax.Array  # the parameter (all layers when stacked)
-    layer: int | None
+    index: tuple  # this tensor's slice of it: (layer, expert, piece of the last axis) as held
     transform: str
 
     def fetch(self) -> np.ndarray:
-        value = self.source if self.layer is None else self.source[self.layer]
+        value = self.source[self.index] if self.index else self.source
         return _TRANSFORMS[self.transform][1](to_host(value))
 
     def nbytes(self, float_dtype: str) -> int:
@@ -289,15 +385,19 @@ def export_plan(
         if path not in variables:
             continue
         value = variables[path].get_value()
+        name = hf
         if not with_base_prefix and mapping.base_prefix and hf.startswith(mapping.base_prefix):
-            hf = hf[len(mapping.base_prefix) :]
+            name = hf[len(mapping.base_prefix) :]
         layers = range(num_layers) if "{L}" in hf else [None]
-        shape = tuple(value.shape[1:] if "{L}" in hf else value.shape)
-        hf_shape = _TRANSFORMS[transform][1](np.empty(shape, np.uint8)).shape
+        experts = range(value.shape[1 if "{L}" in hf else 0]) if "{E}" in hf else [None]
         for layer in layers:
-            name = hf if layer is None else hf.replace("{L}", str(layer))
-            plan.append(ExportTensor(name, hf_shape, np.dtype(value.dtype), value, layer,
-                                     transform))
+            for expert in experts:
+                hit = Hit(path, layer, expert, mapping.parts.get(hf, WHOLE), transform)
+                shape = hit.shape_in(tuple(value.shape))
+                hf_shape = _TRANSFORMS[transform][1](np.empty(shape, np.uint8)).shape
+                plan.append(ExportTensor(
+                    name.replace("{L}", str(layer)).replace("{E}", str(expert)), hf_shape,
+                    np.dtype(value.dtype), value, hit.target(tuple(value.shape)), transform))
     return plan
 
 
