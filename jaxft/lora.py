@@ -207,9 +207,11 @@ def apply_lora(model: nnx.Module, cfg: LoraConfig, *, seed: int = 0) -> nnx.Modu
     if isinstance(cfg.targets, (list, tuple)):
         for target in cfg.targets:
             if not any(p == target or p.endswith("." + target) for p in applied):
+                routed = (", and its experts are not projections LoRA reaches"
+                          if model.config.routes_tokens else "")
                 raise JaxftError(f"lora target {target!r} matches no module of this "
                                  f"{model.config.model_type} model (its projections: "
-                                 f"{available}; or 'all-linear')")
+                                 f"{available}; or 'all-linear'{routed})")
     return model
 
 

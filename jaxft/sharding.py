@@ -31,6 +31,7 @@ RULES: dict[str | None, str | None] = {
     "kv_heads": "tensor",
     "qkv": "tensor",
     "mlp": "tensor",
+    "experts": None,
     "embed_out": None,
     "layers": None,
     "norm": None,

@@ -41,19 +41,28 @@ def lm_losses(model: nnx.Module, batch: Batch) -> dict[str, jax.Array]:
     When the model's output head is one plain matrix (`output_head()`), the head and the loss
     run fused, a chunk of positions at a time (`head_cross_entropy`): the [B, T, V] float32
     logits are never held at once. Otherwise the full logits are computed and reduced.
+
+    A mixture of experts adds its load-balancing loss times `aux_loss_coef` (transformers'
+    `router_aux_loss_coef` when `output_router_logits` is on) to each token's loss, so the
+    mean is transformers' `loss + coef · aux_loss`.
     """
     mask = batch["loss_mask"].astype(jnp.float32)
+    count = jnp.sum(mask)
+    routed = model.config.routes_tokens
+    inputs = dict(segment_ids=batch["segment_ids"], positions=batch["positions"],
+                  **({"return_router": True} if routed else {}))
     head = model.output_head()
-    if head is not None:
-        h = model(batch["input_ids"], segment_ids=batch["segment_ids"],
-                  positions=batch["positions"], return_hidden=True)  # B T D
-        loss_sum = head_cross_entropy(h, head, batch["targets"], mask)
-        return {"loss_sum": loss_sum, "count": jnp.sum(mask)}
-    logits = model(batch["input_ids"], segment_ids=batch["segment_ids"],
-                   positions=batch["positions"])  # B T V
-    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-    nll = -jnp.take_along_axis(logp, batch["targets"][..., None], axis=-1)[..., 0]  # B T
-    return {"loss_sum": jnp.sum(nll * mask), "count": jnp.sum(mask)}
+    out = model(batch["input_ids"], return_hidden=head is not None, **inputs)
+    out, aux = out if routed else (out, None)
+    if head is not None:  # out: the hidden states, B T D
+        loss_sum = head_cross_entropy(out, head, batch["targets"], mask)
+    else:  # out: the logits, B T V
+        logp = jax.nn.log_softmax(out.astype(jnp.float32), axis=-1)
+        nll = -jnp.take_along_axis(logp, batch["targets"][..., None], axis=-1)[..., 0]  # B T
+        loss_sum = jnp.sum(nll * mask)
+    if routed and model.config.aux_loss_coef:
+        loss_sum = loss_sum + model.config.aux_loss_coef * aux * count
+    return {"loss_sum": loss_sum, "count": count}
 
 
 def classifier_logits(model: nnx.Module, batch: Batch) -> jax.Array:

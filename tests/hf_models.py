@@ -95,6 +95,22 @@ CAUSAL_CONFIGS = {
         **{**_SMALL, "num_hidden_layers": 6}, **_SPECIAL_IDS, head_dim=16, sliding_window=5,
         query_pre_attn_scalar=24, sliding_window_pattern=3, tie_word_embeddings=False,
         rope_scaling={"rope_type": "linear", "factor": 4.0}),
+    # Mixtures of experts, initialised at std 0.1 (not 0.02) so that the experts' share of the
+    # logits is large enough for a routing error to show at 1e-4.
+    # Qwen3-MoE: 6 experts of width 32, top-2 renormalised (norm_topk_prob), q/k norms, GQA.
+    "qwen3_moe_topk_norm": lambda: transformers.Qwen3MoeConfig(
+        **_SMALL, head_dim=16, moe_intermediate_size=32, num_experts=6, num_experts_per_tok=2,
+        norm_topk_prob=True, initializer_range=0.1),
+    # Qwen3-MoE's own default: top-3 of 5 experts as the softmax gives them, a tied head.
+    "qwen3_moe_top3_raw": lambda: transformers.Qwen3MoeConfig(
+        **_SMALL, moe_intermediate_size=24, num_experts=5, num_experts_per_tok=3,
+        norm_topk_prob=False, tie_word_embeddings=True, initializer_range=0.1),
+    # Mixtral: 4 experts, top-2, one KV head, a 5-token sliding window, the load-balancing
+    # loss in the training loss (output_router_logits).
+    "mixtral_gqa_window": lambda: transformers.MixtralConfig(
+        **{**_SMALL, "intermediate_size": 32, "num_key_value_heads": 1}, num_local_experts=4,
+        num_experts_per_tok=2, sliding_window=5, initializer_range=0.1,
+        output_router_logits=True, router_aux_loss_coef=0.02),
 }
 
 

@@ -62,7 +62,8 @@ def test_unsupported_model_type(llama_dir):
         jaxft.from_pretrained(llama_dir)
     assert one_line(e) == (
         f"{llama_dir / 'config.json'}: model_type 't5' is not supported "
-        "(supported: llama, mistral, qwen2, qwen3, phi3, gemma, gemma2, gemma3_text, gpt2, bert)"
+        "(supported: llama, mistral, qwen2, qwen3, phi3, qwen3_moe, mixtral, gemma, gemma2, "
+        "gemma3_text, gpt2, bert)"
     )
 
 
@@ -70,8 +71,8 @@ def test_unsupported_model_type(llama_dir):
     (lambda: __import__("transformers").Gemma3Config(),
      "model_type 'gemma3' is a multimodal Gemma 3 (vision tower and text model; load a "
      "text-only gemma3_text checkpoint"),
-    (lambda: __import__("transformers").Qwen3MoeConfig(),
-     "model_type 'qwen3_moe' is a mixture-of-experts Qwen3 (jaxft loads the dense qwen3 "
+    (lambda: __import__("transformers").Qwen2MoeConfig(),
+     "model_type 'qwen2_moe' is a mixture-of-experts Qwen2 (jaxft loads the dense qwen2 "
      "models), which jaxft does not load (supported: llama"),
 ])
 def test_near_miss_variants_say_what_they_are(config, says, tmp_path):

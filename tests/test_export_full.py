@@ -23,6 +23,8 @@ CASES = {
     "qwen2_bias_tied": transformers.AutoModelForCausalLM,
     "gpt2": transformers.AutoModelForCausalLM,
     "mistral_gqa": transformers.AutoModelForCausalLM,
+    "qwen3_moe_top3_raw": transformers.AutoModelForCausalLM,
+    "mixtral_gqa_window": transformers.AutoModelForCausalLM,
 }
 
 

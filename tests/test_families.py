@@ -2,7 +2,9 @@
 one device computes.
 
 Qwen3, Phi-3 (its fused projections sharded), Gemma 2 and Gemma 3 (the norms' (1 + w) and the
-soft-caps differentiated), fine-tuned in full so every weight is sharded. Their logits,
+soft-caps differentiated), Qwen3-MoE and Mixtral (tokens sorted by expert across the sharded
+batch; Mixtral's load-balancing loss in its training loss), fine-tuned in full so every weight
+is sharded. Their logits,
 generation and PEFT round trips are in test_models, test_generate and test_*_peft.
 """
 
@@ -22,7 +24,8 @@ RUNS = {  # family -> overrides of tests.tiny_run.tiny_config: full fine-tuning,
     # sharded; adapters by each family's PEFT names are in test_generate and test_*_peft
     family: {"lora.enabled": False, "optim.lr": 3e-3}
     for family in ("qwen3_qk_norm_mixed_window", "phi3_longrope_window",
-                   "gemma2_softcap_window", "gemma3_local_global_rope")
+                   "gemma2_softcap_window", "gemma3_local_global_rope", "qwen3_moe_topk_norm",
+                   "mixtral_gqa_window")
 }
 COMMON = {"train.steps": STEPS, "data.eval_fraction": 0.0}
 

@@ -84,6 +84,47 @@ def test_plan_matches_the_buffers_of_a_real_run(mode, llama_dir, tmp_path, monke
     assert 0.8 < p.analytic_flops / xla_total < 1.2, (p.analytic_flops, xla_total)
 
 
+# Qwen3-30B-A3B's config.json as released: 48 layers of 128 experts, 8 routed per token.
+QWEN3_30B_A3B = {
+    "architectures": ["Qwen3MoeForCausalLM"], "attention_bias": False, "attention_dropout": 0.0,
+    "bos_token_id": 151643, "decoder_sparse_step": 1, "eos_token_id": 151645, "head_dim": 128,
+    "hidden_act": "silu", "hidden_size": 2048, "initializer_range": 0.02,
+    "intermediate_size": 6144, "max_position_embeddings": 40960, "max_window_layers": 48,
+    "mlp_only_layers": [], "model_type": "qwen3_moe", "moe_intermediate_size": 768,
+    "norm_topk_prob": True, "num_attention_heads": 32, "num_experts": 128,
+    "num_experts_per_tok": 8, "num_hidden_layers": 48, "num_key_value_heads": 4,
+    "output_router_logits": False, "rms_norm_eps": 1e-06, "rope_scaling": None,
+    "rope_theta": 1000000.0, "router_aux_loss_coef": 0.001, "sliding_window": None,
+    "tie_word_embeddings": False, "torch_dtype": "bfloat16", "use_cache": True,
+    "use_sliding_window": False, "vocab_size": 151936}
+
+
+def test_qwen3_30b_a3b_counts_transformers_parameters_and_the_active_ones(tmp_path):
+    """The released MoE config, planned on 8 host devices: its parameters are exactly those of
+    transformers' model of the same config (built on the meta device, no memory), and the
+    active ones leave out the 120 experts per layer a token is not routed to."""
+    import torch
+    import transformers
+
+    model_dir = tmp_path / "qwen3-30b-a3b"
+    model_dir.mkdir()
+    (model_dir / "config.json").write_text(json.dumps(QWEN3_30B_A3B))
+    with torch.device("meta"):
+        reference = transformers.AutoModelForCausalLM.from_config(
+            transformers.AutoConfig.from_pretrained(model_dir))
+    expected = sum(p.numel() for p in reference.parameters())
+    cfg = tiny_config(model_dir, tmp_path / "run", **{
+        "mesh.data": 1, "mesh.fsdp": 8, "data.max_len": 128, "train.batch_size": 8,
+        "lora.targets": "all-linear", "train.param_dtype": "bfloat16",
+        "data.train_path": str(tmp_path / "no-data-needed.jsonl")})
+    p = plan.make_plan(cfg)
+    assert p.total_params - p.adapter_params == expected == 30_532_122_624
+    idle_experts = 48 * (128 - 8) * 3 * 2048 * 768
+    assert p.active_params == p.total_params - idle_experts
+    assert f"base model 30,532,122,624, {p.active_params:,} active per token" in \
+        plan.describe(p)
+
+
 def test_llama3_8b_plans_from_config_json_alone(tmp_path):
     """8B on 8 host devices with fsdp=8: lowered and compiled, never allocated. Sequence length
     256 keeps the CPU compile to seconds; the parameter numbers do not depend on it."""

@@ -7,11 +7,11 @@ A family module provides what `jaxft.models.family.Family` lists (`Config` with 
 from __future__ import annotations
 
 from jaxft.errors import JaxftError
-from jaxft.models import bert, gemma, gpt2, llama
+from jaxft.models import bert, gemma, gpt2, llama, mixtral, qwen3_moe
 from jaxft.models.family import CausalLM, Family, ModelConfig
 from jaxft.models.params import TensorMapping
 
-FAMILIES: tuple[Family, ...] = (llama, gemma, gpt2, bert)
+FAMILIES: tuple[Family, ...] = (llama, qwen3_moe, mixtral, gemma, gpt2, bert)
 
 __all__ = ["FAMILIES", "CausalLM", "Family", "ModelConfig", "family_for", "tensor_table"]
 
@@ -42,9 +42,7 @@ UNSUPPORTED_VARIANTS = {
     "gemma3": "a multimodal Gemma 3 (vision tower and text model; load a text-only "
               "gemma3_text checkpoint such as google/gemma-3-1b-it)",
     "gemma3n": "Gemma 3n, a different architecture from Gemma 3's text models",
-    "qwen3_moe": "a mixture-of-experts Qwen3 (jaxft loads the dense qwen3 models)",
     "qwen2_moe": "a mixture-of-experts Qwen2 (jaxft loads the dense qwen2 models)",
-    "mixtral": "a mixture-of-experts Mistral (jaxft loads the dense mistral models)",
     "phimoe": "a mixture-of-experts Phi-3.5 (jaxft loads the dense phi3 models)",
     "phi3small": "Phi-3-small, whose attention differs from Phi-3-mini's (jaxft loads phi3)",
     "qwen2_vl": "a vision-language Qwen2 (jaxft loads the text-only qwen2 models)",

@@ -52,6 +52,8 @@ class Config:
     def num_key_value_heads(self) -> int:
         return self.num_attention_heads
 
+    routes_tokens = False
+
     @property
     def head_dim(self) -> int:
         return self.hidden_size // self.num_attention_heads

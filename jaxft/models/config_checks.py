@@ -13,18 +13,31 @@ from typing import Any
 POSITIVE = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
             "num_attention_heads", "num_key_value_heads", "head_dim", "max_position_embeddings",
             "sliding_window_pattern", "type_vocab_size", "n_embd", "n_head", "n_layer",
-            "n_positions", "n_inner", "max_window_layers")
+            "n_positions", "n_inner", "max_window_layers", "moe_intermediate_size",
+            "num_experts", "num_local_experts", "num_experts_per_tok")
 LAYER_TYPES = ("full_attention", "sliding_attention")
 # Sizes a config.json must state: transformers would fill them with its reference model's
 # (4096 wide, 32 layers …), which no checkpoint's weights but that one's fit.
-STATED = {"gpt2": ("vocab_size", "n_embd", "n_layer", "n_head")}
-STATED_OTHERWISE = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
-                    "intermediate_size")
+# A tuple names one size that configs spell two ways (Qwen's `num_experts` is transformers 5's
+# `num_local_experts`). Qwen3-MoE's `intermediate_size` is the width of dense layers it may not
+# have, so its experts' width is the one it must state.
+_SHARED = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads")
+STATED: dict[str, tuple[str | tuple[str, ...], ...]] = {
+    "gpt2": ("vocab_size", "n_embd", "n_layer", "n_head"),
+    "qwen3_moe": (*_SHARED, "moe_intermediate_size", ("num_experts", "num_local_experts")),
+    "mixtral": (*_SHARED, "intermediate_size", "num_local_experts"),
+}
+STATED_OTHERWISE = (*_SHARED, "intermediate_size")
 
 
 def unstated(hf: dict[str, Any]) -> list[str]:
     """The sizes a config leaves out that are never taken from a default."""
-    return [f for f in STATED.get(hf.get("model_type"), STATED_OTHERWISE) if f not in hf]
+    missing = []
+    for field in STATED.get(hf.get("model_type"), STATED_OTHERWISE):
+        names = field if isinstance(field, tuple) else (field,)
+        if not any(name in hf for name in names):
+            missing.append(names[0])
+    return missing
 
 
 def problems(hf: dict[str, Any]) -> list[str]:

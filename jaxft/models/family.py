@@ -32,6 +32,9 @@ class ModelConfig(Protocol):
     tie_word_embeddings: bool  # the output head is the token embedding
     has_base_prefix: bool  # exported tensor names keep HF's base-model prefix (`model.`)
     num_labels: int | None  # a sequence classifier's classes; None for other models
+    # A mixture of experts: its call takes `return_router`, and its config also has
+    # `aux_loss_coef`, `expert_params` and `routed_params_per_token` (`jaxft.models.moe`).
+    routes_tokens: bool
     dtype: str | None  # compute dtype; None computes in the parameter dtype
     remat: str
     attention: str

@@ -73,6 +73,7 @@ class Config:
     has_base_prefix = True
     position_limit = None
     num_labels = None
+    routes_tokens = False
 
     def to_hf(self) -> dict:
         return json.loads(self.hf_config_json)

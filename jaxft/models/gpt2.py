@@ -46,6 +46,7 @@ class Config:
     tie_word_embeddings: bool = True  # GPT-2's head is always the token embedding
     has_base_prefix = True
     num_labels = None
+    routes_tokens = False
 
     @property
     def num_key_value_heads(self) -> int:

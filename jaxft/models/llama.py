@@ -59,6 +59,7 @@ class Config:
     hf_config_json: str = "{}"  # the original config.json, written back on export
 
     has_base_prefix = True  # exported names keep HF's `model.` prefix (a *ForCausalLM checkpoint)
+    routes_tokens = False  # a mixture of experts (`jaxft.models.moe`) does
     position_limit = None  # RoPE: no table of positions to run out of
     num_labels = None
 
@@ -164,6 +165,9 @@ def _qwen_local_layers(hf: dict) -> tuple[bool, ...]:
     return tuple(i >= hf.get("max_window_layers", n) for i in range(n))
 
 
+# Buffers some checkpoints carry that hold no parameters.
+HF_TENSORS_IGNORED = (r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq",)
+
 # Hugging Face tensor name -> (jaxft parameter path, transform). `{L}` is the layer index, which
 # selects a slice of the stacked layer arrays. Read one way to load, the other way to export.
 HF_TENSORS = TensorMapping(
@@ -205,8 +209,7 @@ HF_TENSORS = TensorMapping(
         ("model.norm.weight", "model.norm.weight", IDENTITY),
         ("lm_head.weight", "lm_head.kernel", TRANSPOSE),
     ),
-    # Buffers some checkpoints carry that hold no parameters.
-    ignored=(r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq",),
+    ignored=HF_TENSORS_IGNORED,
     # A tied checkpoint may still list the head; it must be the embedding, and is skipped.
     tied_head=("lm_head.weight", "model.embed_tokens.weight"),
 )

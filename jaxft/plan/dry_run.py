@@ -69,6 +69,9 @@ class Plan:
     compute_dtype: str
     lora_rank: int | None  # None: full fine-tuning
     total_params: int  # every parameter, adapters included (as PEFT counts "all params")
+    # A mixture of experts: the parameters one token meets (every weight but the experts it is
+    # not routed to); None for a dense model
+    active_params: int | None
     adapter_params: int  # LoRA factors
     trainable_params: int
     trainable: Bytes
@@ -178,13 +181,15 @@ def make_plan(cfg: ml_collections.ConfigDict, topology: Target | None = None) ->
     analytic, recompute = flops.step_flops(abstract, run)
     local_capacity, local_note = (None, "") if topology else host.usable_bytes(devices)
     packed_bytes, packed_params = quant.packed_size(abstract)
+    total = lora.count_parameters(nnx.state(abstract, nnx.Param)) + packed_params
     return Plan(
         model_type=abstract.config.model_type, source=source, mesh=dict(mesh.shape),
         platform=run.platform, batch_size=run.train.batch_size,
         seq_len=cfg.data.max_len, accum_steps=run.train.accum_steps, remat=run.train.remat,
         param_dtype=run.train.param_dtype, compute_dtype=run.compute_dtype,
         lora_rank=None if run.lora is None else run.lora.rank,
-        total_params=lora.count_parameters(nnx.state(abstract, nnx.Param)) + packed_params,
+        total_params=total,
+        active_params=_active_params(abstract.config, total),
         adapter_params=lora.count_parameters(nnx.state(abstract, nnx.LoRAParam)),
         trainable_params=lora.count_parameters(placed["trainable"]),
         trainable=array_bytes(placed["trainable"]),
@@ -273,6 +278,15 @@ def _flops(compiled) -> float | None:
 # ---------------------------------------------------------------------------------------------
 
 
+def _active_params(cfg, total: int) -> int | None:
+    """A mixture of experts' parameters one token meets: all but the experts it is not routed
+    to (None: a dense model, where that is all of them)."""
+    if not cfg.routes_tokens:
+        return None
+    idle = cfg.num_experts - cfg.num_experts_per_tok
+    return total - cfg.expert_params * idle // cfg.num_experts
+
+
 def describe(plan: Plan) -> str:
     """The dry run's report: one screen, per-device bytes first (that is what must fit)."""
     mesh = " × ".join(f"{k} {v}" for k, v in plan.mesh.items())
@@ -298,7 +312,8 @@ def describe(plan: Plan) -> str:
         f"  step: {plan.batch_size} rows × {plan.seq_len} tokens = "
         f"{plan.batch_size * plan.seq_len:,} tokens, {plan.accum_steps} micro-batch(es)",
         f"parameters: {plan.trainable_params:,} trainable of {plan.total_params:,} "
-        f"({share:.4g}%); base model {plan.total_params - plan.adapter_params:,}",
+        f"({share:.4g}%); base model {plan.total_params - plan.adapter_params:,}"
+        + (f", {plan.active_params:,} active per token" if plan.active_params else ""),
         *([f"  base in {plan.base_quant}: {plan.packed_params:,} projection parameters in "
            f"{human_bytes(plan.packed_bytes)} ({plan.packed_bytes / plan.packed_params:.4f} "
            f"bytes each); embeddings and output head in {plan.param_dtype}"]

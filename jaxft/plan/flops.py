@@ -4,8 +4,9 @@ run, `--suggest`'s ranking and the benchmark's MFU.
 A forward pass costs 2 FLOPs per weight per token; the backward pass costs 2 more for the
 activation gradients and, only for weights that train, 2 more for the weight gradients:
 6N·tokens in full fine-tuning, 4N·tokens when the base is frozen (LoRA), plus 6 per adapter
-weight. N counts the projection kernels (and a tied embedding, which is the output head);
-embedding lookups cost nothing. Attention scores and values add 4·T·width per token and layer
+weight. N counts the projection kernels (and a tied embedding, which is the output head), and in a
+mixture of experts the routers and the k experts each token is sent to, not all E; embedding
+lookups cost nothing. Attention scores and values add 4·T·width per token and layer
 forward, 3× that for a training step (causal masking is not subtracted: the kernels compute the
 masked scores too). Remat's recomputation comes on top (`recompute_flops`).
 `tests/test_benchmark.py` holds the count to PyTorch's own FLOP counter on the same model.
@@ -66,6 +67,8 @@ def _forward_terms(model: nnx.Module, seq_len: int,
     adapters = sum(lora.count_parameters(nnx.state(linear, nnx.LoRAParam)) for linear in linears)
     if cfg.tie_word_embeddings and not layers_only:
         matmul += cfg.vocab_size * cfg.hidden_size
+    if cfg.routes_tokens:  # the routers and experts live in the layers, outside linear_modules
+        matmul += cfg.routed_params_per_token
     width = cfg.head_dim * cfg.num_attention_heads
     return matmul, adapters, 4 * seq_len * width * cfg.num_hidden_layers
 
