@@ -41,6 +41,9 @@ def lively(name: str):
     config = hf_models.CAUSAL_CONFIGS[name]()
     # Gemma scales embeddings by √d, so a smaller init is as lively there.
     config.initializer_range = 0.05 if name.startswith("gemma") else 0.2
+    # transformers' generate cannot compute the load-balancing loss on a cached step (its mask
+    # covers the whole sequence, the step's router logits one token), which it tries with this on.
+    config.output_router_logits = False
     if getattr(config, "final_logit_softcapping", None):
         # The tiny config's caps would saturate tanh here and tie logits at the cap, leaving
         # greedy decoding to rounding; Gemma 2's released caps (30, 50) apply instead.
