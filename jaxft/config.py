@@ -7,11 +7,12 @@ is refused instead of silently ignored. `jaxft.spec` checks a config and resolve
 into the typed `RunSpec` every module reads.
 
 Fields that take a string or a list (`lora.targets`, `lora.modules_to_save`,
-`train.sample_prompts`) and the dtype fields are typed `object`: a config file may assign
-`("q_proj", "v_proj")` or `jnp.bfloat16`, and on the command line a value is read as a Python
-literal when it is one (`--config.lora.targets='("q_proj","v_proj")'`) and as a plain string
-otherwise (`--config.lora.targets=all-linear`, `--config.train.param_dtype=bfloat16`);
-`spec.validate` then reduces each to its canonical form.
+`lora.target_parameters`, `train.sample_prompts`) and the dtype fields are typed `object`: a
+config file may assign `("q_proj", "v_proj")` or `jnp.bfloat16`, and on the command line a
+value is read as a Python literal when it is one
+(`--config.lora.targets='("q_proj","v_proj")'`) and as a plain string otherwise
+(`--config.lora.targets=all-linear`, `--config.train.param_dtype=bfloat16`); `spec.validate`
+then reduces each to its canonical form.
 """
 
 from __future__ import annotations
@@ -106,6 +107,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.lora.rank_pattern = ""  # per-target ranks, e.g. "q_proj:16,v_proj:4"
     # Modules trained in full beside the adapters (e.g. classifier): a name or a list of them.
     c.lora.modules_to_save = _any(())
+    # A mixture of experts' expert weights (PEFT's target_parameters), which are parameters,
+    # not projections: e.g. 'mlp.experts.gate_up_proj,mlp.experts.down_proj'.
+    c.lora.target_parameters = _any(())
     # The frozen base under the adapters (jaxft.quant): 'none' keeps train.param_dtype; 'nf4'
     # is QLoRA's 4-bit NormalFloat exactly as bitsandbytes stores it; 'int8' per-channel absmax.
     c.lora.base_quant = "none"

@@ -8,7 +8,9 @@ leaves every logit bitwise equal to the base model's.
 Targets use Hugging Face module names, as PEFT's `target_modules` does: a list of names matches
 any module whose dotted path ends with one of them (`q_proj`, `c_attn`, `query`); a single
 string is a regular expression matched against full Hugging Face paths
-(`model.layers.3.self_attn.q_proj`).
+(`model.layers.3.self_attn.q_proj`). A mixture of experts' expert weights are parameters, not
+projections: `target_parameters` names them as PEFT's does (`mlp.experts.gate_up_proj`), and
+each gets an `ExpertLoRA`, one low-rank pair per expert.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from flax import nnx
 
 from jaxft import models
 from jaxft.errors import JaxftError
+from jaxft.models import experts
 from jaxft.models.layers import Dropout, Linear, is_output_head, linear_modules
 
 
@@ -40,6 +43,8 @@ class LoraConfig:
     use_dora: bool = False  # weight-decomposed LoRA: a trained magnitude per output feature
     rank_pattern: tuple[tuple[str, int], ...] = ()  # (module name, rank) overrides
     modules_to_save: tuple[str, ...] = ()  # non-LoRA modules that train fully (e.g. classifier)
+    # Expert weights (PEFT's target_parameters): names that end HF parameter paths
+    target_parameters: tuple[str, ...] = ()
 
     def rank_for(self, name: str) -> int:
         for key, rank in self.rank_pattern:
@@ -97,6 +102,37 @@ class LoRA(nnx.Module):
         return (rescale - 1) * projected.astype(update.dtype) + rescale * update
 
 
+class ExpertLoRA(nnx.Module):
+    """PEFT's LoRA on a stacked expert weight (`target_parameters`): each expert e adds
+    `x @ A_e @ B_e * scale` to its projection, A [E, in, r] and B [E, r, out]. PEFT holds them
+    as one `lora_A` [E·r, in] and one `lora_B` [out, r·E] (`jaxft.hf.adapters` converts);
+    like PEFT's, it takes no dropout and no DoRA."""
+
+    def __init__(self, num_experts: int, d_in: int, d_out: int, rank: int, scale: float, *,
+                 axes: tuple, layers: int | None, rngs: nnx.Rngs, param_dtype=jnp.float32):
+        lead = () if layers is None else (layers,)
+        lead_axes = () if layers is None else ("layers",)
+        # PEFT's kaiming_uniform(a=sqrt(5)) on lora_A [E·r, in]: U(-1/sqrt(in), 1/sqrt(in)).
+        bound = 1.0 / math.sqrt(d_in)
+        a = jax.random.uniform(rngs.params(), (*lead, num_experts, d_in, rank), param_dtype,
+                               -bound, bound)
+        self.lora_a = nnx.LoRAParam(a, axes=(*lead_axes, "experts", axes[0], None))
+        self.lora_b = nnx.LoRAParam(jnp.zeros((*lead, num_experts, rank, d_out), param_dtype),
+                                    axes=(*lead_axes, "experts", None, axes[1]))
+        self.scale = scale
+
+    def __call__(self, rows: jax.Array, group_sizes: jax.Array) -> jax.Array:
+        """The addition to the projection of `rows` [M, in], grouped by expert."""
+        a, b = self.lora_a[...].astype(rows.dtype), self.lora_b[...].astype(rows.dtype)
+        low = jax.lax.ragged_dot(rows, a, group_sizes)
+        return jax.lax.ragged_dot(low, b, group_sizes) * jnp.asarray(self.scale, rows.dtype)
+
+    def delta(self) -> jax.Array:
+        """scale·A·B per expert (and layer), float32, in the weight's [.., E, in, out] layout."""
+        return jnp.einsum("...ir,...ro->...io", self.lora_a[...].astype(jnp.float32),
+                          self.lora_b[...].astype(jnp.float32)) * self.scale
+
+
 def adapted_norm(weight: jax.Array, a: jax.Array, b: jax.Array, scale: float) -> jax.Array:
     """‖W + scale·A·B‖ over the inputs, per output feature (and layer), in float32: DoRA's
     denominator, PEFT's `get_weight_norm`."""
@@ -139,8 +175,16 @@ def hf_paths(model: nnx.Module, path: str) -> list[str]:
 
 
 def has_adapters(model: nnx.Module) -> bool:
-    """Whether any projection of `model` carries a LoRA adapter."""
-    return any(linear.adapter is not None for _, linear in linear_modules(model))
+    """Whether any projection or expert weight of `model` carries a LoRA adapter."""
+    return (any(linear.adapter is not None for _, linear in linear_modules(model))
+            or bool(expert_adapters(model)))
+
+
+def expert_adapters(model: nnx.Module) -> dict[tuple[str, str], ExpertLoRA]:
+    """{(jaxft path of the experts, weight name): adapter} for every adapted expert weight."""
+    return {(path, name): module.adapter(name)
+            for path, module in experts.expert_modules(model)
+            for name in experts.PARAMETERS if module.adapter(name) is not None}
 
 
 ALL_LINEAR = "all-linear"
@@ -201,18 +245,66 @@ def apply_lora(model: nnx.Module, cfg: LoraConfig, *, seed: int = 0) -> nnx.Modu
             linear.adapter.magnitude[...] = weight_norms(linear)
         applied.append(path)
     available = ", ".join(sorted({p.rsplit(".", 1)[-1] for p, _ in linear_modules(model)}))
-    if not applied:
+    routed = ("; its experts are parameters: lora.target_parameters="
+              "mlp.experts.gate_up_proj,mlp.experts.down_proj"
+              if model.config.routes_tokens else "")
+    if not applied and not cfg.target_parameters:
         raise JaxftError(f"lora.targets {_show(cfg.targets)} match no module of this "
-                         f"{model.config.model_type} model (its projections: {available})")
+                         f"{model.config.model_type} model (its projections: "
+                         f"{available}{routed})")
     if isinstance(cfg.targets, (list, tuple)):
         for target in cfg.targets:
             if not any(p == target or p.endswith("." + target) for p in applied):
-                routed = (", and its experts are not projections LoRA reaches"
-                          if model.config.routes_tokens else "")
                 raise JaxftError(f"lora target {target!r} matches no module of this "
                                  f"{model.config.model_type} model (its projections: "
                                  f"{available}; or 'all-linear'{routed})")
+    _apply_to_experts(model, cfg, rngs)
     return model
+
+
+def _apply_to_experts(model: nnx.Module, cfg: LoraConfig, rngs: nnx.Rngs) -> None:
+    """An `ExpertLoRA` on each expert weight `cfg.target_parameters` names."""
+    if not cfg.target_parameters:
+        return
+    if cfg.dropout or cfg.use_dora:
+        raise JaxftError("lora.target_parameters take no lora.dropout and no lora.use_dora "
+                         "(PEFT's adapters on parameters have neither)")
+    selected, matched, available = select_expert_weights(model, cfg.target_parameters)
+    for target in cfg.target_parameters:
+        if target not in matched:
+            raise JaxftError(
+                f"lora target parameter {target!r} matches no expert weight of this "
+                f"{model.config.model_type} model"
+                + (f" (its expert weights: {', '.join(available)})" if available
+                   else " (it has no experts: target_parameters are for mixtures of experts)"))
+    modules = dict(experts.expert_modules(model))
+    for path, name in selected:
+        weight = getattr(modules[path], name)
+        shape = weight.shape
+        rank = cfg.rank_for(name)
+        modules[path].set_adapter(name, ExpertLoRA(
+            shape[-3], shape[-2], shape[-1], rank, cfg.scale(rank),
+            axes=weight.get_metadata()["axes"][-2:],
+            layers=shape[0] if len(shape) == 4 else None, rngs=rngs))
+
+
+def select_expert_weights(model: nnx.Module, targets: Sequence[str]
+                          ) -> tuple[list[tuple[str, str]], set[str], list[str]]:
+    """PEFT's `target_parameters` rule on a model's expert weights: a target selects a weight
+    when it equals the weight's Hugging Face path or ends it after a dot. Returns the selected
+    (experts path, weight name) in the order the model defines them, the targets that selected
+    something, and every expert weight's name as a target would give it
+    (`mlp.experts.gate_up_proj`)."""
+    selected, matched, available = [], set(), set()
+    for path, _ in experts.expert_modules(model):
+        for name in experts.PARAMETERS:
+            names = [f"{layer}.{name}" for layer in hf_paths(model, path)]
+            available.add(re.sub(r"^.*?\.\d+\.", "", names[0]))
+            hits = {t for t in targets for n in names if n == t or n.endswith("." + t)}
+            if hits:
+                selected.append((path, name))
+                matched |= hits
+    return selected, matched, sorted(available)
 
 
 def _show(targets: Sequence[str] | str) -> str:
@@ -264,4 +356,9 @@ def merge_lora(model: nnx.Module) -> nnx.Module:
                 merged = merged * rescale[..., None, :]
             linear.kernel[...] = merged.astype(linear.kernel.dtype)
             linear.adapter = None
+    for (path, name), adapter in expert_adapters(model).items():
+        module = dict(experts.expert_modules(model))[path]
+        weight = getattr(module, name)
+        weight[...] = (weight[...].astype(jnp.float32) + adapter.delta()).astype(weight.dtype)
+        module.set_adapter(name, None)
     return model

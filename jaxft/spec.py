@@ -152,6 +152,8 @@ def validate(c: ml_collections.ConfigDict, device_count: int,
                                                  "config: train.compute_dtype", also=("auto",))
     c.lora.targets = config.lora_targets(c.lora.targets)
     c.lora.modules_to_save = config.names(c.lora.modules_to_save, "lora.modules_to_save")
+    c.lora.target_parameters = config.names(c.lora.target_parameters,
+                                            "lora.target_parameters")
     c.train.sample_prompts = config.texts(c.train.sample_prompts, "train.sample_prompts")
     _one_of("model.attention", c.model.attention, ATTENTION_IMPLEMENTATIONS)
     platform = platform or jax.default_backend()
@@ -251,7 +253,9 @@ def _lora_config(c: ml_collections.ConfigDict) -> lora.LoraConfig | None:
         targets=config.lora_targets(c.lora.targets), use_rslora=c.lora.use_rslora,
         use_dora=_lora_field(c, "use_dora"),
         rank_pattern=config.parse_rank_pattern(c.lora.rank_pattern),
-        modules_to_save=config.names(c.lora.modules_to_save, "lora.modules_to_save"))
+        modules_to_save=config.names(c.lora.modules_to_save, "lora.modules_to_save"),
+        target_parameters=config.names(_lora_field(c, "target_parameters"),
+                                       "lora.target_parameters"))
 
 
 def _quant_config(c: ml_collections.ConfigDict) -> quant.QuantConfig:

@@ -147,3 +147,188 @@ def test_expert_index_past_the_config_is_named(tmp_path):
     with pytest.raises(JaxftError, match=f"tensor {extra} is for expert 4 but the config has "
                                          "4 experts"):
         jaxft.from_pretrained(tmp_path)
+
+
+# ---------------------------------------------------------------------------------------------
+# LoRA on the experts: PEFT's target_parameters
+# ---------------------------------------------------------------------------------------------
+
+EXPERT_WEIGHTS = ("mlp.experts.gate_up_proj", "mlp.experts.down_proj")
+
+
+def with_expert_adapters(model_dir, targets=("q_proj",), parameters=EXPERT_WEIGHTS, seed=0):
+    """A jaxft model with adapters on `targets` and the expert weights `parameters`, every B
+    drawn non-zero so that each adapter changes the logits."""
+    from jaxft import lora
+
+    model = jaxft.from_pretrained(model_dir)
+    cfg = lora.LoraConfig(rank=2, alpha=6.0, targets=targets, target_parameters=parameters)
+    lora.apply_lora(model, cfg, seed=1)
+    rng = np.random.RandomState(seed)
+    factors = [a.lora_b for a in lora.expert_adapters(model).values()]
+    factors += [lin.adapter.lora_b for _, lin in lora.linear_modules(model) if lin.adapter]
+    for b in factors:
+        b[...] = jnp.asarray(rng.normal(0, 0.3, b.shape), jnp.float32)
+    return model, cfg
+
+
+@pytest.mark.parametrize("name, parameters", [
+    ("qwen3_moe_topk_norm", EXPERT_WEIGHTS),
+    ("mixtral_gqa_window", EXPERT_WEIGHTS),
+    ("qwen3_moe_top3_raw", ("mlp.experts.down_proj",)),
+])
+def test_expert_adapters_load_in_peft_with_jaxfts_logits(name, parameters, tmp_path):
+    """Exported, the adapters are PEFT's `target_parameters` adapters: `PeftModel` loads them
+    and computes jaxft's logits; merged, transformers computes them too."""
+    import peft
+
+    from jaxft.hf import adapters
+
+    hf = saved(name, tmp_path / "base")
+    model, cfg = with_expert_adapters(tmp_path / "base", parameters=parameters)
+    adapters.save_peft_adapter(model, cfg, tmp_path / "adapter")
+    config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert config["target_parameters"] == sorted(parameters)
+    ids, mask = hf_models.padded_batch()
+    real = mask.astype(bool)
+    got = np.asarray(model(jnp.asarray(ids), jnp.asarray(mask)))
+    base = np.asarray(jaxft.from_pretrained(tmp_path / "base")(jnp.asarray(ids),
+                                                                jnp.asarray(mask)))
+    assert np.abs(got[real] - base[real]).max() > 0.1  # the adapters do change the logits
+    peft_model = peft.PeftModel.from_pretrained(hf, tmp_path / "adapter").eval()
+    with torch.no_grad():
+        want = peft_model(torch.tensor(ids), attention_mask=torch.tensor(mask)).logits.numpy()
+    np.testing.assert_allclose(got[real], want[real], atol=1e-4, rtol=0)
+
+    from jaxft import lora
+
+    jaxft.save_pretrained(lora.merge_lora(model), tmp_path / "merged")
+    merged = hf_models.transformers.AutoModelForCausalLM.from_pretrained(
+        tmp_path / "merged", dtype=torch.float32).eval()
+    with torch.no_grad():
+        reloaded = merged(torch.tensor(ids), attention_mask=torch.tensor(mask)).logits.numpy()
+    np.testing.assert_allclose(reloaded[real], want[real], atol=1e-4, rtol=0)
+
+
+def test_expert_adapters_count_as_peft_counts(tmp_path):
+    """The same targets give PEFT's trainable parameter count."""
+    import peft
+
+    from jaxft import lora
+
+    hf = saved("mixtral_gqa_window", tmp_path)
+    model, cfg = with_expert_adapters(tmp_path)
+    peft_model = peft.get_peft_model(hf, peft.LoraConfig(
+        r=2, lora_alpha=6, target_modules=["q_proj"], target_parameters=list(EXPERT_WEIGHTS)))
+    trainable, _ = peft_model.get_nb_trainable_parameters()
+    from flax import nnx
+
+    assert lora.count_parameters(nnx.state(model, nnx.LoRAParam)) == trainable
+
+
+@pytest.mark.parametrize("name, change, message", [
+    ("qwen3_moe_topk_norm", {"target_parameters": ("mlp.experts.up_proj",)},
+     "lora target parameter 'mlp.experts.up_proj' matches no expert weight of this qwen3_moe "
+     "model (its expert weights: mlp.experts.down_proj, mlp.experts.gate_up_proj)"),
+    ("qwen3_moe_topk_norm", {"target_parameters": EXPERT_WEIGHTS, "dropout": 0.1},
+     "lora.target_parameters take no lora.dropout and no lora.use_dora"),
+    ("qwen3_qk_norm_mixed_window", {"target_parameters": EXPERT_WEIGHTS},
+     "it has no experts: target_parameters are for mixtures of experts"),
+    ("qwen3_moe_topk_norm", {"targets": ("gate_proj",)},
+     "its experts are parameters: lora.target_parameters=mlp.experts.gate_up_proj,"
+     "mlp.experts.down_proj"),
+])
+def test_expert_targets_that_do_not_fit_are_named(name, change, message, tmp_path):
+    import dataclasses
+
+    from jaxft import lora
+
+    saved(name, tmp_path)
+    model = jaxft.from_pretrained(tmp_path)
+    cfg = dataclasses.replace(lora.LoraConfig(targets=("q_proj",)), **change)
+    with pytest.raises(JaxftError) as err:
+        lora.apply_lora(model, cfg)
+    assert message in str(err.value)
+
+
+@pytest.mark.parametrize("name", ["qwen3_moe_topk_norm", "mixtral_gqa_window"])
+def test_peft_made_expert_adapters_import_with_peft_logits(name, tmp_path):
+    """An adapter PEFT made on the experts (and q_proj), with random factors, loads into
+    jaxft with PeftModel's logits."""
+    import peft
+
+    hf = saved(name, tmp_path / "base")
+    torch.manual_seed(3)
+    peft_model = peft.get_peft_model(hf, peft.LoraConfig(
+        r=3, lora_alpha=5, target_modules=["q_proj"], target_parameters=list(EXPERT_WEIGHTS),
+        init_lora_weights=False)).eval()
+    peft_model.save_pretrained(tmp_path / "adapter")
+    ids, mask = hf_models.padded_batch()
+    with torch.no_grad():
+        want = peft_model(torch.tensor(ids), attention_mask=torch.tensor(mask)).logits.numpy()
+    model = jaxft.from_pretrained(tmp_path / "base", adapter=tmp_path / "adapter")
+    got = np.asarray(model(jnp.asarray(ids), jnp.asarray(mask)))
+    real = mask.astype(bool)
+    np.testing.assert_allclose(got[real], want[real], atol=1e-4, rtol=0)
+
+
+def test_expert_adapter_of_another_rank_layout_is_named(tmp_path):
+    """lora_A rows must be experts × r: a file whose config says another rank is refused,
+    naming the tensor and the shapes expected."""
+    import peft
+
+    hf = saved("qwen3_moe_topk_norm", tmp_path / "base")
+    peft.get_peft_model(hf, peft.LoraConfig(
+        r=2, lora_alpha=4, target_modules=["q_proj"],
+        target_parameters=["mlp.experts.down_proj"])).save_pretrained(tmp_path / "adapter")
+    config_file = tmp_path / "adapter" / "adapter_config.json"
+    config_file.write_text(json.dumps({**json.loads(config_file.read_text()), "r": 3}))
+    with pytest.raises(JaxftError) as err:
+        jaxft.from_pretrained(tmp_path / "base", adapter=tmp_path / "adapter")
+    assert ("base_model.model.model.layers.0.mlp.experts.lora_A.weight and lora_B have shapes "
+            "(12, 32), (64, 12) but 6 experts of model.layers.0.mlp.experts.down_proj (32 in, "
+            "64 out, r=3) need (18, 32), (64, 18)") in str(err.value)
+
+
+@pytest.mark.slow
+def test_expert_lora_run_resumes_exactly_and_exports_to_peft(tmp_path):
+    """`jaxft.train` with adapters on the experts: the loss falls, a run resumed from its step-3
+    checkpoint logs the uninterrupted run's losses, and `jaxft.export` writes an adapter that
+    PeftModel loads with the run's logits."""
+    import shutil
+    import subprocess
+    import sys
+
+    import peft
+
+    from jaxft import train
+    from tests.tiny_run import (REPO, subprocess_env, tiny_config, tiny_model_dir,
+                                train_losses)
+
+    model_dir = tiny_model_dir(tmp_path / "model", "mixtral_gqa_window")
+    overrides = {"train.steps": 6, "checkpoint.every": 3, "data.eval_fraction": 0.0,
+                 "optim.lr": 1e-2, "lora.targets": ("q_proj",),
+                 "lora.target_parameters": ",".join(EXPERT_WEIGHTS)}
+    straight = tmp_path / "straight"
+    train.run(tiny_config(model_dir, straight, **overrides))
+    expected = train_losses(straight)
+    assert expected[6] < expected[1] - 0.1
+    resumed = tmp_path / "resumed"
+    shutil.copytree(straight, resumed)
+    shutil.rmtree(resumed / "checkpoints" / "6")
+    train.run(tiny_config(model_dir, resumed, **overrides))
+    assert train_losses(resumed) == expected
+
+    done = subprocess.run([sys.executable, "-m", "jaxft.export", f"--workdir={straight}",
+                           f"--out={tmp_path / 'adapter'}"], cwd=REPO, env=subprocess_env(1),
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    ids, mask = hf_models.padded_batch(vocab=50)
+    hf = hf_models.transformers.AutoModelForCausalLM.from_pretrained(model_dir,
+                                                                     dtype=torch.float32)
+    peft_model = peft.PeftModel.from_pretrained(hf, tmp_path / "adapter").eval()
+    with torch.no_grad():
+        want = peft_model(torch.tensor(ids), attention_mask=torch.tensor(mask)).logits.numpy()
+    model = jaxft.from_pretrained(model_dir, adapter=tmp_path / "adapter")
+    got = np.asarray(model(jnp.asarray(ids), jnp.asarray(mask)))
+    np.testing.assert_allclose(got[mask == 1], want[mask == 1], atol=1e-4, rtol=0)

@@ -10,6 +10,10 @@ whatever the kernel's own transform. A kernel the table stores untransposed (GPT
 DoRA adapters (`use_dora`) carry one more tensor per projection, PEFT's
 `<module>.lora_magnitude_vector` [out] (saved without a `.weight` suffix, as PEFT saves it).
 
+Adapters on a mixture of experts' expert weights are PEFT's `target_parameters`: one
+`lora_A` [E·r, in] and `lora_B` [out, r·E] per weight and layer, named by PEFT's nested
+wrappers (`_expert_factors`).
+
 Non-LoRA parameters that trained in full (`modules_to_save`) travel as their plain Hugging Face
 names under `base_model.model.`, as PEFT saves them. A task head jaxft may initialise itself
 (a classifier on an encoder checkpoint) always travels too: PyTorch would draw a different one.
@@ -34,7 +38,7 @@ from jaxft import dtypes, lora, models, outdir
 from jaxft.dtypes import DTypeLike
 from jaxft.errors import JaxftError, collected
 from jaxft.hf import hub, weights
-from jaxft.models import params
+from jaxft.models import experts, params
 from jaxft.models.layers import is_output_head, linear_modules
 
 CONFIG_NAME = "adapter_config.json"
@@ -53,7 +57,6 @@ UNSUPPORTED = {
     "layers_to_transform": "adapters on some layers only",
     "lora_bias": "a bias on lora_B",
     "use_qalora": "QALoRA",
-    "target_parameters": "LoRA on bare parameters",
     "trainable_token_indices": "trainable tokens",
     "alora_invocation_tokens": "activated LoRA",
     "megatron_config": "Megatron layers",
@@ -138,7 +141,7 @@ def save_peft_adapter(
     Only process 0 writes; every process must call it (factors are gathered from all).
     """
     target = dtypes.numpy_type(dtype, "dtype")
-    if not _adapted(model):
+    if not lora.has_adapters(model):
         raise JaxftError("the model has no LoRA adapters to save (save_pretrained writes it whole)")
     out = outdir.prepare(out_dir, overwrite=overwrite)
     tensors = {name: np.ascontiguousarray(value.astype(target))
@@ -172,12 +175,44 @@ def adapter_tensors(
             yield f"{PREFIX}{name}.lora_B.weight", layer_b.T  # out r
             if m is not None:
                 yield f"{PREFIX}{name}.{TENSOR_SUFFIXES['M']}", m[i] if stacked else m  # out
+    yield from _expert_factors(model)
     saved, _ = _saved_modules(model, lora_cfg)
     for name, value in params.export_tensors(
         saved, models.tensor_table(model), num_layers=model.config.num_hidden_layers,
         with_base_prefix=model.config.has_base_prefix,
     ):
         yield PREFIX + name, value
+
+
+def _expert_factors(model: nnx.Module) -> Iterator[tuple[str, np.ndarray]]:
+    """PEFT's tensors for the adapters on expert weights (`target_parameters`).
+
+    PEFT wraps each targeted weight of a module in its own `ParamWrapper`, nested in the order
+    the module defines its weights (the first innermost), so with both of an `experts` module's
+    weights adapted `gate_up_proj`'s factors are `experts.base_layer.lora_A` and `down_proj`'s
+    `experts.lora_A`. Its `lora_A` [E·r, in] stacks the experts' A_e [r, in] expert by expert;
+    its `lora_B` [out, r·E] interleaves them, column j·E + e being column j of B_e."""
+    adapters = lora.expert_adapters(model)
+    for path in dict.fromkeys(p for p, _ in adapters):
+        names = [n for n in experts.PARAMETERS if (path, n) in adapters]
+        for name, wrapper in _nested_wrappers(names):
+            a = params.to_host(adapters[path, name].lora_a[...])  # [L,] E in r
+            b = params.to_host(adapters[path, name].lora_b[...])  # [L,] E r out
+            stacked = a.ndim == 4
+            for i, module in enumerate(lora.hf_paths(model, path)):
+                layer_a, layer_b = (a[i], b[i]) if stacked else (a, b)
+                e, d_in, r = layer_a.shape
+                yield (f"{PREFIX}{module}.{wrapper}lora_A.weight",
+                       layer_a.transpose(0, 2, 1).reshape(e * r, d_in))
+                yield (f"{PREFIX}{module}.{wrapper}lora_B.weight",
+                       layer_b.transpose(2, 1, 0).reshape(layer_b.shape[-1], r * e))
+
+
+def _nested_wrappers(names: list[str]) -> list[tuple[str, str]]:
+    """(weight, where PEFT's factors for it sit below the module) for the adapted weights of
+    one module, in the order it defines them: each later wrapper wraps the earlier ones, so the
+    first is deepest (`base_layer.base_layer.…`) and the last is the module's own."""
+    return [(name, "base_layer." * (len(names) - 1 - depth)) for depth, name in enumerate(names)]
 
 
 def _saved_modules(model: nnx.Module, lora_cfg: lora.LoraConfig) -> tuple[nnx.State, list[str]]:
@@ -234,11 +269,12 @@ def peft_config(
         "lora_alpha": lora_cfg.alpha,
         "lora_dropout": lora_cfg.dropout,
         "use_rslora": lora_cfg.use_rslora,
-        "target_modules": _target_modules(table, adapted, saved_names),
+        "target_modules": _target_modules(table, adapted, saved_names) if adapted else [],
+        "target_parameters": _target_parameters(model) or None,
         "rank_pattern": _patterns(table, ranks, lora_cfg.rank),
         "alpha_pattern": _patterns(table, alphas, lora_cfg.alpha),
         "modules_to_save": saved_names or None,
-        "fan_in_fan_out": all(table[p].fan_in_fan_out for p in adapted),
+        "fan_in_fan_out": bool(adapted) and all(table[p].fan_in_fan_out for p in adapted),
         "bias": "none",
         "lora_bias": False,
         "use_dora": any(a.magnitude is not None for a in adapted.values()),
@@ -261,6 +297,14 @@ def _target_modules(table: dict[str, Site], adapted: dict, saved: list[str]) -> 
     if selected == set(adapted):
         return names
     return "|".join(re.escape(table[p].hf).replace(re.escape("{L}"), r"\d+") for p in adapted)
+
+
+def _target_parameters(model: nnx.Module) -> list[str]:
+    """PEFT's names of the adapted expert weights, as they end each layer's parameter path
+    (`mlp.experts.gate_up_proj`)."""
+    adapted = lora.expert_adapters(model)
+    _, _, names = lora.select_expert_weights(model, ())
+    return [n for n in names if any(n.endswith("." + weight) for _, weight in adapted)]
 
 
 def _patterns(table: dict[str, Site], values: dict[str, float], default: float) -> dict:
@@ -293,14 +337,15 @@ def load_peft_adapter(model: nnx.Module, adapter_dir: str | os.PathLike) -> lora
     directory = hub.resolve(adapter_dir)
     source = str(directory)
     config = read_adapter_config(directory)
-    if _adapted(model):
+    if lora.has_adapters(model):
         raise JaxftError(f"{source}: the model already has LoRA adapters")
     if config.get("task_type") == "SEQ_CLS" and task_type(model) != "SEQ_CLS":
         raise JaxftError(f"{source}: a sequence-classification adapter needs a classifier "
                          "base (load it with num_labels=<the adapter's number of classes>)")
     table = sites(model)
-    plan = _plan(model, table, config, source)
+    plan = _plan(model, table, config, source) if config.get("target_modules") else {}
     tensors = _read_weights(directory)
+    expert_factors, parameters = _expert_factors_in(model, config, tensors, source)
     dora = bool(config.get("use_dora", False))
     factors, others = _split_factors(model, table, plan, tensors, source, dora=dora)
 
@@ -313,9 +358,14 @@ def load_peft_adapter(model: nnx.Module, adapter_dir: str | os.PathLike) -> lora
         dropout=float(config.get("lora_dropout", 0.0)), targets=tuple(plan),
         use_rslora=bool(config.get("use_rslora", False)), use_dora=dora,
         rank_pattern=tuple((p, r) for p, (r, _) in plan.items() if r != rank),
-        modules_to_save=saved)
+        modules_to_save=saved, target_parameters=parameters)
     state = _saved_state(model, others, source)
     lora.apply_lora(model, cfg)
+    for key, (a, b) in expert_factors.items():
+        adapter = lora.expert_adapters(model)[key]
+        adapter.scale = cfg.scale(a.shape[-1])
+        adapter.lora_a[...] = a.astype(adapter.lora_a.dtype)
+        adapter.lora_b[...] = b.astype(adapter.lora_b.dtype)
     linears = dict(linear_modules(model))
     for path, (_, scale) in plan.items():
         adapter = linears[path].adapter
@@ -345,7 +395,7 @@ def read_adapter_config(directory: Path) -> dict[str, Any]:
             raise JaxftError(f"{file}: {option}={config[option]!r} ({what}) is not supported")
     if config.get("bias", "none") != "none":
         raise JaxftError(f"{file}: bias={config['bias']!r} is not supported (only 'none')")
-    if not config.get("target_modules"):
+    if not config.get("target_modules") and not config.get("target_parameters"):
         raise JaxftError(f"{file}: target_modules is not set")
     return config
 
@@ -402,6 +452,51 @@ def _pattern_value(pattern: dict, key: str, default: float) -> float:
         if re.match(rf"(.*\.)?({p})$", key):
             return value
     return default
+
+
+def _expert_factors_in(model: nnx.Module, config: dict, tensors: dict[str, np.ndarray],
+                       source: str) -> tuple[dict, tuple[str, ...]]:
+    """The factors of PEFT's adapters on expert weights (`target_parameters`), taken out of
+    `tensors` and laid out as jaxft's ({(experts path, weight): (A [L, E, in, r], B [L, E, r,
+    out])}), and the targets that matched; the inverse of `_expert_factors`."""
+    targets = tuple(config.get("target_parameters") or ())
+    if not targets:
+        return {}, ()
+    rank = int(config.get("r", 8))
+    selected, matched, _ = lora.select_expert_weights(model, targets)
+    modules = dict(experts.expert_modules(model))
+    found, problems = {}, []
+    for path in dict.fromkeys(p for p, _ in selected):
+        module, layers = modules[path], lora.hf_paths(model, path)
+        names = [n for p, n in selected if p == path]
+        for name, wrapper in _nested_wrappers(names):
+            count, d_in, d_out = getattr(module, name).shape[-3:]
+            per_layer = []
+            for hf_module in layers:
+                keys = [f"{PREFIX}{hf_module}.{wrapper}lora_{x}.weight" for x in "AB"]
+                missing = [k for k in keys if k not in tensors]
+                if missing:
+                    problems.append(f"missing tensor {missing[0]}")
+                    continue
+                a, b = (tensors.pop(k) for k in keys)
+                want = {"A": (count * rank, d_in), "B": (d_out, rank * count)}
+                if a.shape != want["A"] or b.shape != want["B"]:
+                    problems.append(
+                        f"{keys[0]} and lora_B have shapes {tuple(a.shape)}, {tuple(b.shape)} "
+                        f"but {count} experts of {hf_module}.{name} ({d_in} in, {d_out} out, "
+                        f"r={rank}) need {want['A']}, {want['B']}")
+                    continue
+                per_layer.append((a.reshape(count, rank, d_in).transpose(0, 2, 1),
+                                  b.reshape(d_out, rank, count).transpose(2, 1, 0)))
+            if len(per_layer) == len(layers):
+                found[path, name] = tuple(np.stack(f) for f in zip(*per_layer))
+    for target in targets:
+        if target not in matched:
+            problems.append(f"target_parameters entry {target!r} matches no expert weight of "
+                            f"this {model.config.model_type} model")
+    if problems:
+        raise collected(source, problems)
+    return found, tuple(t for t in targets if t in matched)
 
 
 def _read_weights(directory: Path) -> dict[str, np.ndarray]:

@@ -13,6 +13,7 @@ Expert weights are stored as transformers 5 holds them fused, transposed to jaxf
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
 from typing import NamedTuple
 
 import jax
@@ -23,6 +24,11 @@ from jaxft.kernels.swiglu import swiglu
 from jaxft.models import layers
 
 Array = jax.Array
+# An adapter on an expert projection: (rows grouped by expert, group sizes) -> its addition.
+Extra = Callable[[Array, Array], Array]
+# The expert weights an adapter can sit on, in the order transformers defines them (which is the
+# order PEFT nests its wrappers in).
+PARAMETERS = ("gate_up_proj", "down_proj")
 
 
 class RouterStats(NamedTuple):
@@ -54,13 +60,15 @@ def route(logits: Array, k: int, normalize: bool) -> tuple[Array, Array, Array]:
     return weights, indices, probs
 
 
-def grouped_swiglu(x: Array, weights: Array, indices: Array, gate_up: Array,
-                   down: Array) -> Array:
+def grouped_swiglu(x: Array, weights: Array, indices: Array, gate_up: Array, down: Array, *,
+                   gate_up_extra: Extra | None = None,
+                   down_extra: Extra | None = None) -> Array:
     """Σⱼ weightsⱼ · down_e(silu(gate_e(x)) · up_e(x)) over each token's experts e = indicesⱼ.
 
     x [N, D], weights and indices [N, k], gate_up [E, D, 2F], down [E, F, D]. The N·k token
     copies are sorted by expert (a stable sort: tokens keep their order inside each expert) so
-    each expert's rows are contiguous for `ragged_dot`, then put back and summed.
+    each expert's rows are contiguous for `ragged_dot`, then put back and summed. An `extra`
+    (an adapter: `extra(rows, group_sizes)`) adds to its projection's output.
     """
     n, k = indices.shape
     experts = gate_up.shape[0]
@@ -68,8 +76,14 @@ def grouped_swiglu(x: Array, weights: Array, indices: Array, gate_up: Array,
     order = jnp.argsort(flat, stable=True)
     rows = x[order // k]  # [N·k, D], grouped by expert
     sizes = jnp.bincount(flat, length=experts).astype(jnp.int32)
-    gate, up = jnp.split(jax.lax.ragged_dot(rows, gate_up, sizes), 2, axis=-1)
-    out = jax.lax.ragged_dot(swiglu(gate, up), down, sizes)  # [N·k, D]
+    projected = jax.lax.ragged_dot(rows, gate_up, sizes)
+    if gate_up_extra is not None:
+        projected = projected + gate_up_extra(rows, sizes).astype(projected.dtype)
+    gate, up = jnp.split(projected, 2, axis=-1)
+    hidden = swiglu(gate, up)
+    out = jax.lax.ragged_dot(hidden, down, sizes)  # [N·k, D]
+    if down_extra is not None:
+        out = out + down_extra(hidden, sizes).astype(out.dtype)
     unsorted = jnp.zeros_like(out).at[order].set(out, unique_indices=True)
     mixed = jnp.einsum("nkd,nk->nd", unsorted.reshape(n, k, -1).astype(jnp.float32),
                        weights.astype(jnp.float32))
@@ -91,7 +105,9 @@ class Router(nnx.Module):
 
 
 class Experts(nnx.Module):
-    """`mlp.experts`: E gated MLPs of width F, stacked."""
+    """`mlp.experts`: E gated MLPs of width F, stacked. Each weight may carry an adapter
+    (`<weight>_adapter`, PEFT's `target_parameters`: `jaxft.lora.ExpertLoRA`), which the model
+    only calls."""
 
     def __init__(self, d: int, f: int, experts: int, *, rngs: nnx.Rngs, param_dtype,
                  dtype=None):
@@ -100,13 +116,31 @@ class Experts(nnx.Module):
                                          ("experts", "embed", "mlp"), param_dtype)
         self.down_proj = layers.param(rngs, init, (experts, f, d), ("experts", "mlp", "embed"),
                                       param_dtype)
+        self.gate_up_proj_adapter: nnx.Module | None = nnx.data(None)
+        self.down_proj_adapter: nnx.Module | None = nnx.data(None)
         self.dtype = dtype
+
+    def adapter(self, name: str) -> nnx.Module | None:
+        """The adapter on the weight `name` (one of `PARAMETERS`), or None."""
+        return getattr(self, f"{name}_adapter")
+
+    def set_adapter(self, name: str, adapter: nnx.Module | None) -> None:
+        setattr(self, f"{name}_adapter", adapter)
 
     def __call__(self, x: Array, weights: Array, indices: Array) -> Array:
         dtype = self.dtype or self.gate_up_proj[...].dtype
         return grouped_swiglu(x.astype(dtype), weights, indices,
                               self.gate_up_proj[...].astype(dtype),
-                              self.down_proj[...].astype(dtype))
+                              self.down_proj[...].astype(dtype),
+                              gate_up_extra=self.gate_up_proj_adapter,
+                              down_extra=self.down_proj_adapter)
+
+
+def expert_modules(model: nnx.Module) -> Iterator[tuple[str, Experts]]:
+    """(dotted path, module) for every `Experts` of a model: where expert adapters attach."""
+    for path, module in nnx.iter_modules(model):
+        if isinstance(module, Experts):
+            yield ".".join(str(p) for p in path), module
 
 
 class SparseMoeBlock(nnx.Module):

@@ -69,6 +69,9 @@ def _forward_terms(model: nnx.Module, seq_len: int,
         matmul += cfg.vocab_size * cfg.hidden_size
     if cfg.routes_tokens:  # the routers and experts live in the layers, outside linear_modules
         matmul += cfg.routed_params_per_token
+        on_experts = sum(lora.count_parameters(nnx.state(adapter, nnx.LoRAParam))
+                         for adapter in lora.expert_adapters(model).values())
+        adapters += on_experts * cfg.num_experts_per_tok // cfg.num_experts
     width = cfg.head_dim * cfg.num_attention_heads
     return matmul, adapters, 4 * seq_len * width * cfg.num_hidden_layers
 
