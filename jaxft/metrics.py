@@ -16,6 +16,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from tqdm.auto import tqdm
 
 from jaxft import dpo, progress, tasks
@@ -154,8 +156,9 @@ class LogWindow:
 
     def add(self, window: dict[str, Any]) -> int:
         """Fold in a window read from the devices; returns its number of non-finite steps."""
-        for k in self.sums:
-            self.sums[k] += float(window[k])
+        for k in self.sums:  # scalars, and a mixture of experts' load per expert
+            value = np.asarray(window[k], np.float64)
+            self.sums[k] = self.sums[k] + (value if value.ndim else float(value))
         self.grad_norm = float(window["grad_norm"])
         if window["nonfinite"] and not self.first_nonfinite:
             self.first_nonfinite = int(window["first_nonfinite"])
@@ -174,4 +177,16 @@ class LogWindow:
             out["train_examples"] = int(self.sums["count"])
         else:  # the tokens the loss was taken on (padding and prompts excluded)
             out["train_tokens"] = int(self.sums["count"])
+        if "expert_load" in self.sums:
+            out.update(router_metrics(self.sums["aux_loss_sum"] / count,
+                                      np.asarray(self.sums["expert_load"])))
         return out
+
+
+def router_metrics(aux_loss: float, load: np.ndarray) -> dict[str, float]:
+    """A mixture of experts' routing as log scalars: transformers' load-balancing loss, and the
+    busiest and idlest experts' shares of the tokens' expert choices as multiples of an even
+    share (1.0 each when perfectly balanced; 0 for an expert no token chose)."""
+    even = max(float(load.sum()), 1.0) / len(load)
+    return {"router_aux_loss": float(aux_loss), "expert_load_max": float(load.max()) / even,
+            "expert_load_min": float(load.min()) / even}

@@ -249,7 +249,7 @@ def _run(cfg: ml_collections.ConfigDict, preemption: Preemption) -> dict[str, An
         return bool(every[kind]) and n % every[kind] == 0
 
     def new_window() -> LogWindow:
-        return LogWindow(run_spec.task, train_step.sum_names(run_spec.task))
+        return LogWindow(run_spec.task, step.window_sums)
 
     def log_line(at: int, window: LogWindow, skipped: int, bar: Any) -> dict[str, Any]:
         """A metrics line for the steps of `window`, written and shown on the bar (or, with no

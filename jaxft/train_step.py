@@ -29,7 +29,7 @@ from jax.sharding import Mesh
 
 from jaxft import dpo, lora, optim, sharding, tasks
 from jaxft.kernels.cross_entropy import head_cross_entropy
-from jaxft.models import layers
+from jaxft.models import experts, layers
 from jaxft.spec import RunSpec
 
 Batch = dict[str, jax.Array]
@@ -60,9 +60,14 @@ def lm_losses(model: nnx.Module, batch: Batch) -> dict[str, jax.Array]:
         logp = jax.nn.log_softmax(out.astype(jnp.float32), axis=-1)
         nll = -jnp.take_along_axis(logp, batch["targets"][..., None], axis=-1)[..., 0]  # B T
         loss_sum = jnp.sum(nll * mask)
-    if routed and model.config.aux_loss_coef:
-        loss_sum = loss_sum + model.config.aux_loss_coef * aux * count
-    return {"loss_sum": loss_sum, "count": count}
+    if not routed:
+        return {"loss_sum": loss_sum, "count": count}
+    balance = experts.load_balancing_loss(aux)
+    if model.config.aux_loss_coef:
+        loss_sum = loss_sum + model.config.aux_loss_coef * balance * count
+    # token-weighted, as the loss is, so the logged mean over a window is the aux loss
+    return {"loss_sum": loss_sum, "count": count, "aux_loss_sum": balance * count,
+            "expert_load": aux.load}
 
 
 def classifier_logits(model: nnx.Module, batch: Batch) -> jax.Array:
@@ -120,15 +125,33 @@ def zero_sums(task: str, num_labels: int | None = None) -> dict[str, np.ndarray]
     return sums
 
 
-def zero_window(task: str) -> dict[str, np.ndarray]:
+# What a mixture of experts adds to the training window: its load-balancing loss (summed as
+# the loss is, over tokens) and how many of the tokens' expert choices went to each expert.
+ROUTER_SUMS = ("aux_loss_sum", "expert_load")
+
+
+def routed_experts(model: nnx.Module) -> int:
+    """The experts a model routes tokens to (0: a dense model)."""
+    return model.config.num_experts if model.config.routes_tokens else 0
+
+
+def router_sums(num_experts: int) -> dict[str, np.ndarray]:
+    """`ROUTER_SUMS` as zeros for a model with `num_experts` experts (none for a dense one)."""
+    if not num_experts:
+        return {}
+    return {"aux_loss_sum": np.zeros((), np.float32),
+            "expert_load": np.zeros((num_experts,), np.float32)}
+
+
+def zero_window(task: str, num_experts: int = 0) -> dict[str, np.ndarray]:
     """An empty logging window: what the train step accumulates between two host reads.
 
     `loss_sum`/`count` (and `correct`) sum over the window's finite steps, so the logged loss is
     their token-weighted mean (a skipped step trained nothing); `nonfinite` counts the skipped
     steps and `first_nonfinite` is the first one's number (0: none); `grad_norm` is the last
-    step's.
+    step's. A mixture of experts' window also sums `ROUTER_SUMS`.
     """
-    return {**zero_sums(task), "nonfinite": np.zeros((), np.int32),
+    return {**zero_sums(task), **router_sums(num_experts), "nonfinite": np.zeros((), np.int32),
             "first_nonfinite": np.zeros((), np.int32), "grad_norm": np.zeros((), np.float32)}
 
 
@@ -145,7 +168,7 @@ def fresh_dropout_keys(dropout: nnx.State, rng: jax.Array) -> nnx.State:
 
 def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, *, task: str,
                     accum_steps: int = 1, seed: int = 0,
-                    preference: dpo.DpoConfig | None = None) -> Callable:
+                    preference: dpo.DpoConfig | None = None, num_experts: int = 0) -> Callable:
     """`step(trainable, frozen, dropout, opt_state, window, batch, number) -> (trainable,
     opt_state, window)`, where `number` is the 0-based step being taken; batch arrays have the
     global batch as their leading dimension.
@@ -153,11 +176,12 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, *,
     A step whose loss or gradient is not finite leaves parameters and optimizer state untouched
     and is counted in the window, so no saved state ever follows a NaN. Dropout keys are
     `fold_in(PRNGKey(seed), number)`: a pure function of the step, so a resumed run draws
-    exactly the keys an uninterrupted one would, with no RNG state to checkpoint.
+    exactly the keys an uninterrupted one would, with no RNG state to checkpoint. A mixture of
+    experts (`num_experts`) also sums its routing into the window (`ROUTER_SUMS`).
     """
     losses_fn = task_losses(task, preference)
-
-    names = sum_names(task)
+    zeros_sums = {**zero_sums(task), **router_sums(num_experts)}
+    names = tuple(zeros_sums)
 
     def loss(trainable, frozen, dropout, micro):
         model = nnx.merge(graphdef, trainable, frozen, dropout)
@@ -179,7 +203,7 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, *,
             return (grads_sum, jax.tree.map(jnp.add, sums, out)), None
 
         zeros = jax.tree.map(lambda x: jnp.zeros(x.shape, jnp.float32), trainable)
-        (grads, sums), _ = jax.lax.scan(body, (zeros, zero_sums(task)),
+        (grads, sums), _ = jax.lax.scan(body, (zeros, zeros_sums),
                                         (jnp.arange(accum_steps), micro))
         count = jnp.maximum(sums["count"], 1.0)
         grads = jax.tree.map(lambda g, p: (g / count).astype(p.dtype), grads, trainable)
@@ -213,7 +237,7 @@ def make_eval_step(graphdef: nnx.GraphDef, *, task: str,
 
     def eval_step(trainable, frozen, dropout, sums, batch):
         out = losses_fn(nnx.merge(graphdef, trainable, frozen, dropout), batch)
-        return jax.tree.map(jnp.add, sums, out)
+        return {k: sums[k] + out[k] for k in sums}  # (a router's statistics are training's)
 
     return eval_step
 
@@ -279,6 +303,7 @@ class Step(Evaluation):
     tx: optax.GradientTransformation
     schedule: optax.Schedule
     train: Callable
+    num_experts: int = 0  # a mixture of experts: its window also sums `ROUTER_SUMS`
 
     def place(self, states: dict[str, nnx.State]) -> dict[str, Any]:
         """`Evaluation.place`, plus the optimizer state."""
@@ -295,7 +320,12 @@ class Step(Evaluation):
 
     def zero_window(self) -> dict[str, jax.Array]:
         """An empty logging window, on the devices."""
-        return jax.device_put(zero_window(self.task), self.replicated)
+        return jax.device_put(zero_window(self.task, self.num_experts), self.replicated)
+
+    @property
+    def window_sums(self) -> tuple[str, ...]:
+        """The sums of the window the host folds into its log lines."""
+        return sum_names(self.task) + (ROUTER_SUMS if self.num_experts else ())
 
 
 def split(model: nnx.Module, lora_cfg: lora.LoraConfig | None
@@ -361,13 +391,14 @@ def build(model: nnx.Module, run: RunSpec, mesh: Mesh) -> tuple[Step, dict[str, 
     train = jax.jit(
         sharding.traced_under(mesh, make_train_step(
             graphdef, tx, task=run.task, accum_steps=run.train.accum_steps, seed=run.train.seed,
-            preference=run.dpo)),
+            preference=run.dpo, num_experts=routed_experts(model))),
         in_shardings=(shardings["trainable"], shardings["frozen"], shardings["dropout"],
                       shardings["opt_state"], replicated, None, replicated),
         out_shardings=(shardings["trainable"], shardings["opt_state"], replicated),
         donate_argnums=(0, 3, 4))
     fields = {f.name: getattr(evaluation, f.name) for f in dataclasses.fields(Evaluation)}
-    return Step(**fields, graphdef=graphdef, tx=tx, schedule=schedule, train=train), states
+    return Step(**fields, graphdef=graphdef, tx=tx, schedule=schedule, train=train,
+                num_experts=routed_experts(model)), states
 
 
 def _is_abstract(state: Any) -> bool:

@@ -18,6 +18,7 @@ import torch
 import jaxft
 from jaxft import train_step
 from jaxft.errors import JaxftError
+from jaxft.models import experts
 from tests import hf_models
 
 MOE = ["qwen3_moe_topk_norm", "qwen3_moe_top3_raw", "mixtral_gqa_window"]
@@ -45,7 +46,8 @@ def test_training_loss_is_transformers_loss_with_its_aux_loss(name, tmp_path):
         out = hf(torch.tensor(ids), attention_mask=torch.tensor(mask),
                  labels=torch.tensor(labels))
     model = jaxft.from_pretrained(tmp_path)
-    _, aux = model(jnp.asarray(ids), jnp.asarray(mask), return_router=True)
+    _, routing = model(jnp.asarray(ids), jnp.asarray(mask), return_router=True)
+    aux = experts.load_balancing_loss(routing)
     np.testing.assert_allclose(float(aux), float(out.aux_loss), rtol=1e-5)
     batch = {"input_ids": jnp.asarray(ids), "segment_ids": jnp.asarray(mask, jnp.int32),
              "positions": jnp.broadcast_to(jnp.arange(ids.shape[1]), ids.shape),
@@ -302,8 +304,8 @@ def test_expert_lora_run_resumes_exactly_and_exports_to_peft(tmp_path):
     import peft
 
     from jaxft import train
-    from tests.tiny_run import (REPO, subprocess_env, tiny_config, tiny_model_dir,
-                                train_losses)
+    from tests.tiny_run import (REPO, read_metrics, subprocess_env, tiny_config,
+                                tiny_model_dir, train_losses)
 
     model_dir = tiny_model_dir(tmp_path / "model", "mixtral_gqa_window")
     overrides = {"train.steps": 6, "checkpoint.every": 3, "data.eval_fraction": 0.0,
@@ -313,6 +315,10 @@ def test_expert_lora_run_resumes_exactly_and_exports_to_peft(tmp_path):
     train.run(tiny_config(model_dir, straight, **overrides))
     expected = train_losses(straight)
     assert expected[6] < expected[1] - 0.1
+    logged = [m for m in read_metrics(straight) if "train_loss" in m]
+    # the routing of each window: its aux loss, and the busiest and idlest experts' shares
+    assert all(m["expert_load_max"] >= 1.0 >= m["expert_load_min"] >= 0.0 for m in logged)
+    assert all(m["router_aux_loss"] > 0 for m in logged)
     resumed = tmp_path / "resumed"
     shutil.copytree(straight, resumed)
     shutil.rmtree(resumed / "checkpoints" / "6")

@@ -6,9 +6,10 @@ differs between them is data: how many experts and of what width, whether the to
 renormalised (Mixtral always, Qwen `norm_topk_prob`), and the names of their tensors, which
 their own modules (`qwen3_moe`, `mixtral`) declare.
 
-A call returns what a dense decoder returns; `return_router=True` also returns the
-load-balancing loss, which `jaxft.train_step` adds to the training loss with
-`router_aux_loss_coef` as transformers does when `output_router_logits` is on.
+A call returns what a dense decoder returns; `return_router=True` also returns the routing
+statistics, from which `jaxft.train_step` computes the load-balancing loss (added to the
+training loss with `router_aux_loss_coef` as transformers adds it when `output_router_logits`
+is on) and logs it with each expert's share of the tokens.
 """
 
 from __future__ import annotations
@@ -144,8 +145,9 @@ class Model(llama.Model):
     def __call__(self, input_ids, attention_mask=None, *, segment_ids=None, positions=None,
                  cache=None, return_hidden: bool = False, return_router: bool = False):
         """As `llama.Model.__call__`; with `return_router` the output comes as a pair whose
-        second item is the load-balancing loss over the tokens that are not padding (those of
-        `attention_mask`, or of a segment), as transformers' `load_balancing_loss_func`."""
+        second item is the routing of the tokens that are not padding (those of
+        `attention_mask`, or of a segment), summed over the layers (`experts.RouterStats`:
+        what transformers' `load_balancing_loss_func` is computed from)."""
         counted = (segment_ids > 0 if segment_ids is not None
                    else jnp.ones(input_ids.shape, bool) if attention_mask is None
                    else attention_mask > 0)
@@ -167,5 +169,4 @@ class Model(llama.Model):
         out = out if cache is None else (out, cache)
         if not return_router:
             return out
-        summed = experts.RouterStats(*(jnp.sum(s, axis=0) for s in stats))
-        return out, experts.load_balancing_loss(summed)
+        return out, experts.RouterStats(*(jnp.sum(s, axis=0) for s in stats))

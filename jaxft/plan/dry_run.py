@@ -163,7 +163,7 @@ def make_plan(cfg: ml_collections.ConfigDict, topology: Target | None = None) ->
     batch = abstract_batch(run, mesh)
     scalars = jax.tree.map(  # the step's running sums and its number: a few replicated scalars
         lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=step.replicated),
-        (train_step.zero_window(run.task), train_step.step_number(0)))
+        (train_step.zero_window(run.task, step.num_experts), train_step.step_number(0)))
     window, number = scalars
     lowered = step.train.lower(placed["trainable"], placed["frozen"], placed["dropout"],
                                placed["opt_state"], window, batch, number)
