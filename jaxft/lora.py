@@ -27,7 +27,7 @@ from flax import nnx
 
 from jaxft import models
 from jaxft.errors import JaxftError
-from jaxft.models import experts
+from jaxft.models import experts, moe
 from jaxft.models.layers import Dropout, Linear, is_output_head, linear_modules
 
 
@@ -171,7 +171,7 @@ def weight_norms(linear: Linear) -> jax.Array:
 def hf_paths(model: nnx.Module, path: str) -> list[str]:
     """The Hugging Face module paths a jaxft module path of `model` stands for (one per layer
     when it sits in the stacked layers), read from the family's tensor table."""
-    return models.tensor_table(model).layer_paths(path, model.config.num_hidden_layers)
+    return models.tensor_table(model.config).layer_paths(path, model.config.num_hidden_layers)
 
 
 def has_adapters(model: nnx.Module) -> bool:
@@ -205,15 +205,29 @@ def target_matches(targets: str | Sequence[str], name: str) -> bool:
 
 
 def _matches(cfg: LoraConfig, model: nnx.Module, path: str) -> bool:
+    dense_mlp = _in_dense_mlp(model, path)
     if is_all_linear(cfg.targets):
-        return not is_output_head(path)
+        return not is_output_head(path) and not dense_mlp
     if not isinstance(cfg.targets, str) and path in cfg.targets:  # a jaxft path, as adapters
         return True  # passes the projections a PEFT adapter names
     hits = [target_matches(cfg.targets, name) for name in hf_paths(model, path)]
     if any(hits) and not all(hits):
         raise JaxftError(f"lora.targets {_show(cfg.targets)} select only some layers of "
                          f"{path}; adapters apply to all layers of a module or none")
+    if all(hits) and dense_mlp:
+        raise JaxftError(
+            f"lora.targets {_show(cfg.targets)} select {hf_paths(model, path)[0]}, the MLP of "
+            f"a dense layer of this {model.config.model_type} model, which PEFT cannot adapt "
+            "(it reads MLP projection names on a mixture of experts as its experts): target "
+            "the experts with lora.target_parameters=mlp.experts.gate_up_proj,"
+            "mlp.experts.down_proj")
     return all(hits)
+
+
+def _in_dense_mlp(model: nnx.Module, path: str) -> bool:
+    """A projection of the dense MLP a mixture of experts keeps in some layers."""
+    return (model.config.routes_tokens and path.startswith(moe.DENSE_STACK)
+            and ".mlp." in path)
 
 
 def apply_lora(model: nnx.Module, cfg: LoraConfig, *, seed: int = 0) -> nnx.Module:

@@ -101,10 +101,12 @@ CAUSAL_CONFIGS = {
     "qwen3_moe_topk_norm": lambda: transformers.Qwen3MoeConfig(
         **_SMALL, head_dim=16, moe_intermediate_size=32, num_experts=6, num_experts_per_tok=2,
         norm_topk_prob=True, initializer_range=0.1),
-    # Qwen3-MoE's own default: top-3 of 5 experts as the softmax gives them, a tied head.
+    # Qwen3-MoE's own default: top-3 of 5 experts as the softmax gives them, a tied head; the
+    # second of four layers keeps a dense MLP of width 96 (mlp_only_layers).
     "qwen3_moe_top3_raw": lambda: transformers.Qwen3MoeConfig(
-        **_SMALL, moe_intermediate_size=24, num_experts=5, num_experts_per_tok=3,
-        norm_topk_prob=False, tie_word_embeddings=True, initializer_range=0.1),
+        **{**_SMALL, "num_hidden_layers": 4}, moe_intermediate_size=24, num_experts=5,
+        num_experts_per_tok=3, norm_topk_prob=False, tie_word_embeddings=True,
+        initializer_range=0.1, mlp_only_layers=[1]),
     # Mixtral: 4 experts, top-2, one KV head, a 5-token sliding window, the load-balancing
     # loss in the training loss (output_router_logits).
     "mixtral_gqa_window": lambda: transformers.MixtralConfig(

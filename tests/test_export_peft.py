@@ -123,6 +123,11 @@ FAMILIES = {
     "gemma3_untied": (hf_models.CAUSAL_CONFIGS["gemma3_local_global_rope"], CAUSAL,
                       lora.LoraConfig(rank=4, alpha=8, targets=("q_proj", "k_proj", "v_proj",
                                                                 "o_proj")), {}),
+    # a mixture of experts whose layer 1 of 4 is dense: its attention sits in another stack,
+    # and PEFT names its adapters among the sparse layers'
+    "qwen3_moe_dense_layer": (hf_models.CAUSAL_CONFIGS["qwen3_moe_top3_raw"], CAUSAL,
+                              lora.LoraConfig(rank=4, alpha=8, targets=("q_proj", "o_proj")),
+                              {}),
     "gpt2_attn_c_proj_only": (hf_models.CAUSAL_CONFIGS["gpt2"], CAUSAL,
                               lora.LoraConfig(rank=4, alpha=8,
                                               targets=r"transformer\.h\.\d+\.attn\.c_proj"), {}),

@@ -96,7 +96,7 @@ def test_fused_expert_checkpoint_loads(name, tmp_path):
     np.testing.assert_array_equal(got, want)
 
 
-@pytest.mark.parametrize("name", ["qwen3_moe_topk_norm", "mixtral_gqa_window"])
+@pytest.mark.parametrize("name", MOE)
 def test_export_writes_the_names_transformers_saves(name, tmp_path):
     saved(name, tmp_path / "in")
     jaxft.save_pretrained(jaxft.from_pretrained(tmp_path / "in"), tmp_path / "out")
@@ -107,12 +107,34 @@ def test_export_writes_the_names_transformers_saves(name, tmp_path):
         np.testing.assert_array_equal(written[key], value, err_msg=key)
 
 
+def test_dense_layers_on_the_sparse_step_match_transformers(tmp_path):
+    """decoder_sparse_step=2 makes layers 0 and 2 dense around a sparse layer 1: each stretch
+    of alike layers runs from its own stack, with transformers' logits and aux loss (the dense
+    layers route nothing)."""
+    hf = saved("qwen3_moe_topk_norm", tmp_path, decoder_sparse_step=2,
+               output_router_logits=True)
+    ids, mask = hf_models.padded_batch()
+    with torch.no_grad():
+        out = hf(torch.tensor(ids), attention_mask=torch.tensor(mask))
+    model = jaxft.from_pretrained(tmp_path)
+    assert model.config.dense_layers == (0, 2)
+    logits, routing = model(jnp.asarray(ids), jnp.asarray(mask), return_router=True)
+    real = mask.astype(bool)
+    np.testing.assert_allclose(np.asarray(logits)[real], out.logits.numpy()[real], atol=1e-4,
+                               rtol=0)
+    np.testing.assert_allclose(float(experts.load_balancing_loss(routing)),
+                               float(out.aux_loss), rtol=1e-5)
+
+
 @pytest.mark.parametrize("fields, message", [
     ({"num_experts_per_tok": 7}, "num_experts_per_tok must be between 1 and the 6 experts, "
                                  "got 7"),
-    ({"mlp_only_layers": [1]}, "layer 1 is a dense MLP layer (mlp_only_layers / "
-                               "decoder_sparse_step)"),
-    ({"decoder_sparse_step": 2}, "layer 0 is a dense MLP layer"),
+    ({"mlp_only_layers": [0, 1, 2]}, "no layer routes to experts (mlp_only_layers / "
+                                     "decoder_sparse_step make every layer dense)"),
+    ({"mlp_only_layers": [3]}, "mlp_only_layers must list layer indices below the 3 layers, "
+                               "got [3]"),
+    ({"decoder_sparse_step": 0}, "decoder_sparse_step must be a whole number of at least 1, "
+                                 "got 0"),
 ])
 def test_bad_expert_config_is_named(fields, message, tmp_path):
     saved("qwen3_moe_topk_norm", tmp_path)
@@ -128,9 +150,12 @@ def test_bad_expert_config_is_named(fields, message, tmp_path):
     ("model.layers.2.mlp.experts.4.up_proj.weight",
      "missing tensor model.layers.2.mlp.experts.4.up_proj.weight"),
     ("model.layers.0.mlp.gate.weight", "missing tensor model.layers.0.mlp.gate.weight"),
+    ("model.layers.1.mlp.up_proj.weight", "missing tensor model.layers.1.mlp.up_proj.weight"),
+    ("model.layers.3.self_attn.k_proj.weight",
+     "missing tensor model.layers.3.self_attn.k_proj.weight"),
 ])
 def test_missing_expert_tensor_is_named(drop, named, tmp_path):
-    saved("qwen3_moe_topk_norm", tmp_path)
+    saved("qwen3_moe_top3_raw", tmp_path)  # layer 1 dense, layers 0, 2 and 3 sparse
     tensors = safetensors.numpy.load_file(tmp_path / "model.safetensors")
     del tensors[drop]
     safetensors.numpy.save_file(tensors, tmp_path / "model.safetensors",
@@ -236,6 +261,9 @@ def test_expert_adapters_count_as_peft_counts(tmp_path):
      "lora.target_parameters take no lora.dropout and no lora.use_dora"),
     ("qwen3_qk_norm_mixed_window", {"target_parameters": EXPERT_WEIGHTS},
      "it has no experts: target_parameters are for mixtures of experts"),
+    ("qwen3_moe_top3_raw", {"targets": ("q_proj", "up_proj")},
+     "lora.targets [q_proj, up_proj] select model.layers.1.mlp.up_proj, the MLP of a dense "
+     "layer of this qwen3_moe model, which PEFT cannot adapt"),
     ("qwen3_moe_topk_norm", {"targets": ("gate_proj",)},
      "its experts are parameters: lora.target_parameters=mlp.experts.gate_up_proj,"
      "mlp.experts.down_proj"),

@@ -75,13 +75,13 @@ class Site:
     path: str  # jaxft module path, e.g. 'model.layers.self_attn.q_proj' (stacked over layers)
     hf: str  # Hugging Face module name; '{L}' is the layer: 'model.layers.{L}.self_attn.q_proj'
     fan_in_fan_out: bool  # HF stores this weight [in, out] (GPT-2's Conv1D)
-    num_layers: int
+    layers: tuple[int, ...]  # the Hugging Face layers its stack holds, in order
 
     def names(self) -> list[str]:
         """The PEFT module keys, one per layer (one if not stacked)."""
         if "{L}" not in self.hf:
             return [self.hf]
-        return [self.hf.replace("{L}", str(i)) for i in range(self.num_layers)]
+        return [self.hf.replace("{L}", str(i)) for i in self.layers]
 
     def pattern_tail(self) -> str:
         """The shortest name that picks this projection in every layer (rank_pattern keys)."""
@@ -90,21 +90,22 @@ class Site:
 
 def sites(model: nnx.Module) -> dict[str, Site]:
     """Every `Linear` of the model as a `Site`, named through the family's tensor table."""
-    mapping = models.tensor_table(model)
-    kernels = {path: (hf, transform) for hf, path, transform in mapping.entries}
+    mapping = models.tensor_table(model.config)
     found = {}
     for path, _ in linear_modules(model):
-        if path + ".kernel" not in kernels:
+        entry = mapping.entry(path + ".kernel")
+        if entry is None:
             raise JaxftError(f"no Hugging Face name maps to {path}.kernel")
-        hf, transform = kernels[path + ".kernel"]
+        hf, transform = entry
         found[path] = Site(path, _as_saved(model, hf.removesuffix(".weight")),
-                           transform == params.IDENTITY, model.config.num_hidden_layers)
+                           transform == params.IDENTITY,
+                           tuple(mapping.layers_of(path, model.config.num_hidden_layers)))
     return found
 
 
 def _as_saved(model: nnx.Module, hf_name: str) -> str:
     """A table name as this model's checkpoints spell it: a bare encoder has no `bert.`."""
-    prefix = models.tensor_table(model).base_prefix
+    prefix = models.tensor_table(model.config).base_prefix
     if prefix and not model.config.has_base_prefix and hf_name.startswith(prefix):
         return hf_name[len(prefix):]
     return hf_name
@@ -178,7 +179,7 @@ def adapter_tensors(
     yield from _expert_factors(model)
     saved, _ = _saved_modules(model, lora_cfg)
     for name, value in params.export_tensors(
-        saved, models.tensor_table(model), num_layers=model.config.num_hidden_layers,
+        saved, models.tensor_table(model.config), num_layers=model.config.num_hidden_layers,
         with_base_prefix=model.config.has_base_prefix,
     ):
         yield PREFIX + name, value
@@ -224,7 +225,7 @@ def _saved_modules(model: nnx.Module, lora_cfg: lora.LoraConfig) -> tuple[nnx.St
     adapted = _adapted(model)
     names = list(lora_cfg.modules_to_save)
     fresh = []
-    mapping = models.tensor_table(model)
+    mapping = models.tensor_table(model.config)
 
     def keep(path_tuple, var) -> bool:
         path = ".".join(str(p) for p in path_tuple)
@@ -245,10 +246,10 @@ def _saved_modules(model: nnx.Module, lora_cfg: lora.LoraConfig) -> tuple[nnx.St
 
 
 def _hf_param_name(mapping: params.TensorMapping, path: str) -> str:
-    for hf, entry_path, _ in mapping.entries:
-        if entry_path == path:
-            return hf
-    raise JaxftError(f"no Hugging Face name maps to {path}")
+    entry = mapping.entry(path)
+    if entry is None:
+        raise JaxftError(f"no Hugging Face name maps to {path}")
+    return entry[0]
 
 
 def peft_config(
@@ -412,7 +413,7 @@ def _plan(model: nnx.Module, table: dict[str, Site], config: dict, source: str) 
         if not any(hits):
             continue
         if not all(hits):
-            layers = [i for i, hit in enumerate(hits) if hit]
+            layers = [site.layers[i] for i, hit in enumerate(hits) if hit]
             raise JaxftError(f"{source}: target_modules select only layers {layers} of "
                              f"{site.hf}; jaxft adapts all layers of a projection or none")
         per_layer = {(_pattern_value(config.get("rank_pattern") or {}, k, rank),
@@ -518,7 +519,7 @@ def _split_factors(model, table: dict[str, Site], plan: dict, tensors: dict, sou
     Every problem (a module the base lacks, a wrong shape, a missing layer) is collected and
     raised once.
     """
-    mapping = models.tensor_table(model)
+    mapping = models.tensor_table(model.config)
     linears = dict(linear_modules(model))
     layers: dict[tuple[str, str], dict[int, np.ndarray]] = {}
     others, problems = {}, []
@@ -580,7 +581,7 @@ def _saved_state(model: nnx.Module, tensors: dict[str, np.ndarray], source: str)
     """The saved modules' parameters as a state to `nnx.update` with, via the tensor table."""
     if not tensors:
         return None
-    mapping = models.tensor_table(model)
+    mapping = models.tensor_table(model.config)
     have = _param_paths(model)
     wanted = set()
     for name in tensors:

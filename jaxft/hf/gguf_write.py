@@ -93,8 +93,7 @@ def write_gguf(
     check_exportable(model.config.model_type, hf, str(out))
     if lora.has_adapters(model):
         raise JaxftError("GGUF export needs the adapters merged first (lora.merge_lora)")
-    family = models.family_for({"model_type": model.config.model_type})
-    plan = params.export_plan(nnx.state(model, nnx.Param), family.HF_TENSORS,
+    plan = params.export_plan(nnx.state(model, nnx.Param), models.tensor_table(model.config),
                               num_layers=model.config.num_hidden_layers)
     heads = {"attn_q": hf["num_attention_heads"],
              "attn_k": hf.get("num_key_value_heads") or hf["num_attention_heads"]}

@@ -143,9 +143,8 @@ def load_hf_model(path_or_id: str | os.PathLike, options: ModelOptions | None = 
                                 if options.quantized else "")
     state, missing = params.load_state(
         abstract_state,
-        plan.family.HF_TENSORS,
-        _with_progress(iter_tensors(path), what,
-                       _expected_tensors(abstract_state, plan.family, cfg)),
+        models.tensor_table(cfg),
+        _with_progress(iter_tensors(path), what, _expected_tensors(abstract_state, cfg)),
         source=str(path),
         tied=cfg.tie_word_embeddings,
         num_layers=cfg.num_hidden_layers,
@@ -164,11 +163,10 @@ def load_hf_model(path_or_id: str | os.PathLike, options: ModelOptions | None = 
     return model
 
 
-def _expected_tensors(abstract_state: nnx.State, family: models.Family,
-                      cfg: models.ModelConfig) -> int | None:
+def _expected_tensors(abstract_state: nnx.State, cfg: models.ModelConfig) -> int | None:
     """How many checkpoint tensors loading will read (for the bar's estimate), if countable."""
     try:
-        return len(params.export_plan(abstract_state, family.HF_TENSORS,
+        return len(params.export_plan(abstract_state, models.tensor_table(cfg),
                                       num_layers=cfg.num_hidden_layers,
                                       with_base_prefix=cfg.has_base_prefix)) or None
     except (AttributeError, KeyError, TypeError, ValueError):  # e.g. packed quantized kernels
@@ -223,9 +221,8 @@ def save_pretrained(
     labels = {} if label_map is None else label_fields(label_map, model.config.num_labels)
     shard_bytes = shard_size_bytes(max_shard_size)
     out = outdir.prepare(out_dir, overwrite=overwrite)
-    family = models.family_for({"model_type": model.config.model_type})
     pending = {t.name: t for t in params.export_plan(
-        nnx.state(model, nnx.Param), family.HF_TENSORS,
+        nnx.state(model, nnx.Param), models.tensor_table(model.config),
         num_layers=model.config.num_hidden_layers,
         with_base_prefix=model.config.has_base_prefix)}
     split = split_state_dict_into_shards_factory(

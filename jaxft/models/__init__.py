@@ -16,9 +16,12 @@ FAMILIES: tuple[Family, ...] = (llama, qwen3_moe, mixtral, gemma, gpt2, bert)
 __all__ = ["FAMILIES", "CausalLM", "Family", "ModelConfig", "family_for", "tensor_table"]
 
 
-def tensor_table(model) -> TensorMapping:
-    """The Hugging Face <-> jaxft name table of a model's family."""
-    return family_for({"model_type": model.config.model_type}).HF_TENSORS
+def tensor_table(cfg: ModelConfig) -> TensorMapping:
+    """The Hugging Face <-> jaxft name table of a model's family, with its layers placed as
+    this config places them (a mixture of experts may keep dense layers in a stack of their
+    own: `moe.Config.placement`)."""
+    table = family_for({"model_type": cfg.model_type}).HF_TENSORS
+    return table.placed(cfg.placement) if cfg.routes_tokens else table
 
 
 def family_for(hf_config: dict, source: str = "config.json") -> Family:

@@ -10,6 +10,11 @@ A call returns what a dense decoder returns; `return_router=True` also returns t
 statistics, from which `jaxft.train_step` computes the load-balancing loss (added to the
 training loss with `router_aux_loss_coef` as transformers adds it when `output_router_logits`
 is on) and logs it with each expert's share of the tokens.
+
+Layers that keep a dense MLP among the sparse ones (Qwen-MoE's `mlp_only_layers` and
+`decoder_sparse_step`) are a second stack, `model.dense_layers`: a scan needs alike layers, so
+the model runs each stretch of consecutive alike layers as one scan over a slice of its stack,
+and the tensor table places each checkpoint layer in its stack (`Config.placement`).
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ from flax import nnx
 
 from jaxft.errors import JaxftError
 from jaxft.models import attention, experts, layers, llama, stack
+from jaxft.models.params import LayerPlacement
 
 # The dense model each MoE model_type extends: its attention and config fields are read as
 # that model's.
@@ -31,28 +37,59 @@ DENSE_TWIN = {"qwen3_moe": "qwen3", "mixtral": "mistral"}
 
 @dataclasses.dataclass(frozen=True)
 class Config(llama.Config):
-    """A LLaMA-family config plus its experts. `intermediate_size` is each expert's width."""
+    """A LLaMA-family config plus its experts. `intermediate_size` is each expert's width;
+    `dense_layers` keep a dense MLP of width `dense_intermediate_size`."""
 
     num_experts: int = 8
     num_experts_per_tok: int = 2
     norm_topk_prob: bool = True
     output_router_logits: bool = False  # transformers adds the aux loss only when set
     router_aux_loss_coef: float = 0.001
+    dense_layers: tuple[int, ...] = ()
+    dense_intermediate_size: int = 0
 
     routes_tokens = True
 
     @property
+    def sparse_layers(self) -> int:
+        """How many layers route to experts."""
+        return self.num_hidden_layers - len(self.dense_layers)
+
+    @property
     def expert_params(self) -> int:
         """Parameters of every layer's experts (gate, up and down projections)."""
-        return self.num_hidden_layers * self.num_experts * 3 * self.hidden_size * \
+        return self.sparse_layers * self.num_experts * 3 * self.hidden_size * \
             self.intermediate_size
 
     @property
     def routed_params_per_token(self) -> int:
         """The router and expert weights one token is multiplied by: every router, and
-        `num_experts_per_tok` experts in each layer (what the FLOPs count)."""
-        router = self.num_hidden_layers * self.hidden_size * self.num_experts
+        `num_experts_per_tok` experts in each sparse layer (what the FLOPs count)."""
+        router = self.sparse_layers * self.hidden_size * self.num_experts
         return router + self.expert_params * self.num_experts_per_tok // self.num_experts
+
+    @property
+    def placement(self) -> LayerPlacement | None:
+        """Which stack holds each layer, when some are dense (None: one stack holds all)."""
+        if not self.dense_layers:
+            return None
+        return LayerPlacement(SPARSE_STACK, tuple(
+            DENSE_STACK if i in self.dense_layers else SPARSE_STACK
+            for i in range(self.num_hidden_layers)))
+
+    @property
+    def layer_runs(self) -> tuple[tuple[bool, int, int, int], ...]:
+        """The stretches of consecutive alike layers, in order: (sparse, first layer, end,
+        index of the first layer in its stack)."""
+        runs, seen = [], {True: 0, False: 0}
+        for i in range(self.num_hidden_layers):
+            sparse = i not in self.dense_layers
+            if runs and runs[-1][0] == sparse:
+                runs[-1][2] = i + 1
+            else:
+                runs.append([sparse, i, i + 1, seen[sparse]])
+            seen[sparse] += 1
+        return tuple(tuple(run) for run in runs)
 
     @property
     def aux_loss_coef(self) -> float:
@@ -69,12 +106,6 @@ class Config(llama.Config):
         if not isinstance(k, int) or not 0 < k <= count:
             raise JaxftError(f"num_experts_per_tok must be between 1 and the {count} experts, "
                              f"got {k!r}")
-        dense_layers = _dense_layers(hf)
-        if dense_layers:
-            raise JaxftError(
-                f"layer {dense_layers[0]} is a dense MLP layer (mlp_only_layers / "
-                "decoder_sparse_step); jaxft loads mixture-of-experts models whose every layer "
-                "routes to experts")
         width = hf.get("moe_intermediate_size") or hf["intermediate_size"]
         dense = llama.Config.from_hf({**hf, "model_type": DENSE_TWIN[model_type],
                                       "intermediate_size": width})
@@ -88,27 +119,52 @@ class Config(llama.Config):
             "norm_topk_prob": model_type == "mixtral" or bool(hf.get("norm_topk_prob")),
             "output_router_logits": bool(hf.get("output_router_logits", False)),
             "router_aux_loss_coef": float(hf.get("router_aux_loss_coef", 0.001)),
+            "dense_layers": tuple(_dense_layers(hf)),
+            "dense_intermediate_size": int(hf["intermediate_size"]),
         })
 
 
 def _dense_layers(hf: dict) -> list[int]:
     """Qwen-MoE's layers that keep a dense MLP: listed in `mlp_only_layers`, or off the
     `decoder_sparse_step` rhythm (layer i routes when (i + 1) % step == 0)."""
-    step = hf.get("decoder_sparse_step", 1) or 1
-    only = set(hf.get("mlp_only_layers") or ())
-    return [i for i in range(hf["num_hidden_layers"]) if i in only or (i + 1) % step]
+    step = hf.get("decoder_sparse_step", 1)
+    if not isinstance(step, int) or step < 1:
+        raise JaxftError(f"decoder_sparse_step must be a whole number of at least 1, got {step!r}")
+    only = hf.get("mlp_only_layers") or ()
+    layers = hf["num_hidden_layers"]
+    if not all(isinstance(i, int) and 0 <= i < layers for i in only):
+        raise JaxftError(f"mlp_only_layers must list layer indices below the {layers} layers, "
+                         f"got {list(only)!r}")
+    dense = [i for i in range(layers) if i in only or (i + 1) % step]
+    if len(dense) == layers:
+        raise JaxftError("no layer routes to experts (mlp_only_layers / decoder_sparse_step "
+                         "make every layer dense): load it as the dense model it is")
+    return dense
+
+
+SPARSE_STACK = "model.layers."  # where the tensor table writes every layer
+DENSE_STACK = "model.dense_layers."
 
 
 class DecoderLayer(nnx.Module):
-    def __init__(self, cfg: Config, *, rngs: nnx.Rngs, param_dtype):
+    """A layer whose MLP routes to experts; `sparse=False`: a dense (`llama.MLP`) layer of the
+    same model, whose calls return no routing."""
+
+    def __init__(self, cfg: Config, *, rngs: nnx.Rngs, param_dtype, sparse: bool = True):
         self.input_layernorm = layers.RMSNorm(cfg.hidden_size, cfg.rms_norm_eps,
                                               param_dtype=param_dtype)
         self.self_attn = llama.Attention(cfg, rngs=rngs, param_dtype=param_dtype)
         self.post_attention_layernorm = layers.RMSNorm(cfg.hidden_size, cfg.rms_norm_eps,
                                                        param_dtype=param_dtype)
-        self.mlp = experts.SparseMoeBlock(
-            cfg.hidden_size, cfg.intermediate_size, cfg.num_experts, cfg.num_experts_per_tok,
-            cfg.norm_topk_prob, rngs=rngs, param_dtype=param_dtype, dtype=cfg.dtype)
+        if sparse:
+            self.mlp = experts.SparseMoeBlock(
+                cfg.hidden_size, cfg.intermediate_size, cfg.num_experts, cfg.num_experts_per_tok,
+                cfg.norm_topk_prob, rngs=rngs, param_dtype=param_dtype, dtype=cfg.dtype)
+        else:
+            self.mlp = llama.MLP(
+                dataclasses.replace(cfg, intermediate_size=cfg.dense_intermediate_size),
+                rngs=rngs, param_dtype=param_dtype)
+        self.sparse = sparse
 
     def __call__(self, h, *, positions, masks, counted, local=False, segment_ids=None,
                  cache=None):
@@ -116,6 +172,9 @@ class DecoderLayer(nnx.Module):
             attn, cache = self.self_attn(self.input_layernorm(h), positions, masks, local,
                                          segment_ids, cache)
         h = h + attn
+        if not self.sparse:
+            with jax.named_scope("mlp"):
+                return h + self.mlp(self.post_attention_layernorm(h)), (cache, None)
         with jax.named_scope("experts"):
             out, stats = self.mlp(self.post_attention_layernorm(h), counted)
         return h + out, (cache, stats)
@@ -128,7 +187,10 @@ class Backbone(nnx.Module):
         self.embed_tokens = layers.Embed(cfg.vocab_size, cfg.hidden_size, ("vocab", "embed"),
                                          rngs=rngs, param_dtype=param_dtype, dtype=cfg.dtype)
         self.layers = stack.stack_layers([DecoderLayer(cfg, rngs=rngs, param_dtype=param_dtype)
-                                          for _ in range(cfg.num_hidden_layers)])
+                                          for _ in range(cfg.sparse_layers)])
+        self.dense_layers = None if not cfg.dense_layers else stack.stack_layers([
+            DecoderLayer(cfg, rngs=rngs, param_dtype=param_dtype, sparse=False)
+            for _ in cfg.dense_layers])
         self.norm = layers.RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, param_dtype=param_dtype)
 
 
@@ -155,18 +217,34 @@ class Model(llama.Model):
             input_ids, attention_mask, segment_ids, positions, cache)
         masks = attention.decoder_masks(mask, positions, cache, self.config.sliding_window)
         kinds = self.config.layer_kinds
-        alike = isinstance(kinds, bool)
-        h, (layer_cache, stats) = stack.scan_layers(
-            self.model.layers, self.model.embed_tokens(input_ids),  # B T D
-            remat=self.config.remat, cache=None if cache is None else cache.layers,
-            per_layer=None if alike else {"local": jnp.asarray(kinds)},
-            **({"local": kinds} if alike else {}),
-            positions=positions, masks=masks, segment_ids=segments, counted=counted)
+        h = self.model.embed_tokens(input_ids)  # B T D
+        caches, stats = [], []
+        runs = self.config.layer_runs
+        whole = len(runs) == 1  # one scan over one stack: nothing to slice
+
+        def part(tree, start, end):
+            return tree if whole or tree is None else jax.tree.map(lambda x: x[start:end], tree)
+
+        for sparse, start, end, first in runs:
+            run_kinds = kinds if isinstance(kinds, bool) else kinds[start:end]
+            alike = isinstance(run_kinds, bool)
+            h, (run_cache, run_stats) = stack.scan_layers(
+                self.model.layers if sparse else self.model.dense_layers, h,
+                layers=None if whole else slice(first, first + end - start),
+                remat=self.config.remat,
+                cache=part(None if cache is None else cache.layers, start, end),
+                per_layer=None if alike else {"local": jnp.asarray(run_kinds)},
+                **({"local": run_kinds} if alike else {}),
+                positions=positions, masks=masks, segment_ids=segments, counted=counted)
+            caches.append(run_cache)
+            if sparse:
+                stats.append(experts.RouterStats(*(jnp.sum(s, axis=0) for s in run_stats)))
         h = self.model.norm(h)
         if cache is not None:
-            cache = cache.replace(layers=layer_cache)
+            cache = cache.replace(layers=caches[0] if len(caches) == 1 else jax.tree.map(
+                lambda *parts: jnp.concatenate(parts), *caches))
         out = h if return_hidden else self.logits(h)
         out = out if cache is None else (out, cache)
         if not return_router:
             return out
-        return out, experts.RouterStats(*(jnp.sum(s, axis=0) for s in stats))
+        return out, jax.tree.map(lambda *s: sum(s), *stats)

@@ -5,7 +5,10 @@ Face name is the layer index, which selects a slice of the stacked layer arrays 
 `{E}` is an expert's index, the next axis, and a `Part` says which piece of the last axis the
 tensor is (Mixtral's `w1` and `w3` are the two halves of jaxft's fused `gate_up_proj`). Aliases
 are other names for the same parameters that load but are never written (transformers 5's fused
-expert tensors). Transforms come from a closed, invertible set, so export never needs a
+expert tensors). A model that keeps its layers in more than one stack (a mixture of experts with
+dense layers among the sparse ones) places each layer with a `LayerPlacement`
+(`TensorMapping.placed`): the table is written for one stack and the placement moves layer i's
+tensors to its own stack and index there. Transforms come from a closed, invertible set, so export never needs a
 hand-written inverse.
 Loading streams tensors one at a time into preallocated buffers, collects every problem, and
 raises once with all of them.
@@ -13,6 +16,7 @@ raises once with all of them.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import hashlib
 import logging
@@ -76,6 +80,37 @@ class Hit:
         return (*lead, Ellipsis, slice(self.part.index * width, (self.part.index + 1) * width))
 
 
+@dataclasses.dataclass(frozen=True)
+class LayerPlacement:
+    """Which stack each Hugging Face layer lives in, for a model with more than one.
+
+    The table names every layer's parameters under `home` (`model.layers.`); `stacks[i]` is the
+    jaxft prefix of the stack that holds layer i, at the index counting the earlier layers that
+    stack holds.
+    """
+
+    home: str
+    stacks: tuple[str, ...]
+
+    def place(self, layer: int) -> tuple[str, int]:
+        """(stack prefix, index in it) of Hugging Face layer `layer`."""
+        prefix = self.stacks[layer]
+        return prefix, self.stacks[:layer].count(prefix)
+
+    def layers_of(self, prefix: str) -> list[int]:
+        """The Hugging Face layers a stack holds, in order."""
+        return [i for i, p in enumerate(self.stacks) if p == prefix]
+
+    def stack_of(self, path: str) -> str | None:
+        """The stack prefix a jaxft path starts with, or None when it is in no stack."""
+        return next((p for p in dict.fromkeys(self.stacks) if path.startswith(p)), None)
+
+    def home_path(self, path: str) -> str:
+        """A path inside any stack, as the table writes it (under `home`)."""
+        prefix = self.stack_of(path)
+        return path if prefix is None else self.home + path[len(prefix):]
+
+
 class TensorMapping:
     """The Hugging Face <-> jaxft name table of one family."""
 
@@ -110,14 +145,49 @@ class TensorMapping:
         # path, without the layer index.
         self.stacked_prefixes = tuple(sorted({hf.split("{L}")[0] for hf, _, _ in self.entries
                                               if "{L}" in hf}))
+        self.placement: LayerPlacement | None = None
+
+    def placed(self, placement: LayerPlacement | None) -> TensorMapping:
+        """This table for a model whose layers `placement` spreads over several stacks."""
+        if placement is None:
+            return self
+        table = copy.copy(self)
+        table.placement = placement
+        return table
+
+    def _home(self, path: str) -> str:
+        """A jaxft path as the table writes it (a placed stack's path under the home stack)."""
+        return path if self.placement is None else self.placement.home_path(path)
+
+    def place(self, path: str, layer: int | None) -> tuple[str, int | None]:
+        """(path, index) of one layer's slice of a table path, in the stack that holds it."""
+        if (self.placement is None or layer is None or layer >= len(self.placement.stacks)
+                or not path.startswith(self.placement.home)):
+            return path, layer
+        prefix, index = self.placement.place(layer)
+        return prefix + path[len(self.placement.home):], index
+
+    def layers_of(self, path: str, num_layers: int) -> list[int]:
+        """The Hugging Face layers whose slices a stacked jaxft path holds, in order."""
+        if self.placement is not None and self.placement.stack_of(path) is not None:
+            return self.placement.layers_of(self.placement.stack_of(path))
+        return list(range(num_layers))
 
     def layer_paths(self, path: str, num_layers: int) -> list[str]:
         """The Hugging Face module paths a jaxft module path stands for: one per layer inside
         the stack (`model.layers.mlp.up_proj` -> `model.layers.0.mlp.up_proj`, …), else itself."""
+        home = self._home(path)
         for stack in self.stacked_prefixes:
-            if path.startswith(stack):
-                return [f"{stack}{i}.{path[len(stack):]}" for i in range(num_layers)]
+            if home.startswith(stack):
+                return [f"{stack}{i}.{home[len(stack):]}"
+                        for i in self.layers_of(path, num_layers)]
         return [path]
+
+    def entry(self, path: str) -> tuple[str, str] | None:
+        """(Hugging Face name with `{L}`, transform) of the tensor export writes for a jaxft
+        parameter path (of any stack), or None."""
+        home = self._home(path)
+        return next(((hf, transform) for hf, p, transform in self.entries if p == home), None)
 
     def normalize(self, hf_name: str) -> str:
         """The canonical name: legacy suffixes renamed, the base-model prefix added if absent."""
@@ -140,22 +210,28 @@ class TensorMapping:
             m = pattern.match(hf_name)
             if m:
                 found = m.groupdict()
-                return Hit(path, None if found.get("L") is None else int(found["L"]),
-                           None if found.get("E") is None else int(found["E"]),
+                path, layer = self.place(path, None if found.get("L") is None
+                                          else int(found["L"]))
+                return Hit(path, layer, None if found.get("E") is None else int(found["E"]),
                            self.parts.get(hf, WHOLE), transform)
         return None
 
-    def grid(self, path: str) -> tuple[bool, int]:
-        """How finely tensors may fill a parameter: (some tensor holds one expert, the most
-        pieces its last axis is cut into)."""
-        names = [hf for hf, p, _ in self.entries + self.aliases if p == path]
-        return (any("{E}" in hf for hf in names),
+    def grid(self, path: str) -> tuple[bool, bool, int]:
+        """How finely tensors may fill a parameter: (it is stacked over layers, some tensor
+        holds one expert, the most pieces its last axis is cut into)."""
+        home = self._home(path)
+        names = [hf for hf, p, _ in self.entries + self.aliases if p == home]
+        return (any("{L}" in hf for hf in names), any("{E}" in hf for hf in names),
                 max((self.parts.get(hf, WHOLE).of for hf in names), default=1))
 
     def name_of(self, path: str, layer: int | None = None, expert: int | None = None,
                 piece: tuple[int, int] = (0, 1)) -> str | None:
         """The exported Hugging Face name of one layer's, expert's and piece's tensor of a
-        parameter (what a message about a missing tensor names)."""
+        parameter (what a message about a missing tensor names). `layer` is the index in the
+        parameter's own stack."""
+        if self.placement is not None and self.placement.stack_of(path) is not None:
+            layer = self.layers_of(path, 0)[layer or 0]
+        path = self._home(path)
         for hf, entry_path, _ in self.entries:
             part = self.parts.get(hf, WHOLE)
             if entry_path != path:
@@ -217,11 +293,9 @@ def load_state(
 
     def cells(path: str, full_shape: tuple[int, ...]) -> np.ndarray:
         if path not in covered:
-            per_expert, pieces = mapping.grid(path)
-            stacked = any("{L}" in hf for hf, p, _ in mapping.entries + mapping.aliases
-                          if p == path)
+            stacked, per_expert, pieces = mapping.grid(path)
             experts = full_shape[1 if stacked else 0] if per_expert else 1
-            covered[path] = np.zeros((num_layers if stacked else 1, experts, pieces), bool)
+            covered[path] = np.zeros((full_shape[0] if stacked else 1, experts, pieces), bool)
         return covered[path]
 
     def mark(hit: Hit, grid: np.ndarray) -> None:
@@ -381,18 +455,18 @@ def export_plan(
     """Every parameter of the state as Hugging Face tensors, in table order, nothing fetched."""
     variables = flat_variables(state)
     plan = []
-    for hf, path, transform in mapping.entries:
-        if path not in variables:
-            continue
-        value = variables[path].get_value()
+    for hf, table_path, transform in mapping.entries:
         name = hf
         if not with_base_prefix and mapping.base_prefix and hf.startswith(mapping.base_prefix):
             name = hf[len(mapping.base_prefix) :]
-        layers = range(num_layers) if "{L}" in hf else [None]
-        experts = range(value.shape[1 if "{L}" in hf else 0]) if "{E}" in hf else [None]
-        for layer in layers:
+        for layer in range(num_layers) if "{L}" in hf else [None]:
+            path, index = mapping.place(table_path, layer)
+            if path not in variables:
+                continue
+            value = variables[path].get_value()
+            experts = range(value.shape[1 if "{L}" in hf else 0]) if "{E}" in hf else [None]
             for expert in experts:
-                hit = Hit(path, layer, expert, mapping.parts.get(hf, WHOLE), transform)
+                hit = Hit(path, index, expert, mapping.parts.get(hf, WHOLE), transform)
                 shape = hit.shape_in(tuple(value.shape))
                 hf_shape = _TRANSFORMS[transform][1](np.empty(shape, np.uint8)).shape
                 plan.append(ExportTensor(

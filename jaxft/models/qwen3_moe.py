@@ -4,7 +4,7 @@ The model is `moe.Model`; what is Qwen's own is its tensor names. Checkpoints on
 one tensor per expert (`mlp.experts.{E}.gate_proj.weight`, …), which is also what
 transformers writes and what export writes; transformers 5 fuses them in memory
 (`mlp.experts.gate_up_proj` [E, 2F, D], `mlp.experts.down_proj` [E, D, F]), and a checkpoint
-saved in that form loads too.
+saved in that form loads too. Layers that keep a dense MLP name it as Qwen3 does.
 """
 
 from __future__ import annotations
@@ -19,7 +19,10 @@ Model = moe.Model
 _EXPERTS = "model.layers.mlp.experts"
 HF_TENSORS = TensorMapping(
     (
-        *(entry for entry in llama.HF_TENSORS.entries if ".mlp." not in entry[0]),
+        # LLaMA's attention and norms, and its MLP for the layers that keep a dense one
+        # (mlp_only_layers, decoder_sparse_step), which `moe.Config.placement` puts in a stack
+        # of their own
+        *(entry for entry in llama.HF_TENSORS.entries if ".mlp.gate_up_proj." not in entry[0]),
         ("model.layers.{L}.mlp.gate.weight", "model.layers.mlp.gate.kernel", TRANSPOSE),
         ("model.layers.{L}.mlp.experts.{E}.gate_proj.weight", f"{_EXPERTS}.gate_up_proj",
          TRANSPOSE, Part(0, 2)),

@@ -44,10 +44,10 @@ def stack_layers(layers: list[nnx.Module]) -> nnx.Module:
 
 def scan_layers(
     stack: nnx.Module, h: Array, *, remat: str = "none", cache: Any = None,
-    per_layer: dict[str, Array] | None = None, **kwargs
+    per_layer: dict[str, Array] | None = None, layers: slice | None = None, **kwargs
 ) -> tuple[Array, Any]:
     """Run `h, layer_cache = layer(h, cache=layer_cache, **per_layer[i], **kwargs)` over a
-    stacked module.
+    stacked module (or over its `layers` slice).
 
     `cache` (a pytree with a leading layer axis, or None when training) goes in one layer slice
     at a time and comes back updated, so generation needs no second code path. `per_layer`
@@ -55,6 +55,8 @@ def scan_layers(
     flag); `kwargs` are the same for every layer.
     """
     graphdef, state = nnx.split(stack)
+    if layers is not None:
+        state = jax.tree.map(lambda x: x[layers], state)
 
     def body(carry: Array, xs) -> tuple[Array, Any]:
         layer_state, layer_cache, layer_inputs = xs
