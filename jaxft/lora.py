@@ -10,7 +10,9 @@ any module whose dotted path ends with one of them (`q_proj`, `c_attn`, `query`)
 string is a regular expression matched against full Hugging Face paths
 (`model.layers.3.self_attn.q_proj`). A mixture of experts' expert weights are parameters, not
 projections: `target_parameters` names them as PEFT's does (`mlp.experts.gate_up_proj`), and
-each gets an `ExpertLoRA`, one low-rank pair per expert.
+each gets an `ExpertLoRA`, one low-rank pair per expert; `mlp.gate.weight` puts a `LoRA` on the
+routers. On those models `targets` that name the MLP's projections or the router, or
+`all-linear`, mean what PEFT makes of them (`peft_moe_targets`).
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import dataclasses
 import logging
 import math
 import re
-from typing import Sequence
+from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -27,7 +29,7 @@ from flax import nnx
 
 from jaxft import models
 from jaxft.errors import JaxftError
-from jaxft.models import experts, moe
+from jaxft.models import experts
 from jaxft.models.layers import Dropout, Linear, is_output_head, linear_modules
 
 
@@ -42,19 +44,31 @@ class LoraConfig:
     use_rslora: bool = False
     use_dora: bool = False  # weight-decomposed LoRA: a trained magnitude per output feature
     rank_pattern: tuple[tuple[str, int], ...] = ()  # (module name, rank) overrides
+    alpha_pattern: tuple[tuple[str, float], ...] = ()  # (module name, alpha) overrides
     modules_to_save: tuple[str, ...] = ()  # non-LoRA modules that train fully (e.g. classifier)
     # Expert weights (PEFT's target_parameters): names that end HF parameter paths
     target_parameters: tuple[str, ...] = ()
 
     def rank_for(self, name: str) -> int:
-        for key, rank in self.rank_pattern:
-            if name == key or name.endswith("." + key):
-                return rank
-        return self.rank
+        return _override(self.rank_pattern, name, self.rank)
 
-    def scale(self, rank: int) -> float:
+    def scale(self, rank: int, alpha: float | None = None) -> float:
         """alpha/r, or alpha/sqrt(r) with rsLoRA (stable at high rank)."""
-        return self.alpha / math.sqrt(rank) if self.use_rslora else self.alpha / rank
+        alpha = self.alpha if alpha is None else alpha
+        return alpha / math.sqrt(rank) if self.use_rslora else alpha / rank
+
+    def scale_for(self, name: str) -> float:
+        """The scale of the adapter on `name`, from its rank and alpha (patterns included)."""
+        return self.scale(self.rank_for(name), _override(self.alpha_pattern, name,
+                                                              self.alpha))
+
+
+def _override(pattern: tuple[tuple[str, Any], ...], name: str, default: Any) -> Any:
+    """The value of the first (name, value) whose name is `name` or ends it after a dot."""
+    for key, value in pattern:
+        if name == key or name.endswith("." + key):
+            return value
+    return default
 
 
 class LoRA(nnx.Module):
@@ -175,9 +189,15 @@ def hf_paths(model: nnx.Module, path: str) -> list[str]:
 
 
 def has_adapters(model: nnx.Module) -> bool:
-    """Whether any projection or expert weight of `model` carries a LoRA adapter."""
+    """Whether any projection, expert weight or router of `model` carries a LoRA adapter."""
     return (any(linear.adapter is not None for _, linear in linear_modules(model))
-            or bool(expert_adapters(model)))
+            or bool(expert_adapters(model)) or bool(router_adapters(model)))
+
+
+def router_adapters(model: nnx.Module) -> dict[str, LoRA]:
+    """{jaxft path of the router: adapter} for every adapted router."""
+    return {path: module.adapter for path, module in experts.router_modules(model)
+            if module.adapter is not None}
 
 
 def expert_adapters(model: nnx.Module) -> dict[tuple[str, str], ExpertLoRA]:
@@ -205,29 +225,83 @@ def target_matches(targets: str | Sequence[str], name: str) -> bool:
 
 
 def _matches(cfg: LoraConfig, model: nnx.Module, path: str) -> bool:
-    dense_mlp = _in_dense_mlp(model, path)
     if is_all_linear(cfg.targets):
-        return not is_output_head(path) and not dense_mlp
+        return not is_output_head(path)
     if not isinstance(cfg.targets, str) and path in cfg.targets:  # a jaxft path, as adapters
         return True  # passes the projections a PEFT adapter names
     hits = [target_matches(cfg.targets, name) for name in hf_paths(model, path)]
     if any(hits) and not all(hits):
         raise JaxftError(f"lora.targets {_show(cfg.targets)} select only some layers of "
                          f"{path}; adapters apply to all layers of a module or none")
-    if all(hits) and dense_mlp:
-        raise JaxftError(
-            f"lora.targets {_show(cfg.targets)} select {hf_paths(model, path)[0]}, the MLP of "
-            f"a dense layer of this {model.config.model_type} model, which PEFT cannot adapt "
-            "(it reads MLP projection names on a mixture of experts as its experts): target "
-            "the experts with lora.target_parameters=mlp.experts.gate_up_proj,"
-            "mlp.experts.down_proj")
     return all(hits)
 
 
-def _in_dense_mlp(model: nnx.Module, path: str) -> bool:
-    """A projection of the dense MLP a mixture of experts keeps in some layers."""
-    return (model.config.routes_tokens and path.startswith(moe.DENSE_STACK)
-            and ".mlp." in path)
+# The target_modules names PEFT (with transformers 5) reads on a mixture of experts as expert
+# and router weights, which transformers 4 held as projections (PEFT's
+# `_MOE_TARGET_MODULE_MAPPING`): a dense layer's MLP of the same names is then not adapted.
+MOE_TARGET_NAMES: dict[str, dict[str, str]] = {
+    "qwen3_moe": {"gate": "gate.weight", "gate_proj": "gate_up_proj",
+                  "up_proj": "gate_up_proj", "down_proj": "down_proj"},
+    "mixtral": {"gate": "gate.weight", "w1": "gate_up_proj", "w3": "gate_up_proj",
+                "w2": "down_proj"},
+}
+FUSED = "gate_up_proj"  # the gate and up projections, one weight: its adapter has 2r and 2α
+
+
+def peft_moe_targets(cfg: LoraConfig, model: nnx.Module) -> LoraConfig:
+    """`cfg` as PEFT rewrites it for a mixture of experts (`_convert_peft_config_moe`).
+
+    `all-linear` becomes the projections' names plus every name PEFT maps; then each target
+    naming an expert projection or the router moves to `target_parameters`, and the gate and
+    up projections, fused into one weight, get one adapter of twice the rank and alpha (the
+    two adapters side by side). Naming only one of the two is refused, as PEFT refuses it.
+    """
+    names = MOE_TARGET_NAMES.get(model.config.model_type)
+    if names is None or not cfg.targets:
+        return cfg
+    targets = cfg.targets
+    if isinstance(targets, str):
+        targets = _resolved_targets(targets, model, names)
+        if not targets:
+            return cfg  # nothing matched: left to the usual message
+    parameters, remaining, fused = list(cfg.target_parameters), [], set()
+    for target in targets:
+        old = next((o for o in names if target == o or target.endswith("." + o)), None)
+        if old is None:
+            remaining.append(target)
+            continue
+        if names[old] not in parameters:
+            parameters.append(names[old])
+        if names[old] == FUSED:
+            fused.add(old)
+    parts = [o for o, new in names.items() if new == FUSED]
+    if fused and len(fused) < len(parts):
+        missing = next(p for p in parts if p not in fused)
+        raise JaxftError(f"lora target {sorted(fused)[0]!r} is fused with {missing!r} into the "
+                         f"experts' {FUSED} of this {model.config.model_type} model: name both "
+                         "or neither (PEFT refuses one alone)")
+    doubled = len(fused) == len(parts)
+    return dataclasses.replace(
+        cfg, targets=tuple(remaining), target_parameters=tuple(parameters),
+        rank_pattern=cfg.rank_pattern + (((FUSED, 2 * cfg.rank),) if doubled else ()),
+        alpha_pattern=cfg.alpha_pattern + (((FUSED, 2 * cfg.alpha),) if doubled else ()))
+
+
+def _resolved_targets(targets: str, model: nnx.Module, names: dict[str, str]) -> list[str]:
+    """PEFT's `_resolve_string_target_modules`: the leaf names a regex (or `all-linear`)
+    targets, including the projections transformers 4 had where it now has parameters."""
+    if is_all_linear(targets):
+        leaves = {p.rsplit(".", 1)[-1] for p, _ in linear_modules(model) if not is_output_head(p)}
+        return sorted(leaves | set(names))
+    modules = [name for path, _ in linear_modules(model) for name in hf_paths(model, path)]
+    modules += [name for path, _ in experts.router_modules(model)
+                for name in hf_paths(model, path)]
+    containers = [name for path, _ in experts.expert_modules(model)
+                  for name in hf_paths(model, path)]
+    matched = {m.rsplit(".", 1)[-1] for m in modules if target_matches(targets, m)}
+    matched |= {old for old, new in names.items() if new in experts.PARAMETERS
+                and any(target_matches(targets, f"{c}.{old}") for c in containers)}
+    return sorted(matched)
 
 
 def apply_lora(model: nnx.Module, cfg: LoraConfig, *, seed: int = 0) -> nnx.Module:
@@ -242,6 +316,7 @@ def apply_lora(model: nnx.Module, cfg: LoraConfig, *, seed: int = 0) -> nnx.Modu
         raise JaxftError(f"lora.rank must be positive, got {cfg.rank}")
     if not 0.0 <= cfg.dropout < 1.0:
         raise JaxftError(f"lora.dropout must be in [0, 1), got {cfg.dropout}")
+    cfg = peft_moe_targets(cfg, model)
     rngs = nnx.Rngs(seed)
     applied = []
     for path, linear in list(linear_modules(model)):
@@ -251,7 +326,7 @@ def apply_lora(model: nnx.Module, cfg: LoraConfig, *, seed: int = 0) -> nnx.Modu
         stacked = len(shape) == 3
         d_in, d_out = shape[-2:]
         rank = cfg.rank_for(path)
-        linear.adapter = LoRA(d_in, d_out, rank, cfg.scale(rank), cfg.dropout,
+        linear.adapter = LoRA(d_in, d_out, rank, cfg.scale_for(path), cfg.dropout,
                               axes=linear.kernel_axes[-2:],
                               layers=shape[0] if stacked else None, rngs=rngs,
                               param_dtype=jnp.float32, dora=cfg.use_dora)
@@ -277,7 +352,8 @@ def apply_lora(model: nnx.Module, cfg: LoraConfig, *, seed: int = 0) -> nnx.Modu
 
 
 def _apply_to_experts(model: nnx.Module, cfg: LoraConfig, rngs: nnx.Rngs) -> None:
-    """An `ExpertLoRA` on each expert weight `cfg.target_parameters` names."""
+    """An `ExpertLoRA` on each expert weight `cfg.target_parameters` names, a `LoRA` on each
+    router it names."""
     if not cfg.target_parameters:
         return
     if cfg.dropout or cfg.use_dora:
@@ -291,33 +367,54 @@ def _apply_to_experts(model: nnx.Module, cfg: LoraConfig, rngs: nnx.Rngs) -> Non
                 f"{model.config.model_type} model"
                 + (f" (its expert weights: {', '.join(available)})" if available
                    else " (it has no experts: target_parameters are for mixtures of experts)"))
-    modules = dict(experts.expert_modules(model))
-    for path, name in selected:
-        weight = getattr(modules[path], name)
-        shape = weight.shape
-        rank = cfg.rank_for(name)
-        modules[path].set_adapter(name, ExpertLoRA(
-            shape[-3], shape[-2], shape[-1], rank, cfg.scale(rank),
-            axes=weight.get_metadata()["axes"][-2:],
+    modules = {**dict(experts.expert_modules(model)), **dict(experts.router_modules(model))}
+    for path, name, short in selected:
+        module = modules[path]
+        weight = module.kernel if name == ROUTER_WEIGHT else getattr(module, name)
+        shape, axes = weight.shape, weight.get_metadata()["axes"]
+        rank, scale = cfg.rank_for(short), cfg.scale_for(short)
+        if name == ROUTER_WEIGHT:
+            module.adapter = LoRA(shape[-2], shape[-1], rank, scale, 0.0, axes=axes[-2:],
+                                  layers=shape[0] if len(shape) == 3 else None, rngs=rngs)
+            continue
+        module.set_adapter(name, ExpertLoRA(
+            shape[-3], shape[-2], shape[-1], rank, scale, axes=axes[-2:],
             layers=shape[0] if len(shape) == 4 else None, rngs=rngs))
 
 
+ROUTER_WEIGHT = "weight"  # a router's parameter, as PEFT names it (`mlp.gate.weight`)
+
+
+def parameter_adapters(model: nnx.Module) -> dict[tuple[str, str], tuple[str, nnx.Module]]:
+    """{(module path, weight name): (its name as a target gives it, adapter)} for every adapted
+    expert weight and router: PEFT's `target_parameters` adapters."""
+    adapters = {**expert_adapters(model),
+                **{(path, ROUTER_WEIGHT): a for path, a in router_adapters(model).items()}}
+    names = [n for n in experts.PARAMETERS] + [ROUTER_WEIGHT]
+    selected, _, _ = select_expert_weights(model, names)
+    return {(path, name): (short, adapters[path, name]) for path, name, short in selected
+            if (path, name) in adapters}
+
+
 def select_expert_weights(model: nnx.Module, targets: Sequence[str]
-                          ) -> tuple[list[tuple[str, str]], set[str], list[str]]:
-    """PEFT's `target_parameters` rule on a model's expert weights: a target selects a weight
-    when it equals the weight's Hugging Face path or ends it after a dot. Returns the selected
-    (experts path, weight name) in the order the model defines them, the targets that selected
-    something, and every expert weight's name as a target would give it
-    (`mlp.experts.gate_up_proj`)."""
+                          ) -> tuple[list[tuple[str, str, str]], set[str], list[str]]:
+    """PEFT's `target_parameters` rule on a model's expert and router weights: a target
+    selects a weight when it equals the weight's Hugging Face path or ends it after a dot.
+    Returns the selected (module path, weight name, name as a target gives it:
+    `mlp.experts.gate_up_proj`, `mlp.gate.weight`) in the order the model defines them, the
+    targets that selected something, and every such weight's name as a target gives it."""
+    candidates = [(path, name) for path, _ in experts.expert_modules(model)
+                  for name in experts.PARAMETERS]
+    candidates += [(path, ROUTER_WEIGHT) for path, _ in experts.router_modules(model)]
     selected, matched, available = [], set(), set()
-    for path, _ in experts.expert_modules(model):
-        for name in experts.PARAMETERS:
-            names = [f"{layer}.{name}" for layer in hf_paths(model, path)]
-            available.add(re.sub(r"^.*?\.\d+\.", "", names[0]))
-            hits = {t for t in targets for n in names if n == t or n.endswith("." + t)}
-            if hits:
-                selected.append((path, name))
-                matched |= hits
+    for path, name in candidates:
+        names = [f"{layer}.{name}" for layer in hf_paths(model, path)]
+        short = re.sub(r"^.*?\.\d+\.", "", names[0])
+        available.add(short)
+        hits = {t for t in targets for n in names if n == t or n.endswith("." + t)}
+        if hits:
+            selected.append((path, name, short))
+            matched |= hits
     return selected, matched, sorted(available)
 
 
@@ -375,4 +472,11 @@ def merge_lora(model: nnx.Module) -> nnx.Module:
         weight = getattr(module, name)
         weight[...] = (weight[...].astype(jnp.float32) + adapter.delta()).astype(weight.dtype)
         module.set_adapter(name, None)
+    for path, adapter in router_adapters(model).items():
+        router = dict(experts.router_modules(model))[path]
+        delta = jnp.einsum("...ir,...ro->...io", adapter.lora_a[...].astype(jnp.float32),
+                           adapter.lora_b[...].astype(jnp.float32)) * adapter.scale
+        router.kernel[...] = (router.kernel[...].astype(jnp.float32) + delta).astype(
+            router.kernel.dtype)
+        router.adapter = None
     return model

@@ -256,17 +256,17 @@ def test_expert_adapters_count_as_peft_counts(tmp_path):
 @pytest.mark.parametrize("name, change, message", [
     ("qwen3_moe_topk_norm", {"target_parameters": ("mlp.experts.up_proj",)},
      "lora target parameter 'mlp.experts.up_proj' matches no expert weight of this qwen3_moe "
-     "model (its expert weights: mlp.experts.down_proj, mlp.experts.gate_up_proj)"),
+     "model (its expert weights: mlp.experts.down_proj, mlp.experts.gate_up_proj, "
+     "mlp.gate.weight)"),
     ("qwen3_moe_topk_norm", {"target_parameters": EXPERT_WEIGHTS, "dropout": 0.1},
      "lora.target_parameters take no lora.dropout and no lora.use_dora"),
     ("qwen3_qk_norm_mixed_window", {"target_parameters": EXPERT_WEIGHTS},
      "it has no experts: target_parameters are for mixtures of experts"),
     ("qwen3_moe_top3_raw", {"targets": ("q_proj", "up_proj")},
-     "lora.targets [q_proj, up_proj] select model.layers.1.mlp.up_proj, the MLP of a dense "
-     "layer of this qwen3_moe model, which PEFT cannot adapt"),
-    ("qwen3_moe_topk_norm", {"targets": ("gate_proj",)},
-     "its experts are parameters: lora.target_parameters=mlp.experts.gate_up_proj,"
-     "mlp.experts.down_proj"),
+     "lora target 'up_proj' is fused with 'gate_proj' into the experts' gate_up_proj of this "
+     "qwen3_moe model: name both or neither"),
+    ("mixtral_gqa_window", {"targets": ("w1", "w2")},
+     "lora target 'w1' is fused with 'w3' into the experts' gate_up_proj of this mixtral model"),
 ])
 def test_expert_targets_that_do_not_fit_are_named(name, change, message, tmp_path):
     import dataclasses
@@ -300,6 +300,51 @@ def test_peft_made_expert_adapters_import_with_peft_logits(name, tmp_path):
     got = np.asarray(model(jnp.asarray(ids), jnp.asarray(mask)))
     real = mask.astype(bool)
     np.testing.assert_allclose(got[real], want[real], atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("name, targets", [
+    ("qwen3_moe_top3_raw", "all-linear"),
+    ("qwen3_moe_topk_norm", ["q_proj", "gate", "gate_proj", "up_proj", "down_proj"]),
+    ("mixtral_gqa_window", "all-linear"),
+])
+def test_peft_moe_targets_mean_what_peft_makes_of_them(name, targets, tmp_path):
+    """PEFT reads all-linear and the MLP's names on a mixture of experts as the experts (the
+    fused gate_up_proj at twice the rank and alpha) and the router, and adapts no dense MLP:
+    jaxft's adapters from the same targets are as many, a PEFT-made adapter imports with
+    PeftModel's logits, and exported again it loads in PEFT with jaxft's."""
+    import peft
+    from flax import nnx
+
+    from jaxft import lora
+    from jaxft.hf import adapters
+
+    hf = saved(name, tmp_path / "base")
+    torch.manual_seed(4)
+    peft_model = peft.get_peft_model(hf, peft.LoraConfig(
+        r=2, lora_alpha=6, target_modules=targets, init_lora_weights=False)).eval()
+    peft_model.save_pretrained(tmp_path / "peft")
+    made = jaxft.from_pretrained(tmp_path / "base")
+    lora.apply_lora(made, lora.LoraConfig(rank=2, alpha=6.0, targets=targets))
+    trainable, _ = peft_model.get_nb_trainable_parameters()
+    assert lora.count_parameters(nnx.state(made, nnx.LoRAParam)) == trainable
+    assert lora.router_adapters(made)
+
+    ids, mask = hf_models.padded_batch()
+    real = mask.astype(bool)
+    with torch.no_grad():
+        want = peft_model(torch.tensor(ids), attention_mask=torch.tensor(mask)).logits.numpy()
+    model = jaxft.from_pretrained(tmp_path / "base", adapter=tmp_path / "peft")
+    got = np.asarray(model(jnp.asarray(ids), jnp.asarray(mask)))
+    np.testing.assert_allclose(got[real], want[real], atol=1e-4, rtol=0)
+
+    cfg = adapters.load_peft_adapter(jaxft.from_pretrained(tmp_path / "base"), tmp_path / "peft")
+    adapters.save_peft_adapter(model, cfg, tmp_path / "again")
+    again = peft.PeftModel.from_pretrained(
+        hf_models.transformers.AutoModelForCausalLM.from_pretrained(
+            tmp_path / "base", dtype=torch.float32), tmp_path / "again").eval()
+    with torch.no_grad():
+        reloaded = again(torch.tensor(ids), attention_mask=torch.tensor(mask)).logits.numpy()
+    np.testing.assert_allclose(reloaded[real], got[real], atol=1e-4, rtol=0)
 
 
 def test_expert_adapter_of_another_rank_layout_is_named(tmp_path):

@@ -207,6 +207,13 @@ def _expert_factors(model: nnx.Module) -> Iterator[tuple[str, np.ndarray]]:
                        layer_a.transpose(0, 2, 1).reshape(e * r, d_in))
                 yield (f"{PREFIX}{module}.{wrapper}lora_B.weight",
                        layer_b.transpose(2, 1, 0).reshape(layer_b.shape[-1], r * e))
+    for path, adapter in lora.router_adapters(model).items():  # plain LoRA on [E, D]
+        a = params.to_host(adapter.lora_a[...])  # [L,] D r
+        b = params.to_host(adapter.lora_b[...])  # [L,] r E
+        for i, module in enumerate(lora.hf_paths(model, path)):
+            layer_a, layer_b = (a[i], b[i]) if a.ndim == 3 else (a, b)
+            yield f"{PREFIX}{module}.lora_A.weight", layer_a.T
+            yield f"{PREFIX}{module}.lora_B.weight", layer_b.T
 
 
 def _nested_wrappers(names: list[str]) -> list[tuple[str, str]]:
@@ -262,6 +269,7 @@ def peft_config(
     alphas = {p: round(float(a.scale) * (math.sqrt(ranks[p]) if lora_cfg.use_rslora
                                            else ranks[p]), 6) for p, a in adapted.items()}
     _, saved_names = _saved_modules(model, lora_cfg)
+    parameter_ranks, parameter_alphas = _parameter_patterns(model, lora_cfg)
     return {
         "peft_type": "LORA",
         "task_type": task_type(model),
@@ -272,8 +280,8 @@ def peft_config(
         "use_rslora": lora_cfg.use_rslora,
         "target_modules": _target_modules(table, adapted, saved_names) if adapted else [],
         "target_parameters": _target_parameters(model) or None,
-        "rank_pattern": _patterns(table, ranks, lora_cfg.rank),
-        "alpha_pattern": _patterns(table, alphas, lora_cfg.alpha),
+        "rank_pattern": {**_patterns(table, ranks, lora_cfg.rank), **parameter_ranks},
+        "alpha_pattern": {**_patterns(table, alphas, lora_cfg.alpha), **parameter_alphas},
         "modules_to_save": saved_names or None,
         "fan_in_fan_out": bool(adapted) and all(table[p].fan_in_fan_out for p in adapted),
         "bias": "none",
@@ -301,11 +309,24 @@ def _target_modules(table: dict[str, Site], adapted: dict, saved: list[str]) -> 
 
 
 def _target_parameters(model: nnx.Module) -> list[str]:
-    """PEFT's names of the adapted expert weights, as they end each layer's parameter path
-    (`mlp.experts.gate_up_proj`)."""
-    adapted = lora.expert_adapters(model)
-    _, _, names = lora.select_expert_weights(model, ())
-    return [n for n in names if any(n.endswith("." + weight) for _, weight in adapted)]
+    """PEFT's names of the adapted expert weights and routers, as they end each layer's
+    parameter path (`mlp.experts.gate_up_proj`, `mlp.gate.weight`)."""
+    return sorted({short for short, _ in lora.parameter_adapters(model).values()})
+
+
+def _parameter_patterns(model: nnx.Module, lora_cfg: lora.LoraConfig) -> tuple[dict, dict]:
+    """rank_pattern and alpha_pattern entries for the expert and router adapters whose rank or
+    alpha is not the config's (PEFT's fused gate_up_proj: twice both)."""
+    ranks, alphas = {}, {}
+    for short, adapter in lora.parameter_adapters(model).values():
+        rank = int(adapter.lora_a.shape[-1])
+        alpha = round(float(adapter.scale) * (math.sqrt(rank) if lora_cfg.use_rslora
+                                              else rank), 6)
+        if rank != lora_cfg.rank:
+            ranks[short] = rank
+        if not math.isclose(alpha, lora_cfg.alpha, rel_tol=1e-6):
+            alphas[short] = alpha
+    return ranks, alphas
 
 
 def _patterns(table: dict[str, Site], values: dict[str, float], default: float) -> dict:
@@ -358,13 +379,16 @@ def load_peft_adapter(model: nnx.Module, adapter_dir: str | os.PathLike) -> lora
         rank=rank, alpha=float(config.get("lora_alpha", 8)),
         dropout=float(config.get("lora_dropout", 0.0)), targets=tuple(plan),
         use_rslora=bool(config.get("use_rslora", False)), use_dora=dora,
-        rank_pattern=tuple((p, r) for p, (r, _) in plan.items() if r != rank),
+        rank_pattern=tuple((p, r) for p, (r, _) in plan.items() if r != rank) + tuple(
+            (short, a.shape[-1]) for short, a, _, _ in expert_factors.values()
+            if a.shape[-1] != rank),
         modules_to_save=saved, target_parameters=parameters)
     state = _saved_state(model, others, source)
     lora.apply_lora(model, cfg)
-    for key, (a, b) in expert_factors.items():
-        adapter = lora.expert_adapters(model)[key]
-        adapter.scale = cfg.scale(a.shape[-1])
+    adapted = lora.parameter_adapters(model)
+    for key, (_, a, b, scale) in expert_factors.items():
+        adapter = adapted[key][1]
+        adapter.scale = scale
         adapter.lora_a[...] = a.astype(adapter.lora_a.dtype)
         adapter.lora_b[...] = b.astype(adapter.lora_b.dtype)
     linears = dict(linear_modules(model))
@@ -457,40 +481,52 @@ def _pattern_value(pattern: dict, key: str, default: float) -> float:
 
 def _expert_factors_in(model: nnx.Module, config: dict, tensors: dict[str, np.ndarray],
                        source: str) -> tuple[dict, tuple[str, ...]]:
-    """The factors of PEFT's adapters on expert weights (`target_parameters`), taken out of
-    `tensors` and laid out as jaxft's ({(experts path, weight): (A [L, E, in, r], B [L, E, r,
-    out])}), and the targets that matched; the inverse of `_expert_factors`."""
+    """The factors of PEFT's adapters on expert weights and routers (`target_parameters`),
+    taken out of `tensors` and laid out as jaxft's: {(module path, weight): (name as a target
+    gives it, A [L, E, in, r] (a router's: [L, in, r]), B [L, E, r, out] ([L, r, out]),
+    scale)}, and the targets that matched; the inverse of `_expert_factors`."""
     targets = tuple(config.get("target_parameters") or ())
     if not targets:
         return {}, ()
-    rank = int(config.get("r", 8))
+    rank, alpha = int(config.get("r", 8)), float(config.get("lora_alpha", 8))
     selected, matched, _ = lora.select_expert_weights(model, targets)
-    modules = dict(experts.expert_modules(model))
+    modules = {**dict(experts.expert_modules(model)), **dict(experts.router_modules(model))}
     found, problems = {}, []
-    for path in dict.fromkeys(p for p, _ in selected):
+    for path in dict.fromkeys(p for p, _, _ in selected):
         module, layers = modules[path], lora.hf_paths(model, path)
-        names = [n for p, n in selected if p == path]
-        for name, wrapper in _nested_wrappers(names):
-            count, d_in, d_out = getattr(module, name).shape[-3:]
+        names = [(n, short) for p, n, short in selected if p == path]
+        wrappers = dict(_nested_wrappers([n for n, _ in names]))
+        for name, short in names:
+            router = name == lora.ROUTER_WEIGHT
+            count, d_in, d_out = ((1, *module.kernel.shape[-2:]) if router
+                                  else getattr(module, name).shape[-3:])
+            key = f"{layers[0]}.{name}"
+            r = int(_pattern_value(config.get("rank_pattern") or {}, key, rank))
+            a_r = float(_pattern_value(config.get("alpha_pattern") or {}, key, alpha))
             per_layer = []
             for hf_module in layers:
-                keys = [f"{PREFIX}{hf_module}.{wrapper}lora_{x}.weight" for x in "AB"]
+                keys = [f"{PREFIX}{hf_module}.{'' if router else wrappers[name]}lora_{x}.weight"
+                        for x in "AB"]
                 missing = [k for k in keys if k not in tensors]
                 if missing:
                     problems.append(f"missing tensor {missing[0]}")
                     continue
                 a, b = (tensors.pop(k) for k in keys)
-                want = {"A": (count * rank, d_in), "B": (d_out, rank * count)}
+                want = {"A": (count * r, d_in), "B": (d_out, r * count)}
                 if a.shape != want["A"] or b.shape != want["B"]:
+                    what = "the router" if router else f"{count} experts"
                     problems.append(
                         f"{keys[0]} and lora_B have shapes {tuple(a.shape)}, {tuple(b.shape)} "
-                        f"but {count} experts of {hf_module}.{name} ({d_in} in, {d_out} out, "
-                        f"r={rank}) need {want['A']}, {want['B']}")
+                        f"but {what} of {hf_module}.{name} ({d_in} in, {d_out} out, r={r}) "
+                        f"need {want['A']}, {want['B']}")
                     continue
-                per_layer.append((a.reshape(count, rank, d_in).transpose(0, 2, 1),
-                                  b.reshape(d_out, rank, count).transpose(2, 1, 0)))
+                per_layer.append((a.T, b.T) if router else
+                                 (a.reshape(count, r, d_in).transpose(0, 2, 1),
+                                  b.reshape(d_out, r, count).transpose(2, 1, 0)))
             if len(per_layer) == len(layers):
-                found[path, name] = tuple(np.stack(f) for f in zip(*per_layer))
+                scale = lora.LoraConfig(alpha=a_r, use_rslora=bool(config.get("use_rslora"))
+                                        ).scale(r)
+                found[path, name] = (short, *(np.stack(f) for f in zip(*per_layer)), scale)
     for target in targets:
         if target not in matched:
             problems.append(f"target_parameters entry {target!r} matches no expert weight of "

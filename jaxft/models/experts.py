@@ -91,17 +91,21 @@ def grouped_swiglu(x: Array, weights: Array, indices: Array, gate_up: Array, dow
 
 
 class Router(nnx.Module):
-    """`mlp.gate`: one logit per expert, [D, E] (not a `layers.Linear`, so LoRA's `all-linear`
-    leaves it alone, as PEFT's does)."""
+    """`mlp.gate`: one logit per expert, [D, E]. Not a `layers.Linear`: transformers 5 holds it
+    as a parameter of its own module, so PEFT adapts it as a parameter (`mlp.gate.weight` in
+    `target_parameters`); its `adapter` (a `jaxft.lora.LoRA`) adds to the logits."""
 
     def __init__(self, d: int, experts: int, *, rngs: nnx.Rngs, param_dtype, dtype=None):
         self.kernel = layers.param(rngs, nnx.initializers.normal(0.02), (d, experts),
                                    ("embed", None), param_dtype)
+        self.adapter: nnx.Module | None = nnx.data(None)
         self.dtype = dtype
 
     def __call__(self, x: Array) -> Array:
         dtype = self.dtype or self.kernel[...].dtype
-        return x.astype(dtype) @ self.kernel[...].astype(dtype)
+        x = x.astype(dtype)
+        logits = x @ self.kernel[...].astype(dtype)
+        return logits if self.adapter is None else logits + self.adapter(x).astype(dtype)
 
 
 class Experts(nnx.Module):
@@ -140,6 +144,13 @@ def expert_modules(model: nnx.Module) -> Iterator[tuple[str, Experts]]:
     """(dotted path, module) for every `Experts` of a model: where expert adapters attach."""
     for path, module in nnx.iter_modules(model):
         if isinstance(module, Experts):
+            yield ".".join(str(p) for p in path), module
+
+
+def router_modules(model: nnx.Module) -> Iterator[tuple[str, Router]]:
+    """(dotted path, module) for every `Router` of a model: where router adapters attach."""
+    for path, module in nnx.iter_modules(model):
+        if isinstance(module, Router):
             yield ".".join(str(p) for p in path), module
 
 

@@ -72,6 +72,8 @@ def _forward_terms(model: nnx.Module, seq_len: int,
         on_experts = sum(lora.count_parameters(nnx.state(adapter, nnx.LoRAParam))
                          for adapter in lora.expert_adapters(model).values())
         adapters += on_experts * cfg.num_experts_per_tok // cfg.num_experts
+        adapters += sum(lora.count_parameters(nnx.state(adapter, nnx.LoRAParam))
+                        for adapter in lora.router_adapters(model).values())
     width = cfg.head_dim * cfg.num_attention_heads
     return matmul, adapters, 4 * seq_len * width * cfg.num_hidden_layers
 
