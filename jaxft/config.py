@@ -130,6 +130,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.mesh.data = -1  # -1: all devices left over by the other axes
     c.mesh.fsdp = 1
     c.mesh.tensor = 1
+    c.mesh.expert = 1  # a mixture of experts' experts split over this many devices
 
     c.checkpoint = ml_collections.ConfigDict()
     c.checkpoint.every = 50  # steps between checkpoints (0 = only at the end)

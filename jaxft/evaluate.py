@@ -322,7 +322,8 @@ def run(config: ml_collections.ConfigDict | None, workdir: str | None = None, *,
     if predictions is not None:
         predictions = _check_predictions(predictions, workdir, saved, overwrite)
     mesh_cfg = (saved if config is None else config).mesh
-    mesh = sharding.make_mesh(mesh_cfg.data, mesh_cfg.fsdp, mesh_cfg.tensor)
+    mesh = sharding.make_mesh(mesh_cfg.data, mesh_cfg.fsdp, mesh_cfg.tensor,
+                              expert=mesh_cfg.get("expert", 1))
     data_cfg = _data_config(config if config is not None else saved, eval_path)
     if workdir is None:
         return _run_base(config, data_cfg, mesh, max_batches)

@@ -1,9 +1,11 @@
 """The device mesh and the one table that maps logical axis names onto it.
 
 Mesh axes: `data` (pure data parallel: parameters replicated), `fsdp` (data parallel with
-parameters and optimizer state sharded), `tensor` (model parallel inside each layer). Batches are
-split over `data`×`fsdp`. A dimension whose size the mesh axis does not divide stays replicated,
-so odd vocabularies or head counts still run, just less sharded.
+parameters and optimizer state sharded), `expert` (a mixture of experts' experts split between
+devices, each holding E/n of them; for every other weight it is one more data-parallel axis),
+`tensor` (model parallel inside each layer). Batches are split over `data`×`fsdp`×`expert`. A
+dimension whose size the mesh axis does not divide stays replicated, so odd vocabularies or head
+counts still run, just less sharded; experts the `expert` axis cannot divide are refused.
 """
 
 from __future__ import annotations
@@ -19,8 +21,8 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jaxft.errors import JaxftError
 
-MESH_AXES = ("data", "fsdp", "tensor")
-BATCH_AXES = ("data", "fsdp")
+MESH_AXES = ("data", "fsdp", "expert", "tensor")
+BATCH_AXES = ("data", "fsdp", "expert")
 
 # logical axis -> mesh axis (None: replicated)
 RULES: dict[str | None, str | None] = {
@@ -31,7 +33,7 @@ RULES: dict[str | None, str | None] = {
     "kv_heads": "tensor",
     "qkv": "tensor",
     "mlp": "tensor",
-    "experts": None,
+    "experts": "expert",
     "embed_out": None,
     "layers": None,
     "norm": None,
@@ -39,14 +41,17 @@ RULES: dict[str | None, str | None] = {
 }
 
 
-def mesh_shape(data: int, fsdp: int, tensor: int, device_count: int) -> tuple[int, int, int]:
-    """Resolve a `-1` to "the rest of the devices" and check the product. `mesh.data=-1` (the
-    default) is what the other axes leave: 1 when fsdp or tensor takes every device itself."""
-    sizes = [data, fsdp, tensor]
-    if data == -1 and -1 in (fsdp, tensor):
+def mesh_shape(data: int, fsdp: int, tensor: int, device_count: int,
+               expert: int = 1) -> tuple[int, ...]:
+    """The sizes of `MESH_AXES` (data, fsdp, expert, tensor), a `-1` resolved to "the rest of
+    the devices" and the product checked. `mesh.data=-1` (the default) is what the other axes
+    leave: 1 when fsdp, expert or tensor takes every device itself."""
+    sizes = [data, fsdp, expert, tensor]
+    if data == -1 and -1 in (fsdp, expert, tensor):
         sizes[0] = 1
     if sizes.count(-1) > 1:
-        raise JaxftError(f"mesh: at most one of mesh.fsdp/tensor may be -1, got {sizes}")
+        raise JaxftError(f"mesh: at most one of mesh.fsdp/expert/tensor may be -1, got "
+                         f"{sizes}")
     if any(s == 0 or s < -1 for s in sizes):
         raise JaxftError(f"mesh: sizes must be positive or -1, got {sizes}")
     known = math.prod(s for s in sizes if s != -1)
@@ -56,15 +61,15 @@ def mesh_shape(data: int, fsdp: int, tensor: int, device_count: int) -> tuple[in
                              f"the {device_count} devices")
         sizes[sizes.index(-1)] = device_count // known
     if math.prod(sizes) != device_count:
-        raise JaxftError(f"mesh: data×fsdp×tensor = {math.prod(sizes)} but there are "
+        raise JaxftError(f"mesh: data×fsdp×expert×tensor = {math.prod(sizes)} but there are "
                          f"{device_count} devices (use -1 for one axis to take the rest)")
     return tuple(sizes)
 
 
 def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1,
-              devices: list | None = None) -> Mesh:
+              devices: list | None = None, expert: int = 1) -> Mesh:
     devices = devices if devices is not None else jax.devices()
-    shape = mesh_shape(data, fsdp, tensor, len(devices))
+    shape = mesh_shape(data, fsdp, tensor, len(devices), expert)
     return Mesh(np.asarray(devices).reshape(shape), MESH_AXES)
 
 
@@ -76,9 +81,12 @@ def spec_for(axes: tuple | None, shape: tuple[int, ...], mesh: Mesh) -> Partitio
     spec = []
     for name, size in zip(axes, shape, strict=True):
         target = RULES.get(name)
-        targets = (target,) if isinstance(target, str) else tuple(target or ())
-        if (not targets or any(t in used for t in targets)
-                or size % math.prod(mesh.shape[t] for t in targets)):
+        targets = tuple(t for t in ((target,) if isinstance(target, str) else target or ())
+                        if t in mesh.axis_names)
+        ways = math.prod(mesh.shape[t] for t in targets)
+        if name == "experts" and size % ways:
+            raise JaxftError(f"mesh: mesh.expert={ways} does not divide the {size} experts")
+        if not targets or any(t in used for t in targets) or size % ways:
             spec.append(None)
             continue
         used.update(targets)
@@ -114,17 +122,18 @@ def put_state(state: nnx.State, shardings: nnx.State) -> nnx.State:
 
 
 def batch_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:
-    """Rows over data×fsdp, every other dimension whole."""
+    """Rows over data×fsdp×expert, every other dimension whole."""
     return NamedSharding(mesh, PartitionSpec(BATCH_AXES, *([None] * (ndim - 1))))
 
 
 def data_parallel_size(mesh: Mesh) -> int:
-    return mesh.shape["data"] * mesh.shape["fsdp"]
+    """How many ways a batch's rows are split: data×fsdp×expert."""
+    return math.prod(mesh.shape[a] for a in BATCH_AXES)
 
 
-def data_parallel_size_of(shape: tuple[int, int, int]) -> int:
-    """data×fsdp of a (data, fsdp, tensor) mesh shape."""
-    return shape[0] * shape[1]
+def data_parallel_size_of(shape: tuple[int, ...]) -> int:
+    """data×fsdp×expert of a mesh shape (sizes of `MESH_AXES`)."""
+    return math.prod(shape[MESH_AXES.index(a)] for a in BATCH_AXES)
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

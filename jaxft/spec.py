@@ -197,11 +197,12 @@ def validate(c: ml_collections.ConfigDict, device_count: int,
         raise JaxftError(f"config: {e}") from None
     if c.optim.lr <= 0:
         raise JaxftError(f"config: optim.lr must be positive, got {c.optim.lr}")
-    shape = mesh_shape(c.mesh.data, c.mesh.fsdp, c.mesh.tensor, device_count)
+    shape = mesh_shape(c.mesh.data, c.mesh.fsdp, c.mesh.tensor, device_count, c.mesh.expert)
     dp = data_parallel_size_of(shape)
     if c.train.batch_size % (dp * c.train.accum_steps):
         raise JaxftError(f"config: train.batch_size {c.train.batch_size} is not divisible by the "
-                         f"data-parallel size {dp} (mesh.data×mesh.fsdp) × train.accum_steps "
+                         f"data-parallel size {dp} (mesh.data×mesh.fsdp×mesh.expert) × "
+                         "train.accum_steps "
                          f"{c.train.accum_steps}")
     config.parse_rank_pattern(c.lora.rank_pattern)
     if c.task == DPO:

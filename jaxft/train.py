@@ -112,7 +112,8 @@ def _run(cfg: ml_collections.ConfigDict, preemption: Preemption) -> dict[str, An
     # ----------------------------------------------------------------------------------------
     # Mesh
     # ----------------------------------------------------------------------------------------
-    mesh = sharding.make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
+    mesh = sharding.make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor,
+                              expert=cfg.mesh.expert)
     logging.info("mesh %s over %d devices (%s)", dict(mesh.shape), jax.device_count(),
                  jax.default_backend())
 

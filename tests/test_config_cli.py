@@ -94,9 +94,11 @@ def test_the_default_data_axis_takes_what_fsdp_or_tensor_leave():
     alone shards over every device, as the README's dry-run command writes it."""
     from jaxft import sharding
 
-    assert sharding.mesh_shape(-1, -1, 1, 8) == (1, 8, 1)
-    assert sharding.mesh_shape(-1, 2, -1, 8) == (1, 2, 4)
-    assert sharding.mesh_shape(-1, 2, 2, 8) == (2, 2, 2)
-    with pytest.raises(jaxft.JaxftError, match=r"^mesh: at most one of mesh.fsdp/tensor may be "
-                       r"-1, got \[1, -1, -1\]$"):
+    # (data, fsdp, expert, tensor)
+    assert sharding.mesh_shape(-1, -1, 1, 8) == (1, 8, 1, 1)
+    assert sharding.mesh_shape(-1, 2, -1, 8) == (1, 2, 1, 4)
+    assert sharding.mesh_shape(-1, 2, 2, 8) == (2, 2, 1, 2)
+    assert sharding.mesh_shape(-1, 2, 1, 8, expert=-1) == (1, 2, 4, 1)
+    with pytest.raises(jaxft.JaxftError, match=r"^mesh: at most one of mesh.fsdp/expert/tensor "
+                       r"may be -1, got \[1, -1, 1, -1\]$"):
         sharding.mesh_shape(-1, -1, -1, 8)

@@ -61,3 +61,17 @@ def test_family_learns_and_shards_exactly(family, one_device, tmp_path):
     got = train_losses(workdir)
     np.testing.assert_allclose([got[s] for s in steps], [expected[s] for s in steps],
                                rtol=1e-4)
+
+
+@pytest.mark.parametrize("family", ["qwen3_moe_topk_norm", "mixtral_gqa_window"])
+def test_expert_parallel_mesh_equals_one_device(family, one_device, tmp_path):
+    """Experts split over mesh.expert=2 (beside fsdp and tensor, and rows over fsdp×expert):
+    the losses of the single-device run."""
+    model_dir, expected = one_device[family]
+    workdir = tmp_path / "mesh-expert"
+    train.run(tiny_config(model_dir, workdir, **COMMON, **RUNS[family], **{
+        "mesh.data": 1, "mesh.fsdp": 2, "mesh.expert": 2, "mesh.tensor": 2}))
+    got = train_losses(workdir)
+    steps = sorted(expected)
+    np.testing.assert_allclose([got[s] for s in steps], [expected[s] for s in steps],
+                               rtol=1e-4)

@@ -90,6 +90,19 @@ def test_dimension_the_mesh_cannot_divide_stays_replicated():
         P(None, "fsdp", "tensor")
 
 
+def test_experts_split_over_the_expert_axis():
+    """Each device of the expert axis holds E/n whole experts (of every layer); a count the
+    axis cannot divide is refused, since experts are what that axis is for."""
+    mesh = sharding.make_mesh(1, 2, 2, expert=2)
+    assert mesh.axis_names == ("data", "fsdp", "expert", "tensor")
+    assert sharding.spec_for(("layers", "experts", "embed", "mlp"), (3, 6, 64, 64), mesh) == \
+        P(None, "expert", "fsdp", "tensor")
+    assert sharding.data_parallel_size(mesh) == 4  # rows split over fsdp × expert
+    with pytest.raises(jaxft.JaxftError, match="^mesh: mesh.expert=2 does not divide the 5 "
+                                               "experts$"):
+        sharding.spec_for(("layers", "experts", "embed", "mlp"), (3, 5, 64, 64), mesh)
+
+
 def test_optimizer_state_is_sharded_like_its_parameters(model_dir):
     from flax import nnx
 

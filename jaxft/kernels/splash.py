@@ -20,6 +20,7 @@ XLA partitions like any other.
 from __future__ import annotations
 
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -59,7 +60,7 @@ def splash_attention(q: Array, k: Array, v: Array, segment_ids: Array, scale: fl
         # Interpreted, the kernel is plain HLO that XLA partitions itself (and XLA:CPU cannot
         # run an interpreted kernel inside a shard_map).
         return _per_device(q, k, v, segment_ids, scale, sliding_window, soft_cap, interpret)
-    rows = mesh.shape[BATCH_AXES[0]] * mesh.shape[BATCH_AXES[1]]
+    rows = math.prod(mesh.shape[a] for a in BATCH_AXES)
     tensor = mesh.shape["tensor"]
     batch_axes = BATCH_AXES if b % rows == 0 else None
     head_axis = "tensor" if n % tensor == 0 and kv_heads % tensor == 0 else None

@@ -9,6 +9,12 @@ transformers' load-balancing loss (`load_balancing_loss`), summed over the token
 Expert weights are stored as transformers 5 holds them fused, transposed to jaxft's [in, out]:
 `gate_up_proj` [E, D, 2F] (the gate's F columns, then the up projection's) and `down_proj`
 [E, F, D].
+
+Under a mesh with an `expert` axis of n devices (the train step traces under its mesh), each
+device holds E/n experts and computes only their rows: the devices of the axis gather their
+tokens (and routing), each runs its own experts' grouped matmuls on the copies routed to them,
+and a reduce-scatter sums the experts' outputs back onto the devices that own the tokens. The
+expert weights never move; tokens cross the axis twice per layer.
 """
 
 from __future__ import annotations
@@ -20,6 +26,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jax.sharding import PartitionSpec
+
 from jaxft.kernels.swiglu import swiglu
 from jaxft.models import layers
 
@@ -29,6 +37,7 @@ Extra = Callable[[Array, Array], Array]
 # The expert weights an adapter can sit on, in the order transformers defines them (which is the
 # order PEFT nests its wrappers in).
 PARAMETERS = ("gate_up_proj", "down_proj")
+EXPERT_AXIS = "expert"  # the mesh axis experts are split over (`jaxft.sharding`)
 
 
 class RouterStats(NamedTuple):
@@ -61,21 +70,30 @@ def route(logits: Array, k: int, normalize: bool) -> tuple[Array, Array, Array]:
 
 
 def grouped_swiglu(x: Array, weights: Array, indices: Array, gate_up: Array, down: Array, *,
-                   gate_up_extra: Extra | None = None,
-                   down_extra: Extra | None = None) -> Array:
+                   gate_up_extra: Extra | None = None, down_extra: Extra | None = None,
+                   first: Array | None = None) -> Array:
     """Σⱼ weightsⱼ · down_e(silu(gate_e(x)) · up_e(x)) over each token's experts e = indicesⱼ.
 
     x [N, D], weights and indices [N, k], gate_up [E, D, 2F], down [E, F, D]. The N·k token
     copies are sorted by expert (a stable sort: tokens keep their order inside each expert) so
     each expert's rows are contiguous for `ragged_dot`, then put back and summed. An `extra`
     (an adapter: `extra(rows, group_sizes)`) adds to its projection's output.
+
+    With `first`, gate_up and down hold experts first … first+E-1 of a larger set: choices of
+    other experts are sorted past the last group, left out, and weigh nothing, and the sum
+    comes back in float32 (a partial sum that other devices' experts complete).
     """
     n, k = indices.shape
     experts = gate_up.shape[0]
     flat = indices.reshape(-1)  # [N·k]
+    if first is not None:
+        local = indices - first
+        mine = (local >= 0) & (local < experts)
+        flat = jnp.where(mine, local, experts).reshape(-1)  # not mine: past the last group
+        weights = jnp.where(mine, weights, 0)
     order = jnp.argsort(flat, stable=True)
     rows = x[order // k]  # [N·k, D], grouped by expert
-    sizes = jnp.bincount(flat, length=experts).astype(jnp.int32)
+    sizes = jnp.bincount(flat, length=experts + 1)[:experts].astype(jnp.int32)
     projected = jax.lax.ragged_dot(rows, gate_up, sizes)
     if gate_up_extra is not None:
         projected = projected + gate_up_extra(rows, sizes).astype(projected.dtype)
@@ -84,10 +102,44 @@ def grouped_swiglu(x: Array, weights: Array, indices: Array, gate_up: Array, dow
     out = jax.lax.ragged_dot(hidden, down, sizes)  # [N·k, D]
     if down_extra is not None:
         out = out + down_extra(hidden, sizes).astype(out.dtype)
+    if first is not None:  # rows past the groups are no expert's: whatever ragged_dot left
+        out = jnp.where((jnp.arange(out.shape[0]) < jnp.sum(sizes))[:, None], out, 0)
     unsorted = jnp.zeros_like(out).at[order].set(out, unique_indices=True)
     mixed = jnp.einsum("nkd,nk->nd", unsorted.reshape(n, k, -1).astype(jnp.float32),
                        weights.astype(jnp.float32))
-    return mixed.astype(x.dtype)
+    return mixed if first is not None else mixed.astype(x.dtype)
+
+
+def expert_ways() -> int:
+    """How many devices the ambient mesh splits the experts over (1: none, or no mesh)."""
+    mesh = jax.sharding.get_abstract_mesh()
+    return 1 if mesh.empty or EXPERT_AXIS not in mesh.axis_names else mesh.shape[EXPERT_AXIS]
+
+
+def expert_parallel_swiglu(x: Array, weights: Array, indices: Array, gate_up: Array,
+                           down: Array, adapters: tuple[nnx.Module | None, nnx.Module | None]
+                           ) -> Array:
+    """`grouped_swiglu` with the experts split over the mesh's `expert` axis: inside a
+    `shard_map` over that axis alone (fsdp and tensor stay XLA's), each device gathers the
+    axis's tokens, runs its own experts (and their slices of the `adapters`, modules whose
+    arrays lead with the expert axis) on the copies routed to them, and a reduce-scatter sums
+    the experts' outputs back to the tokens' devices."""
+    graphs, states = zip(*(nnx.split(a) if a is not None else (None, None) for a in adapters))
+
+    def local(x, weights, indices, gate_up, down, states):
+        x, weights, indices = (jax.lax.all_gather(a, EXPERT_AXIS, axis=0, tiled=True)
+                               for a in (x, weights, indices))
+        extras = [None if g is None else nnx.merge(g, s) for g, s in zip(graphs, states)]
+        first = jax.lax.axis_index(EXPERT_AXIS) * gate_up.shape[0]
+        mixed = grouped_swiglu(x, weights, indices, gate_up, down, gate_up_extra=extras[0],
+                               down_extra=extras[1], first=first)
+        return jax.lax.psum_scatter(mixed, EXPERT_AXIS, scatter_dimension=0, tiled=True)
+
+    split = PartitionSpec(EXPERT_AXIS)
+    run = jax.shard_map(local, mesh=jax.sharding.get_abstract_mesh(),
+                        in_specs=(split,) * 5 + (jax.tree.map(lambda _: split, states),),
+                        out_specs=split, axis_names=frozenset({EXPERT_AXIS}), check_vma=False)
+    return run(x, weights, indices, gate_up, down, states).astype(x.dtype)
 
 
 class Router(nnx.Module):
@@ -133,9 +185,13 @@ class Experts(nnx.Module):
 
     def __call__(self, x: Array, weights: Array, indices: Array) -> Array:
         dtype = self.dtype or self.gate_up_proj[...].dtype
-        return grouped_swiglu(x.astype(dtype), weights, indices,
-                              self.gate_up_proj[...].astype(dtype),
-                              self.down_proj[...].astype(dtype),
+        x = x.astype(dtype)
+        gate_up, down = self.gate_up_proj[...].astype(dtype), self.down_proj[...].astype(dtype)
+        ways = expert_ways()
+        if ways > 1 and x.shape[0] % ways == 0:
+            return expert_parallel_swiglu(x, weights, indices, gate_up, down,
+                                          (self.gate_up_proj_adapter, self.down_proj_adapter))
+        return grouped_swiglu(x, weights, indices, gate_up, down,
                               gate_up_extra=self.gate_up_proj_adapter,
                               down_extra=self.down_proj_adapter)
 

@@ -154,7 +154,8 @@ def make_plan(cfg: ml_collections.ConfigDict, topology: Target | None = None) ->
     machine."""
     devices = list(topology.devices) if topology else jax.devices()
     run = spec.resolve(cfg, devices)
-    mesh = sharding.make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor, devices=devices)
+    mesh = sharding.make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor, devices=devices,
+                              expert=cfg.mesh.expert)
     source, abstract = configured_model(run)
 
     # The step jaxft.train runs (train_step.build), on abstract arrays that carry shardings.
@@ -289,7 +290,7 @@ def _active_params(cfg, total: int) -> int | None:
 
 def describe(plan: Plan) -> str:
     """The dry run's report: one screen, per-device bytes first (that is what must fit)."""
-    mesh = " × ".join(f"{k} {v}" for k, v in plan.mesh.items())
+    mesh = " × ".join(f"{k} {v}" for k, v in plan.mesh.items() if k != "expert" or v > 1)
     mode = "full fine-tuning" if plan.lora_rank is None else f"LoRA rank {plan.lora_rank}"
     share = 100 * plan.trainable_params / max(plan.total_params, 1)
     adam = plan.opt_state.total - 2 * plan.trainable.total

@@ -55,7 +55,7 @@ class Candidate:
 
     def overrides(self) -> dict[str, object]:
         data, fsdp, tensor = self.mesh
-        return {"mesh.data": data, "mesh.fsdp": fsdp, "mesh.tensor": tensor,
+        return {"mesh.data": data, "mesh.fsdp": fsdp, "mesh.tensor": tensor, "mesh.expert": 1,
                 "train.remat": self.remat, "train.accum_steps": self.accum_steps}
 
     def saves_at_least_as_much_as(self, other: Candidate) -> bool:
