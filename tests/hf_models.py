@@ -97,10 +97,12 @@ CAUSAL_CONFIGS = {
         rope_scaling={"rope_type": "linear", "factor": 4.0}),
     # Mixtures of experts, initialised at std 0.1 (not 0.02) so that the experts' share of the
     # logits is large enough for a routing error to show at 1e-4.
-    # Qwen3-MoE: 6 experts of width 32, top-2 renormalised (norm_topk_prob), q/k norms, GQA.
+    # Qwen3-MoE: 6 experts of width 32, top-2 renormalised (norm_topk_prob), q/k norms, GQA,
+    # YaRN RoPE (its long-context setting, scaled down).
     "qwen3_moe_topk_norm": lambda: transformers.Qwen3MoeConfig(
         **_SMALL, head_dim=16, moe_intermediate_size=32, num_experts=6, num_experts_per_tok=2,
-        norm_topk_prob=True, initializer_range=0.1),
+        norm_topk_prob=True, initializer_range=0.1,
+        rope_scaling={"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 8}),
     # Qwen3-MoE's own default: top-3 of 5 experts as the softmax gives them, a tied head; the
     # second of four layers keeps a dense MLP of width 96 (mlp_only_layers).
     "qwen3_moe_top3_raw": lambda: transformers.Qwen3MoeConfig(

@@ -1,7 +1,7 @@
 """The LLaMA family: Llama, Mistral, Qwen2, Qwen3 and Phi-3 (`*ForCausalLM`).
 
 They differ only in data: bias on q/k/v, sliding windows (on every layer, or on some), tied
-embeddings, rope scaling (linear, llama3, Phi-3's longrope, partial rotary), Qwen3's RMSNorm of
+embeddings, rope scaling (linear, llama3, YaRN, Phi-3's longrope, partial rotary), Qwen3's RMSNorm of
 each query and key head, and Phi-3's fused `qkv_proj` and `gate_up_proj`. So one module serves
 them all. Module and parameter names follow Hugging Face (`model.layers.N.self_attn.q_proj`),
 which keeps the weight mapping a rename plus transpose and lets LoRA targets use the names
@@ -152,6 +152,11 @@ def rope_settings(hf: dict, params: dict | None = None) -> tuple[float, tuple | 
     if kind == "longrope":
         scaling.setdefault("original_max_position_embeddings",
                            hf.get("original_max_position_embeddings"))
+    if kind == "yarn":  # transformers' standardize_rope_params: the top-level field first
+        scaling["original_max_position_embeddings"] = (
+            hf.get("original_max_position_embeddings")
+            or scaling.get("original_max_position_embeddings")
+            or hf.get("max_position_embeddings"))
     hashable = {k: tuple(v) if isinstance(v, list) else v for k, v in scaling.items()}
     return theta, tuple(sorted(hashable.items())), partial
 

@@ -1,5 +1,5 @@
 """Rotary position embeddings as transformers computes them: the inverse frequencies of each
-`rope_type` (default, linear, llama3, longrope), in float32, and HF's half-split rotation.
+`rope_type` (default, linear, llama3, longrope, yarn), in float32, and HF's half-split rotation.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from jaxft.errors import JaxftError
 Array = jax.Array
 
 
-ROPE_TYPES = ("default", "linear", "llama3", "longrope")
+ROPE_TYPES = ("default", "linear", "llama3", "longrope", "yarn")
 
 
 def _powers(dim: int, theta: float) -> np.ndarray:
@@ -37,6 +37,8 @@ def rope_inverse_frequencies(head_dim: int, theta: float, scaling: dict | None) 
         return (inv_freq / np.float32(scaling["factor"])).astype(np.float32)
     if rope_type == "longrope":
         return longrope_frequencies(head_dim, theta, scaling)[0]
+    if rope_type == "yarn":
+        return yarn_frequencies(head_dim, theta, scaling)[0]
     if rope_type == "llama3":
         factor, low, high = (
             scaling["factor"],
@@ -65,6 +67,46 @@ def longrope_frequencies(dim: int, theta: float, scaling: dict) -> tuple[np.ndar
             (1.0 / (long * powers)).astype(np.float32))
 
 
+def yarn_frequencies(dim: int, theta: float, scaling: dict,
+                     max_position_embeddings: int | None = None) -> tuple[np.ndarray, float]:
+    """YaRN's inverse frequencies and attention factor (cos and sin are multiplied by it), as
+    transformers' `_compute_yarn_parameters` computes them: each frequency blends the
+    interpolated (÷ factor) and the original one by a linear ramp between the dimensions that
+    turn `beta_fast` and `beta_slow` times over `original_max_position_embeddings` positions."""
+    original = scaling.get("original_max_position_embeddings")
+    if original is None:
+        raise JaxftError("yarn rope_scaling needs original_max_position_embeddings")
+    factor = scaling.get("factor") or (max_position_embeddings or original) / original
+    attention_factor = scaling.get("attention_factor")
+    if attention_factor is None:
+        mscale, mscale_all_dim = scaling.get("mscale"), scaling.get("mscale_all_dim")
+        attention_factor = (_yarn_mscale(factor, mscale) / _yarn_mscale(factor, mscale_all_dim)
+                            if mscale and mscale_all_dim else _yarn_mscale(factor))
+    fast, slow = scaling.get("beta_fast") or 32, scaling.get("beta_slow") or 1
+
+    def correction_dim(rotations: float) -> float:
+        return dim * math.log(original / (rotations * 2 * math.pi)) / (2 * math.log(theta))
+
+    low, high = correction_dim(fast), correction_dim(slow)
+    if scaling.get("truncate", True):
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, dim - 1)
+    if low == high:
+        high += 0.001  # as transformers avoids the singular ramp
+    powers = _powers(dim, theta)
+    ramp = np.clip((np.arange(dim // 2, dtype=np.float32) - np.float32(low))
+                   / np.float32(high - low), 0, 1).astype(np.float32)
+    extrapolated = (1 - ramp).astype(np.float32)
+    inv_freq = ((1.0 / (np.float32(factor) * powers)) * (1 - extrapolated)
+                + (1.0 / powers) * extrapolated).astype(np.float32)
+    return inv_freq, float(attention_factor)
+
+
+def _yarn_mscale(scale: float, mscale: float = 1.0) -> float:
+    """YaRN's eq. 21, `0.1 · mscale · ln(scale) + 1` (1 when not scaled up)."""
+    return 1.0 if scale <= 1 else 0.1 * mscale * math.log(scale) + 1.0
+
+
 @dataclasses.dataclass(frozen=True)
 class Rope:
     """The rotary embedding of one kind of layer, as plain (hashable) numbers.
@@ -87,6 +129,10 @@ class Rope:
         """From config.json's rope settings, with transformers' defaults for longrope."""
         dim = int(head_dim * partial_rotary_factor)
         scaling = scaling or {}
+        if scaling.get("rope_type", scaling.get("type")) == "yarn":
+            inv_freq, attention_factor = yarn_frequencies(dim, theta, scaling,
+                                                          max_position_embeddings)
+            return cls(tuple(inv_freq.tolist()), attention_factor)
         if scaling.get("rope_type", scaling.get("type")) not in ("longrope", "su"):
             return cls(tuple(rope_inverse_frequencies(dim, theta, scaling or None).tolist()))
         original = scaling.get("original_max_position_embeddings")
