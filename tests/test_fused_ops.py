@@ -181,3 +181,58 @@ def test_fused_training_loss_equals_transformers_loss(family, tmp_path):
         want = hf(ids, labels=ids).loss.item()
     sums = train_step.lm_losses(model, jax.tree.map(jnp.asarray, batch))
     np.testing.assert_allclose(float(sums["loss_sum"] / sums["count"]), want, rtol=1e-5)
+
+
+def test_attention_sinks_are_gpt_oss_eager_attention():
+    """gpt-oss's attention sinks (one more logit per query head in every row's softmax, with
+    no value) against transformers' own `eager_attention_forward` for gpt-oss, value and
+    gradients of q, k, v and the sinks by torch's autograd, with grouped heads and packed and
+    padded rows."""
+    import torch
+    from transformers.models.gpt_oss import modeling_gpt_oss
+
+    b, t, heads, kv_heads, h = 3, 12, 6, 2, 8
+    kq, kk, kv, ks, kd = jax.random.split(jax.random.PRNGKey(3), 5)
+    q = jax.random.normal(kq, (b, t, heads, h))
+    k = jax.random.normal(kk, (b, t, kv_heads, h))
+    v = jax.random.normal(kv, (b, t, kv_heads, h))
+    sinks = jax.random.normal(ks, (heads,)) * 2.0
+    dout = jax.random.normal(kd, (b, t, heads, h))
+    mask, scale = packed_mask(b, t), h**-0.5
+    real = (mask.any(-1)[:, 0])[:, :, None, None]  # rows that attend to something
+    dout = jnp.where(real, dout, 0.0)
+
+    def ours(q, k, v, sinks):
+        return attention.dot_product_attention(q, k, v, mask, scale, implementation="xla",
+                                               sinks=sinks)
+
+    out, vjp = jax.vjp(ours, q, k, v, sinks)
+    tq, tk, tv, tsinks = (torch.tensor(np.asarray(x), requires_grad=True)
+                          for x in (q, k, v, sinks))
+    module = torch.nn.Module()
+    module.num_key_value_groups, module.sinks, module.training = heads // kv_heads, tsinks, False
+    bias = torch.where(torch.tensor(np.asarray(mask)), 0.0, torch.finfo(torch.float32).min)
+    want, _ = modeling_gpt_oss.eager_attention_forward(
+        module, tq.transpose(1, 2), tk.transpose(1, 2), tv.transpose(1, 2), bias, scale)
+    (want * torch.tensor(np.asarray(dout))).sum().backward()
+    np.testing.assert_allclose(jnp.where(real, out, 0),
+                               np.where(real, want.detach().numpy(), 0), **TOL)
+    without = attention.dot_product_attention(q, k, v, mask, scale, implementation="xla")
+    assert float(jnp.abs(jnp.where(real, without - out, 0)).max()) > 1e-2  # the sinks matter
+    for name, got, tensor in zip(["q", "k", "v", "sinks"], vjp(dout), (tq, tk, tv, tsinks),
+                                 strict=True):
+        np.testing.assert_allclose(got, tensor.grad.numpy(), **TOL, err_msg=f"d{name}")
+
+
+def test_fused_kernels_step_aside_for_attention_sinks(caplog):
+    q = jax.random.normal(jax.random.PRNGKey(4), (2, 9, 2, 8), jnp.bfloat16)
+    mask, sinks = packed_mask(2, 9), jnp.asarray([0.5, -1.0])
+    attention._log_fallback_once.cache_clear()
+    with caplog.at_level("WARNING"):
+        got = attention.dot_product_attention(q, q, q, mask, 0.5, implementation="cudnn",
+                                              sinks=sinks)
+    want = attention.dot_product_attention(q, q, q, mask, 0.5, implementation="xla",
+                                           sinks=sinks)
+    assert (got == want).all()
+    assert [r.getMessage() for r in caplog.records] == [
+        "cudnn attention cannot take attention sinks; using the XLA attention path"]

@@ -318,7 +318,7 @@ def test_fused_kernels_compile_for_tpu(chip):
     def attn(q, k, v_):
         mask = attention.attention_mask(*(jnp.ones((b, t), jnp.int32),) * 2,
                                      *(jnp.broadcast_to(jnp.arange(t), (b, t)),) * 2, causal=True)
-        out = attention_kernel.attention(q, k, v_, mask[:, :, None], h**-0.5)
+        out = attention_kernel.attention(q, k, v_, mask[:, :, None], None, h**-0.5)
         return out.astype(jnp.float32).sum()
 
     def mlp(gate, up):

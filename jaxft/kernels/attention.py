@@ -19,22 +19,29 @@ MASK_VALUE = -0.7 * float(np.finfo(np.float32).max)
 
 
 def scores_and_lse(q: Array, k: Array, mask: Array, scale: float,
-                   soft_cap: float | None = None) -> tuple[Array, Array]:
+                   soft_cap: float | None = None,
+                   sinks: Array | None = None) -> tuple[Array, Array]:
     """Masked scores [B,K,G,T,S] in float32 and their logsumexp over keys [B,K,G,T,1].
 
     With `soft_cap` (Gemma 2) the scaled scores are capped first, `cap · tanh(s / cap)`, as
-    transformers' eager attention does before it adds the mask."""
+    transformers' eager attention does before it adds the mask. `sinks` [K,G] (gpt-oss) are one
+    more logit per head that every row's softmax includes and no value follows: they join the
+    logsumexp only."""
     scores = jnp.einsum("bkgth,bksh->bkgts", q, k, preferred_element_type=jnp.float32) * scale
     if soft_cap is not None:
         scores = soft_cap * jnp.tanh(scores / soft_cap)
     scores = jnp.where(mask, scores, MASK_VALUE)
-    return scores, jax.nn.logsumexp(scores, axis=-1, keepdims=True)
+    lse = jax.nn.logsumexp(scores, axis=-1, keepdims=True)
+    if sinks is not None:
+        lse = jnp.logaddexp(lse, sinks.astype(jnp.float32)[None, :, :, None, None])
+    return scores, lse
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
-def attention(q: Array, k: Array, v: Array, mask: Array, scale: float,
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
+def attention(q: Array, k: Array, v: Array, mask: Array, sinks: Array | None, scale: float,
               soft_cap: float | None = None) -> Array:
-    """softmax(q kᵀ · scale, masked) v in the head-major layout, q [B,K,G,T,H], k/v [B,K,S,H].
+    """softmax(q kᵀ · scale, masked) v in the head-major layout, q [B,K,G,T,H], k/v [B,K,S,H];
+    `sinks` [K,G] or None (see `scores_and_lse`).
 
     The backward is written out, as flash attention does it: the forward keeps only the
     logsumexp of each row, and the backward recomputes the probabilities from it. Autodiff of
@@ -42,18 +49,18 @@ def attention(q: Array, k: Array, v: Array, mask: Array, scale: float,
     twice, which costs XLA:CPU more than the matmuls do; here the row term of the softmax
     gradient is `sum(dout * out)`, over H rather than S.
     """
-    scores, lse = scores_and_lse(q, k, mask, scale, soft_cap)
+    scores, lse = scores_and_lse(q, k, mask, scale, soft_cap, sinks)
     return jnp.einsum("bkgts,bksh->bkgth", jnp.exp(scores - lse).astype(v.dtype), v)
 
 
-def _attention_fwd(q, k, v, mask, scale, soft_cap):
-    scores, lse = scores_and_lse(q, k, mask, scale, soft_cap)
+def _attention_fwd(q, k, v, mask, sinks, scale, soft_cap):
+    scores, lse = scores_and_lse(q, k, mask, scale, soft_cap, sinks)
     out = jnp.einsum("bkgts,bksh->bkgth", jnp.exp(scores - lse).astype(v.dtype), v)
-    return out, (q, k, v, mask, lse, out)
+    return out, (q, k, v, mask, sinks, lse, out)
 
 
 def _attention_bwd(scale, soft_cap, residuals, dout):
-    q, k, v, mask, lse, out = residuals
+    q, k, v, mask, sinks, lse, out = residuals
     scores, _ = scores_and_lse(q, k, mask, scale, soft_cap)
     probs = jnp.exp(scores - lse)  # B K G T S, float32
     dv = jnp.einsum("bkgts,bkgth->bksh", probs.astype(dout.dtype), dout)
@@ -66,7 +73,11 @@ def _attention_bwd(scale, soft_cap, residuals, dout):
     dscores = (dscores * scale).astype(q.dtype)
     dq = jnp.einsum("bkgts,bksh->bkgth", dscores, k)
     dk = jnp.einsum("bkgts,bkgth->bksh", dscores, q)
-    return dq, dk, dv, None
+    dsinks = None
+    if sinks is not None:  # its probability exp(σ - lse) times -row, summed over the rows
+        sink_probs = jnp.exp(sinks.astype(jnp.float32)[None, :, :, None, None] - lse)
+        dsinks = -jnp.sum(sink_probs * row, axis=(0, 3, 4)).astype(sinks.dtype)
+    return dq, dk, dv, None, dsinks
 
 
 attention.defvjp(_attention_fwd, _attention_bwd)

@@ -138,6 +138,7 @@ def dot_product_attention(
     q: Array, k: Array, v: Array, mask: Array, scale: float, *, implementation: str = "auto",
     causal: bool = False, probs_dropout: Dropout | None = None, segment_ids: Array | None = None,
     sliding_window: int | None = None, soft_cap: float | None = None,
+    sinks: Array | None = None,
 ) -> Array:
     """Grouped-query attention: q [B,T,N,H], k/v [B,S,K,H], mask [B,1,T,S] -> [B,T,N,H].
 
@@ -159,7 +160,9 @@ def dot_product_attention(
     takes the plain path, whose autodiff keeps the dropped probabilities (no fused kernel
     drops them). `soft_cap` (Gemma 2) caps the scaled scores at `cap · tanh(s / cap)` before the
     mask, as transformers' eager path does; splash and 'xla' do it exactly, cuDNN cannot, so a
-    capped call asked for cuDNN takes 'xla' and says so once.
+    capped call asked for cuDNN takes 'xla' and says so once. `sinks` [N] (gpt-oss) add one
+    logit per query head to every row's softmax, with no value behind it; only 'xla' has them,
+    so the fused kernels step aside for them, saying so once.
     """
     if implementation not in ATTENTION_IMPLEMENTATIONS:
         raise JaxftError(
@@ -176,6 +179,10 @@ def dot_product_attention(
                           "tpu": "splash" if causal_batch else "xla"}.get(platform, "xla")
         if not self_attention or dropping:  # decoding from a cache; dropped probabilities
             implementation = "xla"
+    if sinks is not None and implementation in ("splash", "cudnn"):
+        _log_fallback_once(f"{implementation} attention cannot take attention sinks; using "
+                           "the XLA attention path")
+        implementation = "xla"
     if implementation == "splash":
         reason = ("attention dropout is on" if dropping else
                   "it needs a causal mask and its segment ids" if segment_ids is None
@@ -213,12 +220,15 @@ def dot_product_attention(
     kv_heads = k.shape[2]
     q = q.reshape(b, t, kv_heads, n // kv_heads, h).transpose(0, 2, 3, 1, 4)  # B K G T H
     k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # B K S H
+    if sinks is not None:
+        sinks = sinks.reshape(kv_heads, n // kv_heads)  # K G, as the query heads
     if dropping:
-        scores, lse = attention_kernel.scores_and_lse(q, k, mask[:, :, None], scale, soft_cap)
+        scores, lse = attention_kernel.scores_and_lse(q, k, mask[:, :, None], scale, soft_cap,
+                                                      sinks)
         probs = probs_dropout(jnp.exp(scores - lse)).astype(v.dtype)
         out = jnp.einsum("bkgts,bksh->bkgth", probs, v)
         return out.transpose(0, 3, 1, 2, 4).reshape(b, t, n, h)
-    out = attention_kernel.attention(q, k, v, mask[:, :, None], scale, soft_cap)  # B 1 1 T S
+    out = attention_kernel.attention(q, k, v, mask[:, :, None], sinks, scale, soft_cap)
     return out.transpose(0, 3, 1, 2, 4).reshape(b, t, n, h)
 
 
