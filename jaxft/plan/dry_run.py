@@ -38,6 +38,7 @@ from flax import nnx
 
 from jaxft import lora, progress, quant, sharding, spec, tasks, train_step
 from jaxft.data.packing import batch_spec
+from jaxft.errors import JaxftError
 from jaxft.hf import hub
 from jaxft.hf.model import blueprint
 from jaxft.plan import flops, host, tpu
@@ -176,6 +177,10 @@ def make_plan(cfg: ml_collections.ConfigDict, topology: Target | None = None) ->
         memory, xla_flops = _memory(compiled), _flops(compiled)
     except Exception as e:  # noqa: BLE001  (XLA raises its out-of-memory as a runtime error)
         refusal = topology.refusal(e) if topology else None
+        if refusal is None and topology is not None:  # the compiler's failure, in one line
+            first = next((line for line in str(e).splitlines() if line.strip()), repr(e))
+            raise JaxftError(f"XLA could not compile the train step for {topology.name}: "
+                             f"{first}") from None
         if refusal is None:
             raise
 
