@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-
 from tqdm.auto import tqdm
 
 from jaxft import dpo, progress, tasks

@@ -377,8 +377,14 @@ def test_expert_lora_run_resumes_exactly_and_exports_to_peft(tmp_path):
     import peft
 
     from jaxft import train
-    from tests.tiny_run import (REPO, read_metrics, subprocess_env, tiny_config,
-                                tiny_model_dir, train_losses)
+    from tests.tiny_run import (
+        REPO,
+        read_metrics,
+        subprocess_env,
+        tiny_config,
+        tiny_model_dir,
+        train_losses,
+    )
 
     model_dir = tiny_model_dir(tmp_path / "model", "mixtral_gqa_window")
     overrides = {"train.steps": 6, "checkpoint.every": 3, "data.eval_fraction": 0.0,

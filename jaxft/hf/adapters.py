@@ -526,7 +526,8 @@ def _expert_factors_in(model: nnx.Module, config: dict, tensors: dict[str, np.nd
             if len(per_layer) == len(layers):
                 scale = lora.LoraConfig(alpha=a_r, use_rslora=bool(config.get("use_rslora"))
                                         ).scale(r)
-                found[path, name] = (short, *(np.stack(f) for f in zip(*per_layer)), scale)
+                factors = (np.stack(f) for f in zip(*per_layer, strict=True))
+                found[path, name] = (short, *factors, scale)
     for target in targets:
         if target not in matched:
             problems.append(f"target_parameters entry {target!r} matches no expert weight of "

@@ -25,7 +25,6 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 from flax import nnx
-
 from jax.sharding import PartitionSpec
 
 from jaxft.kernels.swiglu import swiglu
@@ -124,12 +123,14 @@ def expert_parallel_swiglu(x: Array, weights: Array, indices: Array, gate_up: Ar
     axis's tokens, runs its own experts (and their slices of the `adapters`, modules whose
     arrays lead with the expert axis) on the copies routed to them, and a reduce-scatter sums
     the experts' outputs back to the tokens' devices."""
-    graphs, states = zip(*(nnx.split(a) if a is not None else (None, None) for a in adapters))
+    graphs, states = zip(*(nnx.split(a) if a is not None else (None, None) for a in adapters),
+                         strict=True)
 
     def local(x, weights, indices, gate_up, down, states):
         x, weights, indices = (jax.lax.all_gather(a, EXPERT_AXIS, axis=0, tiled=True)
                                for a in (x, weights, indices))
-        extras = [None if g is None else nnx.merge(g, s) for g, s in zip(graphs, states)]
+        extras = [None if g is None else nnx.merge(g, s)
+                  for g, s in zip(graphs, states, strict=True)]
         first = jax.lax.axis_index(EXPERT_AXIS) * gate_up.shape[0]
         mixed = grouped_swiglu(x, weights, indices, gate_up, down, gate_up_extra=extras[0],
                                down_extra=extras[1], first=first)

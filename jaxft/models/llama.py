@@ -1,11 +1,12 @@
 """The LLaMA family: Llama, Mistral, Qwen2, Qwen3 and Phi-3 (`*ForCausalLM`).
 
 They differ only in data: bias on q/k/v, sliding windows (on every layer, or on some), tied
-embeddings, rope scaling (linear, llama3, YaRN, Phi-3's longrope, partial rotary), Qwen3's RMSNorm of
-each query and key head, and Phi-3's fused `qkv_proj` and `gate_up_proj`. So one module serves
-them all. Module and parameter names follow Hugging Face (`model.layers.N.self_attn.q_proj`),
-which keeps the weight mapping a rename plus transpose and lets LoRA targets use the names
-users know from PEFT (`qkv_proj` and `gate_up_proj` on Phi-3, as PEFT has them).
+embeddings, rope scaling (linear, llama3, YaRN, Phi-3's longrope, partial rotary), Qwen3's
+RMSNorm of each query and key head, and Phi-3's fused `qkv_proj` and `gate_up_proj`. So one
+module serves them all. Module and parameter names follow Hugging Face
+(`model.layers.N.self_attn.q_proj`), which keeps the weight mapping a rename plus transpose and
+lets LoRA targets use the names users know from PEFT (`qkv_proj` and `gate_up_proj` on Phi-3,
+as PEFT has them).
 """
 
 from __future__ import annotations

@@ -8,8 +8,8 @@ are other names for the same parameters that load but are never written (transfo
 expert tensors). A model that keeps its layers in more than one stack (a mixture of experts with
 dense layers among the sparse ones) places each layer with a `LayerPlacement`
 (`TensorMapping.placed`): the table is written for one stack and the placement moves layer i's
-tensors to its own stack and index there. Transforms come from a closed, invertible set, so export never needs a
-hand-written inverse.
+tensors to its own stack and index there. Transforms come from a closed, invertible set, so
+export never needs a hand-written inverse.
 Loading streams tensors one at a time into preallocated buffers, collects every problem, and
 raises once with all of them.
 """
