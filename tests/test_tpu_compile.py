@@ -129,7 +129,8 @@ def test_dry_run_for_v5e_is_xla_tpus_own_memory_analysis(small, tmp_path, capsys
     cfg = tpu_config(small, tmp_path)
     p = plan.print_plan(cfg, "v5e-8")  # what `--dry_run --topology=v5e-8` runs
     assert (p.platform, p.compute_dtype, p.mesh) == ("tpu", "bfloat16",
-                                                     {"data": 1, "fsdp": 8, "tensor": 1})
+                                                     {"data": 1, "fsdp": 8, "expert": 1,
+                                                      "tensor": 1})
 
     # The same step, assembled and compiled here for the same mesh.
     from jaxft.sharding import make_mesh

@@ -42,6 +42,9 @@ from jaxft.plan.targets import Target, target
 MAX_COMPILES = 12
 REMATS = ("none", "dots_saveable", "full")  # least to most memory saved
 TENSOR_SIZES = (2, 4)
+# The layouts tried split devices between data, fsdp and tensor; a user's expert axis is set
+# back to its default, in the compiles and in the command.
+NO_EXPERT_AXIS = {"mesh.expert": 1}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,7 +58,7 @@ class Candidate:
 
     def overrides(self) -> dict[str, object]:
         data, fsdp, tensor = self.mesh
-        return {"mesh.data": data, "mesh.fsdp": fsdp, "mesh.tensor": tensor, "mesh.expert": 1,
+        return {"mesh.data": data, "mesh.fsdp": fsdp, "mesh.tensor": tensor,
                 "train.remat": self.remat, "train.accum_steps": self.accum_steps}
 
     def saves_at_least_as_much_as(self, other: Candidate) -> bool:
@@ -126,7 +129,8 @@ def search(cfg: ml_collections.ConfigDict, topology: Target,
         started = time.perf_counter()
         progress(f"  [{compiles}/{max_compiles}] compiling {c.layout}, remat {c.remat}, "
                  f"{c.accum_steps} micro-batch(es) …")
-        trial.plan = plan_lib.make_plan(with_overrides(cfg, c.overrides()), topology)
+        trial.plan = plan_lib.make_plan(with_overrides(cfg, {**c.overrides(), **NO_EXPERT_AXIS}),
+                                        topology)
         verdict = "fits" if trial.fits else "does not fit"
         progress(f"      {verdict}: {plan_lib.human_bytes(trial.plan.peak_bytes)} per "
                  f"{topology.device_word} "
@@ -239,8 +243,8 @@ def command_line(argv: Sequence[str], c: Candidate) -> str:
     """The training command: `argv` with the candidate's settings in place of the user's, and
     without the planning flags."""
     settings = {f"--config.{k}": v for k, v in c.overrides().items()}
-    kept = [a for a in argv[1:] if a.split("=", 1)[0] not in settings
-            and a.split("=", 1)[0] not in PLANNING_FLAGS]
+    dropped = {*settings, *PLANNING_FLAGS, *(f"--config.{k}" for k in NO_EXPERT_AXIS)}
+    kept = [a for a in argv[1:] if a.split("=", 1)[0] not in dropped]
     program = "python -m jaxft.train"
     return " ".join([program, *map(shlex.quote, kept),
                      *(f"{k}={v}" for k, v in settings.items())])
