@@ -73,10 +73,7 @@ def yarn_frequencies(dim: int, theta: float, scaling: dict,
     transformers' `_compute_yarn_parameters` computes them: each frequency blends the
     interpolated (÷ factor) and the original one by a linear ramp between the dimensions that
     turn `beta_fast` and `beta_slow` times over `original_max_position_embeddings` positions."""
-    original = scaling.get("original_max_position_embeddings")
-    if original is None:
-        raise JaxftError("yarn rope_scaling needs original_max_position_embeddings")
-    factor = scaling.get("factor") or (max_position_embeddings or original) / original
+    original, factor = _context_scaling("yarn", scaling, max_position_embeddings)
     attention_factor = scaling.get("attention_factor")
     if attention_factor is None:
         mscale, mscale_all_dim = scaling.get("mscale"), scaling.get("mscale_all_dim")
@@ -100,6 +97,16 @@ def yarn_frequencies(dim: int, theta: float, scaling: dict,
     inv_freq = ((1.0 / (np.float32(factor) * powers)) * (1 - extrapolated)
                 + (1.0 / powers) * extrapolated).astype(np.float32)
     return inv_freq, float(attention_factor)
+
+
+def _context_scaling(kind: str, scaling: dict,
+                     max_position_embeddings: int | None) -> tuple[int, float]:
+    """(original_max_position_embeddings, factor) of a context-extending scaling; without a
+    factor, transformers takes the ratio of the model's positions to the original ones."""
+    original = scaling.get("original_max_position_embeddings")
+    if original is None:
+        raise JaxftError(f"{kind} rope_scaling needs original_max_position_embeddings")
+    return original, scaling.get("factor") or (max_position_embeddings or original) / original
 
 
 def _yarn_mscale(scale: float, mscale: float = 1.0) -> float:
@@ -135,10 +142,7 @@ class Rope:
             return cls(tuple(inv_freq.tolist()), attention_factor)
         if scaling.get("rope_type", scaling.get("type")) not in ("longrope", "su"):
             return cls(tuple(rope_inverse_frequencies(dim, theta, scaling or None).tolist()))
-        original = scaling.get("original_max_position_embeddings")
-        if original is None:
-            raise JaxftError("longrope rope_scaling needs original_max_position_embeddings")
-        factor = scaling.get("factor") or (max_position_embeddings or original) / original
+        original, factor = _context_scaling("longrope", scaling, max_position_embeddings)
         attention_factor = scaling.get("attention_factor")
         if attention_factor is None:
             attention_factor = (1.0 if factor <= 1.0
