@@ -266,7 +266,8 @@ class Evaluation:
 
     `evaluate(trainable, frozen, dropout, sums, batch)` adds a batch's sums to `sums` (donated);
     `reference(trainable, frozen, dropout, batch) -> [B, 2]` scores preference pairs with the
-    weights it is given, adapters off. Batches arrive as global arrays (rows over data × fsdp).
+    weights it is given, adapters off. Batches arrive as global arrays (rows over data × fsdp ×
+    expert).
     """
 
     eval_graphdef: nnx.GraphDef  # the model in eval mode

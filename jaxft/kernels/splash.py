@@ -12,9 +12,9 @@ makes, since positions rise by one along each packed example; padding is segment
 real token attends to, so what padding rows compute never reaches the loss.
 
 Under a mesh (the train step traces under one: `sharding.traced_under`) the kernel runs per
-device in a `shard_map`, rows over data × fsdp and heads over tensor, since XLA cannot partition
-a Pallas call itself. Off a TPU (the tests) it runs in Pallas' interpreter, as plain HLO that
-XLA partitions like any other.
+device in a `shard_map`, rows over data × fsdp × expert and heads over tensor, since XLA cannot
+partition a Pallas call itself. Off a TPU (the tests) it runs in Pallas' interpreter, as plain
+HLO that XLA partitions like any other.
 """
 
 from __future__ import annotations
