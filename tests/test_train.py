@@ -79,9 +79,11 @@ def test_train_step_compiles_once(llama_dir, tmp_path, caplog):
     ({"lora.rank": 0}, "config: lora.rank must be positive, got 0"),
     ({"train.epochs": -1.0}, "config: train.epochs must be 0 (use train.steps) or a positive "
      "number of passes over the data, got -1.0"),
-    ({"mesh.data": 3}, "mesh: data×fsdp×tensor = 3 but there are 8 devices"),
-    ({"mesh.fsdp": 3, "mesh.data": -1}, "mesh: 3 (product of the fixed sizes [-1, 3, 1]) does "
-     "not divide the 8 devices"),
+    ({"mesh.data": 3}, "mesh: data×fsdp×expert×tensor = 3 but there are 8 devices"),
+    ({"mesh.fsdp": 3, "mesh.data": -1}, "mesh: 3 (product of the fixed sizes [-1, 3, 1, 1]) "
+     "does not divide the 8 devices"),
+    ({"mesh.expert": 3, "mesh.data": -1}, "mesh: 3 (product of the fixed sizes [-1, 1, 3, 1]) "
+     "does not divide the 8 devices"),
     ({"train.batch_size": 12}, "config: train.batch_size 12 is not divisible by the "
      "data-parallel size 8"),
     ({"task": "summarize"}, "config: task is 'summarize', expected one of lm, classification"),
