@@ -115,6 +115,16 @@ CAUSAL_CONFIGS = {
         **{**_SMALL, "intermediate_size": 32, "num_key_value_heads": 1}, num_local_experts=4,
         num_experts_per_tok=2, sliding_window=5, initializer_range=0.1,
         output_router_logits=True, router_aux_loss_coef=0.02),
+    # gpt-oss: 4 biased experts, top-2 softmaxed, alternating gate/up columns and the clamped
+    # SwiGLU (a limit small enough to bite at this init), attention sinks and biases, a 5-token
+    # window on every other layer, YaRN RoPE, the aux loss in the training loss.
+    "gpt_oss_sinks_window": lambda: transformers.GptOssConfig(
+        **{**_SMALL, "intermediate_size": 32}, head_dim=16, num_local_experts=4,
+        num_experts_per_tok=2, sliding_window=5, initializer_range=0.1, swiglu_limit=0.5,
+        output_router_logits=True, router_aux_loss_coef=0.02,
+        rope_parameters={"rope_type": "yarn", "rope_theta": 150000.0, "factor": 4.0,
+                         "beta_fast": 32.0, "beta_slow": 1.0, "truncate": False,
+                         "original_max_position_embeddings": 32}),
 }
 
 
@@ -135,6 +145,11 @@ def build(config, cls=transformers.AutoModelForCausalLM, seed: int = 0) -> torch
     """A random-init transformers model in eval mode (dropout off), float32."""
     torch.manual_seed(seed)
     model = cls.from_config(config) if hasattr(cls, "from_config") else cls(config)
+    if getattr(config, "model_type", None) == "gpt_oss":  # its expert biases start at zero
+        with torch.no_grad():
+            for name, weight in model.named_parameters():
+                if name.endswith("_proj_bias"):
+                    weight.normal_(0.0, 0.3)
     return model.float().eval()
 
 

@@ -64,13 +64,14 @@ LORA_TARGETS = {"gpt2": ["c_attn", "c_proj", "c_fc"],
                 "phi3_longrope_window": ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"],
                 # experts are not nn.Linear: PEFT's target_modules reach attention only
                 **dict.fromkeys(["qwen3_moe_topk_norm", "qwen3_moe_top3_raw",
-                                 "mixtral_gqa_window"],
+                                 "mixtral_gqa_window", "gpt_oss_sinks_window"],
                                 ["q_proj", "k_proj", "v_proj", "o_proj"])}
 # Runs with adapters cover the base model's path too (the adapters add to it); the base alone
 # is compared for LLaMA, the family every other one is read against.
 FAMILIES = ["qwen2_bias_tied", "gpt2", "mistral_gqa", "qwen3_qk_norm_mixed_window",
             "phi3_longrope_window", "gemma2_softcap_window", "gemma3_local_global_rope",
-            "qwen3_moe_topk_norm", "qwen3_moe_top3_raw", "mixtral_gqa_window"]
+            "qwen3_moe_topk_norm", "qwen3_moe_top3_raw", "mixtral_gqa_window",
+            "gpt_oss_sinks_window"]
 
 
 def add_lora(model, hf, name: str):
@@ -125,7 +126,8 @@ def test_greedy_matches_transformers_generate(name, with_lora, tmp_path):
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["llama_gqa_untied_llama3_rope", "gpt2", "mistral_gqa",
                                   "gemma2_softcap_window", "gemma3_local_global_rope",
-                                  "qwen3_moe_top3_raw", "mixtral_gqa_window"])
+                                  "qwen3_moe_top3_raw", "mixtral_gqa_window",
+                                  "gpt_oss_sinks_window"])
 def test_cached_decode_matches_full_forward(name, tmp_path):
     """Prefill 11 left-padded tokens, then decode 4 one at a time: the logits of each are those
     of one forward over the whole sequence (mistral's window of 6 and Gemma's of 5 are

@@ -21,7 +21,7 @@ from jaxft.errors import JaxftError
 from jaxft.models import experts
 from tests import hf_models
 
-MOE = ["qwen3_moe_topk_norm", "qwen3_moe_top3_raw", "mixtral_gqa_window"]
+MOE = ["qwen3_moe_topk_norm", "qwen3_moe_top3_raw", "mixtral_gqa_window", "gpt_oss_sinks_window"]
 
 
 def saved(name: str, path, **overrides):
@@ -194,6 +194,7 @@ def with_expert_adapters(model_dir, targets=("q_proj",), parameters=EXPERT_WEIGH
     rng = np.random.RandomState(seed)
     factors = [a.lora_b for a in lora.expert_adapters(model).values()]
     factors += [lin.adapter.lora_b for _, lin in lora.linear_modules(model) if lin.adapter]
+    factors += [adapter.lora_b for adapter in lora.router_adapters(model).values()]
     for b in factors:
         b[...] = jnp.asarray(rng.normal(0, 0.3, b.shape), jnp.float32)
     return model, cfg
@@ -203,6 +204,8 @@ def with_expert_adapters(model_dir, targets=("q_proj",), parameters=EXPERT_WEIGH
     ("qwen3_moe_topk_norm", EXPERT_WEIGHTS),
     ("mixtral_gqa_window", EXPERT_WEIGHTS),
     ("qwen3_moe_top3_raw", ("mlp.experts.down_proj",)),
+    # gpt-oss: its experts in [in, out] order (PEFT's is_transposed), its biased router too
+    ("gpt_oss_sinks_window", (*EXPERT_WEIGHTS, "mlp.router.weight")),
 ])
 def test_expert_adapters_load_in_peft_with_jaxfts_logits(name, parameters, tmp_path):
     """Exported, the adapters are PEFT's `target_parameters` adapters: `PeftModel` loads them
@@ -281,7 +284,8 @@ def test_expert_targets_that_do_not_fit_are_named(name, change, message, tmp_pat
     assert message in str(err.value)
 
 
-@pytest.mark.parametrize("name", ["qwen3_moe_topk_norm", "mixtral_gqa_window"])
+@pytest.mark.parametrize("name", ["qwen3_moe_topk_norm", "mixtral_gqa_window",
+                                  "gpt_oss_sinks_window"])
 def test_peft_made_expert_adapters_import_with_peft_logits(name, tmp_path):
     """An adapter PEFT made on the experts (and q_proj), with random factors, loads into
     jaxft with PeftModel's logits."""
@@ -302,12 +306,13 @@ def test_peft_made_expert_adapters_import_with_peft_logits(name, tmp_path):
     np.testing.assert_allclose(got[real], want[real], atol=1e-4, rtol=0)
 
 
-@pytest.mark.parametrize("name, targets", [
-    ("qwen3_moe_top3_raw", "all-linear"),
-    ("qwen3_moe_topk_norm", ["q_proj", "gate", "gate_proj", "up_proj", "down_proj"]),
-    ("mixtral_gqa_window", "all-linear"),
+@pytest.mark.parametrize("name, targets, routers", [
+    ("qwen3_moe_top3_raw", "all-linear", True),
+    ("qwen3_moe_topk_norm", ["q_proj", "gate", "gate_proj", "up_proj", "down_proj"], True),
+    ("mixtral_gqa_window", "all-linear", True),
+    ("gpt_oss_sinks_window", "all-linear", False),  # PEFT maps no gpt-oss names: attention
 ])
-def test_peft_moe_targets_mean_what_peft_makes_of_them(name, targets, tmp_path):
+def test_peft_moe_targets_mean_what_peft_makes_of_them(name, targets, routers, tmp_path):
     """PEFT reads all-linear and the MLP's names on a mixture of experts as the experts (the
     fused gate_up_proj at twice the rank and alpha) and the router, and adapts no dense MLP:
     jaxft's adapters from the same targets are as many, a PEFT-made adapter imports with
@@ -327,7 +332,7 @@ def test_peft_moe_targets_mean_what_peft_makes_of_them(name, targets, tmp_path):
     lora.apply_lora(made, lora.LoraConfig(rank=2, alpha=6.0, targets=targets))
     trainable, _ = peft_model.get_nb_trainable_parameters()
     assert lora.count_parameters(nnx.state(made, nnx.LoRAParam)) == trainable
-    assert lora.router_adapters(made)
+    assert bool(lora.router_adapters(made)) == routers
 
     ids, mask = hf_models.padded_batch()
     real = mask.astype(bool)

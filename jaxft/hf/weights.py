@@ -26,7 +26,7 @@ from jax.sharding import Mesh
 from jaxft import dtypes, models, outdir, progress, quant
 from jaxft.dtypes import DTypeLike
 from jaxft.errors import JaxftError, first_line
-from jaxft.hf import hub
+from jaxft.hf import hub, mxfp4
 from jaxft.hf.model import ModelOptions, blueprint
 from jaxft.models import params
 
@@ -132,7 +132,8 @@ def load_hf_model(path_or_id: str | os.PathLike, options: ModelOptions | None = 
     """
     options = options or ModelOptions()
     path = hub.resolve(path_or_id)
-    plan = blueprint(hub.read_config(path), hub.config_source(path), options)
+    hf_config = hub.read_config(path)
+    plan = blueprint(hf_config, hub.config_source(path), options)
     cfg = plan.config
     # Weights come from the checkpoint; dropout keys (rewritten every training step) start at 0.
     graphdef, abstract_state, abstract_keys = nnx.split(
@@ -141,10 +142,13 @@ def load_hf_model(path_or_id: str | os.PathLike, options: ModelOptions | None = 
     place = None if mesh is None else _placer(mesh)
     what = "loading weights" + (f" (quantizing to {options.quantize.kind})"
                                 if options.quantized else "")
+    tensors = iter_tensors(path)
+    if hf_config.get("model_type") == "gpt_oss":  # its released experts are MXFP4
+        tensors = mxfp4.dequantized(tensors, str(path))
     state, missing = params.load_state(
         abstract_state,
         models.tensor_table(cfg),
-        _with_progress(iter_tensors(path), what, _expected_tensors(abstract_state, cfg)),
+        _with_progress(tensors, what, _expected_tensors(abstract_state, cfg)),
         source=str(path),
         tied=cfg.tie_word_embeddings,
         num_layers=cfg.num_hidden_layers,
@@ -246,6 +250,7 @@ def save_pretrained(
         hf_config = {**model.config.to_hf(), **labels}
         hf_config["torch_dtype"] = name
         hf_config.pop("dtype", None)
+        hf_config.pop("quantization_config", None)  # what was quantized is written in `dtype`
         (out / hub.CONFIG_NAME).write_text(json.dumps(hf_config, indent=2, sort_keys=True) + "\n")
     return out
 

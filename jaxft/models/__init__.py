@@ -7,11 +7,11 @@ A family module provides what `jaxft.models.family.Family` lists (`Config` with 
 from __future__ import annotations
 
 from jaxft.errors import JaxftError
-from jaxft.models import bert, gemma, gpt2, llama, mixtral, qwen3_moe
+from jaxft.models import bert, gemma, gpt2, gpt_oss, llama, mixtral, qwen3_moe
 from jaxft.models.family import CausalLM, Family, ModelConfig
 from jaxft.models.params import TensorMapping
 
-FAMILIES: tuple[Family, ...] = (llama, qwen3_moe, mixtral, gemma, gpt2, bert)
+FAMILIES: tuple[Family, ...] = (llama, qwen3_moe, mixtral, gpt_oss, gemma, gpt2, bert)
 
 __all__ = ["FAMILIES", "CausalLM", "Family", "ModelConfig", "family_for", "tensor_table"]
 

@@ -26,6 +26,7 @@ STATED: dict[str, tuple[str | tuple[str, ...], ...]] = {
     "gpt2": ("vocab_size", "n_embd", "n_layer", "n_head"),
     "qwen3_moe": (*_SHARED, "moe_intermediate_size", ("num_experts", "num_local_experts")),
     "mixtral": (*_SHARED, "intermediate_size", "num_local_experts"),
+    "gpt_oss": (*_SHARED, "intermediate_size", "num_local_experts"),
 }
 STATED_OTHERWISE = (*_SHARED, "intermediate_size")
 

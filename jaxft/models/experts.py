@@ -6,9 +6,12 @@ Python loop over experts, no dense all-experts compute, and no token is dropped 
 factor), which is what transformers computes. The router also returns the statistics of
 transformers' load-balancing loss (`load_balancing_loss`), summed over the tokens that count.
 
-Expert weights are stored as transformers 5 holds them fused, transposed to jaxft's [in, out]:
-`gate_up_proj` [E, D, 2F] (the gate's F columns, then the up projection's) and `down_proj`
-[E, F, D].
+Expert weights are stored as transformers 5 holds them fused, in jaxft's [in, out] layout:
+`gate_up_proj` [E, D, 2F] and `down_proj` [E, F, D]. Qwen3-MoE and Mixtral put the gate's F
+columns first, then the up projection's; gpt-oss alternates them and adds biases
+(`gate_up_proj_bias` [E, 2F], `down_proj_bias` [E, D]) and a clamped SwiGLU (`GatedUnit`).
+Keeping each family's own column order keeps PEFT's adapters on these weights (whose `lora_B`
+rows follow it) a reshape.
 
 Under a mesh with an `expert` axis of n devices (the train step traces under its mesh), each
 device holds E/n experts and computes only their rows: the devices of the axis gather their
@@ -19,6 +22,7 @@ expert weights never move; tokens cross the axis twice per layer.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Iterator
 from typing import NamedTuple
 
@@ -68,15 +72,49 @@ def route(logits: Array, k: int, normalize: bool) -> tuple[Array, Array, Array]:
     return weights, indices, probs
 
 
+@dataclasses.dataclass(frozen=True)
+class GatedUnit:
+    """How an expert turns its fused gate-and-up projection [.., 2F] into its hidden layer
+    [.., F]: SwiGLU, silu(gate)·up (Qwen3-MoE, Mixtral); or gpt-oss's, whose gate and up
+    columns alternate (`interleaved`) and whose SwiGLU is clamped, gate·σ(α·gate)·(up + 1)
+    with the gate clamped above at `limit` and up to ±`limit`."""
+
+    interleaved: bool = False
+    alpha: float | None = None  # None: plain SwiGLU
+    limit: float | None = None
+
+    def __call__(self, projected: Array) -> Array:
+        if self.interleaved:
+            gate, up = projected[..., ::2], projected[..., 1::2]
+        else:
+            gate, up = jnp.split(projected, 2, axis=-1)
+        if self.alpha is None:
+            return swiglu(gate, up)
+        if self.limit is not None:
+            gate = jnp.minimum(gate, self.limit)
+            up = jnp.clip(up, -self.limit, self.limit)
+        return (up + 1) * (gate * jax.nn.sigmoid(gate * self.alpha))
+
+
+SWIGLU = GatedUnit()
+
+
+def _per_row(bias: Array, groups: Array) -> Array:
+    """Each sorted row's expert bias; a row of no local expert (group E) gets zeros."""
+    return jnp.concatenate([bias, jnp.zeros_like(bias[:1])])[groups]
+
+
 def grouped_swiglu(x: Array, weights: Array, indices: Array, gate_up: Array, down: Array, *,
                    gate_up_extra: Extra | None = None, down_extra: Extra | None = None,
-                   first: Array | None = None) -> Array:
-    """Σⱼ weightsⱼ · down_e(silu(gate_e(x)) · up_e(x)) over each token's experts e = indicesⱼ.
+                   first: Array | None = None, biases: tuple[Array, Array] | None = None,
+                   unit: GatedUnit = SWIGLU) -> Array:
+    """Σⱼ weightsⱼ · down_e(unit(gate_up_e(x))) over each token's experts e = indicesⱼ.
 
-    x [N, D], weights and indices [N, k], gate_up [E, D, 2F], down [E, F, D]. The N·k token
-    copies are sorted by expert (a stable sort: tokens keep their order inside each expert) so
-    each expert's rows are contiguous for `ragged_dot`, then put back and summed. An `extra`
-    (an adapter: `extra(rows, group_sizes)`) adds to its projection's output.
+    x [N, D], weights and indices [N, k], gate_up [E, D, 2F], down [E, F, D], `biases`
+    ([E, 2F], [E, D]) when the experts have them. The N·k token copies are sorted by expert (a
+    stable sort: tokens keep their order inside each expert) so each expert's rows are
+    contiguous for `ragged_dot`, then put back and summed. An `extra` (an adapter:
+    `extra(rows, group_sizes)`) adds to its projection's output.
 
     With `first`, gate_up and down hold experts first … first+E-1 of a larger set: choices of
     other experts are sorted past the last group, left out, and weigh nothing, and the sum
@@ -93,12 +131,16 @@ def grouped_swiglu(x: Array, weights: Array, indices: Array, gate_up: Array, dow
     order = jnp.argsort(flat, stable=True)
     rows = x[order // k]  # [N·k, D], grouped by expert
     sizes = jnp.bincount(flat, length=experts + 1)[:experts].astype(jnp.int32)
+    groups = flat[order]  # each sorted row's expert (E: none of these)
     projected = jax.lax.ragged_dot(rows, gate_up, sizes)
+    if biases is not None:
+        projected = projected + _per_row(biases[0], groups).astype(projected.dtype)
     if gate_up_extra is not None:
         projected = projected + gate_up_extra(rows, sizes).astype(projected.dtype)
-    gate, up = jnp.split(projected, 2, axis=-1)
-    hidden = swiglu(gate, up)
+    hidden = unit(projected)
     out = jax.lax.ragged_dot(hidden, down, sizes)  # [N·k, D]
+    if biases is not None:
+        out = out + _per_row(biases[1], groups).astype(out.dtype)
     if down_extra is not None:
         out = out + down_extra(hidden, sizes).astype(out.dtype)
     if first is not None:  # rows past the groups are no expert's: whatever ragged_dot left
@@ -116,8 +158,9 @@ def expert_ways() -> int:
 
 
 def expert_parallel_swiglu(x: Array, weights: Array, indices: Array, gate_up: Array,
-                           down: Array, adapters: tuple[nnx.Module | None, nnx.Module | None]
-                           ) -> Array:
+                           down: Array, adapters: tuple[nnx.Module | None, nnx.Module | None],
+                           *, biases: tuple[Array, Array] | None = None,
+                           unit: GatedUnit = SWIGLU) -> Array:
     """`grouped_swiglu` with the experts split over the mesh's `expert` axis: inside a
     `shard_map` over that axis alone (fsdp and tensor stay XLA's), each device gathers the
     axis's tokens, runs its own experts (and their slices of the `adapters`, modules whose
@@ -126,31 +169,36 @@ def expert_parallel_swiglu(x: Array, weights: Array, indices: Array, gate_up: Ar
     graphs, states = zip(*(nnx.split(a) if a is not None else (None, None) for a in adapters),
                          strict=True)
 
-    def local(x, weights, indices, gate_up, down, states):
+    def local(x, weights, indices, gate_up, down, states, biases):
         x, weights, indices = (jax.lax.all_gather(a, EXPERT_AXIS, axis=0, tiled=True)
                                for a in (x, weights, indices))
         extras = [None if g is None else nnx.merge(g, s)
                   for g, s in zip(graphs, states, strict=True)]
         first = jax.lax.axis_index(EXPERT_AXIS) * gate_up.shape[0]
         mixed = grouped_swiglu(x, weights, indices, gate_up, down, gate_up_extra=extras[0],
-                               down_extra=extras[1], first=first)
+                               down_extra=extras[1], first=first, biases=biases, unit=unit)
         return jax.lax.psum_scatter(mixed, EXPERT_AXIS, scatter_dimension=0, tiled=True)
 
     split = PartitionSpec(EXPERT_AXIS)
     run = jax.shard_map(local, mesh=jax.sharding.get_abstract_mesh(),
-                        in_specs=(split,) * 5 + (jax.tree.map(lambda _: split, states),),
+                        in_specs=(split,) * 5 + (jax.tree.map(lambda _: split, states),
+                                                 jax.tree.map(lambda _: split, biases)),
                         out_specs=split, axis_names=frozenset({EXPERT_AXIS}), check_vma=False)
-    return run(x, weights, indices, gate_up, down, states).astype(x.dtype)
+    return run(x, weights, indices, gate_up, down, states, biases).astype(x.dtype)
 
 
 class Router(nnx.Module):
-    """`mlp.gate`: one logit per expert, [D, E]. Not a `layers.Linear`: transformers 5 holds it
-    as a parameter of its own module, so PEFT adapts it as a parameter (`mlp.gate.weight` in
-    `target_parameters`); its `adapter` (a `jaxft.lora.LoRA`) adds to the logits."""
+    """`mlp.gate` (gpt-oss: `mlp.router`, with a bias): one logit per expert, [D, E]. Not a
+    `layers.Linear`: transformers holds it as a parameter of its own module, so PEFT adapts it
+    as a parameter (`mlp.gate.weight` in `target_parameters`); its `adapter` (a
+    `jaxft.lora.LoRA`) adds to the logits."""
 
-    def __init__(self, d: int, experts: int, *, rngs: nnx.Rngs, param_dtype, dtype=None):
+    def __init__(self, d: int, experts: int, *, rngs: nnx.Rngs, param_dtype, dtype=None,
+                 bias: bool = False):
         self.kernel = layers.param(rngs, nnx.initializers.normal(0.02), (d, experts),
                                    ("embed", None), param_dtype)
+        self.bias = (layers.param(rngs, nnx.initializers.zeros, (experts,), (None,), param_dtype)
+                     if bias else nnx.data(None))
         self.adapter: nnx.Module | None = nnx.data(None)
         self.dtype = dtype
 
@@ -158,21 +206,29 @@ class Router(nnx.Module):
         dtype = self.dtype or self.kernel[...].dtype
         x = x.astype(dtype)
         logits = x @ self.kernel[...].astype(dtype)
+        if self.bias is not None:
+            logits = logits + self.bias[...].astype(dtype)
         return logits if self.adapter is None else logits + self.adapter(x).astype(dtype)
 
 
 class Experts(nnx.Module):
-    """`mlp.experts`: E gated MLPs of width F, stacked. Each weight may carry an adapter
-    (`<weight>_adapter`, PEFT's `target_parameters`: `jaxft.lora.ExpertLoRA`), which the model
-    only calls."""
+    """`mlp.experts`: E gated MLPs of width F, stacked, each with biases when `bias` (gpt-oss).
+    Each weight may carry an adapter (`<weight>_adapter`, PEFT's `target_parameters`:
+    `jaxft.lora.ExpertLoRA`), which the model only calls."""
 
     def __init__(self, d: int, f: int, experts: int, *, rngs: nnx.Rngs, param_dtype,
-                 dtype=None):
+                 dtype=None, bias: bool = False, unit: GatedUnit = SWIGLU):
         init = nnx.initializers.normal(0.02)
         self.gate_up_proj = layers.param(rngs, init, (experts, d, 2 * f),
                                          ("experts", "embed", "mlp"), param_dtype)
         self.down_proj = layers.param(rngs, init, (experts, f, d), ("experts", "mlp", "embed"),
                                       param_dtype)
+        zeros = nnx.initializers.zeros
+        self.gate_up_proj_bias = (layers.param(rngs, zeros, (experts, 2 * f), ("experts", "mlp"),
+                                               param_dtype) if bias else nnx.data(None))
+        self.down_proj_bias = (layers.param(rngs, zeros, (experts, d), ("experts", "embed"),
+                                            param_dtype) if bias else nnx.data(None))
+        self.unit = unit
         self.gate_up_proj_adapter: nnx.Module | None = nnx.data(None)
         self.down_proj_adapter: nnx.Module | None = nnx.data(None)
         self.dtype = dtype
@@ -188,13 +244,16 @@ class Experts(nnx.Module):
         dtype = self.dtype or self.gate_up_proj[...].dtype
         x = x.astype(dtype)
         gate_up, down = self.gate_up_proj[...].astype(dtype), self.down_proj[...].astype(dtype)
+        biases = None if self.gate_up_proj_bias is None else (
+            self.gate_up_proj_bias[...].astype(dtype), self.down_proj_bias[...].astype(dtype))
         ways = expert_ways()
         if ways > 1 and x.shape[0] % ways == 0:
             return expert_parallel_swiglu(x, weights, indices, gate_up, down,
-                                          (self.gate_up_proj_adapter, self.down_proj_adapter))
+                                          (self.gate_up_proj_adapter, self.down_proj_adapter),
+                                          biases=biases, unit=self.unit)
         return grouped_swiglu(x, weights, indices, gate_up, down,
                               gate_up_extra=self.gate_up_proj_adapter,
-                              down_extra=self.down_proj_adapter)
+                              down_extra=self.down_proj_adapter, biases=biases, unit=self.unit)
 
 
 def expert_modules(model: nnx.Module) -> Iterator[tuple[str, Experts]]:
@@ -213,12 +272,20 @@ def router_modules(model: nnx.Module) -> Iterator[tuple[str, Router]]:
 
 class SparseMoeBlock(nnx.Module):
     """The MLP of a mixture-of-experts layer: route each token to `k` experts and mix their
-    outputs by the router's weights. Returns (output [B, T, D], `RouterStats`)."""
+    outputs by the router's weights. Returns (output [B, T, D], `RouterStats`).
+
+    The router is `gate`, or `router` (gpt-oss's name) with `router_name`; gpt-oss's top-k
+    softmax over the k best logits equals the renormalised top-k of the full softmax, so it is
+    `normalize`. `bias` and `unit` are the experts' (`Experts`)."""
 
     def __init__(self, d: int, f: int, experts: int, k: int, normalize: bool, *,
-                 rngs: nnx.Rngs, param_dtype, dtype=None):
-        self.gate = Router(d, experts, rngs=rngs, param_dtype=param_dtype, dtype=dtype)
-        self.experts = Experts(d, f, experts, rngs=rngs, param_dtype=param_dtype, dtype=dtype)
+                 rngs: nnx.Rngs, param_dtype, dtype=None, bias: bool = False,
+                 unit: GatedUnit = SWIGLU, router_name: str = "gate"):
+        setattr(self, router_name, Router(d, experts, rngs=rngs, param_dtype=param_dtype,
+                                          dtype=dtype, bias=bias))
+        self.experts = Experts(d, f, experts, rngs=rngs, param_dtype=param_dtype, dtype=dtype,
+                               bias=bias, unit=unit)
+        self.router_name = router_name
         self.k = k
         self.normalize = normalize
 
@@ -226,7 +293,8 @@ class SparseMoeBlock(nnx.Module):
         """`counted` [B, T] marks the tokens the load-balancing statistics include."""
         b, t, d = x.shape
         flat = x.reshape(-1, d)
-        weights, indices, probs = route(self.gate(flat), self.k, self.normalize)
+        router = getattr(self, self.router_name)
+        weights, indices, probs = route(router(flat), self.k, self.normalize)
         out = self.experts(flat, weights, indices).reshape(b, t, d)
         keep = counted.reshape(-1).astype(jnp.float32)
         experts = probs.shape[-1]

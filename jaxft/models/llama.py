@@ -49,6 +49,7 @@ class Config:
     # is a window (Mistral, Phi-3); Qwen's `layer_types` window only some.
     local_layers: tuple[bool, ...] | None = None
     qk_norm: bool = False  # Qwen3: RMSNorm over each query and key head, before RoPE
+    attention_sinks: bool = False  # gpt-oss: a learned logit per head in every softmax
     fused_projections: bool = False  # Phi-3: one qkv_proj and one gate_up_proj
     partial_rotary_factor: float = 1.0  # the fraction of each head RoPE rotates
     max_position_embeddings: int | None = None  # read by longrope's default attention factor
@@ -237,6 +238,9 @@ class Attention(nnx.Module):
         if cfg.qk_norm:
             self.q_norm = layers.RMSNorm(h, cfg.rms_norm_eps, param_dtype=param_dtype)
             self.k_norm = layers.RMSNorm(h, cfg.rms_norm_eps, param_dtype=param_dtype)
+        self.sinks = (layers.param(rngs, nnx.initializers.zeros, (cfg.num_attention_heads,),
+                                   (None,), param_dtype) if cfg.attention_sinks
+                      else nnx.data(None))
         self.head_dim = h
         self.split = (n, n + kv)
         self.fused = cfg.fused_projections
@@ -263,6 +267,7 @@ class Attention(nnx.Module):
         out = attention.layer_attention(
             q, k, v, masks, local, self.head_dim**-0.5, implementation=self.attention,
             causal=True, probs_dropout=self.dropout, segment_ids=segment_ids,
+            **({} if self.sinks is None else {"sinks": self.sinks[...]}),
         )
         return self.o_proj(out.reshape(b, t, -1)), cache
 

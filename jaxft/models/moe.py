@@ -31,8 +31,8 @@ from jaxft.models import attention, experts, layers, llama, stack
 from jaxft.models.params import LayerPlacement
 
 # The dense model each MoE model_type extends: its attention and config fields are read as
-# that model's.
-DENSE_TWIN = {"qwen3_moe": "qwen3", "mixtral": "mistral"}
+# that model's. gpt-oss's attention is LLaMA's with biases and sinks.
+DENSE_TWIN = {"qwen3_moe": "qwen3", "mixtral": "mistral", "gpt_oss": "llama"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,6 +47,10 @@ class Config(llama.Config):
     router_aux_loss_coef: float = 0.001
     dense_layers: tuple[int, ...] = ()
     dense_intermediate_size: int = 0
+    # gpt-oss: biased experts and router, alternating gate/up columns, a clamped SwiGLU
+    expert_bias: bool = False
+    expert_unit: experts.GatedUnit = experts.SWIGLU
+    router_name: str = "gate"
 
     routes_tokens = True
 
@@ -57,9 +61,11 @@ class Config(llama.Config):
 
     @property
     def expert_params(self) -> int:
-        """Parameters of every layer's experts (gate, up and down projections)."""
-        return self.sparse_layers * self.num_experts * 3 * self.hidden_size * \
-            self.intermediate_size
+        """Parameters of every layer's experts (gate, up and down projections, and their
+        biases when they have them)."""
+        d, f = self.hidden_size, self.intermediate_size
+        per_expert = 3 * d * f + (2 * f + d if self.expert_bias else 0)
+        return self.sparse_layers * self.num_experts * per_expert
 
     @property
     def routed_params_per_token(self) -> int:
@@ -116,12 +122,36 @@ class Config(llama.Config):
             "hf_config_json": json.dumps(hf, sort_keys=True),
             "num_experts": count,
             "num_experts_per_tok": k,
-            "norm_topk_prob": model_type == "mixtral" or bool(hf.get("norm_topk_prob")),
+            "norm_topk_prob": model_type in ("mixtral", "gpt_oss")
+                              or bool(hf.get("norm_topk_prob")),
             "output_router_logits": bool(hf.get("output_router_logits", False)),
             "router_aux_loss_coef": float(hf.get("router_aux_loss_coef", 0.001)),
             "dense_layers": tuple(_dense_layers(hf)),
             "dense_intermediate_size": int(hf["intermediate_size"]),
+            **(_gpt_oss_fields(hf) if model_type == "gpt_oss" else {}),
         })
+
+
+def _gpt_oss_fields(hf: dict) -> dict:
+    """What gpt-oss adds to a LLaMA-style decoder: q/k/v/o biases (`attention_bias`, on by
+    default), attention sinks, a sliding window on the layers `layer_types` names (every other
+    one, from the first, by default), and biased experts with a clamped SwiGLU."""
+    layers = hf["num_hidden_layers"]
+    kinds = hf.get("layer_types") or ["sliding_attention" if (i + 1) % 2 else "full_attention"
+                                      for i in range(layers)]
+    window = hf.get("sliding_window")
+    local = tuple(kind == "sliding_attention" for kind in kinds)
+    limit = hf.get("swiglu_limit", 7.0)
+    bias = bool(hf.get("attention_bias", True))
+    return {
+        "qkv_bias": bias, "o_bias": bias, "attention_sinks": True,
+        "sliding_window": window if window and any(local) else None,
+        "local_layers": local if window and any(local) else None,
+        "expert_bias": True, "router_name": "router",
+        "expert_unit": experts.GatedUnit(interleaved=True,
+                                         alpha=float(hf.get("swiglu_alpha", 1.702)),
+                                         limit=None if limit is None else float(limit)),
+    }
 
 
 def _dense_layers(hf: dict) -> list[int]:
@@ -159,7 +189,8 @@ class DecoderLayer(nnx.Module):
         if sparse:
             self.mlp = experts.SparseMoeBlock(
                 cfg.hidden_size, cfg.intermediate_size, cfg.num_experts, cfg.num_experts_per_tok,
-                cfg.norm_topk_prob, rngs=rngs, param_dtype=param_dtype, dtype=cfg.dtype)
+                cfg.norm_topk_prob, rngs=rngs, param_dtype=param_dtype, dtype=cfg.dtype,
+                bias=cfg.expert_bias, unit=cfg.expert_unit, router_name=cfg.router_name)
         else:
             self.mlp = llama.MLP(
                 dataclasses.replace(cfg, intermediate_size=cfg.dense_intermediate_size),
