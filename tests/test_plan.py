@@ -125,6 +125,51 @@ def test_qwen3_30b_a3b_counts_transformers_parameters_and_the_active_ones(tmp_pa
         plan.describe(p)
 
 
+# gpt-oss-20b's config.json as released: 24 layers of 32 experts, 4 routed per token, its
+# experts in MXFP4 (which loading dequantizes: the model's parameters are the float ones).
+GPT_OSS_20B = {
+    "architectures": ["GptOssForCausalLM"], "attention_bias": True, "attention_dropout": 0.0,
+    "eos_token_id": 200002, "experts_per_token": 4, "head_dim": 64, "hidden_act": "silu",
+    "hidden_size": 2880, "initial_context_length": 4096, "initializer_range": 0.02,
+    "intermediate_size": 2880, "layer_types": ["sliding_attention", "full_attention"] * 12,
+    "max_position_embeddings": 131072, "model_type": "gpt_oss", "num_attention_heads": 64,
+    "num_experts_per_tok": 4, "num_hidden_layers": 24, "num_key_value_heads": 8,
+    "num_local_experts": 32, "output_router_logits": False, "pad_token_id": 199999,
+    "quantization_config": {"modules_to_not_convert": [
+        "model.layers.*.self_attn", "model.layers.*.mlp.router", "model.embed_tokens",
+        "lm_head"], "quant_method": "mxfp4"},
+    "rms_norm_eps": 1e-05, "rope_scaling": {
+        "beta_fast": 32.0, "beta_slow": 1.0, "factor": 32.0,
+        "original_max_position_embeddings": 4096, "rope_type": "yarn", "truncate": False},
+    "rope_theta": 150000, "router_aux_loss_coef": 0.9, "sliding_window": 128,
+    "swiglu_limit": 7.0, "tie_word_embeddings": False, "torch_dtype": "bfloat16",
+    "use_cache": True, "vocab_size": 201088}
+
+
+def test_gpt_oss_20b_counts_transformers_parameters_and_the_active_ones(tmp_path):
+    """gpt-oss-20b's parameters (biases, sinks and router biases included) are exactly those of
+    transformers' model of its config, and a token meets all but 28 of each layer's 32
+    experts: 4.19 B, which is OpenAI's 3.61 B active plus the 0.58 B embedding table."""
+    import torch
+    import transformers
+
+    from jaxft.hf.model import blueprint
+    from jaxft.plan import dry_run
+
+    (tmp_path / "config.json").write_text(json.dumps(GPT_OSS_20B))
+    with torch.device("meta"):
+        reference = transformers.AutoModelForCausalLM.from_config(
+            transformers.AutoConfig.from_pretrained(tmp_path))
+    expected = sum(p.numel() for p in reference.parameters())
+    model = blueprint(GPT_OSS_20B, "config.json")
+    total = sum(x.size for x in jax.tree.leaves(nnx.state(model.abstract(), nnx.Param)))
+    assert total == expected == 20_914_757_184
+    per_expert = 3 * 2880 * 2880 + 2 * 2880 + 2880  # gate, up, down and their biases
+    active = dry_run._active_params(model.config, total)
+    assert active == total - 24 * (32 - 4) * per_expert == 4_187_440_704
+    assert round(active - 201088 * 2880, -7) == 3_610_000_000  # OpenAI's model card
+
+
 def test_llama3_8b_plans_from_config_json_alone(tmp_path):
     """8B on 8 host devices with fsdp=8: lowered and compiled, never allocated. Sequence length
     256 keeps the CPU compile to seconds; the parameter numbers do not depend on it."""
