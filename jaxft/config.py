@@ -111,7 +111,8 @@ def base_config() -> ml_collections.ConfigDict:
     # not projections: e.g. 'mlp.experts.gate_up_proj,mlp.experts.down_proj'.
     c.lora.target_parameters = _any(())
     # The frozen base under the adapters (jaxft.quant): 'none' keeps train.param_dtype; 'nf4'
-    # is QLoRA's 4-bit NormalFloat exactly as bitsandbytes stores it; 'int8' per-channel absmax.
+    # is QLoRA's 4-bit NormalFloat exactly as bitsandbytes stores it; 'int8' per-channel absmax;
+    # 'mxfp4' packs only a mixture of experts' experts (gpt-oss's released format).
     c.lora.base_quant = "none"
     c.lora.quant_block_size = 64  # nf4: weights per absmax (bitsandbytes' blocksize)
     c.lora.double_quant = False  # nf4: quantize the absmaxes too (bnb_4bit_use_double_quant)

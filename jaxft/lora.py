@@ -370,8 +370,10 @@ def _apply_to_experts(model: nnx.Module, cfg: LoraConfig, rngs: nnx.Rngs) -> Non
     modules = {**dict(experts.expert_modules(model)), **dict(experts.router_modules(model))}
     for path, name, short in selected:
         module = modules[path]
-        weight = module.kernel if name == ROUTER_WEIGHT else getattr(module, name)
-        shape, axes = weight.shape, weight.get_metadata()["axes"]
+        if name == ROUTER_WEIGHT:
+            shape, axes = module.kernel.shape, module.kernel.get_metadata()["axes"]
+        else:  # a parameter, or a quantized base's packed weight
+            shape, axes = module.weight_shape(name), module.weight_axes(name)
         rank, scale = cfg.rank_for(short), cfg.scale_for(short)
         if name == ROUTER_WEIGHT:
             module.adapter = LoRA(shape[-2], shape[-1], rank, scale, 0.0, axes=axes[-2:],

@@ -1,4 +1,5 @@
-"""A frozen base in 4 or 8 bits under LoRA: bitsandbytes' NF4 (QLoRA) and per-channel int8.
+"""A frozen base in 4 or 8 bits under LoRA: bitsandbytes' NF4 (QLoRA), per-channel int8, and
+MXFP4 for a mixture of experts' experts.
 
 NF4 is the QLoRA paper's 4-bit NormalFloat (Dettmers et al. 2023) exactly as bitsandbytes
 stores it, so a jaxft QLoRA run trains on the very weights a PEFT + bitsandbytes run does:
@@ -13,9 +14,20 @@ int8 is LLM.int8's weight half: one absmax per output channel, `round(w · 127 /
 (bitsandbytes' `int8_vectorwise_quant`), applied here as a plain weight-only int8 (no outlier
 decomposition of the activations).
 
+MXFP4 is the OCP microscaling format gpt-oss's experts are released in (`jaxft.hf.mxfp4`): 32
+consecutive inputs of an output share one power-of-two scale, each weight one E2M1 value. It
+packs only experts, as OpenAI's release does (attention, routers and embeddings stay in the
+parameter dtype); a released checkpoint's weights pack back into exactly the values it holds.
+
+Experts' [E, in, out] weights take any of the three (`Experts` holds the packed module in place
+of its parameter). NF4 on experts keeps float32 block maxima in whole rows (no double
+quantization): bitsandbytes quantizes only `nn.Linear` modules, so there is no layout of its to
+follow for them.
+
 Weights are quantized on the host as the checkpoint streams in (`encoder`), live on the devices
-packed (`NF4Weight`, `Int8Weight`: modules a `Linear` holds in place of its kernel), and are
-dequantized inside each projection to the compute dtype (`dequantize`). Their arrays are
+packed (`NF4Weight`, `Int8Weight`, `MXFP4Weight`: modules a `Linear` or `Experts` holds in
+place of its weight), and are dequantized inside each projection to the compute dtype
+(`dequantize`). Their arrays are
 `Quantized` variables, not parameters: no filter for what trains or for the parameter count
 ever picks them up, and the optimizer never sees them. In jaxft's [in, out] layout the packed
 codes are [in/2, out] and the block maxima [in/block, out], so fsdp and tensor sharding
@@ -34,10 +46,11 @@ import numpy as np
 from flax import nnx
 
 from jaxft.errors import JaxftError
+from jaxft.models import experts as experts_lib
 from jaxft.models.layers import Linear, is_output_head, linear_modules
 
-NONE, NF4, INT8 = "none", "nf4", "int8"
-KINDS = (NONE, NF4, INT8)
+NONE, NF4, INT8, MXFP4 = "none", "nf4", "int8", "mxfp4"
+KINDS = (NONE, NF4, INT8, MXFP4)
 BLOCK_SIZES = (64, 128, 256, 512, 1024, 2048, 4096)  # bitsandbytes' 4-bit block sizes
 ABSMAX_BLOCK = 256  # double quantization: block maxima quantized 256 at a time, as bitsandbytes
 
@@ -131,8 +144,8 @@ class QuantConfig:
             raise JaxftError(f"lora.quant_block_size must be one of "
                              f"{', '.join(map(str, BLOCK_SIZES))} (bitsandbytes' NF4 block "
                              f"sizes), got {self.block_size}")
-        if self.kind == INT8 and self.double_quant:
-            raise JaxftError("lora.double_quant applies to nf4, not int8")
+        if self.kind in (INT8, MXFP4) and self.double_quant:
+            raise JaxftError(f"lora.double_quant applies to nf4, not {self.kind}")
 
     @property
     def enabled(self) -> bool:
@@ -269,7 +282,60 @@ class Int8Weight(nnx.Module):
         return {"values": np.round(w * scale[None, :]).astype(np.int8), "absmax": absmax}
 
 
-WEIGHTS: dict[str, type] = {NF4: NF4Weight, INT8: Int8Weight}
+# E2M1's magnitudes in code order, and the midpoints that round a magnitude to the nearest.
+_FP4_MAGNITUDES = np.array([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0], np.float32)
+_FP4_MIDPOINTS = (_FP4_MAGNITUDES[1:] + _FP4_MAGNITUDES[:-1]) / 2
+
+
+class MXFP4Weight(nnx.Module):
+    """A kernel [*lead, in, out] in MXFP4: `codes` [.., in/2, out], two E2M1 values a byte (the
+    lower input in the low nibble, as gpt-oss's `_blocks` hold them), and `scales` [.., in/32,
+    out], one exponent (bias 127) per 32 inputs of an output."""
+
+    BLOCK = 32
+
+    def __init__(self, shape: tuple[int, ...], axes: tuple, dtype, cfg: QuantConfig):
+        *lead, d_in, d_out = shape
+        self.shape, self.axes, self.dtype = tuple(shape), tuple(axes), jnp.dtype(dtype)
+        self.codes = Quantized(jnp.zeros((*lead, d_in // 2, d_out), jnp.uint8), axes=tuple(axes))
+        self.scales = Quantized(jnp.zeros((*lead, d_in // self.BLOCK, d_out), jnp.uint8),
+                                axes=tuple(axes))
+
+    def dequantize(self, dtype=None) -> jax.Array:
+        """code value · 2^(scale − 127), exact in float32 (the scale built from its bits), as
+        transformers' `_convert_moe_packed_tensors` computes it."""
+        from jaxft.hf.mxfp4 import FP4_VALUES, SCALE_BIAS
+
+        codes = self.codes[...]
+        *lead, half, d_out = codes.shape
+        table = jnp.asarray(FP4_VALUES, jnp.float32)
+        pairs = jnp.stack([table[codes & 0xF], table[codes >> 4]], axis=-2)  # [.., in/2, 2, out]
+        values = pairs.reshape(*lead, 2 * half // self.BLOCK, self.BLOCK, d_out)
+        exponent = self.scales[...].astype(jnp.int32) - SCALE_BIAS
+        power = jax.lax.bitcast_convert_type((exponent + 127) << 23, jnp.float32)  # 2^exponent
+        dense = values * power[..., None, :]
+        return dense.reshape(*lead, 2 * half, d_out).astype(dtype or self.dtype)
+
+    @staticmethod
+    def encode(kernel: np.ndarray, cfg: QuantConfig) -> dict[str, np.ndarray]:
+        """One kernel [in, out] -> codes and scales. Each block's scale puts its largest
+        magnitude in [4, 8), so a block that was MXFP4 (every value a code times its scale)
+        packs back into the same values; other weights round to the nearest code."""
+        from jaxft.hf.mxfp4 import SCALE_BIAS
+
+        d_in, d_out = kernel.shape
+        w = kernel.astype(np.float32).reshape(d_in // MXFP4Weight.BLOCK, MXFP4Weight.BLOCK,
+                                              d_out)
+        _, top = np.frexp(np.abs(w).max(axis=1))  # largest = m·2^top, m in [0.5, 1)
+        biased = np.clip(top.astype(np.int32) - 3 + SCALE_BIAS, 1, 254)  # zero blocks: any
+        scaled = np.ldexp(w, -(biased - SCALE_BIAS)[:, None, :])
+        codes = np.searchsorted(_FP4_MIDPOINTS, np.abs(scaled)).astype(np.uint8)
+        codes |= np.signbit(scaled).astype(np.uint8) << 3
+        codes = codes.reshape(d_in // 2, 2, d_out)
+        return {"codes": codes[:, 0] | (codes[:, 1] << 4), "scales": biased.astype(np.uint8)}
+
+
+WEIGHTS: dict[str, type] = {NF4: NF4Weight, INT8: Int8Weight, MXFP4: MXFP4Weight}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -296,44 +362,104 @@ def _quantizable(model: nnx.Module, cfg: QuantConfig) -> Iterator[tuple[str, Lin
         yield path, linear
 
 
+def _quantizable_experts(model: nnx.Module, cfg: QuantConfig
+                         ) -> Iterator[tuple[str, experts_lib.Experts, str]]:
+    """(path, module, weight name) of every expert weight a quantized base packs: all of them,
+    in any kind; a width the kind cannot block is refused in one line."""
+    block = {NF4: cfg.block_size, MXFP4: MXFP4Weight.BLOCK, INT8: 1}[cfg.kind]
+    for path, module in list(experts_lib.expert_modules(model)):
+        for name in experts_lib.PARAMETERS:
+            if module.packed(name):
+                continue
+            d_in = module.weight_shape(name)[-2]
+            if d_in % block:
+                raise JaxftError(f"lora.base_quant {cfg.kind}: {path}.{name} has {d_in} inputs, "
+                                 f"not a multiple of the {block} weights a block holds")
+            yield path, module, name
+
+
+def _expert_config(cfg: QuantConfig) -> QuantConfig:
+    """The settings experts are packed with: NF4 in whole-row blocks, without double
+    quantization (see the module's docstring)."""
+    return dataclasses.replace(cfg, double_quant=False)
+
+
+def _each_expert(encode: Callable[[np.ndarray], dict[str, np.ndarray]]
+                 ) -> Callable[[np.ndarray], dict[str, np.ndarray]]:
+    """`encode` for an expert weight as the checkpoint gives it: one expert's [in, out] (or a
+    piece of it), or a layer's [E, in, out], one expert at a time."""
+    def run(kernel: np.ndarray) -> dict[str, np.ndarray]:
+        if kernel.ndim == 2:
+            return encode(kernel)
+        parts = [encode(k) for k in kernel]
+        return {name: np.stack([p[name] for p in parts]) for name in parts[0]}
+
+    return run
+
+
 def quantize_kernels(model: nnx.Module, cfg: QuantConfig) -> dict[str, Encoder]:
     """Swap the kernels of `model` for packed ones (zero-filled), in place, and return the
     encoders that fill them from a checkpoint, by kernel path. Meant for the model `build`
     makes under `nnx.eval_shape`, so no kernel is ever allocated in its float dtype."""
     encoders = {}
-    for path, linear in _quantizable(model, cfg):
-        shape, dtype = linear.kernel_shape, linear.kernel_dtype
-        weight_cls = WEIGHTS[cfg.kind]
-        linear.kernel = weight_cls(shape, linear.kernel_axes, dtype, cfg)
-        encoders[path + ".kernel"] = Encoder(shape, np.dtype(dtype),
-                                             lambda w, c=weight_cls: c.encode(w, cfg))
+    weight_cls = WEIGHTS[cfg.kind]
+    if cfg.kind != MXFP4:
+        for path, linear in _quantizable(model, cfg):
+            shape, dtype = linear.kernel_shape, linear.kernel_dtype
+            linear.kernel = weight_cls(shape, linear.kernel_axes, dtype, cfg)
+            encoders[path + ".kernel"] = Encoder(shape, np.dtype(dtype),
+                                                 lambda w, c=weight_cls: c.encode(w, cfg))
+    expert_cfg = _expert_config(cfg)
+    for path, module, name in _quantizable_experts(model, cfg):
+        shape, dtype = module.weight_shape(name), module.weight_dtype(name)
+        module.set_weight(name, weight_cls(shape, module.weight_axes(name), dtype, expert_cfg))
+        encoders[f"{path}.{name}"] = Encoder(shape, np.dtype(dtype), _each_expert(
+            lambda w, c=weight_cls: c.encode(w, expert_cfg)))
+    if cfg.kind == MXFP4 and not encoders:
+        raise JaxftError("lora.base_quant mxfp4 packs a mixture of experts' expert weights, and "
+                         f"this {model.config.model_type} model has none (nf4 or int8 pack "
+                         "its projections)")
     return encoders
 
 
-def quantize_model(model: nnx.Module, cfg: QuantConfig) -> nnx.Module:
-    """Quantize an in-memory model's projections in place, as `jaxft.hf.weights.load_hf_model`
-    does while it reads a checkpoint: for a model built or changed in Python. Each kernel passes
-    through the host one at a time, and its packed arrays go back where it lived."""
+def _packed_in_memory(value: jax.Array, weight_cls: type, shape: tuple[int, ...], axes: tuple,
+                      dtype, cfg: QuantConfig, layer_ndim: int) -> nnx.Module:
+    """A packed module holding `value` (a weight on the devices), encoded on the host one
+    layer at a time and put back on the devices, sharded as the weight was."""
     from jaxft import sharding
     from jaxft.models.params import to_host
 
+    weight = nnx.eval_shape(lambda: weight_cls(shape, axes, dtype, cfg))
+    encode = _each_expert(lambda w: weight_cls.encode(w, cfg))
+    host = to_host(value)
+    stacked = host.ndim > layer_ndim
+    layers = [encode(w) for w in (host if stacked else [host])]
+    mesh = value.sharding.mesh if isinstance(value.sharding, jax.sharding.NamedSharding) \
+        else None
+    for name, var in nnx.to_flat_state(nnx.state(weight)):
+        array = np.stack([p[name[0]] for p in layers]) if stacked else layers[0][name[0]]
+        placed = (sharding.put(array, sharding.variable_sharding(var, mesh)) if mesh
+                  else jnp.asarray(array))
+        getattr(weight, name[0]).set_value(placed)
+    return weight
+
+
+def quantize_model(model: nnx.Module, cfg: QuantConfig) -> nnx.Module:
+    """Quantize an in-memory model's projections (and experts) in place, as
+    `jaxft.hf.weights.load_hf_model` does while it reads a checkpoint: for a model built or
+    changed in Python. Each kernel passes through the host one at a time, and its packed arrays
+    go back where it lived."""
     cfg.check()
-    for _, linear in _quantizable(model, cfg):
-        value = linear.kernel[...]
-        weight_cls = WEIGHTS[cfg.kind]
-        weight = nnx.eval_shape(lambda c=weight_cls, li=linear: c(
-            li.kernel_shape, li.kernel_axes, li.kernel_dtype, cfg))
-        host = to_host(value)
-        layers = [weight_cls.encode(w, cfg) for w in (host if host.ndim == 3 else [host])]
-        mesh = value.sharding.mesh if isinstance(value.sharding, jax.sharding.NamedSharding) \
-            else None
-        for name, var in nnx.to_flat_state(nnx.state(weight)):
-            array = np.stack([p[name[0]] for p in layers]) if host.ndim == 3 \
-                else layers[0][name[0]]
-            placed = (sharding.put(array, sharding.variable_sharding(var, mesh)) if mesh
-                      else jnp.asarray(array))
-            getattr(weight, name[0]).set_value(placed)
-        linear.kernel = weight
+    weight_cls = WEIGHTS[cfg.kind]
+    if cfg.kind != MXFP4:
+        for _, linear in _quantizable(model, cfg):
+            linear.kernel = _packed_in_memory(linear.kernel[...], weight_cls, linear.kernel_shape,
+                                              linear.kernel_axes, linear.kernel_dtype, cfg, 2)
+    expert_cfg = _expert_config(cfg)
+    for _, module, name in _quantizable_experts(model, cfg):
+        module.set_weight(name, _packed_in_memory(
+            module.weight_value(name), weight_cls, module.weight_shape(name),
+            module.weight_axes(name), module.weight_dtype(name), expert_cfg, 3))
     return model
 
 
@@ -341,20 +467,30 @@ def _packed(model: nnx.Module) -> Iterator[Linear]:
     return (linear for _, linear in linear_modules(model) if linear.packed)
 
 
+def _packed_experts(model: nnx.Module) -> Iterator[tuple[experts_lib.Experts, str]]:
+    return ((module, name) for _, module in experts_lib.expert_modules(model)
+            for name in experts_lib.PARAMETERS if module.packed(name))
+
+
 def dequantize_model(model: nnx.Module) -> nnx.Module:
-    """Every packed kernel back to a dense parameter of its dtype, in place (before merging
-    adapters into the base and exporting it)."""
+    """Every packed kernel (and expert weight) back to a dense parameter of its dtype, in place
+    (before merging adapters into the base and exporting it)."""
     for linear in list(_packed(model)):
         linear.kernel = nnx.Param(linear.kernel.dequantize(), axes=linear.kernel_axes)
+    for module, name in list(_packed_experts(model)):
+        packed = module.weight(name)
+        module.set_weight(name, nnx.Param(packed.dequantize(), axes=packed.axes))
     return model
 
 
 def packed_size(model: nnx.Module) -> tuple[int, int]:
-    """(bytes, parameters) of the packed kernels, codes and scales: what the quantized
-    projections cost, and how many weights they stand for."""
+    """(bytes, parameters) of the packed kernels and expert weights, codes and scales: what the
+    quantized weights cost, and how many weights they stand for."""
+    packed = [linear.kernel for linear in _packed(model)]
+    packed += [module.weight(name) for module, name in _packed_experts(model)]
     total_bytes = total_params = 0
-    for linear in _packed(model):
-        arrays = jax.tree.leaves(nnx.state(linear.kernel))
+    for weight in packed:
+        arrays = jax.tree.leaves(nnx.state(weight))
         total_bytes += sum(a.size * jnp.dtype(a.dtype).itemsize for a in arrays)
-        total_params += math.prod(linear.kernel_shape)
+        total_params += math.prod(weight.shape)
     return total_bytes, total_params

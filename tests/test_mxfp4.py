@@ -4,6 +4,7 @@ tensor without its partner named in one line."""
 
 import json
 
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import safetensors.numpy
@@ -19,9 +20,10 @@ EXPERT_WEIGHTS = ("mlp.experts.gate_up_proj", "mlp.experts.down_proj")
 
 
 def packed(rng: np.random.RandomState, shape: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:
-    """Random MXFP4 blocks [.., G, 16] (every code) and scales [.., G] around 2^0."""
+    """Random MXFP4 blocks [.., G, 16] (every code) and scales [.., G] from 2^-9 to 2^-2
+    (weights up to 1.5)."""
     blocks = rng.randint(0, 256, (*shape, 16)).astype(np.uint8)
-    return blocks, rng.randint(118, 130, shape).astype(np.uint8)
+    return blocks, rng.randint(118, 126, shape).astype(np.uint8)
 
 
 def mxfp4_checkpoint(path, seed: int = 0) -> transformers.PreTrainedModel:
@@ -76,6 +78,53 @@ def test_mxfp4_checkpoint_loads_with_transformers_logits(tmp_path):
         written["model.layers.1.mlp.experts.down_proj"],
         hf.model.layers[1].mlp.experts.down_proj.detach().numpy())
     assert "quantization_config" not in json.loads((tmp_path / "out" / "config.json").read_text())
+
+
+def test_mxfp4_base_stays_packed_as_released_and_trains_lora(tmp_path):
+    """`quantize="mxfp4"` (`lora.base_quant=mxfp4`) keeps the experts in the checkpoint's own
+    codes and scales, 4.25 bits a weight, with transformers' logits; adapters on the experts
+    train against it, and merging writes transformers' dequantized weights plus the adapters."""
+    from flax import nnx
+
+    from jaxft import lora, quant
+
+    hf = mxfp4_checkpoint(tmp_path)
+    model = jaxft.from_pretrained(tmp_path / "mxfp4", quantize="mxfp4")
+    released = safetensors.numpy.load_file(tmp_path / "mxfp4" / "model.safetensors")
+    for name in EXPERT_WEIGHTS:
+        packed = getattr(model.model.layers.mlp.experts, name.rsplit(".", 1)[1])
+        for layer in range(2):
+            blocks = released[f"model.layers.{layer}.{name}_blocks"]  # E out G 16
+            scales = released[f"model.layers.{layer}.{name}_scales"]  # E out G
+            experts, d_out = blocks.shape[:2]
+            np.testing.assert_array_equal(
+                np.asarray(packed.codes[...][layer]),
+                blocks.reshape(experts, d_out, -1).transpose(0, 2, 1))
+            np.testing.assert_array_equal(np.asarray(packed.scales[...][layer]),
+                                          scales.transpose(0, 2, 1))
+    packed_bytes, packed_params = quant.packed_size(model)
+    assert packed_bytes * 8 / packed_params == 4.25
+    assert not model.model.layers.self_attn.q_proj.packed  # attention stays as released
+
+    ids, mask = hf_models.padded_batch()
+    real = mask.astype(bool)
+    with torch.no_grad():
+        want = hf(torch.tensor(ids), attention_mask=torch.tensor(mask)).logits.numpy()
+    np.testing.assert_allclose(np.asarray(model(ids, mask))[real], want[real], atol=1e-4, rtol=0)
+
+    lora.apply_lora(model, lora.LoraConfig(rank=2, alpha=4.0, targets=("q_proj",),
+                                           target_parameters=EXPERT_WEIGHTS))
+    grads = nnx.grad(lambda m: (m(ids, mask) ** 2).mean(),
+                     argnums=nnx.DiffState(0, nnx.LoRAParam))(model)
+    experts = grads["model"]["layers"]["mlp"]["experts"]
+    assert float(np.abs(experts["down_proj_adapter"]["lora_b"][...]).max()) > 0
+    adapter = model.model.layers.mlp.experts.down_proj_adapter
+    adapter.lora_b[...] = jnp.full(adapter.lora_b.shape, 0.01)
+    lora.merge_lora(model)
+    merged = model.model.layers.mlp.experts.down_proj[...]
+    np.testing.assert_allclose(
+        np.asarray(merged[1]), hf.model.layers[1].mlp.experts.down_proj.detach().numpy()
+        + np.asarray(adapter.delta()[1]), atol=1e-6, rtol=0)
 
 
 @pytest.mark.parametrize("drop", ["model.layers.1.mlp.experts.down_proj_scales",

@@ -219,7 +219,7 @@ def test_nf4_base_costs_at_most_057_bytes_per_projection_parameter(double_quant,
 
 @pytest.mark.parametrize("override, message", [
     ({"lora.enabled": False, "lora.base_quant": "nf4"}, "lora.base_quant='nf4' needs lora.enabled"),
-    ({"lora.base_quant": "fp4"}, "lora.base_quant 'fp4' unknown (known: none, nf4, int8)"),
+    ({"lora.base_quant": "fp4"}, "lora.base_quant 'fp4' unknown (known: none, nf4, int8, mxfp4)"),
     ({"lora.base_quant": "nf4", "lora.quant_block_size": 48}, "lora.quant_block_size must be"),
     ({"lora.base_quant": "int8", "lora.double_quant": True},
      "lora.double_quant applies to nf4, not int8"),

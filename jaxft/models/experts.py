@@ -240,20 +240,67 @@ class Experts(nnx.Module):
     def set_adapter(self, name: str, adapter: nnx.Module | None) -> None:
         setattr(self, f"{name}_adapter", adapter)
 
+    # A weight is a parameter, or a packed module of a quantized base (`jaxft.quant`) that
+    # stands in for one through `dequantize(dtype)`, with `shape`, `axes` and `dtype`.
+    def weight(self, name: str) -> nnx.Variable | nnx.Module:
+        return getattr(self, name)
+
+    def set_weight(self, name: str, weight: nnx.Variable | nnx.Module) -> None:
+        setattr(self, name, weight)
+
+    def packed(self, name: str) -> bool:
+        return not isinstance(self.weight(name), nnx.Variable)
+
+    def weight_shape(self, name: str) -> tuple[int, ...]:
+        """[*layers, E, in, out], packed or not."""
+        return tuple(self.weight(name).shape)
+
+    def weight_axes(self, name: str) -> tuple:
+        weight = self.weight(name)
+        return weight.axes if self.packed(name) else tuple(weight.get_metadata()["axes"])
+
+    def weight_dtype(self, name: str):
+        weight = self.weight(name)
+        return weight.dtype if self.packed(name) else weight[...].dtype
+
+    def weight_value(self, name: str) -> Array:
+        """A parameter's array (not for packed weights)."""
+        return self.weight(name)[...]
+
     def __call__(self, x: Array, weights: Array, indices: Array) -> Array:
-        dtype = self.dtype or self.gate_up_proj[...].dtype
+        dtype = self.dtype or self.weight_dtype("gate_up_proj")
         x = x.astype(dtype)
-        gate_up, down = self.gate_up_proj[...].astype(dtype), self.down_proj[...].astype(dtype)
         biases = None if self.gate_up_proj_bias is None else (
             self.gate_up_proj_bias[...].astype(dtype), self.down_proj_bias[...].astype(dtype))
+        adapters = tuple(self.adapter(name) for name in PARAMETERS)
+        if not self.packed("gate_up_proj"):
+            dense = tuple(self.weight_value(name).astype(dtype) for name in PARAMETERS)
+            return self._mix(x, weights, indices, dense, adapters, biases)
+        # A packed base is dequantized inside a rematerialised function, so the backward pass
+        # dequantizes again rather than keep every layer's dense experts from the forward pass
+        # (under the layer scan that would hold the whole base in the compute dtype).
+        modules = (*(self.weight(name) for name in PARAMETERS), *adapters)
+        graphs, states = zip(*(nnx.split(m) if m is not None else (None, None) for m in modules),
+                             strict=True)
+
+        def run(x, weights, indices, states, biases):
+            merged = [None if g is None else nnx.merge(g, s)
+                      for g, s in zip(graphs, states, strict=True)]
+            dense = tuple(w.dequantize(dtype) for w in merged[:2])
+            return self._mix(x, weights, indices, dense, tuple(merged[2:]), biases)
+
+        return jax.checkpoint(run)(x, weights, indices, states, biases)
+
+    def _mix(self, x: Array, weights: Array, indices: Array, dense: tuple[Array, Array],
+             adapters: tuple, biases: tuple[Array, Array] | None) -> Array:
+        """The experts' outputs mixed by the routing, on one device or over the expert axis."""
+        gate_up, down = dense
         ways = expert_ways()
         if ways > 1 and x.shape[0] % ways == 0:
-            return expert_parallel_swiglu(x, weights, indices, gate_up, down,
-                                          (self.gate_up_proj_adapter, self.down_proj_adapter),
+            return expert_parallel_swiglu(x, weights, indices, gate_up, down, adapters,
                                           biases=biases, unit=self.unit)
-        return grouped_swiglu(x, weights, indices, gate_up, down,
-                              gate_up_extra=self.gate_up_proj_adapter,
-                              down_extra=self.down_proj_adapter, biases=biases, unit=self.unit)
+        return grouped_swiglu(x, weights, indices, gate_up, down, gate_up_extra=adapters[0],
+                              down_extra=adapters[1], biases=biases, unit=self.unit)
 
 
 def expert_modules(model: nnx.Module) -> Iterator[tuple[str, Experts]]:

@@ -320,9 +320,10 @@ def describe(plan: Plan) -> str:
         f"parameters: {plan.trainable_params:,} trainable of {plan.total_params:,} "
         f"({share:.4g}%); base model {plan.total_params - plan.adapter_params:,}"
         + (f", {plan.active_params:,} active per token" if plan.active_params else ""),
-        *([f"  base in {plan.base_quant}: {plan.packed_params:,} projection parameters in "
+        *([f"  base in {plan.base_quant}: {plan.packed_params:,} "
+           f"{'expert' if plan.base_quant == 'mxfp4' else 'projection'} parameters in "
            f"{human_bytes(plan.packed_bytes)} ({plan.packed_bytes / plan.packed_params:.4f} "
-           f"bytes each); embeddings and output head in {plan.param_dtype}"]
+           f"bytes each); the rest in {plan.param_dtype}"]
           if plan.packed_params else []),
         f"{'analytic bytes':<24}{'all devices':>14}{'per ' + device:>14}",
         *(f"  {name:<22}{human_bytes(b.total):>14}{human_bytes(b.per_device):>14}"
