@@ -29,6 +29,7 @@ from flax import nnx
 
 from jaxft import models
 from jaxft.errors import JaxftError
+from jaxft.kernels.grouped_matmul import grouped_matmul
 from jaxft.models import experts
 from jaxft.models.layers import Dropout, Linear, is_output_head, linear_modules
 
@@ -138,8 +139,8 @@ class ExpertLoRA(nnx.Module):
     def __call__(self, rows: jax.Array, group_sizes: jax.Array) -> jax.Array:
         """The addition to the projection of `rows` [M, in], grouped by expert."""
         a, b = self.lora_a[...].astype(rows.dtype), self.lora_b[...].astype(rows.dtype)
-        low = jax.lax.ragged_dot(rows, a, group_sizes)
-        return jax.lax.ragged_dot(low, b, group_sizes) * jnp.asarray(self.scale, rows.dtype)
+        low = grouped_matmul(rows, a, group_sizes)
+        return grouped_matmul(low, b, group_sizes) * jnp.asarray(self.scale, rows.dtype)
 
     def delta(self) -> jax.Array:
         """scale·A·B per expert (and layer), float32, in the weight's [.., E, in, out] layout."""

@@ -306,15 +306,20 @@ class MXFP4Weight(nnx.Module):
         transformers' `_convert_moe_packed_tensors` computes it."""
         from jaxft.hf.mxfp4 import FP4_VALUES, SCALE_BIAS
 
+        dtype = jnp.dtype(dtype or self.dtype)
+        # A code times a power of two is exact in any dtype with float32's exponent range, so
+        # bfloat16 weights are computed in bfloat16 (half the temporary of float32's).
+        exact = dtype if dtype in (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16)) \
+            else jnp.dtype(jnp.float32)
         codes = self.codes[...]
         *lead, half, d_out = codes.shape
-        table = jnp.asarray(FP4_VALUES, jnp.float32)
+        table = jnp.asarray(FP4_VALUES, exact)
         pairs = jnp.stack([table[codes & 0xF], table[codes >> 4]], axis=-2)  # [.., in/2, 2, out]
         values = pairs.reshape(*lead, 2 * half // self.BLOCK, self.BLOCK, d_out)
         exponent = self.scales[...].astype(jnp.int32) - SCALE_BIAS
         power = jax.lax.bitcast_convert_type((exponent + 127) << 23, jnp.float32)  # 2^exponent
-        dense = values * power[..., None, :]
-        return dense.reshape(*lead, 2 * half, d_out).astype(dtype or self.dtype)
+        dense = values * power.astype(exact)[..., None, :]
+        return dense.reshape(*lead, 2 * half, d_out).astype(dtype)
 
     @staticmethod
     def encode(kernel: np.ndarray, cfg: QuantConfig) -> dict[str, np.ndarray]:

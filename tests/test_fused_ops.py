@@ -183,13 +183,18 @@ def test_fused_training_loss_equals_transformers_loss(family, tmp_path):
     np.testing.assert_allclose(float(sums["loss_sum"] / sums["count"]), want, rtol=1e-5)
 
 
-def test_attention_sinks_are_gpt_oss_eager_attention():
+@pytest.mark.parametrize("chunked", [False, True])
+def test_attention_sinks_are_gpt_oss_eager_attention(chunked, monkeypatch):
     """gpt-oss's attention sinks (one more logit per query head in every row's softmax, with
     no value) against transformers' own `eager_attention_forward` for gpt-oss, value and
     gradients of q, k, v and the sinks by torch's autograd, with grouped heads and packed and
-    padded rows."""
+    padded rows; also with the queries in chunks of 4 (as long rows go where cuDNN cannot
+    take them)."""
     import torch
     from transformers.models.gpt_oss import modeling_gpt_oss
+
+    if chunked:  # 4 queries' float32 scores: 3 rows × 6 heads × 12 keys × 4 bytes each
+        monkeypatch.setattr(attention, "SCORE_BYTES", 4 * 3 * 6 * 12 * 4)
 
     b, t, heads, kv_heads, h = 3, 12, 6, 2, 8
     kq, kk, kv, ks, kd = jax.random.split(jax.random.PRNGKey(3), 5)

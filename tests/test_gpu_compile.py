@@ -95,6 +95,14 @@ def test_every_card_compiles_as_its_description_says(name):
     assert compiled.memory_analysis().argument_size_in_bytes == 2 * 256 * 256 * 2
 
 
+def test_every_card_name_is_taken_for_a_gpu():
+    """`--topology` reads each card's name (and n of them) as GPUs, names that end in digits
+    after an x included (`rtx4090`, `rtx3060`), and a TPU slice's as a TPU's."""
+    for name in gpu.CARDS:
+        assert gpu.looks_like_gpu(name) and gpu.looks_like_gpu(f"{name}x2"), name
+    assert not gpu.looks_like_gpu("v5e-8") and not gpu.looks_like_gpu("rtx9999")
+
+
 def test_memory_fraction_is_the_environments(monkeypatch):
     monkeypatch.setenv("XLA_PYTHON_CLIENT_MEM_FRACTION", ".9")
     topology = gpu.topology("l4")

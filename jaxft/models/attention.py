@@ -228,8 +228,41 @@ def dot_product_attention(
         probs = probs_dropout(jnp.exp(scores - lse)).astype(v.dtype)
         out = jnp.einsum("bkgts,bksh->bkgth", probs, v)
         return out.transpose(0, 3, 1, 2, 4).reshape(b, t, n, h)
-    out = attention_kernel.attention(q, k, v, mask[:, :, None], sinks, scale, soft_cap)
+    out = _query_chunked(q, k, v, mask[:, :, None], sinks, scale, soft_cap)
     return out.transpose(0, 3, 1, 2, 4).reshape(b, t, n, h)
+
+
+# The float32 scores one pass of the XLA kernel may hold: beyond it the queries go in chunks.
+SCORE_BYTES = 256 * 2**20
+
+
+def _query_chunked(q: Array, k: Array, v: Array, mask: Array, sinks: Array | None,
+                   scale: float, soft_cap: float | None) -> Array:
+    """The XLA kernel over chunks of queries, one after another (`lax.map`), when the whole
+    [B,K,G,T,S] score tensor would pass `SCORE_BYTES`: every query's row is its own softmax,
+    so the chunks compute exactly the whole, and only a chunk's scores (and in the backward,
+    its recomputed probabilities) exist at once. That is what keeps long rows of models that
+    cuDNN cannot take (gpt-oss's sinks, Gemma 2's caps) to a bounded footprint on a GPU."""
+    b, kv_heads, groups, t, h = q.shape
+    per_query = b * kv_heads * groups * k.shape[2] * 4
+    chunks = next(n for n in range(1, t + 1) if t % n == 0 and t // n * per_query <= SCORE_BYTES
+                  or n == t)
+    if chunks == 1:
+        return attention_kernel.attention(q, k, v, mask, sinks, scale, soft_cap)
+    size = t // chunks
+
+    def split(x: Array) -> Array:  # [.., T, X] -> [chunks, .., T/chunks, X]
+        return jnp.moveaxis(x.reshape(*x.shape[:3], chunks, size, x.shape[-1]), 3, 0)
+
+    masks = split(mask) if mask.shape[3] == t else None
+
+    def one(args):
+        q_chunk, mask_chunk = args
+        return attention_kernel.attention(q_chunk, k, v, mask if mask_chunk is None
+                                          else mask_chunk, sinks, scale, soft_cap)
+
+    out = jax.lax.map(one, (split(q), masks))
+    return jnp.moveaxis(out, 0, 3).reshape(b, kv_heads, groups, t, h)
 
 
 CUDNN_MAX_HEAD_DIM = 128  # on every GPU; 256 from Hopper on, which only a real device shows

@@ -1,9 +1,10 @@
 """A mixture-of-experts MLP: a top-k router and experts run as grouped matmuls.
 
 Each token goes to its `k` best experts. The token copies are sorted by expert and each
-expert's run of rows is multiplied by that expert's weights in one `jax.lax.ragged_dot`: no
-Python loop over experts, no dense all-experts compute, and no token is dropped (no capacity
-factor), which is what transformers computes. The router also returns the statistics of
+expert's run of rows is multiplied by that expert's weights in one grouped matmul
+(`jaxft.kernels.grouped_matmul`: `jax.lax.ragged_dot`, or tiles on a GPU): no Python loop over
+experts, no dense all-experts compute, and no token is dropped (no capacity factor), which is
+what transformers computes. The router also returns the statistics of
 transformers' load-balancing loss (`load_balancing_loss`), summed over the tokens that count.
 
 Expert weights are stored as transformers 5 holds them fused, in jaxft's [in, out] layout:
@@ -31,6 +32,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import PartitionSpec
 
+from jaxft.kernels.grouped_matmul import Packed, Weights, grouped_matmul, groups_of
 from jaxft.kernels.swiglu import swiglu
 from jaxft.models import layers
 
@@ -104,16 +106,17 @@ def _per_row(bias: Array, groups: Array) -> Array:
     return jnp.concatenate([bias, jnp.zeros_like(bias[:1])])[groups]
 
 
-def grouped_swiglu(x: Array, weights: Array, indices: Array, gate_up: Array, down: Array, *,
+def grouped_swiglu(x: Array, weights: Array, indices: Array, gate_up: Weights, down: Weights, *,
                    gate_up_extra: Extra | None = None, down_extra: Extra | None = None,
                    first: Array | None = None, biases: tuple[Array, Array] | None = None,
                    unit: GatedUnit = SWIGLU) -> Array:
     """Σⱼ weightsⱼ · down_e(unit(gate_up_e(x))) over each token's experts e = indicesⱼ.
 
     x [N, D], weights and indices [N, k], gate_up [E, D, 2F], down [E, F, D], `biases`
-    ([E, 2F], [E, D]) when the experts have them. The N·k token copies are sorted by expert (a
+    ([E, 2F], [E, D]) when the experts have them; gate_up and down may stay packed
+    (`grouped_matmul.Packed`). The N·k token copies are sorted by expert (a
     stable sort: tokens keep their order inside each expert) so each expert's rows are
-    contiguous for `ragged_dot`, then put back and summed. An `extra` (an adapter:
+    contiguous for the grouped matmul, then put back and summed. An `extra` (an adapter:
     `extra(rows, group_sizes)`) adds to its projection's output.
 
     With `first`, gate_up and down hold experts first … first+E-1 of a larger set: choices of
@@ -121,7 +124,7 @@ def grouped_swiglu(x: Array, weights: Array, indices: Array, gate_up: Array, dow
     comes back in float32 (a partial sum that other devices' experts complete).
     """
     n, k = indices.shape
-    experts = gate_up.shape[0]
+    experts = groups_of(gate_up)
     flat = indices.reshape(-1)  # [N·k]
     if first is not None:
         local = indices - first
@@ -132,18 +135,18 @@ def grouped_swiglu(x: Array, weights: Array, indices: Array, gate_up: Array, dow
     rows = x[order // k]  # [N·k, D], grouped by expert
     sizes = jnp.bincount(flat, length=experts + 1)[:experts].astype(jnp.int32)
     groups = flat[order]  # each sorted row's expert (E: none of these)
-    projected = jax.lax.ragged_dot(rows, gate_up, sizes)
+    projected = grouped_matmul(rows, gate_up, sizes)
     if biases is not None:
         projected = projected + _per_row(biases[0], groups).astype(projected.dtype)
     if gate_up_extra is not None:
         projected = projected + gate_up_extra(rows, sizes).astype(projected.dtype)
     hidden = unit(projected)
-    out = jax.lax.ragged_dot(hidden, down, sizes)  # [N·k, D]
+    out = grouped_matmul(hidden, down, sizes)  # [N·k, D]
     if biases is not None:
         out = out + _per_row(biases[1], groups).astype(out.dtype)
     if down_extra is not None:
         out = out + down_extra(hidden, sizes).astype(out.dtype)
-    if first is not None:  # rows past the groups are no expert's: whatever ragged_dot left
+    if first is not None:  # rows past the groups are no expert's: whatever the matmul left
         out = jnp.where((jnp.arange(out.shape[0]) < jnp.sum(sizes))[:, None], out, 0)
     unsorted = jnp.zeros_like(out).at[order].set(out, unique_indices=True)
     mixed = jnp.einsum("nkd,nk->nd", unsorted.reshape(n, k, -1).astype(jnp.float32),
@@ -157,8 +160,8 @@ def expert_ways() -> int:
     return 1 if mesh.empty or EXPERT_AXIS not in mesh.axis_names else mesh.shape[EXPERT_AXIS]
 
 
-def expert_parallel_swiglu(x: Array, weights: Array, indices: Array, gate_up: Array,
-                           down: Array, adapters: tuple[nnx.Module | None, nnx.Module | None],
+def expert_parallel_swiglu(x: Array, weights: Array, indices: Array, gate_up: Weights,
+                           down: Weights, adapters: tuple[nnx.Module | None, nnx.Module | None],
                            *, biases: tuple[Array, Array] | None = None,
                            unit: GatedUnit = SWIGLU) -> Array:
     """`grouped_swiglu` with the experts split over the mesh's `expert` axis: inside a
@@ -169,22 +172,31 @@ def expert_parallel_swiglu(x: Array, weights: Array, indices: Array, gate_up: Ar
     graphs, states = zip(*(nnx.split(a) if a is not None else (None, None) for a in adapters),
                          strict=True)
 
-    def local(x, weights, indices, gate_up, down, states, biases):
+    # Packed weights cross into the shard_map as their arrays, split by expert like the rest.
+    dense = tuple(w.dense if isinstance(w, Packed) else None for w in (gate_up, down))
+    arrays = tuple(w.arrays if isinstance(w, Packed) else w for w in (gate_up, down))
+
+    def local(x, weights, indices, arrays, states, biases):
         x, weights, indices = (jax.lax.all_gather(a, EXPERT_AXIS, axis=0, tiled=True)
                                for a in (x, weights, indices))
         extras = [None if g is None else nnx.merge(g, s)
                   for g, s in zip(graphs, states, strict=True)]
-        first = jax.lax.axis_index(EXPERT_AXIS) * gate_up.shape[0]
+        gate_up, down = (a if d is None else Packed(a, d)
+                         for a, d in zip(arrays, dense, strict=True))
+        first = jax.lax.axis_index(EXPERT_AXIS) * groups_of(gate_up)
         mixed = grouped_swiglu(x, weights, indices, gate_up, down, gate_up_extra=extras[0],
                                down_extra=extras[1], first=first, biases=biases, unit=unit)
         return jax.lax.psum_scatter(mixed, EXPERT_AXIS, scatter_dimension=0, tiled=True)
 
     split = PartitionSpec(EXPERT_AXIS)
+
+    def specs(tree):
+        return jax.tree.map(lambda _: split, tree)
+
     run = jax.shard_map(local, mesh=jax.sharding.get_abstract_mesh(),
-                        in_specs=(split,) * 5 + (jax.tree.map(lambda _: split, states),
-                                                 jax.tree.map(lambda _: split, biases)),
+                        in_specs=(split,) * 3 + tuple(specs(t) for t in (arrays, states, biases)),
                         out_specs=split, axis_names=frozenset({EXPERT_AXIS}), check_vma=False)
-    return run(x, weights, indices, gate_up, down, states, biases).astype(x.dtype)
+    return run(x, weights, indices, arrays, states, biases).astype(x.dtype)
 
 
 class Router(nnx.Module):
@@ -276,25 +288,30 @@ class Experts(nnx.Module):
         if not self.packed("gate_up_proj"):
             dense = tuple(self.weight_value(name).astype(dtype) for name in PARAMETERS)
             return self._mix(x, weights, indices, dense, adapters, biases)
-        # A packed base is dequantized inside a rematerialised function, so the backward pass
+        # A packed base stays packed into the grouped matmuls (which dequantize it whole, or a
+        # tile's expert at a time), inside a rematerialised function, so the backward pass
         # dequantizes again rather than keep every layer's dense experts from the forward pass
         # (under the layer scan that would hold the whole base in the compute dtype).
         modules = (*(self.weight(name) for name in PARAMETERS), *adapters)
         graphs, states = zip(*(nnx.split(m) if m is not None else (None, None) for m in modules),
                              strict=True)
 
+        def dequantizer(graph):
+            return lambda arrays: nnx.merge(graph, arrays).dequantize(dtype)
+
         def run(x, weights, indices, states, biases):
-            merged = [None if g is None else nnx.merge(g, s)
-                      for g, s in zip(graphs, states, strict=True)]
-            dense = tuple(w.dequantize(dtype) for w in merged[:2])
-            return self._mix(x, weights, indices, dense, tuple(merged[2:]), biases)
+            packed = tuple(Packed(s, dequantizer(g))
+                           for g, s in zip(graphs[:2], states[:2], strict=True))
+            adapters = tuple(None if g is None else nnx.merge(g, s)
+                             for g, s in zip(graphs[2:], states[2:], strict=True))
+            return self._mix(x, weights, indices, packed, adapters, biases)
 
         return jax.checkpoint(run)(x, weights, indices, states, biases)
 
-    def _mix(self, x: Array, weights: Array, indices: Array, dense: tuple[Array, Array],
+    def _mix(self, x: Array, weights: Array, indices: Array, matrices: tuple[Weights, Weights],
              adapters: tuple, biases: tuple[Array, Array] | None) -> Array:
         """The experts' outputs mixed by the routing, on one device or over the expert axis."""
-        gate_up, down = dense
+        gate_up, down = matrices
         ways = expert_ways()
         if ways > 1 and x.shape[0] % ways == 0:
             return expert_parallel_swiglu(x, weights, indices, gate_up, down, adapters,

@@ -152,8 +152,10 @@ def known_names() -> list[str]:
 def looks_like_gpu(name: str) -> bool:
     """Whether a `--topology` names GPUs (a card, `<card>x<n>`, or a .txtpb path) rather than a
     TPU slice."""
-    base = re.sub(r"x\d+$", "", name.strip().lower())
-    return base in CARDS or name.strip().endswith(".txtpb") or Path(name).expanduser().is_file()
+    text = name.strip().lower()
+    counted = re.fullmatch(r"(.+?)x\d+", text)  # `rtx4090` is a card, `rtx4090x2` two of them
+    return (text in CARDS or (counted is not None and counted.group(1) in CARDS)
+            or name.strip().endswith(".txtpb") or Path(name).expanduser().is_file())
 
 
 def parse(name: str) -> tuple[Card | None, Path, str]:
