@@ -18,18 +18,25 @@ Losses, with Δ = (log π(chosen) − log π_ref(chosen)) − (log π(rejected) 
 - `robust` (rDPO): (−(1−ε) log σ(βΔ) + ε log σ(−βΔ)) / (1 − 2ε) with ε = `label_smoothing`.
 TRL's `sigmoid` ignores `label_smoothing` (its smoothed variants are `robust` and others), so
 jaxft refuses the combination rather than silently do the same.
+
+A mixture of experts adds its load-balancing loss, over every real token of the batch's chosen
+and rejected rows, times the config's `router_aux_loss_coef`, as TRL does (for any MoE config,
+whatever its `output_router_logits`), logged as the train step logs it for every routed model
+(`router_aux_loss`, with the experts' loads) and as TRL's `aux_loss` in `metrics`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+from collections.abc import Iterator
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
 from jaxft.errors import JaxftError
-from jaxft.models.layers import linear_modules
+from jaxft.models import experts
 
 LOSS_TYPES = ("sigmoid", "hinge", "ipo", "robust")
 # Summed over the pairs of a batch (divided by `count`, the pairs, when logged), under TRL's
@@ -72,16 +79,21 @@ def pairs_flat(x: jax.Array) -> jax.Array:
     return x.reshape(-1, *x.shape[2:])
 
 
-def sequence_logps(model: nnx.Module, batch: dict[str, jax.Array]) -> jax.Array:
+def sequence_logps(model: nnx.Module, batch: dict[str, jax.Array], *,
+                   with_router: bool = False):
     """log π(response | prompt) for both halves of every pair: [B, 2], summed over the response
-    tokens (`loss_mask`) in float32."""
+    tokens (`loss_mask`) in float32; with `with_router` (a mixture of experts), also the
+    routing of the real tokens (`experts.RouterStats`)."""
     b = batch["input_ids"].shape[0]
-    logits = model(pairs_flat(batch["input_ids"]), segment_ids=pairs_flat(batch["segment_ids"]),
-                   positions=pairs_flat(batch["positions"]))  # 2B T V
+    out = model(pairs_flat(batch["input_ids"]), segment_ids=pairs_flat(batch["segment_ids"]),
+                positions=pairs_flat(batch["positions"]),
+                **({"return_router": True} if with_router else {}))
+    logits, routing = out if with_router else (out, None)  # 2B T V
     logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
     token = jnp.take_along_axis(logp, pairs_flat(batch["targets"])[..., None], axis=-1)[..., 0]
     mask = pairs_flat(batch["loss_mask"]).astype(jnp.float32)
-    return jnp.sum(token * mask, axis=-1).reshape(b, 2)
+    logps = jnp.sum(token * mask, axis=-1).reshape(b, 2)
+    return (logps, routing) if with_router else logps
 
 
 def reference_logps(model: nnx.Module, batch: dict[str, jax.Array]) -> jax.Array:
@@ -97,18 +109,37 @@ def reference_logps(model: nnx.Module, batch: dict[str, jax.Array]) -> jax.Array
     return jax.lax.stop_gradient(base_logps(model, batch))
 
 
+@contextlib.contextmanager
+def adapters_off(model: nnx.Module) -> Iterator[None]:
+    """Every adapter of `model` switched off inside the block (projections', experts' and
+    routers'), as PEFT's `disable_adapter` does, and back on after it."""
+    from jaxft import lora
+
+    restore = [(linear, "adapter", linear.adapter) for _, linear in lora.linear_modules(model)
+               if linear.adapter is not None]
+    restore += [(router, "adapter", router.adapter) for _, router in
+                experts.router_modules(model) if router.adapter is not None]
+    expert_weights = [(module, name, module.adapter(name))
+                      for _, module in experts.expert_modules(model)
+                      for name in experts.PARAMETERS if module.adapter(name) is not None]
+    for module, attribute, _ in restore:
+        setattr(module, attribute, None)
+    for module, name, _ in expert_weights:
+        module.set_adapter(name, None)
+    try:
+        yield
+    finally:
+        for module, attribute, adapter in restore:
+            setattr(module, attribute, adapter)
+        for module, name, adapter in expert_weights:
+            module.set_adapter(name, adapter)
+
+
 def base_logps(model: nnx.Module, batch: dict[str, jax.Array]) -> jax.Array:
     """`sequence_logps` of the model with its adapters (if any) switched off: the reference
     pass scores pairs with this before training, from the initial weights."""
-    adapted = [(linear, linear.adapter) for _, linear in linear_modules(model)
-               if linear.adapter is not None]
-    for linear, _ in adapted:
-        linear.adapter = None
-    try:
+    with adapters_off(model):
         return sequence_logps(model, batch)
-    finally:
-        for linear, adapter in adapted:
-            linear.adapter = adapter
 
 
 def pair_losses(cfg: DpoConfig, policy: jax.Array, reference: jax.Array,
@@ -138,7 +169,9 @@ def preference_losses(cfg: DpoConfig):
     and `count` the number of pairs, so the step's mean is TRL's mean over pairs."""
 
     def losses(model: nnx.Module, batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
-        policy = sequence_logps(model, batch)
+        routed = model.config.routes_tokens
+        policy, routing = (sequence_logps(model, batch, with_router=True) if routed
+                           else (sequence_logps(model, batch), None))
         reference = reference_logps(model, batch)
         tokens = jnp.sum(batch["loss_mask"].astype(jnp.float32), axis=-1)
         loss = pair_losses(cfg, policy, reference, tokens)
@@ -152,7 +185,14 @@ def preference_losses(cfg: DpoConfig):
             "logps_rejected": jax.lax.stop_gradient(policy[:, 1]),
         }
         sums = {name: jnp.sum(value * valid) for name, value in per_pair.items()}
-        return {"loss_sum": jnp.sum(loss * valid), "count": jnp.sum(valid), **sums}
+        loss_sum, count = jnp.sum(loss * valid), jnp.sum(valid)
+        if routing is not None:  # TRL: mean pair loss + coef · aux, aux over the whole batch
+            aux = experts.load_balancing_loss(routing)
+            loss_sum = loss_sum + model.config.router_aux_loss_coef * aux * count
+            # pair-weighted, as the loss is (the train step's window for routed models)
+            sums.update(aux_loss_sum=jax.lax.stop_gradient(aux) * count,
+                        expert_load=routing.load)
+        return {"loss_sum": loss_sum, "count": count, **sums}
 
     return losses
 
@@ -161,5 +201,6 @@ def metrics(sums: dict, prefix: str = "") -> dict[str, float]:
     """The mean loss and TRL's metrics from summed `preference_losses` (host values), under
     TRL's names with `prefix` ('eval_' for an evaluation, as TRL names them)."""
     count = max(float(sums["count"]), 1.0)
+    names = {**METRICS, **({"aux_loss_sum": "aux_loss"} if "aux_loss_sum" in sums else {})}
     return {f"{prefix}loss": float(sums["loss_sum"]) / count,
-            **{prefix + name: float(sums[key]) / count for key, name in METRICS.items()}}
+            **{prefix + name: float(sums[key]) / count for key, name in names.items()}}

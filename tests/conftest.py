@@ -49,6 +49,18 @@ def pytest_terminal_summary(terminalreporter):
                                 + ", ".join(found))
 
 
+# The files that take longest start first: pytest-xdist's `--dist loadfile` hands out whole
+# files in collection order, and a long file handed out last runs alone while the other
+# worker idles.
+LONGEST_FIRST = ("test_readme_commands.py", "test_dpo_train.py", "test_checkpoint.py",
+                 "test_model_configs.py", "test_sharding.py", "test_multihost.py")
+
+
+def pytest_collection_modifyitems(items):
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: the rest keep
+
+
 def pytest_configure(config):
     import jax
 

@@ -335,3 +335,47 @@ def test_twenty_lora_dpo_steps_follow_trl(tmp_path):
     assert len(want) == len(got) == steps
     np.testing.assert_allclose(got, want, atol=1e-3, rtol=0)
     assert want[-1] < want[0] - 0.1  # the curve really moves
+
+
+def test_moe_with_expert_adapters_adds_trls_aux_loss(tmp_path):
+    """On a mixture of experts, TRL's DPO loss adds `router_aux_loss_coef` times the
+    load-balancing loss over the batch's real tokens (whatever `output_router_logits` says),
+    and its reference is the base with every adapter off, the experts' and the router's too:
+    jaxft's loss, metrics and aux loss are TRL's."""
+    import datasets
+    import torch
+    import transformers
+
+    model_dir = tiny_model_dir(tmp_path / "base", "qwen3_moe_topk_norm",
+                               router_aux_loss_coef=0.5, output_router_logits=False)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(model_dir)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(model_dir).float()
+    torch.manual_seed(2)
+    policy = peft.get_peft_model(hf, peft.LoraConfig(
+        r=2, lora_alpha=4, target_modules=["q_proj"], init_lora_weights=False,
+        target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj",
+                           "mlp.gate.weight"], task_type="CAUSAL_LM"))
+    with torch.no_grad():
+        for name, param in policy.named_parameters():
+            if "lora_B" in name:
+                param.mul_(8.0)
+    policy.save_pretrained(tmp_path / "adapter")
+    args = trl.DPOConfig(output_dir=str(tmp_path / "trl"), per_device_train_batch_size=len(PAIRS),
+                         report_to=[], max_length=64, use_cpu=True, disable_dropout=True,
+                         beta=0.5)
+    trainer = trl.DPOTrainer(model=policy, args=args,
+                             train_dataset=datasets.Dataset.from_list(PAIRS),
+                             processing_class=tokenizer)
+    trainer.model.delete_adapter("ref")
+    batch = next(iter(trainer.get_train_dataloader()))
+    want_loss, want, _ = trl_loss_and_grads(trainer, batch, "sigmoid", 0.0)
+    model = jaxft.from_pretrained(model_dir, adapter=tmp_path / "adapter")
+    assert lora.expert_adapters(model) and lora.router_adapters(model)
+    got_loss, sums, _ = jaxft_loss_and_grads(model, dpo.DpoConfig(beta=0.5),
+                                             pairs_from_trl(batch))
+    got = dpo.metrics({key: np.asarray(value) for key, value in sums.items()})
+    np.testing.assert_allclose(got_loss, want_loss, **TOL)
+    np.testing.assert_allclose(got["aux_loss"], want["aux_loss"], **TOL)
+    for name in dpo.METRICS.values():
+        np.testing.assert_allclose(got[name], want[name], **TOL, err_msg=name)
+    assert abs(want["rewards/chosen"]) > 0.1 and want["aux_loss"] > 0.5

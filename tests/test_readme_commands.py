@@ -25,7 +25,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.test_plan import LLAMA3_8B
+from tests.test_plan import GPT_OSS_20B, LLAMA3_8B
 from tests.tiny_run import DATA, REPO, subprocess_env, tiny_model_dir
 
 pytestmark = pytest.mark.slow
@@ -35,6 +35,7 @@ SHORT_TRAINING = ["--config.train.steps=2"]
 STAND_INS = {
     "meta-llama/Meta-Llama-3-8B": "llama3-8b",  # config.json alone: the dry run reads no weights
     "<dir with Llama-3-8B config.json>": "llama3-8b",
+    "<gpt-oss-20b>": "gpt-oss-20b",  # config.json alone, as released (MXFP4 experts)
     "meta-llama/Llama-3.2-1B": "tiny-llama",  # trained for 2 steps: a tiny model of its family
     "tickets.jsonl": "tickets.jsonl",  # a chat file, as the README's own data section describes
     "questions.csv": "questions.csv",  # new rows for the topic classifier: a text column
@@ -74,6 +75,8 @@ def sandbox(tmp_path_factory) -> Path:
     (root / "llama3-8b").mkdir()
     (root / "llama3-8b" / "config.json").write_text(json.dumps(
         {**LLAMA3_8B, "architectures": ["LlamaForCausalLM"]}))
+    (root / "gpt-oss-20b").mkdir()
+    (root / "gpt-oss-20b" / "config.json").write_text(json.dumps(GPT_OSS_20B))
     tiny_model_dir(root / "tiny-llama")
     shutil.copy(DATA / "support_chat.jsonl", root / "tickets.jsonl")
     (root / "questions.csv").write_text("text\n" + "".join(f'"{q}"\n' for q in QUESTIONS))
