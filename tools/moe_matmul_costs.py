@@ -40,8 +40,8 @@ def costs(target, fn) -> list[str]:
         cost = compiled.cost_analysis()
         cost = (cost[0] if isinstance(cost, list) else cost) or {}  # XLA:GPU may give none
         temp = compiled.memory_analysis().temp_size_in_bytes
-        lines.append(f"{what:<20}{cost.get('flops', 0):>12.3e}{cost.get('bytes accessed', 0):>12.3e}"
-                     f"{temp / 2**20:>12.1f}")
+        flops, read = cost.get("flops", 0), cost.get("bytes accessed", 0)
+        lines.append(f"{what:<20}{flops:>12.3e}{read:>12.3e}{temp / 2**20:>12.1f}")
     return lines
 
 
