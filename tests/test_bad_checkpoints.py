@@ -62,8 +62,8 @@ def test_unsupported_model_type(llama_dir):
         jaxft.from_pretrained(llama_dir)
     assert one_line(e) == (
         f"{llama_dir / 'config.json'}: model_type 't5' is not supported "
-        "(supported: llama, mistral, qwen2, qwen3, phi3, qwen3_moe, mixtral, gemma, gemma2, "
-        "gemma3_text, gpt2, bert)"
+        "(supported: llama, mistral, qwen2, qwen3, phi3, qwen3_moe, mixtral, gpt_oss, gemma, "
+        "gemma2, gemma3_text, gpt2, bert)"
     )
 
 
