@@ -282,6 +282,11 @@ class Int8Weight(nnx.Module):
         return {"values": np.round(w * scale[None, :]).astype(np.int8), "absmax": absmax}
 
 
+# MXFP4's sixteen E2M1 values, indexed by the 4-bit code (sign bit highest), as transformers
+# lists them (`integrations.mxfp4.FP4_VALUES`), and the bias of its power-of-two scales.
+FP4_VALUES = (+0.0, +0.5, +1.0, +1.5, +2.0, +3.0, +4.0, +6.0,
+              -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)
+SCALE_BIAS = 127
 # E2M1's magnitudes in code order, and the midpoints that round a magnitude to the nearest.
 _FP4_MAGNITUDES = np.array([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0], np.float32)
 _FP4_MIDPOINTS = (_FP4_MAGNITUDES[1:] + _FP4_MAGNITUDES[:-1]) / 2
@@ -304,8 +309,6 @@ class MXFP4Weight(nnx.Module):
     def dequantize(self, dtype=None) -> jax.Array:
         """code value · 2^(scale − 127), exact in float32 (the scale built from its bits), as
         transformers' `_convert_moe_packed_tensors` computes it."""
-        from jaxft.hf.mxfp4 import FP4_VALUES, SCALE_BIAS
-
         dtype = jnp.dtype(dtype or self.dtype)
         # A code times a power of two is exact in any dtype with float32's exponent range, so
         # bfloat16 weights are computed in bfloat16 (half the temporary of float32's).
@@ -326,8 +329,6 @@ class MXFP4Weight(nnx.Module):
         """One kernel [in, out] -> codes and scales. Each block's scale puts its largest
         magnitude in [4, 8), so a block that was MXFP4 (every value a code times its scale)
         packs back into the same values; other weights round to the nearest code."""
-        from jaxft.hf.mxfp4 import SCALE_BIAS
-
         d_in, d_out = kernel.shape
         w = kernel.astype(np.float32).reshape(d_in // MXFP4Weight.BLOCK, MXFP4Weight.BLOCK,
                                               d_out)

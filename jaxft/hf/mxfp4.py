@@ -19,12 +19,8 @@ import ml_dtypes
 import numpy as np
 
 from jaxft.errors import JaxftError
+from jaxft.quant import FP4_VALUES, SCALE_BIAS
 
-# The sixteen E2M1 values, indexed by the 4-bit code (sign bit highest), as transformers lists
-# them (`integrations.mxfp4.FP4_VALUES`).
-FP4_VALUES = (+0.0, +0.5, +1.0, +1.5, +2.0, +3.0, +4.0, +6.0,
-              -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)
-SCALE_BIAS = 127
 BLOCKS, SCALES = "_blocks", "_scales"
 
 
