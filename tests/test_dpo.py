@@ -39,22 +39,17 @@ LOSSES = {  # name -> (jaxft DpoConfig, TRL loss_type, label_smoothing)
 TOL = dict(rtol=1e-4, atol=1e-6)
 
 
-@pytest.fixture(scope="module")
-def setup(tmp_path_factory):
-    """A tiny Llama with a random PEFT adapter, TRL's trainer on it, TRL's collated batch, and
-    jaxft's model with the same adapter."""
+def trl_and_jaxft(model_dir, root, lora_config, seed: int):
+    """TRL's trainer on `model_dir` with a random PEFT adapter (`lora_config`, B scaled up),
+    TRL's collated batch, and jaxft's model with the same adapter."""
     import datasets
     import torch
     import transformers
 
-    root = tmp_path_factory.mktemp("dpo")
-    model_dir = tiny_model_dir(root / "base", "llama")
     tokenizer = transformers.AutoTokenizer.from_pretrained(model_dir)
     hf = transformers.AutoModelForCausalLM.from_pretrained(model_dir).float()
-    torch.manual_seed(1)
-    policy = peft.get_peft_model(hf, peft.LoraConfig(
-        r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"],
-        init_lora_weights=False, task_type="CAUSAL_LM"))
+    torch.manual_seed(seed)
+    policy = peft.get_peft_model(hf, lora_config)
     with torch.no_grad():  # rewards of order one: the log-ratios dwarf float32's rounding of
         for name, param in policy.named_parameters():  # the ~-60 sequence log-probabilities
             if "lora_B" in name:
@@ -72,6 +67,16 @@ def setup(tmp_path_factory):
     batch = next(iter(trainer.get_train_dataloader()))
     model = jaxft.from_pretrained(model_dir, adapter=root / "adapter")
     return trainer, batch, model
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    """A tiny Llama with a random PEFT adapter, TRL's trainer on it, TRL's collated batch, and
+    jaxft's model with the same adapter."""
+    root = tmp_path_factory.mktemp("dpo")
+    return trl_and_jaxft(tiny_model_dir(root / "base", "llama"), root, peft.LoraConfig(
+        r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"],
+        init_lora_weights=False, task_type="CAUSAL_LM"), seed=1)
 
 
 def pairs_from_trl(batch) -> dict[str, jax.Array]:
@@ -342,34 +347,13 @@ def test_moe_with_expert_adapters_adds_trls_aux_loss(tmp_path):
     load-balancing loss over the batch's real tokens (whatever `output_router_logits` says),
     and its reference is the base with every adapter off, the experts' and the router's too:
     jaxft's loss, metrics and aux loss are TRL's."""
-    import datasets
-    import torch
-    import transformers
-
     model_dir = tiny_model_dir(tmp_path / "base", "qwen3_moe_topk_norm",
                                router_aux_loss_coef=0.5, output_router_logits=False)
-    tokenizer = transformers.AutoTokenizer.from_pretrained(model_dir)
-    hf = transformers.AutoModelForCausalLM.from_pretrained(model_dir).float()
-    torch.manual_seed(2)
-    policy = peft.get_peft_model(hf, peft.LoraConfig(
+    trainer, batch, model = trl_and_jaxft(model_dir, tmp_path, peft.LoraConfig(
         r=2, lora_alpha=4, target_modules=["q_proj"], init_lora_weights=False,
         target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj",
-                           "mlp.gate.weight"], task_type="CAUSAL_LM"))
-    with torch.no_grad():
-        for name, param in policy.named_parameters():
-            if "lora_B" in name:
-                param.mul_(8.0)
-    policy.save_pretrained(tmp_path / "adapter")
-    args = trl.DPOConfig(output_dir=str(tmp_path / "trl"), per_device_train_batch_size=len(PAIRS),
-                         report_to=[], max_length=64, use_cpu=True, disable_dropout=True,
-                         beta=0.5)
-    trainer = trl.DPOTrainer(model=policy, args=args,
-                             train_dataset=datasets.Dataset.from_list(PAIRS),
-                             processing_class=tokenizer)
-    trainer.model.delete_adapter("ref")
-    batch = next(iter(trainer.get_train_dataloader()))
+                           "mlp.gate.weight"], task_type="CAUSAL_LM"), seed=2)
     want_loss, want, _ = trl_loss_and_grads(trainer, batch, "sigmoid", 0.0)
-    model = jaxft.from_pretrained(model_dir, adapter=tmp_path / "adapter")
     assert lora.expert_adapters(model) and lora.router_adapters(model)
     got_loss, sums, _ = jaxft_loss_and_grads(model, dpo.DpoConfig(beta=0.5),
                                              pairs_from_trl(batch))
