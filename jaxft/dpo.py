@@ -27,9 +27,7 @@ whatever its `output_router_logits`), logged as the train step logs it for every
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-from collections.abc import Iterator
 
 import jax
 import jax.numpy as jnp
@@ -109,35 +107,11 @@ def reference_logps(model: nnx.Module, batch: dict[str, jax.Array]) -> jax.Array
     return jax.lax.stop_gradient(base_logps(model, batch))
 
 
-@contextlib.contextmanager
-def adapters_off(model: nnx.Module) -> Iterator[None]:
-    """Every adapter of `model` switched off inside the block (projections', experts' and
-    routers'), as PEFT's `disable_adapter` does, and back on after it."""
-    from jaxft import lora
-
-    restore = [(linear, "adapter", linear.adapter) for _, linear in lora.linear_modules(model)
-               if linear.adapter is not None]
-    restore += [(router, "adapter", router.adapter) for _, router in
-                experts.router_modules(model) if router.adapter is not None]
-    expert_weights = [(module, name, module.adapter(name))
-                      for _, module in experts.expert_modules(model)
-                      for name in experts.PARAMETERS if module.adapter(name) is not None]
-    for module, attribute, _ in restore:
-        setattr(module, attribute, None)
-    for module, name, _ in expert_weights:
-        module.set_adapter(name, None)
-    try:
-        yield
-    finally:
-        for module, attribute, adapter in restore:
-            setattr(module, attribute, adapter)
-        for module, name, adapter in expert_weights:
-            module.set_adapter(name, adapter)
-
-
 def base_logps(model: nnx.Module, batch: dict[str, jax.Array]) -> jax.Array:
     """`sequence_logps` of the model with its adapters (if any) switched off: the reference
     pass scores pairs with this before training, from the initial weights."""
+    from jaxft.lora import adapters_off
+
     with adapters_off(model):
         return sequence_logps(model, batch)
 

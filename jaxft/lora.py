@@ -17,10 +17,12 @@ routers. On those models `targets` that name the MLP's projections or the router
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import math
 import re
+from collections.abc import Iterator
 from typing import Any, Sequence
 
 import jax
@@ -206,6 +208,30 @@ def expert_adapters(model: nnx.Module) -> dict[tuple[str, str], ExpertLoRA]:
     return {(path, name): module.adapter(name)
             for path, module in experts.expert_modules(model)
             for name in experts.PARAMETERS if module.adapter(name) is not None}
+
+
+@contextlib.contextmanager
+def adapters_off(model: nnx.Module) -> Iterator[None]:
+    """Every adapter of `model` switched off inside the block (projections', experts' and
+    routers'), as PEFT's `disable_adapter` does, and back on after it."""
+    expert_homes = dict(experts.expert_modules(model))
+    router_homes = dict(experts.router_modules(model))
+    on_linears = [(linear, linear.adapter) for _, linear in linear_modules(model)
+                  if linear.adapter is not None]
+    on_experts = [(expert_homes[path], name, adapter)
+                  for (path, name), adapter in expert_adapters(model).items()]
+    on_routers = [(router_homes[path], adapter) for path, adapter in router_adapters(model).items()]
+    for module, _ in on_linears + on_routers:
+        module.adapter = None
+    for module, name, _ in on_experts:
+        module.set_adapter(name, None)
+    try:
+        yield
+    finally:
+        for module, adapter in on_linears + on_routers:
+            module.adapter = adapter
+        for module, name, adapter in on_experts:
+            module.set_adapter(name, adapter)
 
 
 ALL_LINEAR = "all-linear"
