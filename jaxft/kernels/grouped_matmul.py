@@ -68,7 +68,8 @@ def tiled_grouped_matmul(rows: Array, weights: Weights, sizes: Array, tile: int 
     groups = groups_of(weights)
     tiles = -(-m // tile) + groups  # every row, plus at most one partial tile per group
     sizes = sizes.astype(jnp.int32)
-    starts = jnp.cumsum(sizes) - sizes
+    ends = jnp.cumsum(sizes)
+    starts = ends - sizes
     padded = -(-sizes // tile) * tile
     padded_ends = jnp.cumsum(padded)
     padded_starts = padded_ends - padded
@@ -96,7 +97,7 @@ def tiled_grouped_matmul(rows: Array, weights: Weights, sizes: Array, tile: int 
     out = out.reshape(tiles * tile, -1)
     # Each row back from its slot; rows of no group read a slot that exists and are unspecified.
     row = jnp.arange(m, dtype=jnp.int32)
-    row_group = jnp.minimum(jnp.searchsorted(jnp.cumsum(sizes), row, side="right"), groups - 1)
+    row_group = jnp.minimum(jnp.searchsorted(ends, row, side="right"), groups - 1)
     slot_of_row = jnp.minimum(padded_starts[row_group] + row - starts[row_group],
                               tiles * tile - 1)
     return out[slot_of_row]
