@@ -43,6 +43,10 @@ def base_config() -> ml_collections.ConfigDict:
     # HF directory, hub id, .gguf file, or 'package:<python package>/<file>' for weights shipped
     # inside an installed package (the offline defaults).
     c.model.path = ""
+    # pretrained: model.path's weights | random: model.path's config.json only, every weight
+    # freshly initialised (training from scratch, as transformers' from_config)
+    c.model.init = "pretrained"
+    c.model.tokenizer = ""  # where the tokenizer loads from ("" = model.path), same forms
     c.model.num_labels = 0  # classification: classes (0 = from the data's label map)
     # Attention kernel: auto = cuDNN flash attention on a GPU in 16-bit, splash on a TPU, XLA
     # elsewhere.

@@ -367,13 +367,13 @@ def _run_base(config: ml_collections.ConfigDict, data_cfg: ml_collections.Config
               mesh: Mesh, max_batches: int) -> dict[str, Any]:
     """A config's base model (a classifier's head fresh, sized by the data's label map)."""
     from jaxft import data
-    from jaxft.hf import hub, weights
+    from jaxft.hf import weights
 
     run_spec = spec.resolve(config)
-    model_path = str(hub.resolve(config.model.path))
+    model_path, tokenizer_path = spec.model_paths(config)
     task, batch_size = run_spec.task, run_spec.train.batch_size
     _check_batch_size(batch_size, mesh)
-    bundle = data.build_data(data_cfg, data.load_tokenizer(model_path),
+    bundle = data.build_data(data_cfg, data.load_tokenizer(tokenizer_path),
                              global_batch_size=batch_size, task=task)
     if bundle.eval is None:
         raise JaxftError("no eval data: set data.eval_path, or data.eval_fraction > 0")
@@ -395,14 +395,14 @@ def _run_workdir(workdir: str, saved: ml_collections.ConfigDict,
     weight loads, so a bad file is refused in seconds."""
     from jaxft import data
     from jaxft.hf import weights
-    from jaxft.workdir import load_run
+    from jaxft.workdir import load_run, saved_tokenizer_path
 
     run_spec = spec.of_saved_run(saved)
     task, batch_size, model_path = run_spec.task, run_spec.train.batch_size, \
         saved.model.resolved_path
     _check_batch_size(batch_size, mesh)
     label_map = _run_label_map(workdir, task, data_cfg)
-    eval_data = data.build_eval(data_cfg, data.load_tokenizer(model_path),
+    eval_data = data.build_eval(data_cfg, data.load_tokenizer(saved_tokenizer_path(saved)),
                                 global_batch_size=batch_size, task=task, label_map=label_map,
                                 predict=predictions is not None)
     model = load_run(workdir, step, mesh=mesh).model

@@ -45,13 +45,15 @@ def export_model(
     overwrite: bool = False,
     max_shard_size: int | str = weights.MAX_SHARD_SIZE,
     label_map: Mapping[str, int] | None = None,
+    tokenizer: str | None = None,
 ) -> Path:
     """Write a model as a PEFT adapter (it has adapters and not `merged`) or a full HF model.
 
-    `base` is the base checkpoint, whose tokenizer is copied; an adapter names `base_name`
-    (default: `base`) as its base model. Merging changes the model in place. A full model is
-    written in safetensors shards of at most `max_shard_size`, gathered a tensor at a time, and
-    a classifier's names its classes by `label_map` (an adapter has no field for them).
+    `base` is the base checkpoint, whose tokenizer is copied (or `tokenizer`'s, when the run
+    named one); an adapter names `base_name` (default: `base`) as its base model. Merging
+    changes the model in place. A full model is written in safetensors shards of at most
+    `max_shard_size`, gathered a tensor at a time, and a classifier's names its classes by
+    `label_map` (an adapter has no field for them).
     Overwriting removes a previous export of either kind first.
     """
     dtypes.canonical(dtype, "dtype")
@@ -65,8 +67,8 @@ def export_model(
         lora.merge_lora(model)
         weights.save_pretrained(model, out, dtype=dtype, overwrite=True,
                                 max_shard_size=max_shard_size, label_map=label_map)
-    if base is not None:
-        weights.copy_tokenizer(base, out)
+    if tokenizer or base is not None:
+        weights.copy_tokenizer(tokenizer or base, out)
     return out
 
 
@@ -91,7 +93,8 @@ def export_workdir(
     run = load_run(workdir, step)
     return export_model(run.model, run.lora, out, base=run.base, base_name=run.base_name,
                         merged=merged, dtype=dtype, overwrite=overwrite,
-                        max_shard_size=max_shard_size, label_map=run.label_map)
+                        max_shard_size=max_shard_size, label_map=run.label_map,
+                        tokenizer=run.tokenizer_path)
 
 
 def export_gguf(
@@ -116,7 +119,7 @@ def export_gguf(
                                  str(Path(workdir) / "config.json"))
     run = load_run(workdir, step, dtype="float32")
     lora.merge_lora(run.model)
-    return gguf_write.write_gguf(run.model, out, tokenizer_source=run.base,
+    return gguf_write.write_gguf(run.model, out, tokenizer_source=run.tokenizer_path,
                                   gguf_type=gguf_type, name=Path(workdir).name,
                                   overwrite=overwrite)
 

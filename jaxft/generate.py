@@ -316,7 +316,7 @@ def load_model(model: str, *, adapter: str | None = None, workdir: str | None = 
         from jaxft.workdir import load_run
 
         run = load_run(workdir, step, dtype=dtype)
-        return run.model, run.base
+        return run.model, run.tokenizer_path
     if step is not None:
         raise JaxftError("--step picks a checkpoint of a --workdir run; add --workdir")
     path = str(hub.resolve(model))

@@ -27,6 +27,10 @@ from jaxft.models.stack import REMAT_POLICIES
 from jaxft.sharding import data_parallel_size_of, mesh_shape
 from jaxft.tasks import DPO, TASKS
 
+# model.init: a checkpoint's weights, or only its config (training from scratch).
+RANDOM_INIT = "random"
+MODEL_INITS = ("pretrained", RANDOM_INIT)
+
 # Where a DPO run's reference log-probabilities come from (see `dpo.precompute_ref`).
 PRECOMPUTED = "precomputed"  # scored in one pass before training
 ADAPTERS_OFF = "adapters_off"  # LoRA: the base with the adapters off, in the step
@@ -87,7 +91,8 @@ class RunSpec:
         return ModelOptions(param_dtype=param_dtype or self.train.param_dtype,
                             compute_dtype=self.compute_dtype, num_labels=num_labels,
                             remat=self.train.remat, attention=self.config.model.attention,
-                            quantize=self.quant, seed=self.train.seed)
+                            quantize=self.quant, seed=self.train.seed,
+                            random_init=self.config.model.get("init") == RANDOM_INIT)
 
 
 def resolve(c: ml_collections.ConfigDict, devices: Sequence[Any] | None = None) -> RunSpec:
@@ -104,6 +109,17 @@ def of_saved_run(c: ml_collections.ConfigDict, platform: str | None = None) -> R
     """The `RunSpec` of a finished run's saved `config.json` (already validated when it
     trained; fields added since then take their defaults), for this machine's platform."""
     return _spec(c, platform or jax.default_backend())
+
+
+def model_paths(c: ml_collections.ConfigDict) -> tuple[str, str]:
+    """(model, tokenizer): the local paths of `model.path` and `model.tokenizer` (model.path's
+    tokenizer when empty), fetched from the hub where they are hub ids; a model trained from
+    scratch fetches no weights."""
+    from jaxft.hf import hub
+
+    model = str(hub.resolve(c.model.path, weights=c.model.get("init") != RANDOM_INIT))
+    tokenizer = c.model.get("tokenizer") or ""
+    return model, (str(hub.resolve(tokenizer, weights=False)) if tokenizer else model)
 
 
 def platform_of(device: Any) -> str:
@@ -170,6 +186,10 @@ def validate(c: ml_collections.ConfigDict, device_count: int,
     _one_of("checkpoint.resume", c.checkpoint.resume, ("auto", "never", "fresh"))
     if not c.model.path:
         raise JaxftError("config: model.path is empty (an HF directory, hub id or .gguf file)")
+    _one_of("model.init", c.model.init, MODEL_INITS)
+    if c.model.init == RANDOM_INIT and c.lora.enabled:
+        raise JaxftError("config: model.init='random' trains from scratch, which LoRA cannot "
+                         "(its base would stay random): set lora.enabled=False")
     if not c.data.train_path:
         raise JaxftError("config: data.train_path is empty")
     for name in ("train.steps", "train.batch_size", "train.accum_steps", "data.max_len"):

@@ -40,7 +40,7 @@ from jaxft import checkpoint, cli, data, lora, progress, sharding, spec, tasks, 
 from jaxft import evaluate as evaluation_lib
 from jaxft.early_stopping import BEST_DIRECTORY, EarlyStopping
 from jaxft.errors import JaxftError
-from jaxft.hf import hub, weights
+from jaxft.hf import weights
 from jaxft.metrics import LogWindow, MetricsWriter
 from jaxft.preemption import INTERRUPTED_EXIT_CODE, Preemption
 from jaxft.wandb_log import WandbRun, requested
@@ -120,8 +120,8 @@ def _run(cfg: ml_collections.ConfigDict, preemption: Preemption) -> dict[str, An
     # ----------------------------------------------------------------------------------------
     # Data
     # ----------------------------------------------------------------------------------------
-    model_path = str(hub.resolve(cfg.model.path))
-    tokenizer = data.load_tokenizer(model_path)
+    model_path, tokenizer_path = spec.model_paths(cfg)
+    tokenizer = data.load_tokenizer(tokenizer_path)
     bundle = data.build_data(cfg.data, tokenizer, global_batch_size=cfg.train.batch_size,
                              task=cfg.task)
     print(f"data: {bundle.describe()}")
@@ -219,7 +219,7 @@ def _run(cfg: ml_collections.ConfigDict, preemption: Preemption) -> dict[str, An
     # The run is compatible with the workdir: from here on it is ours to write.
     claim_workdir(workdir)
     if is_main:
-        _write_resolved_config(cfg, workdir, hf_config, model_path, num_labels)
+        _write_resolved_config(cfg, workdir, hf_config, model_path, tokenizer_path, num_labels)
         if run_spec.task == tasks.CLASSIFICATION:
             bundle.save_label_map(workdir / LABEL_MAP)
 
@@ -398,9 +398,10 @@ def _write_plot(workdir: Path) -> None:
 
 
 def _write_resolved_config(cfg, workdir: Path, hf_config: dict, model_path: str,
-                           num_labels) -> None:
+                           tokenizer_path: str, num_labels) -> None:
     resolved = cfg.to_dict()
     resolved["model"]["resolved_path"] = model_path
+    resolved["model"]["resolved_tokenizer"] = tokenizer_path
     resolved["model"]["hf_config"] = hf_config
     if num_labels:
         resolved["model"]["num_labels"] = num_labels

@@ -46,10 +46,15 @@ class Run:
 
     model: nnx.Module
     spec: spec.RunSpec  # the run's, resolved from its config.json
-    base: str  # the resolved base checkpoint: a local directory or .gguf file (and tokenizer)
+    base: str  # the resolved base checkpoint: a local directory or .gguf file
     base_name: str  # what PyTorch users load: the hub id if the run named one, else `base`
     step: int
     label_map: dict[str, int] | None = None  # a classifier's: what its class ids are called
+    tokenizer: str = ""  # where its tokenizer loads from ("": `base`)
+
+    @property
+    def tokenizer_path(self) -> str:
+        return self.tokenizer or self.base
 
     @property
     def lora(self) -> lora.LoraConfig | None:
@@ -127,7 +132,14 @@ def load_run(workdir: str | os.PathLike, step: int | str | None = None, *,
     nnx.replace_by_pure_dict(trainable, restored)
     nnx.update(model, trainable)
     label_map = read_label_map(workdir) if run.task == tasks.CLASSIFICATION else None
-    return Run(model, run, cfg.model.resolved_path, _base_name(cfg), step, label_map)
+    return Run(model, run, cfg.model.resolved_path, _base_name(cfg), step, label_map,
+               saved_tokenizer_path(cfg))
+
+
+def saved_tokenizer_path(cfg: ml_collections.ConfigDict) -> str:
+    """Where a saved run's tokenizer loads from (runs saved before `model.tokenizer` existed
+    load it from their base)."""
+    return cfg.model.get("resolved_tokenizer") or cfg.model.resolved_path
 
 
 def _base_name(cfg: ml_collections.ConfigDict) -> str:

@@ -56,16 +56,19 @@ def packaged_path(spec: str) -> Path:
     return path
 
 
-def resolve(path_or_id: str | os.PathLike) -> Path:
-    """A local directory or .gguf file for a path, a 'package:' spec or a hub id (downloaded)."""
+def resolve(path_or_id: str | os.PathLike, *, weights: bool = True) -> Path:
+    """A local directory or .gguf file for a path, a 'package:' spec or a hub id (downloaded;
+    without its weights when `weights` is False: a model trained from scratch needs only its
+    config and tokenizer)."""
     text = os.fspath(path_or_id)
     local = _local_path(text)
     if local is not None:
         return local
     from huggingface_hub import snapshot_download
 
+    wanted = [p for p in HUB_FILES if weights or p != "*.safetensors"]
     return Path(_from_hub(text, "the hub download", lambda offline: snapshot_download(
-        text, allow_patterns=list(HUB_FILES), local_files_only=offline)))
+        text, allow_patterns=wanted, local_files_only=offline)))
 
 
 def resolve_config(path_or_id: str | os.PathLike) -> tuple[str, dict]:

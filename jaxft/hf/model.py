@@ -4,7 +4,8 @@ Loading a checkpoint (`weights.load_hf_model`), the dry run (an abstract model, 
 the benchmark (random weights, initialised on the devices) all start from a `Blueprint`, so the
 three build exactly the same module tree: the family `Model`, its run-time options
 (`ModelOptions`: dtypes, remat, attention kernel, a classifier head) and, with a quantized base,
-its packed kernels. Adapters come later, from `jaxft.lora`.
+its packed kernels. A model trained from scratch (`random_init`) is a blueprint initialised with
+no checkpoint read at all. Adapters come later, from `jaxft.lora`.
 """
 
 from __future__ import annotations
@@ -15,11 +16,12 @@ from collections.abc import Callable
 
 import jax
 from flax import nnx
+from jax.sharding import Mesh
 
 from jaxft import dtypes, models, quant
 from jaxft.dtypes import DTypeLike
 from jaxft.errors import JaxftError, first_line
-from jaxft.models import config_checks
+from jaxft.models import config_checks, layers
 
 
 @dataclasses.dataclass(frozen=True)
@@ -27,7 +29,9 @@ class ModelOptions:
     """How a model is built around its config: the parameter dtype (`jnp.bfloat16`,
     "bfloat16", …), the compute dtype (None: the parameters'), a sequence classifier's classes
     (`num_labels`: a fresh head where the checkpoint has none), the remat policy, the attention
-    kernel, a quantized frozen base, and the seed of freshly initialised parameters."""
+    kernel, a quantized frozen base, the seed of freshly initialised parameters, and
+    `random_init`: every weight freshly initialised from the config alone (transformers'
+    `from_config`: training from scratch), no checkpoint read."""
 
     param_dtype: DTypeLike = "float32"
     compute_dtype: DTypeLike | None = None
@@ -36,6 +40,7 @@ class ModelOptions:
     attention: str = "auto"
     quantize: quant.QuantConfig | None = None
     seed: int = 0
+    random_init: bool = False
 
     @property
     def quantized(self) -> bool:
@@ -105,8 +110,10 @@ class Blueprint:
     def build(self) -> nnx.Module:
         """The model with freshly initialised (random) weights; a quantized base's projections
         packed and zero-filled. Meant for `nnx.eval_shape` or a `jax.jit`."""
-        model = self.family.Model(self.config, rngs=nnx.Rngs(self.options.seed),
-                                  param_dtype=dtypes.jax_dtype(self.options.param_dtype))
+        std = json.loads(self.config.hf_config_json or "{}").get("initializer_range", 0.02)
+        with layers.initializer_range(std):
+            model = self.family.Model(self.config, rngs=nnx.Rngs(self.options.seed),
+                                      param_dtype=dtypes.jax_dtype(self.options.param_dtype))
         if self.options.quantized:
             self.encoders.update(quant.quantize_kernels(model, self.options.quantize))
         return model
@@ -120,6 +127,16 @@ class Blueprint:
         themselves are ever allocated (the benchmark's model)."""
         graphdef, _ = nnx.split(self.abstract())
         return nnx.merge(graphdef, jax.jit(lambda: nnx.split(self.build())[1])())
+
+    def initialised_on(self, mesh: Mesh) -> nnx.Module:
+        """`initialised`, each weight created straight on its sharding over `mesh`, so no
+        device ever holds the whole model."""
+        from jaxft import sharding
+
+        graphdef, abstract = nnx.split(self.abstract())
+        shardings = sharding.state_shardings(abstract, mesh)
+        return nnx.merge(graphdef, jax.jit(lambda: nnx.split(self.build())[1],
+                                           out_shardings=shardings)())
 
     def initialiser(self, paths: list[str]) -> Callable[[], dict[str, jax.Array]]:
         """A function returning the freshly initialised values of some parameters, for

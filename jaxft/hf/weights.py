@@ -129,11 +129,17 @@ def load_hf_model(path_or_id: str | os.PathLike, options: ModelOptions | None = 
     output head) each tensor is quantized on the host as it is read, so no device ever holds
     the model in its float dtype. A parameter the checkpoint lacks that the model may add (a
     new classifier head) is initialised as the family's `__init__` does, and nothing else.
+    With `options.random_init` nothing but the config is read: every weight is initialised
+    (training from scratch), on its sharding when there is a mesh.
     """
     options = options or ModelOptions()
-    path = hub.resolve(path_or_id)
+    path = hub.resolve(path_or_id, weights=not options.random_init)
     hf_config = hub.read_config(path)
     plan = blueprint(hf_config, hub.config_source(path), options)
+    if options.random_init:
+        model = plan.initialised() if mesh is None else plan.initialised_on(mesh)
+        model.eval()
+        return model
     cfg = plan.config
     # Weights come from the checkpoint; dropout keys (rewritten every training step) start at 0.
     graphdef, abstract_state, abstract_keys = nnx.split(

@@ -207,7 +207,7 @@ class Router(nnx.Module):
 
     def __init__(self, d: int, experts: int, *, rngs: nnx.Rngs, param_dtype, dtype=None,
                  bias: bool = False):
-        self.kernel = layers.param(rngs, nnx.initializers.normal(0.02), (d, experts),
+        self.kernel = layers.param(rngs, layers.weight_init(), (d, experts),
                                    ("embed", None), param_dtype)
         self.bias = (layers.param(rngs, nnx.initializers.zeros, (experts,), (None,), param_dtype)
                      if bias else nnx.data(None))
@@ -230,7 +230,7 @@ class Experts(nnx.Module):
 
     def __init__(self, d: int, f: int, experts: int, *, rngs: nnx.Rngs, param_dtype,
                  dtype=None, bias: bool = False, unit: GatedUnit = SWIGLU):
-        init = nnx.initializers.normal(0.02)
+        init = layers.weight_init()
         self.gate_up_proj = layers.param(rngs, init, (experts, d, 2 * f),
                                          ("experts", "embed", "mlp"), param_dtype)
         self.down_proj = layers.param(rngs, init, (experts, f, d), ("experts", "mlp", "embed"),

@@ -14,6 +14,8 @@ nothing to the model; `jaxft.sharding` maps them onto a device mesh through one 
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 from collections.abc import Callable, Iterator, Sequence
 
 import jax
@@ -26,6 +28,27 @@ Array = jax.Array
 def param(rngs: nnx.Rngs, init: Callable, shape: Sequence[int], axes: tuple, dtype) -> nnx.Param:
     """A parameter with its logical axis names attached."""
     return nnx.Param(init(rngs.params(), tuple(shape), dtype), axes=axes)
+
+
+# transformers' `initializer_range`: the standard deviation its `_init_weights` draws every
+# projection, embedding and expert weight from. Weights loaded from a checkpoint overwrite the
+# draw; a model trained from scratch keeps it.
+_INIT_STD: contextvars.ContextVar[float] = contextvars.ContextVar("init_std", default=0.02)
+
+
+def weight_init() -> Callable:
+    """normal(0, initializer_range), as transformers initialises weight matrices."""
+    return nnx.initializers.normal(_INIT_STD.get())
+
+
+@contextlib.contextmanager
+def initializer_range(std: float) -> Iterator[None]:
+    """Models built inside draw their weights at this standard deviation."""
+    token = _INIT_STD.set(float(std))
+    try:
+        yield
+    finally:
+        _INIT_STD.reset(token)
 
 
 class DropoutKey(nnx.Variable):
@@ -80,7 +103,7 @@ class Linear(nnx.Module):
         param_dtype=jnp.float32,
         dtype=None,
     ):
-        self.kernel = param(rngs, nnx.initializers.normal(0.02), (d_in, d_out), axes, param_dtype)
+        self.kernel = param(rngs, weight_init(), (d_in, d_out), axes, param_dtype)
         self.bias = (
             param(rngs, nnx.initializers.zeros, (d_out,), (axes[1],), param_dtype) if bias else None
         )
@@ -157,7 +180,7 @@ class Embed(nnx.Module):
         param_dtype=jnp.float32,
         dtype=None,
     ):
-        self.embedding = param(rngs, nnx.initializers.normal(0.02), (num, dim), axes, param_dtype)
+        self.embedding = param(rngs, weight_init(), (num, dim), axes, param_dtype)
         self.dtype = dtype
 
     def __call__(self, ids: Array) -> Array:
