@@ -23,7 +23,7 @@ from jaxft.hf.model import ModelOptions
 from jaxft.workdir import load_run
 from tests import hf_models
 from tests.test_data_helpers import tiny_bpe
-from tests.tiny_run import read_metrics, tiny_config
+from tests.tiny_run import REPO, read_metrics, tiny_config
 
 # A dense family and a mixture of experts, drawn at initializer_range 0.1 (not the default 0.02).
 FAMILIES = ["llama_gqa_untied_llama3_rope", "qwen3_moe_topk_norm"]
@@ -125,3 +125,23 @@ def test_bad_init_is_one_line(overrides, message, tmp_path):
         train.run(tiny_config(tmp_path / "model", tmp_path / "run", **overrides))
     assert not (tmp_path / "run").exists()
 
+
+
+def test_moe_recipe_plans_the_model_transformers_builds_from_its_config(tmp_path):
+    """configs/moe.py as shipped: its config.json is the model transformers instantiates
+    (parameters counted on the meta device), every one of them trained."""
+    import importlib.util
+
+    from jaxft import plan
+
+    spec = importlib.util.spec_from_file_location("moe_recipe", REPO / "configs" / "moe.py")
+    recipe = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(recipe)
+    cfg = recipe.get_config()
+    cfg.workdir = str(tmp_path / "run")
+    with torch.device("meta"):
+        reference = transformers.AutoModelForCausalLM.from_config(
+            transformers.AutoConfig.from_pretrained(cfg.model.path))
+    p = plan.make_plan(cfg)
+    assert p.total_params == sum(t.numel() for t in reference.parameters())
+    assert p.trainable_params == p.total_params
