@@ -35,8 +35,9 @@ def _any(default: Any) -> ml_collections.FieldReference:
 def base_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.workdir = "runs/default"  # metrics.jsonl, TensorBoard events, config.json, checkpoints/
-    # 'lm' (causal LM), 'classification' (BERT sequence classifier) or 'dpo' (preference
-    # tuning of a causal LM on prompt/chosen/rejected pairs: the `dpo` section)
+    # 'lm' (causal LM), 'classification' (BERT sequence classifier), 'dpo' (preference
+    # tuning of a causal LM on prompt/chosen/rejected pairs: the `dpo` section) or 'grpo'
+    # (reinforcement learning from reward functions on sampled completions: `grpo`)
     c.task = tasks.LM
 
     c.model = ml_collections.ConfigDict()
@@ -130,6 +131,30 @@ def base_config() -> ml_collections.ConfigDict:
     # keeps a frozen copy of the initial weights (sharded like the trained ones) and scores
     # each batch with it (one more copy of the weights in memory, none of the up-front pass).
     c.dpo.precompute_ref = False
+
+    # task='grpo' (jaxft.grpo; TRL's GRPOConfig names and defaults). A step's train.batch_size
+    # rows are completions: batch_size / num_generations prompts, each answered num_generations
+    # times by the policy as it is, scored by the reward functions. A row is data.max_len
+    # tokens: the prompt (its last max_len - max_completion_length tokens) and the completion.
+    c.grpo = ml_collections.ConfigDict()
+    # 'module:function' (a file's module on sys.path, or the working directory), or a built-in
+    # of jaxft.rewards by name; called as TRL calls them: f(prompts, completions,
+    # completion_ids, **columns) -> one float (or None) per completion.
+    c.grpo.reward_funcs = _any(())
+    c.grpo.reward_weights = _any(())  # one per function (default: all 1)
+    c.grpo.num_generations = 8
+    c.grpo.loss_type = "dapo"  # dapo | grpo | dr_grpo | bnpo
+    c.grpo.beta = 0.0  # KL towards the reference (LoRA: the base with the adapters off)
+    c.grpo.epsilon = 0.2  # the ratio's lower clip (ε_low)
+    c.grpo.epsilon_high = 0.0  # the upper clip (0: = epsilon; DAPO's clip-higher: 0.28)
+    c.grpo.delta = 0.0  # a bound on the unclipped ratio (0: none; two-sided clipping)
+    c.grpo.scale_rewards = "group"  # group | batch | none: what the advantages divide by
+    c.grpo.max_completion_length = 64
+    c.grpo.mask_truncated_completions = False  # completions without EOS train nothing
+    c.grpo.temperature = 1.0
+    c.grpo.top_p = 1.0
+    c.grpo.top_k = 0
+    c.grpo.rollout_batch_size = 0  # completions sampled at once (0: the step's batch_size)
 
     c.mesh = ml_collections.ConfigDict()
     c.mesh.data = -1  # -1: all devices left over by the other axes

@@ -2,12 +2,12 @@
 
 Small datasets overfit, full fine-tuning especially; the eval loss turns up while the train loss
 keeps falling. With `train.early_stopping.enabled`, every eval (every `train.eval_every` steps)
-is compared with the best so far: an improvement of more than `min_delta` (lower eval_loss, or
-higher eval_accuracy for classification) makes that step the best, and its trained weights are
-saved to `W/best_checkpoint` outside the keep-N rotation; `patience` evals in a row without one
-stop the run. The tracker's state travels in every checkpoint's metadata, so a resumed run counts
-on from where it was, as the Hugging Face Trainer's `EarlyStoppingCallback` would had it not
-restarted.
+is compared with the best so far: an improvement of more than `min_delta` (lower eval_loss;
+higher eval_accuracy for classification, higher eval_reward for GRPO) makes that step the
+best, and its trained weights are saved to `W/best_checkpoint` outside the keep-N rotation;
+`patience` evals in a row without one stop the run. The tracker's state travels in every
+checkpoint's metadata, so a resumed run counts on from where it was, as the Hugging Face
+Trainer's `EarlyStoppingCallback` would had it not restarted.
 """
 
 from __future__ import annotations
@@ -25,7 +25,11 @@ BEST_DIRECTORY = "best_checkpoint"  # in the workdir: one checkpoint, the best e
 
 def metric_of(task: str) -> tuple[str, str]:
     """(the metric early stopping watches, 'min' or 'max') for a task."""
-    return ("eval_accuracy", "max") if task == tasks.CLASSIFICATION else ("eval_loss", "min")
+    if task == tasks.CLASSIFICATION:
+        return "eval_accuracy", "max"
+    if task == tasks.GRPO:  # the held-out prompts' mean reward
+        return "eval_reward", "max"
+    return "eval_loss", "min"
 
 
 @dataclasses.dataclass

@@ -151,6 +151,15 @@ def _generate(graphdef, state, input_ids, mask, eos_ids, pad_id, rng, temperatur
               *, max_new_tokens: int, cache_length: int, greedy: bool) -> jax.Array:
     model = nnx.merge(graphdef, state)
     model.eval()  # a merged copy: LoRA dropout off here, the caller's model untouched
+    return decode(model, input_ids, mask, eos_ids, pad_id, rng, temperature, top_k, top_p,
+                  max_new_tokens=max_new_tokens, cache_length=cache_length, greedy=greedy)
+
+
+def decode(model: nnx.Module, input_ids, mask, eos_ids, pad_id, rng, temperature, top_k, top_p,
+           *, max_new_tokens: int, cache_length: int, greedy: bool) -> jax.Array:
+    """The new tokens [B, max_new_tokens] after left-padded prompts, to trace inside a jit:
+    a prefill, then a `while_loop` of one-token steps until every row has emitted an EOS
+    (pad after it). GRPO's rollouts run this on the very arrays being trained."""
     b, _ = input_ids.shape
     positions = positions_from_mask(mask)
     cache = new_cache(model, b, cache_length)

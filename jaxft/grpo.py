@@ -11,7 +11,8 @@ first P columns, completions right-padded after them), `segment_ids` (0 on paddi
 `positions`, `completion_mask` [B, C] (the completion's tokens up to and including its EOS),
 `advantages` [B], and optionally `old_logps` [B, C] (the log-probabilities of the policy that
 sampled, when it has taken steps since: `num_iterations` > 1) and `ref_logps` [B, C] (the
-reference's, when `beta` > 0). Log-probabilities are taken from logits divided by the sampling
+reference's, when `beta` > 0; without them a LoRA policy's reference is its base, scored in
+the step with the adapters off). Log-probabilities are taken from logits divided by the sampling
 temperature, as TRL's fused head does.
 
 Per token, with ρ = exp(log π − log π_old) (1 with π's gradient when π_old is π):
@@ -114,7 +115,7 @@ class GrpoConfig:
 # ---------------------------------------------------------------------------------------------
 
 
-def _nanstd(x: np.ndarray, axis=None) -> np.ndarray:
+def nanstd(x: np.ndarray, axis=None) -> np.ndarray:
     """TRL's `nanstd`: NaNs ignored, Bessel-corrected, NaN for fewer than two values."""
     count = np.sum(~np.isnan(x), axis=axis)
     with np.errstate(invalid="ignore", divide="ignore"):
@@ -137,16 +138,16 @@ def advantages(rewards_per_func: np.ndarray, weights: np.ndarray, num_generation
     with np.errstate(invalid="ignore"):
         group_mean = np.repeat(np.nanmean(groups, axis=1), num_generations)
     if scale_rewards == "batch":
-        std = np.full_like(rewards, _nanstd(rewards))
+        std = np.full_like(rewards, nanstd(rewards))
     else:  # group (and none, whose std only feeds the zero-std count)
-        std = np.repeat(_nanstd(groups, axis=1), num_generations)
+        std = np.repeat(nanstd(groups, axis=1), num_generations)
     advantage = rewards - group_mean
     if scale_rewards != "none":
         advantage = advantage / (std + np.float32(1e-4))
     advantage = np.nan_to_num(advantage, nan=0.0).astype(np.float32)
     zero_std = np.isclose(std, 0.0, rtol=1.3e-6, atol=1e-5)  # torch.isclose's tolerances
     with np.errstate(invalid="ignore"):
-        stats = {"reward": float(np.nanmean(rewards)), "reward_std": float(_nanstd(rewards)),
+        stats = {"reward": float(np.nanmean(rewards)), "reward_std": float(nanstd(rewards)),
                  "frac_reward_zero_std": float(np.mean(zero_std))}
     return advantage, stats
 
@@ -201,7 +202,9 @@ def policy_losses(cfg: GrpoConfig):
         per_token = -jnp.minimum(ratio * advantage, clipped * advantage)
         kl = jnp.zeros_like(per_token)
         if cfg.beta:
-            log_ref_ratio = batch["ref_logps"] - logps
+            ref = (batch["ref_logps"] if "ref_logps" in batch else jax.lax.stop_gradient(
+                reference_completion_logps(model, batch, cfg.temperature)))
+            log_ref_ratio = ref - logps
             kl = (jnp.exp(log_ref_ratio) - log_ref_ratio - 1) * ratio
             per_token = per_token + cfg.beta * kl
         masked = per_token * mask

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
-from jaxft import dpo, progress, tasks
+from jaxft import dpo, grpo, progress, tasks
 
 METRICS_FILE = "metrics.jsonl"
 
@@ -143,6 +143,7 @@ class LogWindow:
         self.started = time.perf_counter()
         self.grad_norm = float("nan")
         self.first_nonfinite = 0
+        self.host: dict[str, list[float]] = {}  # host-side values per step (GRPO's rollouts)
 
     @contextlib.contextmanager
     def paused(self) -> Iterator[None]:
@@ -152,6 +153,12 @@ class LogWindow:
             yield
         finally:
             self.started += time.perf_counter() - started
+
+    def add_host(self, metrics: dict[str, float]) -> None:
+        """One step's host-side metrics (a rollout's rewards and lengths); the log line shows
+        each one's mean over the window's steps."""
+        for k, v in metrics.items():
+            self.host.setdefault(k, []).append(float(v))
 
     def add(self, window: dict[str, Any]) -> int:
         """Fold in a window read from the devices; returns its number of non-finite steps."""
@@ -168,7 +175,10 @@ class LogWindow:
         out = {"train_loss": self.sums["loss_sum"] / count if self.sums["count"] else
                float("nan"), "grad_norm": self.grad_norm,
                "tokens_per_s": self.tokens / max(time.perf_counter() - self.started, 1e-9)}
-        if self.task == tasks.DPO:  # per pair, under TRL's names
+        if self.task == tasks.GRPO:  # per completion token, under TRL's names
+            out.update(grpo.metrics(self.sums))
+            out["train_tokens"] = int(self.sums["tokens"])
+        elif self.task == tasks.DPO:  # per pair, under TRL's names
             out.update({k: v for k, v in dpo.metrics(self.sums).items() if k != "loss"})
             out["train_pairs"] = int(self.sums["count"])
         elif self.task == tasks.CLASSIFICATION:  # one label per row
@@ -179,6 +189,8 @@ class LogWindow:
         if "expert_load" in self.sums:
             out.update(router_metrics(self.sums["aux_loss_sum"] / count,
                                       np.asarray(self.sums["expert_load"])))
+        with np.errstate(invalid="ignore"):
+            out.update({k: float(np.nanmean(v)) for k, v in self.host.items()})
         return out
 
 

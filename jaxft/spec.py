@@ -21,11 +21,12 @@ import ml_collections
 from jaxft import config, dtypes, lora, quant, tasks, wandb_log
 from jaxft.dpo import DpoConfig
 from jaxft.errors import JaxftError
+from jaxft.grpo import GrpoConfig
 from jaxft.hf.model import ModelOptions
 from jaxft.models.attention import ATTENTION_IMPLEMENTATIONS
 from jaxft.models.stack import REMAT_POLICIES
 from jaxft.sharding import data_parallel_size_of, mesh_shape
-from jaxft.tasks import DPO, TASKS
+from jaxft.tasks import DPO, GRPO, TASKS
 
 # model.init: a checkpoint's weights, or only its config (training from scratch).
 RANDOM_INIT = "random"
@@ -53,6 +54,7 @@ class RunSpec:
     quant: quant.QuantConfig
     dpo: DpoConfig | None  # task 'dpo' only
     reference: str | None  # task 'dpo' only: PRECOMPUTED, ADAPTERS_OFF or FROZEN_COPY
+    grpo: GrpoConfig | None = None  # task 'grpo' only
 
     @property
     def train(self) -> ml_collections.ConfigDict:
@@ -132,7 +134,8 @@ def _spec(c: ml_collections.ConfigDict, platform: str) -> RunSpec:
     return RunSpec(config=c, task=c.task, platform=platform,
                    compute_dtype=_compute_dtype(c, platform), lora=_lora_config(c),
                    quant=_quant_config(c), dpo=_dpo_config(c) if preference else None,
-                   reference=_dpo_reference(c) if preference else None)
+                   reference=_dpo_reference(c) if preference else None,
+                   grpo=grpo_config(c) if c.task == GRPO else None)
 
 
 def _check_early_stopping(c: ml_collections.ConfigDict) -> None:
@@ -233,8 +236,55 @@ def validate(c: ml_collections.ConfigDict, device_count: int,
         if c.data.max_prompt_len < 0:
             raise JaxftError(f"config: data.max_prompt_len must be >= 0, got "
                              f"{c.data.max_prompt_len}")
+    if c.task == GRPO:
+        _check_grpo(c)
 
 
+
+
+def _check_grpo(c: ml_collections.ConfigDict) -> None:
+    """GRPO's settings, its reward functions (imported here, before anything loads) and how
+    its rows fit the batch and the row width."""
+    from jaxft import rewards
+
+    try:
+        grpo_config(c).check()
+    except JaxftError as e:
+        raise JaxftError(f"config: {e}") from None
+    g = c.grpo
+    g.reward_funcs = config.names(g.reward_funcs, "grpo.reward_funcs")
+    if isinstance(g.reward_weights, str):
+        g.reward_weights = config.names(g.reward_weights, "grpo.reward_weights")
+    try:
+        g.reward_weights = tuple(float(w) for w in g.reward_weights)
+    except (TypeError, ValueError):
+        raise JaxftError(f"config: grpo.reward_weights must be numbers, got "
+                         f"{g.reward_weights!r}") from None
+    rewards.resolve(g.reward_funcs, g.reward_weights)
+    if c.train.batch_size % g.num_generations:
+        raise JaxftError(f"config: train.batch_size {c.train.batch_size} (completions per "
+                         f"step) is not a multiple of grpo.num_generations {g.num_generations}")
+    if g.max_completion_length >= c.data.max_len:
+        raise JaxftError(f"config: grpo.max_completion_length {g.max_completion_length} leaves "
+                         f"no room for the prompt in data.max_len {c.data.max_len}")
+    if g.rollout_batch_size < 0:
+        raise JaxftError(f"config: grpo.rollout_batch_size must be >= 0 (0: train.batch_size), "
+                         f"got {g.rollout_batch_size}")
+    if g.beta and not c.lora.enabled:
+        raise JaxftError("config: grpo.beta > 0 needs a reference model; with full "
+                         "fine-tuning jaxft has none yet (use LoRA, whose reference is the base "
+                         "with its adapters off, or grpo.beta=0, TRL's default)")
+
+
+def grpo_config(c: ml_collections.ConfigDict) -> GrpoConfig:
+    """`GrpoConfig` from the config's `grpo` section (0 meaning TRL's None where it has one)."""
+    g = c.grpo
+    return GrpoConfig(num_generations=g.num_generations, loss_type=g.loss_type, beta=g.beta,
+                      epsilon=g.epsilon, epsilon_high=g.epsilon_high or None,
+                      delta=g.delta or None, scale_rewards=g.scale_rewards,
+                      max_completion_length=g.max_completion_length,
+                      mask_truncated_completions=g.mask_truncated_completions,
+                      temperature=g.temperature, top_p=g.top_p, top_k=g.top_k)
 
 
 def _one_of(name: str, value, allowed) -> None:

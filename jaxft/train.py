@@ -38,6 +38,7 @@ from ml_collections import config_flags
 
 from jaxft import checkpoint, cli, data, lora, progress, sharding, spec, tasks, train_step
 from jaxft import evaluate as evaluation_lib
+from jaxft.data import prompts
 from jaxft.early_stopping import BEST_DIRECTORY, EarlyStopping
 from jaxft.errors import JaxftError
 from jaxft.hf import weights
@@ -122,8 +123,13 @@ def _run(cfg: ml_collections.ConfigDict, preemption: Preemption) -> dict[str, An
     # ----------------------------------------------------------------------------------------
     model_path, tokenizer_path = spec.model_paths(cfg)
     tokenizer = data.load_tokenizer(tokenizer_path)
-    bundle = data.build_data(cfg.data, tokenizer, global_batch_size=cfg.train.batch_size,
-                             task=cfg.task)
+    if run_spec.task == tasks.GRPO:  # prompts: the rows are sampled in the loop
+        bundle = prompts.build_prompts(cfg.data, global_batch_size=cfg.train.batch_size,
+                                       num_generations=run_spec.grpo.num_generations,
+                                       seed=cfg.data.seed)
+    else:
+        bundle = data.build_data(cfg.data, tokenizer, global_batch_size=cfg.train.batch_size,
+                                 task=cfg.task)
     print(f"data: {bundle.describe()}")
     for note in bundle.notes:
         print(f"data: {note}")
@@ -164,9 +170,31 @@ def _run(cfg: ml_collections.ConfigDict, preemption: Preemption) -> dict[str, An
         global_batch = evaluation_lib.with_reference(step, initial, frozen, dropout,
                                                      global_batch)
 
+    rollouts = None
+    if run_spec.task == tasks.GRPO:
+        rollouts = _rollouts(step, run_spec, tokenizer, hf_config)
+
+    def next_batch(n: int) -> dict[str, jax.Array]:
+        """Step n's batch: the data's next, or (GRPO) the policy's completions of the next
+        prompts, scored, their metrics folded into the log window."""
+        if rollouts is None:
+            return global_batch(next(bundle.train))
+        rows, found, shown = rollouts.batch((trainable, frozen, dropout),
+                                            *bundle.next_prompts(), n)
+        logged.add_host(found)
+        last_completions[:] = shown[:4]
+        return global_batch(_local_rows(rows))
+
+    last_completions: list[dict[str, Any]] = []
+
     def evaluate() -> dict[str, float]:
         """`jaxft.evaluate`'s evaluation of the weights as they are: `eval_<metric>`s ({}
-        without eval data)."""
+        without eval data); GRPO's: the held-out prompts' greedy completions, scored."""
+        if rollouts is not None:
+            if bundle.eval is None:
+                return {}
+            return {f"eval_{k}": v for k, v in
+                    rollouts.evaluate((trainable, frozen, dropout), bundle.eval).items()}
         batches = itertools.islice(bundle.eval_batches(), cfg.train.eval_batches or None)
         sums = evaluation_lib.evaluate_batches(step, (trainable, frozen, dropout), batches,
                                                global_batch)
@@ -290,7 +318,8 @@ def _run(cfg: ml_collections.ConfigDict, preemption: Preemption) -> dict[str, An
         if start_step == 0:
             base = evaluate()
             if base:
-                history["base_eval_loss"] = base["eval_loss"]
+                watched = "eval_reward" if rollouts is not None else "eval_loss"
+                history[f"base_{watched}"] = base[watched]
                 print(f"step 0 (base model): {_describe(base)}")
             # the schedule's first value, so a plot of the learning rate starts at its warmup
             writer.write(0, {**base, "lr": learning_rate(0), **samples()})
@@ -301,9 +330,11 @@ def _run(cfg: ml_collections.ConfigDict, preemption: Preemption) -> dict[str, An
         n = start_step
         while n < total:
             reading = n + 1 == total or any(due(kind, n + 1) for kind in every)
-            with jax.transfer_guard_device_to_host("allow" if reading else STEP_TRANSFERS):
+            # (a GRPO step reads its completions back, to score them)
+            guard = "allow" if reading or rollouts is not None else STEP_TRANSFERS
+            with jax.transfer_guard_device_to_host(guard):
                 trainable, opt_state, window = step.train(
-                    trainable, frozen, dropout, opt_state, window, global_batch(next(bundle.train)),
+                    trainable, frozen, dropout, opt_state, window, next_batch(n),
                     train_step.step_number(n))
                 n += 1
                 # padding included
@@ -326,6 +357,8 @@ def _run(cfg: ml_collections.ConfigDict, preemption: Preemption) -> dict[str, An
                                 "(%d so far)", n, bad, logged.first_nonfinite, skipped)
             if due("log", n) or n == total:
                 last, logged = log_line(n, logged, skipped, training_bar), new_window()
+                if last_completions:  # what the policy wrote at this step, with its reward
+                    writer.write(n, {"completions": list(last_completions)})
             if due("eval", n) and n != total:
                 evaluated = evaluate_and_sample(n)
                 judge(n, evaluated)
@@ -347,8 +380,9 @@ def _run(cfg: ml_collections.ConfigDict, preemption: Preemption) -> dict[str, An
             final_eval = evaluate_and_sample(n)
             judge(n, final_eval)
         final = {"step": n, **last, **final_eval}
-        if "base_eval_loss" in history:
-            final["base_eval_loss"] = history["base_eval_loss"]
+        for key in ("base_eval_loss", "base_eval_reward"):
+            if key in history:
+                final[key] = history[key]
         if stopper is not None:
             final.update(stopper.summary())
         writer.finish(final)
@@ -365,6 +399,34 @@ def _run(cfg: ml_collections.ConfigDict, preemption: Preemption) -> dict[str, An
     print(f"done: step {n}: {_describe({k: v for k, v in final.items() if k != 'step'})}; "
           f"checkpoints in {ckpts.directory}")
     return final
+
+
+def _rollouts(step: train_step.Step, run: spec.RunSpec, tokenizer, hf_config: dict):
+    """GRPO's sampler and scorer over the step's own weights (`jaxft.rollout`)."""
+    from jaxft import rewards, rollout
+
+    g, cfg = run.grpo, run.config
+    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    configured = hf_config.get("eos_token_id")
+    eos += configured if isinstance(configured, list) else [configured]
+    eos_ids = tuple(sorted({i for i in eos if i is not None}))
+    if not eos_ids:
+        raise JaxftError("task 'grpo' needs an end-of-sequence token to end completions: "
+                         "neither the tokenizer nor the model's config.json names one")
+    return rollout.Rollouts(
+        step.eval_graphdef, step.shardings, step.mesh, tokenizer, g,
+        rewards.resolve(cfg.grpo.reward_funcs, cfg.grpo.reward_weights),
+        prompt_width=cfg.data.max_len - g.max_completion_length,
+        rows_at_once=cfg.grpo.rollout_batch_size or cfg.train.batch_size,
+        seed=cfg.train.seed, eos_ids=eos_ids)
+
+
+def _local_rows(rows: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """This process's share of a batch every process built whole (GRPO's, from the same
+    prompts and the same gathered completions)."""
+    count, index = jax.process_count(), jax.process_index()
+    share = len(next(iter(rows.values()))) // count
+    return {k: v[index * share:(index + 1) * share] for k, v in rows.items()}
 
 
 def _score_reference(step: train_step.Step, placed: dict[str, Any], bundle: data.DataBundle,

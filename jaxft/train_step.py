@@ -27,7 +27,7 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh
 
-from jaxft import dpo, lora, optim, sharding, tasks
+from jaxft import dpo, grpo, lora, optim, sharding, tasks
 from jaxft.kernels.cross_entropy import head_cross_entropy
 from jaxft.models import experts, layers
 from jaxft.spec import RunSpec
@@ -96,13 +96,19 @@ LossFn = Callable[[nnx.Module, Batch], dict[str, jax.Array]]
 LOSSES: dict[str, LossFn] = {tasks.LM: lm_losses, tasks.CLASSIFICATION: classification_losses}
 
 
-def task_losses(task: str, preference: dpo.DpoConfig | None = None) -> LossFn:
+def task_losses(task: str, preference: dpo.DpoConfig | None = None,
+                policy: grpo.GrpoConfig | None = None) -> LossFn:
     """The loss function of `task`: summed losses and counts (see `sum_names`). Preference
-    tuning needs its `DpoConfig` (β, the loss type), which the others take none of."""
+    tuning needs its `DpoConfig` (β, the loss type) and GRPO its `GrpoConfig`, which the others
+    take none of."""
     if task == tasks.DPO:
         if preference is None:
             raise ValueError("task 'dpo' needs its DpoConfig")
         return dpo.preference_losses(preference)
+    if task == tasks.GRPO:
+        if policy is None:
+            raise ValueError("task 'grpo' needs its GrpoConfig")
+        return grpo.policy_losses(policy)
     return LOSSES[task]
 
 
@@ -113,6 +119,8 @@ def sum_names(task: str) -> tuple[str, ...]:
         return ("loss_sum", "count", "correct")
     if task == tasks.DPO:
         return ("loss_sum", "count", *dpo.METRICS)
+    if task == tasks.GRPO:
+        return ("loss_sum", "count", *grpo.TOKEN_METRICS, "tokens")
     return ("loss_sum", "count")
 
 
@@ -168,7 +176,8 @@ def fresh_dropout_keys(dropout: nnx.State, rng: jax.Array) -> nnx.State:
 
 def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, *, task: str,
                     accum_steps: int = 1, seed: int = 0,
-                    preference: dpo.DpoConfig | None = None, num_experts: int = 0) -> Callable:
+                    preference: dpo.DpoConfig | None = None, num_experts: int = 0,
+                    policy: grpo.GrpoConfig | None = None) -> Callable:
     """`step(trainable, frozen, dropout, opt_state, window, batch, number) -> (trainable,
     opt_state, window)`, where `number` is the 0-based step being taken; batch arrays have the
     global batch as their leading dimension.
@@ -179,7 +188,7 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, *,
     exactly the keys an uninterrupted one would, with no RNG state to checkpoint. A mixture of
     experts (`num_experts`) also sums its routing into the window (`ROUTER_SUMS`).
     """
-    losses_fn = task_losses(task, preference)
+    losses_fn = task_losses(task, preference, policy)
     zeros_sums = {**zero_sums(task), **router_sums(num_experts)}
     names = tuple(zeros_sums)
 
@@ -264,7 +273,8 @@ class Evaluation:
     """A model's eval step (and DPO's reference pass), jitted for a mesh: what the training
     loop's evals and `jaxft.evaluate` both run.
 
-    `evaluate(trainable, frozen, dropout, sums, batch)` adds a batch's sums to `sums` (donated);
+    `evaluate(trainable, frozen, dropout, sums, batch)` adds a batch's sums to `sums` (donated;
+    None for GRPO, whose evaluation samples);
     `reference(trainable, frozen, dropout, batch) -> [B, 2]` scores preference pairs with the
     weights it is given, adapters off. Batches arrive as global arrays (rows over data × fsdp ×
     expert).
@@ -274,7 +284,7 @@ class Evaluation:
     task: str
     mesh: Mesh
     shardings: dict[str, Any]  # trainable, frozen, dropout (and opt_state): NamedSharding trees
-    evaluate: Callable
+    evaluate: Callable | None
     # task 'dpo', unless LoRA's base is the reference in the step (`spec.ADAPTERS_OFF`)
     reference: Callable | None
     num_labels: int | None  # a classifier's classes: its evaluation sums a confusion matrix
@@ -361,10 +371,12 @@ def _evaluation(eval_graphdef: nnx.GraphDef, shardings: dict[str, Any], mesh: Me
                 num_labels: int | None) -> Evaluation:
     replicated = sharding.replicated(mesh)
     params = (shardings["trainable"], shardings["frozen"], shardings["dropout"])
-    evaluate = jax.jit(sharding.traced_under(mesh, make_eval_step(eval_graphdef, task=task,
-                                                                  preference=preference)),
-                       in_shardings=(*params, replicated, None), out_shardings=replicated,
-                       donate_argnums=(3,))
+    evaluate = None  # GRPO evaluates by sampling and scoring (`jaxft.rollout`), not by a loss
+    if task != tasks.GRPO:
+        evaluate = jax.jit(sharding.traced_under(mesh, make_eval_step(
+            eval_graphdef, task=task, preference=preference)),
+            in_shardings=(*params, replicated, None), out_shardings=replicated,
+            donate_argnums=(3,))
     score = None
     if reference:
         score = jax.jit(sharding.traced_under(mesh, make_reference_step(eval_graphdef)),
@@ -392,7 +404,7 @@ def build(model: nnx.Module, run: RunSpec, mesh: Mesh) -> tuple[Step, dict[str, 
     train = jax.jit(
         sharding.traced_under(mesh, make_train_step(
             graphdef, tx, task=run.task, accum_steps=run.train.accum_steps, seed=run.train.seed,
-            preference=run.dpo, num_experts=routed_experts(model))),
+            preference=run.dpo, num_experts=routed_experts(model), policy=run.grpo)),
         in_shardings=(shardings["trainable"], shardings["frozen"], shardings["dropout"],
                       shardings["opt_state"], replicated, None, replicated),
         out_shardings=(shardings["trainable"], shardings["opt_state"], replicated),

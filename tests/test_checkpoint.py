@@ -39,6 +39,9 @@ def saved_state(workdir: Path, step: int) -> list[np.ndarray]:
     return [np.asarray(x) for x in jax.tree.leaves(tree)]
 
 
+GRPO_PROMPTS = "faq_prompt_completion.jsonl"  # text prompts (and a completion column)
+
+
 def start(config: Path) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "jaxft.train", f"--config={config}"],
                             cwd=REPO, env=subprocess_env(8), stdout=subprocess.PIPE,
@@ -63,18 +66,26 @@ def finish(proc: subprocess.Popen) -> str:
     return out
 
 
-@pytest.mark.parametrize("mode", ["lora", "full", "dpo", "dpo_copy"])
+@pytest.mark.parametrize("mode", ["lora", "full", "dpo", "dpo_copy", "grpo"])
 def test_resume_after_sigkill_is_bitwise_exact(mode, model_dir, tmp_path):
     """`dpo`: full fine-tuning on preference pairs, whose reference log-probabilities are
     scored from the loaded weights on every start, so a resumed run must score exactly what the
     first start did, not the checkpoint's weights. `dpo_copy`: the same with the reference a
-    frozen copy of the loaded weights, scoring each batch (taken before the restore)."""
-    overrides = {"train.steps": 8, "checkpoint.every": 3, "lora.enabled": mode == "lora",
-                 "optim.lr": 3e-3 if mode == "lora" else 1e-3, "data.eval_fraction": 0.0,
-                 "lora.dropout": 0.1 if mode == "lora" else 0.0}
+    frozen copy of the loaded weights, scoring each batch (taken before the restore). `grpo`:
+    LoRA whose batches are its own sampled completions, scored, with a KL to its base: the
+    resumed run must draw the same prompts and sample the same completions."""
+    lora_run = mode in ("lora", "grpo")
+    overrides = {"train.steps": 8, "checkpoint.every": 3, "lora.enabled": lora_run,
+                 "optim.lr": 3e-3 if lora_run else 1e-3, "data.eval_fraction": 0.0,
+                 "lora.dropout": 0.1 if lora_run else 0.0}
     if mode.startswith("dpo"):
         overrides.update({"task": "dpo", "dpo.precompute_ref": mode == "dpo",
                           "data.train_path": str(DATA / "support_preferences.jsonl")})
+    if mode == "grpo":
+        overrides.update({"task": "grpo", "data.train_path": str(DATA / GRPO_PROMPTS),
+                          "data.max_len": 40, "grpo.max_completion_length": 12,
+                          "grpo.num_generations": 4, "grpo.beta": 0.04,
+                          "grpo.reward_funcs": "tests.grpo_rewards:low_id_share"})
     straight = tmp_path / "straight"
     train.run(tiny_config(model_dir, straight, **overrides))
 

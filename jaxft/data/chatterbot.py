@@ -3,7 +3,7 @@
 `pip install --no-deps chatterbot-corpus==1.3.3` ships 21 topic files (`data/english/*.yml`), each
 with `conversations`: lists whose first string is a user question and whose following strings
 are answers to it. The package is located with `find_spec` and never imported (importing it
-pulls in the chatterbot machinery, which we have no use for). Two sources come from it:
+pulls in the chatterbot machinery, which we have no use for). Four sources come from it:
 
 - `chatterbot:chat` - `messages` rows, one per distinct (question, answer) pair: user, assistant.
 - `chatterbot:topics` - `classification` rows, text = question, label = topic file stem.
@@ -11,6 +11,9 @@ pulls in the chatterbot machinery, which we have no use for). Two sources come f
   question as the prompt, its corpus answer chosen, and rejected an answer the corpus gives to a
   question of another topic (picked by a hash of the pair, so the file never moves): fluent,
   on-register, and wrong for the question, which is what preference tuning should learn to tell.
+- `chatterbot:prompts` - GRPO prompts, one per distinct question: a conversational `prompt`
+  (the user's question), with its first corpus `answer` and its `topic` as extra columns for
+  reward functions.
 
 The eval split is fixed: a question goes to eval when a hash of its text falls in the lowest 10%,
 so all answers to one question land on the same side and the split never depends on the config.
@@ -29,7 +32,7 @@ import yaml
 from jaxft.data.files import Loaded, Origin
 from jaxft.errors import JaxftError
 
-SOURCES = ("chatterbot:chat", "chatterbot:topics", "chatterbot:preferences")
+SOURCES = ("chatterbot:chat", "chatterbot:topics", "chatterbot:preferences", "chatterbot:prompts")
 EVAL_FRACTION = 0.1
 _INSTALL = "pip install --no-deps chatterbot-corpus==1.3.3"
 
@@ -115,6 +118,13 @@ def load(name: str) -> tuple[Loaded, Loaded]:
         questions = [q for q, _ in pairs]
     elif name == "chatterbot:preferences":
         rows, questions = preference_rows(triples)
+    elif name == "chatterbot:prompts":  # GRPO: each question once, its first answer beside it
+        first = {}
+        for topic, q, a in triples:
+            first.setdefault(q, (a, topic))
+        rows = [{"prompt": [{"role": "user", "content": q}], "answer": a, "topic": topic}
+                for q, (a, topic) in first.items()]
+        questions = list(first)
     else:
         texts = list(dict.fromkeys((q, topic) for topic, q, _ in triples))
         rows = [{"text": q, "label": topic} for q, topic in texts]
