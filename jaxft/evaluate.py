@@ -363,6 +363,14 @@ def _check_batch_size(batch_size: int, mesh: Mesh) -> None:
                          f"the mesh's data-parallel size {sharding.data_parallel_size(mesh)}")
 
 
+def _scores_losses(task: str) -> None:
+    """This command scores losses on labelled rows; GRPO has none to score."""
+    if task == tasks.GRPO:
+        raise JaxftError("task 'grpo' has no loss to evaluate on fixed rows: its eval is the "
+                         "held-out prompts' reward (eval_reward), which jaxft.train logs; "
+                         "score other prompts with python -m jaxft.generate --workdir=...")
+
+
 def _run_base(config: ml_collections.ConfigDict, data_cfg: ml_collections.ConfigDict,
               mesh: Mesh, max_batches: int) -> dict[str, Any]:
     """A config's base model (a classifier's head fresh, sized by the data's label map)."""
@@ -370,6 +378,7 @@ def _run_base(config: ml_collections.ConfigDict, data_cfg: ml_collections.Config
     from jaxft.hf import weights
 
     run_spec = spec.resolve(config)
+    _scores_losses(run_spec.task)
     model_path, tokenizer_path = spec.model_paths(config)
     task, batch_size = run_spec.task, run_spec.train.batch_size
     _check_batch_size(batch_size, mesh)
@@ -398,6 +407,7 @@ def _run_workdir(workdir: str, saved: ml_collections.ConfigDict,
     from jaxft.workdir import load_run, saved_tokenizer_path
 
     run_spec = spec.of_saved_run(saved)
+    _scores_losses(run_spec.task)
     task, batch_size, model_path = run_spec.task, run_spec.train.batch_size, \
         saved.model.resolved_path
     _check_batch_size(batch_size, mesh)

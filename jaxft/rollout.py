@@ -35,6 +35,32 @@ from jaxft.data.prompts import Prompts
 _SAMPLING_SALT = 0x6A5F  # sampling keys apart from the dropout keys of the same step
 
 
+def make_sampler(graphdef: nnx.GraphDef, shardings: dict[str, Any], mesh: Mesh, *,
+                 prompt_width: int, completion_len: int, greedy: bool = False):
+    """The jitted sampler: `(trainable, frozen, dropout, ids [N, P], mask, eos_ids, pad_id,
+    rng, temperature, top_k, top_p) -> tokens [N, C]`, over the train step's shardings (what
+    the rollouts run, and what the dry run compiles to count the KV cache)."""
+
+    def run(trainable, frozen, dropout, ids, mask, eos, pad, rng, temperature, top_k, top_p):
+        model = nnx.merge(graphdef, trainable, frozen, dropout)
+        return generate.decode(model, ids, mask, eos, pad, rng, temperature, top_k, top_p,
+                               max_new_tokens=completion_len,
+                               cache_length=prompt_width + completion_len, greedy=greedy)
+
+    return jax.jit(sharding.traced_under(mesh, run),
+                   in_shardings=(shardings["trainable"], shardings["frozen"],
+                                 shardings["dropout"], *([None] * 8)),
+                   out_shardings=sharding.replicated(mesh))
+
+
+def abstract_sampler_args(rows: int, prompt_width: int) -> tuple:
+    """The sampler's arguments after the weights, as shapes (for the dry run)."""
+    s = jax.ShapeDtypeStruct
+    return (s((rows, prompt_width), jnp.int32), s((rows, prompt_width), jnp.int32),
+            s((1,), jnp.int32), s((), jnp.int32), s((2,), jnp.uint32), s((), jnp.float32),
+            s((), jnp.int32), s((), jnp.float32))
+
+
 @dataclasses.dataclass
 class Rollouts:
     """Rollouts of one run: its eval graphdef and shardings, tokenizer, GRPO settings, reward
@@ -61,20 +87,9 @@ class Rollouts:
 
     def _sampler(self, greedy: bool):
         if greedy not in self._samplers:
-            c, width = self.cfg.max_completion_length, self.prompt_width
-
-            def run(trainable, frozen, dropout, ids, mask, eos, pad, rng, temperature, top_k,
-                    top_p):
-                model = nnx.merge(self.graphdef, trainable, frozen, dropout)
-                return generate.decode(model, ids, mask, eos, pad, rng, temperature, top_k,
-                                       top_p, max_new_tokens=c, cache_length=width + c,
-                                       greedy=greedy)
-
-            s = self.shardings
-            self._samplers[greedy] = jax.jit(
-                sharding.traced_under(self.mesh, run),
-                in_shardings=(s["trainable"], s["frozen"], s["dropout"], *([None] * 8)),
-                out_shardings=sharding.replicated(self.mesh))
+            self._samplers[greedy] = make_sampler(
+                self.graphdef, self.shardings, self.mesh, prompt_width=self.prompt_width,
+                completion_len=self.cfg.max_completion_length, greedy=greedy)
         return self._samplers[greedy]
 
     def encode(self, prompts: Sequence[Any]) -> tuple[np.ndarray, np.ndarray]:

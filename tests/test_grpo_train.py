@@ -130,3 +130,28 @@ def test_failing_reward_stops_the_run_in_one_line_and_keeps_checkpoints(name, me
         train.run(cfg)
     assert str(e.value).startswith(message) and "\n" not in str(e.value)
     assert (run / "checkpoints" / "2").is_dir()
+
+
+def test_dry_run_counts_the_rollout_kv_cache(model_dir, tmp_path):
+    """The dry run compiles GRPO's sampler beside its train step: the KV cache of the rollout
+    rows (counted from config.json) is held in XLA's own temporaries of the compiled sampler,
+    which grow with the rows by at least the cache's growth, and the run's peak covers the
+    rollout's."""
+    from jaxft import plan
+
+    hf = json.loads((model_dir / "config.json").read_text())
+    head_dim = hf["hidden_size"] // hf["num_attention_heads"]
+    found = {}
+    for rows in (8, 32):
+        found[rows] = plan.make_plan(grpo_config(model_dir, tmp_path / "run", **{
+            "grpo.rollout_batch_size": rows, "train.compute_dtype": "float32"}))
+        expected = (hf["num_hidden_layers"] * 2 * rows * 40 * hf["num_key_value_heads"]
+                    * head_dim * 4)
+        assert found[rows].rollout_cache == expected
+        assert found[rows].rollout_memory["temp"] >= expected
+        assert found[rows].peak_bytes >= found[rows].rollout_peak_bytes
+    growth = found[32].rollout_memory["temp"] - found[8].rollout_memory["temp"]
+    assert growth >= found[32].rollout_cache - found[8].rollout_cache
+    assert "GRPO rollout, 32 rows × (28 prompt + 12 completion) tokens" in plan.describe(
+        found[32])
+    assert not (tmp_path / "run").exists()

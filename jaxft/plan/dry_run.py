@@ -100,6 +100,11 @@ class Plan:
     # DPO's frozen copy of the initial weights (full fine-tuning without precompute_ref): held
     # beside the step's arguments, and scoring each batch in its own, smaller forward pass
     reference: Bytes | None = None
+    # GRPO's rollout: the sampler compiled as the run jits it (prefill + decode on the step's
+    # weights): its memory_analysis, the KV cache it holds, its rows and widths
+    rollout_memory: dict[str, int] | None = None
+    rollout_cache: int = 0
+    rollout_shape: tuple[int, int, int] | None = None  # rows, prompt width, completion length
 
     @property
     def devices(self) -> int:
@@ -117,7 +122,7 @@ class Plan:
         return 0 if self.reference is None else self.reference.per_device
 
     @property
-    def peak_bytes(self) -> int:
+    def step_peak_bytes(self) -> int:
         """Arguments + outputs not written in place of a donated argument + temporaries; when
         XLA refused, at least the temporaries its message names plus the arguments."""
         if self.refusal is not None:
@@ -126,6 +131,21 @@ class Plan:
         m = self.memory
         return (m["argument"] + m["output"] - m["alias"] + m["temp"] + m["generated_code"]
                 + self.reference_bytes)
+
+    @property
+    def rollout_peak_bytes(self) -> int:
+        """GRPO's sampler: its own peak (weights, KV cache, logits) plus the optimizer state,
+        which stays on the device while it samples (0: no rollout)."""
+        if self.rollout_memory is None:
+            return 0
+        m = self.rollout_memory
+        return (m["argument"] + m["output"] - m["alias"] + m["temp"] + m["generated_code"]
+                + self.opt_state.per_device)
+
+    @property
+    def peak_bytes(self) -> int:
+        """The larger of the train step's peak and (GRPO) the rollout's."""
+        return max(self.step_peak_bytes, self.rollout_peak_bytes)
 
     @property
     def fits(self) -> bool | None:
@@ -184,6 +204,7 @@ def make_plan(cfg: ml_collections.ConfigDict, topology: Target | None = None) ->
         if refusal is None:
             raise
 
+    rollout = _rollout_plan(run, step, placed, topology, abstract.config) if run.grpo else {}
     analytic, recompute = flops.step_flops(abstract, run)
     local_capacity, local_note = (None, "") if topology else host.usable_bytes(devices)
     packed_bytes, packed_params = quant.packed_size(abstract)
@@ -213,12 +234,36 @@ def make_plan(cfg: ml_collections.ConfigDict, topology: Target | None = None) ->
         base_quant=run.quant.kind, packed_params=packed_params, packed_bytes=packed_bytes,
         reference=(array_bytes(placed["trainable"]) if run.reference == spec.FROZEN_COPY
                    else None),
+        **rollout,
     )
 
 
 # ---------------------------------------------------------------------------------------------
 # The abstract model and inputs
 # ---------------------------------------------------------------------------------------------
+
+
+def _rollout_plan(run: spec.RunSpec, step: train_step.Step, placed: dict[str, Any],
+                  topology: Target | None, config: Any) -> dict[str, Any]:
+    """GRPO's sampler compiled on the step's abstract weights, as `jaxft.rollout` jits it: its
+    memory, and the KV cache its rows hold (layers × 2 × rows × (prompt + completion) ×
+    key/value heads × head dim)."""
+    from jaxft import rollout
+
+    cfg, g = run.config, run.grpo
+    rows = cfg.grpo.rollout_batch_size or run.train.batch_size
+    width = cfg.data.max_len - g.max_completion_length
+    sampler = rollout.make_sampler(step.eval_graphdef, step.shardings, step.mesh,
+                                   prompt_width=width, completion_len=g.max_completion_length)
+    lowered = sampler.lower(placed["trainable"], placed["frozen"], placed["dropout"],
+                            *rollout.abstract_sampler_args(rows, width))
+    with progress.waiting("compiling the rollout sampler"):
+        compiled = topology.compile(lowered)[0] if topology else lowered.compile()
+    itemsize = np.dtype(config.dtype or run.train.param_dtype).itemsize
+    cache = (config.num_hidden_layers * 2 * rows * cfg.data.max_len
+             * config.num_key_value_heads * config.head_dim * itemsize)
+    return {"rollout_memory": _memory(compiled), "rollout_cache": cache,
+            "rollout_shape": (rows, width, g.max_completion_length)}
 
 
 def configured_model(run: spec.RunSpec) -> tuple[str, nnx.Module]:
@@ -238,7 +283,8 @@ def abstract_batch(run: spec.RunSpec, mesh) -> dict[str, Any]:
     """The batch `jaxft.data` would produce for the run (`data.packing.batch_spec`), as shapes
     whose rows are sharded over the mesh's data axes."""
     found = batch_spec(run.task, run.train.batch_size, run.config.data.max_len,
-                       ref_logps=run.batch_ref_logps)
+                       ref_logps=run.batch_ref_logps,
+                       completion_len=run.grpo.max_completion_length if run.grpo else 0)
     return {k: jax.ShapeDtypeStruct(shape, dtype,
                                     sharding=sharding.batch_sharding(mesh, ndim=len(shape)))
             for k, (shape, dtype) in found.items()}
@@ -364,6 +410,15 @@ def _memory_lines(plan: Plan, device: str) -> list[str]:
            "the step (its own forward pass scores each batch first)"] if plan.reference else []),
     ]
     lines += [f"  {compiler} warned: {warning}" for warning in plan.warnings]
+    if plan.rollout_memory is not None:
+        rows, width, length = plan.rollout_shape
+        r = plan.rollout_memory
+        lines += [
+            f"  train step peak ≈ {human_bytes(plan.step_peak_bytes)}",
+            f"  GRPO rollout, {rows} rows × ({width} prompt + {length} completion) tokens: KV "
+            f"cache {human_bytes(plan.rollout_cache)}; arguments {human_bytes(r['argument'])}, "
+            f"temporaries {human_bytes(r['temp'])} (cache and logits), + the optimizer state "
+            f"it leaves in place: peak ≈ {human_bytes(plan.rollout_peak_bytes)}"]
     if plan.fits is None:
         lines.append(f"  peak ≈ {human_bytes(plan.peak_bytes)} per {device}")
     else:
