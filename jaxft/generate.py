@@ -16,8 +16,10 @@ back one token per step until every row has emitted EOS or `max_new_tokens` are 
 one dispatch per call, no per-token host round trip, and an early exit: on SmolLM2-135M (2 CPU
 cores, batch 4, 32 + 64 tokens) it took 3.6 s where a jitted one-token step called from a
 Python loop took 7.3 s. Everything compiles once per (batch, prompt width, max_new_tokens,
-cache length, greedy or not); sampling settings and the seed are traced values, so changing
-them does not recompile.
+cache length, greedy or not, top-k/top-p on or off); the sampling settings' values and the
+seed are traced, so changing them does not recompile. With top-k and top-p off no step sorts
+the vocabulary (two sorts of [B, V] a token, which on a CPU with a 49k vocabulary cost more
+than a small model's forward).
 
 Sampling applies temperature, then top-k, then top-p (nucleus), in transformers' order and with
 its semantics; `temperature=0` is greedy.
@@ -55,6 +57,11 @@ class Sampling:
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0
+
+    @property
+    def filtered(self) -> bool:
+        """Whether top-k or top-p rules out any token (else no sort is needed)."""
+        return self.top_k > 0 or self.top_p < 1.0
 
     def check(self) -> None:
         if self.temperature < 0:
@@ -131,7 +138,8 @@ def generate_ids(
         jnp.asarray(sorted(set(eos_ids)) or [-1], jnp.int32), jnp.int32(pad_id),
         jax.random.PRNGKey(sampling.seed), jnp.float32(sampling.temperature or 1.0),
         jnp.int32(sampling.top_k), jnp.float32(sampling.top_p),
-        max_new_tokens=max_new_tokens, cache_length=length, greedy=sampling.greedy)
+        max_new_tokens=max_new_tokens, cache_length=length, greedy=sampling.greedy,
+        filtered=sampling.filtered)
     if not tokens.is_fully_addressable:  # weights sharded over several processes' devices
         return np.asarray(multihost_utils.process_allgather(tokens, tiled=True))
     return np.asarray(tokens)
@@ -146,17 +154,20 @@ def new_cache(model: nnx.Module, batch: int, length: int) -> Cache:
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "cache_length",
-                                             "greedy"))
+                                             "greedy", "filtered"))
 def _generate(graphdef, state, input_ids, mask, eos_ids, pad_id, rng, temperature, top_k, top_p,
-              *, max_new_tokens: int, cache_length: int, greedy: bool) -> jax.Array:
+              *, max_new_tokens: int, cache_length: int, greedy: bool,
+              filtered: bool = True) -> jax.Array:
     model = nnx.merge(graphdef, state)
     model.eval()  # a merged copy: LoRA dropout off here, the caller's model untouched
     return decode(model, input_ids, mask, eos_ids, pad_id, rng, temperature, top_k, top_p,
-                  max_new_tokens=max_new_tokens, cache_length=cache_length, greedy=greedy)
+                  max_new_tokens=max_new_tokens, cache_length=cache_length, greedy=greedy,
+                  filtered=filtered)
 
 
 def decode(model: nnx.Module, input_ids, mask, eos_ids, pad_id, rng, temperature, top_k, top_p,
-           *, max_new_tokens: int, cache_length: int, greedy: bool) -> jax.Array:
+           *, max_new_tokens: int, cache_length: int, greedy: bool,
+           filtered: bool = True) -> jax.Array:
     """The new tokens [B, max_new_tokens] after left-padded prompts, to trace inside a jit:
     a prefill, then a `while_loop` of one-token steps until every row has emitted an EOS
     (pad after it). GRPO's rollouts run this on the very arrays being trained."""
@@ -172,7 +183,7 @@ def decode(model: nnx.Module, input_ids, mask, eos_ids, pad_id, rng, temperature
         if greedy:
             return jnp.argmax(logits, axis=-1).astype(jnp.int32)
         key = jax.random.fold_in(rng, step)
-        return sample(logits, key, temperature, top_k, top_p)
+        return sample(logits, key, temperature, top_k, top_p, filtered=filtered)
 
     def emit(out, done, token, step):
         token = jnp.where(done, pad_id, token)
@@ -201,9 +212,11 @@ def decode(model: nnx.Module, input_ids, mask, eos_ids, pad_id, rng, temperature
 
 
 def sample(logits: jax.Array, key: jax.Array, temperature: jax.Array, top_k: jax.Array,
-           top_p: jax.Array) -> jax.Array:
-    """One token per row from logits [B, V], after `filter_logits`."""
-    logits = filter_logits(logits, temperature, top_k, top_p)
+           top_p: jax.Array, *, filtered: bool = True) -> jax.Array:
+    """One token per row from logits [B, V], after `filter_logits` (or, with `filtered`
+    off, top-k and top-p being off, after the temperature alone: the same distribution)."""
+    logits = (filter_logits(logits, temperature, top_k, top_p) if filtered
+              else logits.astype(jnp.float32) / temperature)
     return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
 
 

@@ -4,6 +4,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -196,14 +197,30 @@ def test_filters_match_transformers_warpers():
 
 
 def test_generation_compiles_once_per_shape(tiny_llama, monkeypatch):
+    """Sampling settings are traced values: new temperatures, k, p and seeds reuse the compiled
+    loop. Only switching top-k/top-p filtering on or off compiles once more (without it, no
+    step sorts the vocabulary)."""
     traces = []
     new_cache = G.new_cache
     monkeypatch.setattr(G, "new_cache", lambda *a: traces.append(1) or new_cache(*a))
     ids, mask = G.left_pad(prompts(lengths=(6, 2)), PAD)
-    for seed, temperature, top_k, top_p in [(0, 1.0, 0, 1.0), (1, 0.5, 3, 0.9), (2, 2.0, 7, 0.3)]:
+    filtered = [(1, 0.5, 3, 0.9), (2, 2.0, 7, 0.3), (3, 1.0, 5, 1.0)]
+    unfiltered = [(0, 1.0, 0, 1.0), (4, 0.7, 0, 1.0)]
+    for seed, temperature, top_k, top_p in filtered + unfiltered:
         G.generate_ids(tiny_llama, ids + seed, mask, max_new_tokens=5,
                        sampling=G.Sampling(temperature, top_k, top_p, seed))
-    assert len(traces) == 1
+    assert len(traces) == 2
+
+
+def test_sampling_without_filters_draws_what_neutral_filters_draw():
+    """The unfiltered path (top-k 0, top-p 1: no vocabulary sort) samples from the very
+    distribution the filtering path leaves untouched: the same tokens for the same keys."""
+    logits = jax.random.normal(jax.random.PRNGKey(0), (4, 300)) * 3
+    for seed in range(8):
+        key = jax.random.PRNGKey(seed)
+        neutral = G.sample(logits, key, 0.7, jnp.int32(0), jnp.float32(1.0), filtered=True)
+        plain = G.sample(logits, key, 0.7, jnp.int32(0), jnp.float32(1.0), filtered=False)
+        np.testing.assert_array_equal(np.asarray(neutral), np.asarray(plain))
 
 
 def test_bad_arguments_are_one_line_errors(tiny_llama):
