@@ -5,7 +5,7 @@ sentence, learnt from a reward alone.
   python -m jaxft.train --config=configs/grpo.py
 
 Each step takes 4 questions of `chatterbot:prompts`, samples 4 answers to each from the policy as
-it is (temperature 1, up to 32 tokens), and scores them with the built-in `one_sentence` reward
+it is (temperature 0.7, up to 32 tokens), and scores them with the built-in `one_sentence` reward
 (1 for one sentence of at most 12 words ending in . ! or ?, 0.5 for one without the mark, 0
 otherwise); the answers better than their group's mean are made more likely, the worse less
 (TRL's `dapo` loss). The eval is the mean reward of greedy answers to the held-out questions,
@@ -29,6 +29,7 @@ def get_config():
     c.grpo.max_completion_length = 32
     c.grpo.num_generations = 4
     c.grpo.reward_funcs = "one_sentence"
+    c.grpo.temperature = 0.7  # SmolLM2-135M at 1.0 mostly samples noise
     c.train.batch_size = 16  # completions: 4 questions a step
     c.train.steps = 30
     c.train.log_every = 5
@@ -38,4 +39,6 @@ def get_config():
     c.lora.rank = 8
     c.lora.alpha = 16.0
     c.checkpoint.every = 15
+    c.train.sample_prompts = ("What is a computer?", "Who wrote Hamlet?", "Do you like music?")
+    c.train.sample_tokens = 32
     return c

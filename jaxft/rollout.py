@@ -36,7 +36,8 @@ _SAMPLING_SALT = 0x6A5F  # sampling keys apart from the dropout keys of the same
 
 
 def make_sampler(graphdef: nnx.GraphDef, shardings: dict[str, Any], mesh: Mesh, *,
-                 prompt_width: int, completion_len: int, greedy: bool = False):
+                 prompt_width: int, completion_len: int, greedy: bool = False,
+                 filtered: bool = True):
     """The jitted sampler: `(trainable, frozen, dropout, ids [N, P], mask, eos_ids, pad_id,
     rng, temperature, top_k, top_p) -> tokens [N, C]`, over the train step's shardings (what
     the rollouts run, and what the dry run compiles to count the KV cache)."""
@@ -45,7 +46,8 @@ def make_sampler(graphdef: nnx.GraphDef, shardings: dict[str, Any], mesh: Mesh, 
         model = nnx.merge(graphdef, trainable, frozen, dropout)
         return generate.decode(model, ids, mask, eos, pad, rng, temperature, top_k, top_p,
                                max_new_tokens=completion_len,
-                               cache_length=prompt_width + completion_len, greedy=greedy)
+                               cache_length=prompt_width + completion_len, greedy=greedy,
+                               filtered=filtered)
 
     return jax.jit(sharding.traced_under(mesh, run),
                    in_shardings=(shardings["trainable"], shardings["frozen"],
@@ -89,7 +91,8 @@ class Rollouts:
         if greedy not in self._samplers:
             self._samplers[greedy] = make_sampler(
                 self.graphdef, self.shardings, self.mesh, prompt_width=self.prompt_width,
-                completion_len=self.cfg.max_completion_length, greedy=greedy)
+                completion_len=self.cfg.max_completion_length, greedy=greedy,
+                filtered=self.cfg.top_k > 0 or self.cfg.top_p < 1.0)
         return self._samplers[greedy]
 
     def encode(self, prompts: Sequence[Any]) -> tuple[np.ndarray, np.ndarray]:
@@ -187,12 +190,16 @@ class Rollouts:
                 out[f"rewards/{reward.name}/std"] = float(grpo.nanstd(column))
         return out
 
-    def evaluate(self, params: tuple, held_out: Prompts) -> dict[str, float]:
-        """Greedy completions of every held-out prompt, scored: the mean weighted reward
-        (`reward`), each function's mean, and the completions' lengths."""
+    def evaluate(self, params: tuple, held_out: Prompts, max_batches: int = 0
+                 ) -> dict[str, float]:
+        """Greedy completions of the held-out prompts (the first `max_batches` ×
+        `rows_at_once` of them; 0: all), scored: the mean weighted reward (`reward`), each
+        function's mean, and the completions' lengths."""
         per_func, lengths, truncated = [], [], []
-        for start in range(0, len(held_out), self.rows_at_once):
-            indices = range(start, min(start + self.rows_at_once, len(held_out)))
+        count = len(held_out) if not max_batches else min(len(held_out),
+                                                          max_batches * self.rows_at_once)
+        for start in range(0, count, self.rows_at_once):
+            indices = range(start, min(start + self.rows_at_once, count))
             prompts, columns = held_out.take(indices)
             ids, mask = self.encode(prompts)
             tokens = self.sample(params, ids, mask, self.step_key(0), greedy=True)

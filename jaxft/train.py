@@ -127,6 +127,12 @@ def _run(cfg: ml_collections.ConfigDict, preemption: Preemption) -> dict[str, An
         bundle = prompts.build_prompts(cfg.data, global_batch_size=cfg.train.batch_size,
                                        num_generations=run_spec.grpo.num_generations,
                                        seed=cfg.data.seed)
+        if bundle.conversational:  # sample prompts are then chats too
+            if not getattr(tokenizer, "chat_template", None):
+                raise JaxftError(f"{bundle.prompts.origin}: the prompts are conversations, "
+                                 f"and the tokenizer of {tokenizer_path} has no chat template "
+                                 "to render them with")
+            bundle.chat_template = tokenizer.chat_template
     else:
         bundle = data.build_data(cfg.data, tokenizer, global_batch_size=cfg.train.batch_size,
                                  task=cfg.task)
@@ -193,8 +199,8 @@ def _run(cfg: ml_collections.ConfigDict, preemption: Preemption) -> dict[str, An
         if rollouts is not None:
             if bundle.eval is None:
                 return {}
-            return {f"eval_{k}": v for k, v in
-                    rollouts.evaluate((trainable, frozen, dropout), bundle.eval).items()}
+            return {f"eval_{k}": v for k, v in rollouts.evaluate(
+                (trainable, frozen, dropout), bundle.eval, cfg.train.eval_batches).items()}
         batches = itertools.islice(bundle.eval_batches(), cfg.train.eval_batches or None)
         sums = evaluation_lib.evaluate_batches(step, (trainable, frozen, dropout), batches,
                                                global_batch)

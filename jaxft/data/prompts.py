@@ -126,6 +126,11 @@ class PromptBundle:
                 f"({self.prompts.origin}), {self.num_generations} completions each, rows of "
                 f"{self.seq_len} tokens")
 
+    @property
+    def conversational(self) -> bool:
+        """Whether the prompts are conversations (rendered with the chat template)."""
+        return any(not isinstance(p, str) for p in self.prompts.prompts)
+
     def next_prompts(self) -> tuple[list[Any], dict[str, list]]:
         return self.prompts.take(next(self.train))
 

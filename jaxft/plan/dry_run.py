@@ -254,7 +254,8 @@ def _rollout_plan(run: spec.RunSpec, step: train_step.Step, placed: dict[str, An
     rows = cfg.grpo.rollout_batch_size or run.train.batch_size
     width = cfg.data.max_len - g.max_completion_length
     sampler = rollout.make_sampler(step.eval_graphdef, step.shardings, step.mesh,
-                                   prompt_width=width, completion_len=g.max_completion_length)
+                                   prompt_width=width, completion_len=g.max_completion_length,
+                                   filtered=g.top_k > 0 or g.top_p < 1.0)
     lowered = sampler.lower(placed["trainable"], placed["frozen"], placed["dropout"],
                             *rollout.abstract_sampler_args(rows, width))
     with progress.waiting("compiling the rollout sampler"):
