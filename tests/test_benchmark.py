@@ -61,3 +61,19 @@ def test_readme_tpu_table_is_the_tools_output_of_its_json():
     readme = (ROOT / "README.md").read_text()
     table = readme.split(tpu_fit.README_BEGIN + "\n")[1].split("\n" + tpu_fit.README_END)[0]
     assert table == tpu_fit.markdown(rows)
+
+
+def test_quick_grpo_benchmark_times_both_rollouts_and_steps(tmp_path):
+    """`tools/benchmark.py --grpo` at its tiny shape: both implementations train GRPO steps and
+    report positive rollout and train throughputs, generation inside each step's time."""
+    out = tmp_path / "grpo.json"
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "tools" / "benchmark.py"), "--grpo", "--quick", "--json",
+         str(out)], capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "jaxft/TRL: rollout tokens/s" in proc.stdout
+    rows = {r["impl"]: r for r in json.loads(out.read_text())}
+    assert set(rows) == {"jaxft", "trl"}
+    for r in rows.values():
+        assert r["rollout_tokens_per_s"] > 0 and r["train_tokens_per_s"] > 0
+        assert 0 < r["generation_s"] < r["step_s"] and r["timed_steps"] >= 1

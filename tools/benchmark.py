@@ -6,6 +6,7 @@
     python tools/benchmark.py --modes lora,qlora      # LoRA against QLoRA (an NF4 base)
     python tools/benchmark.py --quick                 # smoke run (tests/test_benchmark.py)
     python tools/benchmark.py --gpu-suite             # on one GPU: 1B and 8B Llama, bf16 (~8 min)
+    python tools/benchmark.py --grpo                  # a GRPO step against TRL's GRPOTrainer
 
 Each (implementation, mode) runs in its own subprocess, so peak host memory (RSS) is its own and
 neither library's thread pools or allocator see the other's. Both build the same random-init
@@ -127,6 +128,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--modes", default="lora,full",
                    help="lora, full, qlora (LoRA on an NF4 base: jaxft.quant vs bitsandbytes)")
     p.add_argument("--quick", action="store_true", help="tiny shape, 1 timed step: a smoke run")
+    p.add_argument("--grpo", action="store_true",
+                   help="a GRPO step (rollout and train) against TRL: tools/benchmark_grpo.py")
     p.add_argument("--scaling", action="store_true",
                    help="also LoRA at 4/8/16 layers and 128/256/512 tokens")
     p.add_argument("--profile", action="store_true", help="also jaxft's top XLA ops per mode")
@@ -574,6 +577,12 @@ def spawn(a, job: str, profile: bool = False, **overrides) -> dict:
 
 
 def main(argv=None) -> list[dict]:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "--grpo" in argv:  # a GRPO step against TRL's GRPOTrainer: tools/benchmark_grpo.py
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        import benchmark_grpo
+
+        return benchmark_grpo.main(argv)
     a = parse_args(argv)
     if a.worker:
         print(json.dumps(worker(a)))
