@@ -53,7 +53,8 @@ def pytest_terminal_summary(terminalreporter):
 # files in collection order, and a long file handed out last runs alone while the other
 # worker idles.
 LONGEST_FIRST = ("test_readme_commands.py", "test_dpo_train.py", "test_checkpoint.py",
-                 "test_model_configs.py", "test_sharding.py", "test_multihost.py")
+                 "test_model_configs.py", "test_sharding.py", "test_multihost.py",
+                 "test_benchmark.py", "test_grpo_train.py")
 
 
 def pytest_collection_modifyitems(items):
