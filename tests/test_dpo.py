@@ -17,6 +17,7 @@ from flax import nnx
 
 import jaxft
 from jaxft import JaxftError, dpo, lora
+from tests.adapter_grads import assert_lora_grads_equal
 from tests.tiny_run import tiny_model_dir
 
 peft = pytest.importorskip("peft")
@@ -131,21 +132,8 @@ def test_loss_rewards_and_gradients_equal_trl(name, setup):
         np.testing.assert_allclose(float(sums[key]) / pairs, want[trl_name], **TOL,
                                    err_msg=trl_name)
     assert abs(want["rewards/chosen"]) > 0.1  # the adapter moved the policy off the base
-    compared = 0
-    for path, linear in lora.linear_modules(grads):
-        if linear.adapter is None:
-            continue
-        a, b = np.asarray(linear.adapter.lora_a[...]), np.asarray(linear.adapter.lora_b[...])
-        for layer, hf_path in enumerate(lora.hf_paths(grads, path)):
-            prefix = f"base_model.model.{hf_path}"
-            for got, factor in ((a[layer].T, "A"), (b[layer].T, "B")):
-                want_grad = want_grads[f"{prefix}.lora_{factor}.default.weight"]
-                # Entries near cancellation differ by float32's rounding of the sums; they are
-                # held to 1e-5 of the tensor's largest entry, the rest to 1e-4 relative.
-                np.testing.assert_allclose(got, want_grad, rtol=1e-4,
-                                           atol=1e-5 * np.abs(want_grad).max(),
-                                           err_msg=f"{prefix} {factor}")
-                compared += 1
+    # entries near cancellation are held to 1e-5 of the tensor's largest entry
+    compared = assert_lora_grads_equal(grads, want_grads, rtol=1e-4, atol_of_largest=1e-5)
     assert compared == 2 * 3 * 2  # A and B of three projections in both layers
 
 
