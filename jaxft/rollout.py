@@ -126,7 +126,8 @@ class Rollouts:
                              jnp.asarray(self.eos_ids, jnp.int32), jnp.int32(self.pad_id),
                              jax.random.fold_in(rng, k), jnp.float32(cfg.temperature),
                              jnp.int32(cfg.top_k), jnp.float32(cfg.top_p))
-            out.append(np.asarray(jax.device_get(tokens))[:len(ids[chunk])])
+            # replicated: every process reads its own full copy, over one host or many
+            out.append(np.asarray(tokens.addressable_data(0))[:len(ids[chunk])])
         return np.concatenate(out)
 
     def step_key(self, number: int) -> jax.Array:
