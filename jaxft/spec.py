@@ -53,7 +53,8 @@ class RunSpec:
     lora: lora.LoraConfig | None  # None: full fine-tuning
     quant: quant.QuantConfig
     dpo: DpoConfig | None  # task 'dpo' only
-    reference: str | None  # task 'dpo' only: PRECOMPUTED, ADAPTERS_OFF or FROZEN_COPY
+    # tasks 'dpo' and 'grpo' (with beta > 0): PRECOMPUTED (DPO), ADAPTERS_OFF or FROZEN_COPY
+    reference: str | None
     grpo: GrpoConfig | None = None  # task 'grpo' only
 
     @property
@@ -72,7 +73,8 @@ class RunSpec:
 
     @property
     def batch_ref_logps(self) -> bool:
-        """DPO batches carry the reference's log-probabilities (scored outside the step)."""
+        """DPO or GRPO batches carry the reference's log-probabilities (scored outside the
+        step)."""
         return self.reference in (PRECOMPUTED, FROZEN_COPY)
 
     @property
@@ -134,7 +136,8 @@ def _spec(c: ml_collections.ConfigDict, platform: str) -> RunSpec:
     return RunSpec(config=c, task=c.task, platform=platform,
                    compute_dtype=_compute_dtype(c, platform), lora=_lora_config(c),
                    quant=_quant_config(c), dpo=_dpo_config(c) if preference else None,
-                   reference=_dpo_reference(c) if preference else None,
+                   reference=(_dpo_reference(c) if preference else
+                              _grpo_reference(c) if c.task == GRPO else None),
                    grpo=grpo_config(c) if c.task == GRPO else None)
 
 
@@ -270,10 +273,6 @@ def _check_grpo(c: ml_collections.ConfigDict) -> None:
     if g.rollout_batch_size < 0:
         raise JaxftError(f"config: grpo.rollout_batch_size must be >= 0 (0: train.batch_size), "
                          f"got {g.rollout_batch_size}")
-    if g.beta and not c.lora.enabled:
-        raise JaxftError("config: grpo.beta > 0 needs a reference model; with full "
-                         "fine-tuning jaxft has none yet (use LoRA, whose reference is the base "
-                         "with its adapters off, or grpo.beta=0, TRL's default)")
 
 
 def grpo_config(c: ml_collections.ConfigDict) -> GrpoConfig:
@@ -295,6 +294,14 @@ def _one_of(name: str, value, allowed) -> None:
 # ---------------------------------------------------------------------------------------------
 # The typed views: built here only
 # ---------------------------------------------------------------------------------------------
+
+
+def _grpo_reference(c: ml_collections.ConfigDict) -> str | None:
+    """GRPO's reference, when `beta` asks for one: LoRA's base with the adapters off in the
+    step, or, for full fine-tuning, a frozen copy of the initial weights scoring each batch."""
+    if not c.grpo.beta:
+        return None
+    return ADAPTERS_OFF if c.lora.enabled else FROZEN_COPY
 
 
 def _dpo_reference(c: ml_collections.ConfigDict) -> str:

@@ -251,14 +251,18 @@ def make_eval_step(graphdef: nnx.GraphDef, *, task: str,
     return eval_step
 
 
-def make_reference_step(graphdef: nnx.GraphDef) -> Callable:
-    """`reference(trainable, frozen, dropout, batch) -> [B, 2]`: the reference model's
-    log-probabilities of a batch of preference pairs (`dpo.base_logps`): for the pass that
-    scores them before training, or, given the frozen copy of the initial weights as
-    `trainable`, for each batch of a full fine-tune."""
+def make_reference_step(graphdef: nnx.GraphDef, policy: grpo.GrpoConfig | None = None
+                        ) -> Callable:
+    """`reference(trainable, frozen, dropout, batch)`: the reference model's log-probabilities
+    of a batch of preference pairs [B, 2] (`dpo.base_logps`), or with a `policy` (GRPO) of each
+    completion token [B, C]: for the pass that scores pairs before training, or, given the
+    frozen copy of the initial weights as `trainable`, for each batch of a full fine-tune."""
 
     def reference(trainable, frozen, dropout, batch):
-        return dpo.base_logps(nnx.merge(graphdef, trainable, frozen, dropout), batch)
+        model = nnx.merge(graphdef, trainable, frozen, dropout)
+        if policy is not None:
+            return grpo.reference_completion_logps(model, batch, policy.temperature)
+        return dpo.base_logps(model, batch)
 
     return reference
 
@@ -368,7 +372,7 @@ def build_evaluation(model: nnx.Module, mesh: Mesh, task: str, *,
 
 def _evaluation(eval_graphdef: nnx.GraphDef, shardings: dict[str, Any], mesh: Mesh, task: str,
                 preference: dpo.DpoConfig | None, reference: bool,
-                num_labels: int | None) -> Evaluation:
+                num_labels: int | None, policy: grpo.GrpoConfig | None = None) -> Evaluation:
     replicated = sharding.replicated(mesh)
     params = (shardings["trainable"], shardings["frozen"], shardings["dropout"])
     evaluate = None  # GRPO evaluates by sampling and scoring (`jaxft.rollout`), not by a loss
@@ -379,7 +383,7 @@ def _evaluation(eval_graphdef: nnx.GraphDef, shardings: dict[str, Any], mesh: Me
             donate_argnums=(3,))
     score = None
     if reference:
-        score = jax.jit(sharding.traced_under(mesh, make_reference_step(eval_graphdef)),
+        score = jax.jit(sharding.traced_under(mesh, make_reference_step(eval_graphdef, policy)),
                         in_shardings=(*params, None), out_shardings=replicated)
     return Evaluation(eval_graphdef, task, mesh, shardings, evaluate, score, num_labels)
 
@@ -399,7 +403,7 @@ def build(model: nnx.Module, run: RunSpec, mesh: Mesh) -> tuple[Step, dict[str, 
     shardings["opt_state"] = sharding.optimizer_shardings(tx, params, shardings["trainable"],
                                                           mesh)
     evaluation = _evaluation(eval_graphdef, shardings, mesh, run.task, run.dpo,
-                             run.batch_ref_logps, model.config.num_labels)
+                             run.batch_ref_logps, model.config.num_labels, run.grpo)
     replicated = sharding.replicated(mesh)
     train = jax.jit(
         sharding.traced_under(mesh, make_train_step(

@@ -56,7 +56,9 @@ def batch_spec(task: str, batch_size: int, seq_len: int, *,
         return {"input_ids": (rows, np.int32), "segment_ids": (rows, np.int32),
                 "positions": (rows, np.int32),
                 "completion_mask": ((batch_size, completion_len), np.int32),
-                "advantages": (per_row, np.float32)}
+                "advantages": (per_row, np.float32),
+                **({"ref_logps": ((batch_size, completion_len), np.float32)} if ref_logps
+                   else {})}
     if task == tasks.DPO:
         pairs = {k: ((batch_size, 2, seq_len), dtype) for k, dtype in LM_ARRAYS.items()}
         return {**pairs, "valid": (per_row, np.float32),

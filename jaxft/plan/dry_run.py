@@ -97,9 +97,10 @@ class Plan:
     base_quant: str = "none"  # how the frozen projections are stored (jaxft.quant)
     packed_params: int = 0  # parameters of the quantized projections
     packed_bytes: int = 0  # what they cost, codes and scales
-    # DPO's frozen copy of the initial weights (full fine-tuning without precompute_ref): held
-    # beside the step's arguments, and scoring each batch in its own, smaller forward pass
+    # DPO's (or GRPO's, with beta > 0) frozen copy of the initial weights in full fine-tuning:
+    # held beside the step's arguments, and scoring each batch in its own, smaller forward pass
     reference: Bytes | None = None
+    reference_of: str = "DPO"  # the task that keeps it: DPO or GRPO (with beta > 0)
     # GRPO's rollout: the sampler compiled as the run jits it (prefill + decode on the step's
     # weights): its memory_analysis, the KV cache it holds, its rows and widths
     rollout_memory: dict[str, int] | None = None
@@ -118,7 +119,7 @@ class Plan:
 
     @property
     def reference_bytes(self) -> int:
-        """One device's share of DPO's frozen reference copy (0: none)."""
+        """One device's share of the frozen reference copy (DPO, GRPO) (0: none)."""
         return 0 if self.reference is None else self.reference.per_device
 
     @property
@@ -234,6 +235,7 @@ def make_plan(cfg: ml_collections.ConfigDict, topology: Target | None = None) ->
         base_quant=run.quant.kind, packed_params=packed_params, packed_bytes=packed_bytes,
         reference=(array_bytes(placed["trainable"]) if run.reference == spec.FROZEN_COPY
                    else None),
+        reference_of="GRPO" if run.task == tasks.GRPO else "DPO",
         **rollout,
     )
 
@@ -354,7 +356,8 @@ def describe(plan: Plan) -> str:
         ("frozen parameters", plan.frozen),
         ("optimizer state", plan.opt_state),
         ("batch", plan.batch),
-        *([("reference copy (DPO)", plan.reference)] if plan.reference else []),
+        *([(f"reference copy ({plan.reference_of})", plan.reference)] if plan.reference
+          else []),
     ]
     lines = [
         f"dry run: {plan.model_type} from {plan.source} (no weights read, nothing allocated)",
@@ -407,8 +410,9 @@ def _memory_lines(plan: Plan, device: str) -> list[str]:
         f"{human_bytes(m['output'])} ({human_bytes(m['alias'])} of them in donated buffers)",
         f"  temporaries {human_bytes(m['temp'])} (activations, gradients), generated code "
         f"{human_bytes(m['generated_code'])}",
-        *([f"  + DPO's frozen reference copy {human_bytes(plan.reference_bytes)}, held beside "
-           "the step (its own forward pass scores each batch first)"] if plan.reference else []),
+        *([f"  + {plan.reference_of}'s frozen reference copy "
+           f"{human_bytes(plan.reference_bytes)}, held beside the step (its own forward pass "
+           "scores each batch first)"] if plan.reference else []),
     ]
     lines += [f"  {compiler} warned: {warning}" for warning in plan.warnings]
     if plan.rollout_memory is not None:
