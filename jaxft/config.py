@@ -149,6 +149,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.grpo.epsilon_high = 0.0  # the upper clip (0: = epsilon; DAPO's clip-higher: 0.28)
     c.grpo.delta = 0.0  # a bound on the unclipped ratio (0: none; two-sided clipping)
     c.grpo.scale_rewards = "group"  # group | batch | none: what the advantages divide by
+    # Steps each batch of completions serves (TRL's num_iterations): after the first, the ratio
+    # to the policy that sampled them (scored once, as they are drawn) is clipped.
+    c.grpo.num_iterations = 1
     c.grpo.max_completion_length = 64
     c.grpo.mask_truncated_completions = False  # completions without EOS train nothing
     c.grpo.temperature = 1.0

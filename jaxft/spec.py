@@ -281,6 +281,7 @@ def grpo_config(c: ml_collections.ConfigDict) -> GrpoConfig:
     return GrpoConfig(num_generations=g.num_generations, loss_type=g.loss_type, beta=g.beta,
                       epsilon=g.epsilon, epsilon_high=g.epsilon_high or None,
                       delta=g.delta or None, scale_rewards=g.scale_rewards,
+                      num_iterations=g.get("num_iterations", 1),
                       max_completion_length=g.max_completion_length,
                       mask_truncated_completions=g.mask_truncated_completions,
                       temperature=g.temperature, top_p=g.top_p, top_k=g.top_k)

@@ -182,14 +182,21 @@ def _run(cfg: ml_collections.ConfigDict, preemption: Preemption) -> dict[str, An
 
     def next_batch(n: int) -> dict[str, jax.Array]:
         """Step n's batch: the data's next, or (GRPO) the policy's completions of the next
-        prompts, scored, their metrics folded into the log window."""
+        prompts, scored, their metrics folded into the log window; with num_iterations > 1,
+        the same completions for that many steps, scored once by the policy that drew them."""
+        nonlocal pending
         if rollouts is None:
             return global_batch(next(bundle.train))
+        if n % iterations and pending is not None:
+            return pending
         rows, found, shown = rollouts.batch((trainable, frozen, dropout),
                                             *bundle.next_prompts(), n)
         logged.add_host(found)
         last_completions[:] = shown[:4]
-        return global_batch(_local_rows(rows))
+        pending = global_batch(_local_rows(rows))
+        if step.old_logps is not None:
+            pending["old_logps"] = step.old_logps(trainable, frozen, dropout, pending)
+        return pending
 
     last_completions: list[dict[str, Any]] = []
 
@@ -239,11 +246,17 @@ def _run(cfg: ml_collections.ConfigDict, preemption: Preemption) -> dict[str, An
     if cfg.checkpoint.resume == "never" and ckpts.steps():
         raise JaxftError(f"{ckpts.directory}: holds checkpoints {ckpts.steps()} and "
                          "checkpoint.resume is 'never'")
+    # GRPO over several iterations: a checkpoint between two draws keeps the batch of
+    # completions the steps after it still train on
+    iterations = run_spec.grpo.num_iterations if run_spec.grpo else 1
+    kept = {"rollout": _abstract_rollout(run_spec, mesh)} if iterations > 1 else {}
     restored = ckpts.restore_latest(checkpoint.abstract_like(
-        {"trainable": trainable, "opt_state": opt_state}))
+        {"trainable": trainable, "opt_state": opt_state}) | kept)
+    pending: dict[str, Any] | None = None  # the completions this cycle of iterations trains on
     if restored is not None:
         start_step, state, meta = restored
         trainable, opt_state = state["trainable"], state["opt_state"]
+        pending = state.get("rollout")
         bundle.train.set_state(meta["data"])
         skipped, history = meta.get("skipped_steps", 0), meta.get("history", {})
         print(f"resumed from {ckpts.directory / str(start_step)} at step {start_step}")
@@ -260,7 +273,8 @@ def _run(cfg: ml_collections.ConfigDict, preemption: Preemption) -> dict[str, An
     def save(at: int) -> None:
         if stopper is not None:
             history["early_stopping"] = stopper.state()
-        ckpts.save(at, {"trainable": trainable, "opt_state": opt_state},
+        ckpts.save(at, {"trainable": trainable, "opt_state": opt_state,
+                        **({"rollout": pending} if iterations > 1 else {})},
                    {"data": bundle.train.get_state(), "skipped_steps": skipped,
                     "history": history})
 
@@ -425,6 +439,19 @@ def _rollouts(step: train_step.Step, run: spec.RunSpec, tokenizer, hf_config: di
         prompt_width=cfg.data.max_len - g.max_completion_length,
         rows_at_once=cfg.grpo.rollout_batch_size or cfg.train.batch_size,
         seed=cfg.train.seed, eos_ids=eos_ids)
+
+
+def _abstract_rollout(run: spec.RunSpec, mesh) -> dict[str, jax.ShapeDtypeStruct]:
+    """A GRPO batch as the step takes it (old and reference log-probabilities included), as
+    shapes on its shardings: what a checkpoint between two draws restores."""
+    from jaxft.data.packing import batch_spec
+
+    found = batch_spec(run.task, run.train.batch_size, run.config.data.max_len,
+                       ref_logps=run.batch_ref_logps,
+                       completion_len=run.grpo.max_completion_length, old_logps=True)
+    return {k: jax.ShapeDtypeStruct(shape, dtype,
+                                    sharding=sharding.batch_sharding(mesh, ndim=len(shape)))
+            for k, (shape, dtype) in found.items()}
 
 
 def _local_rows(rows: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

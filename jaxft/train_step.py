@@ -267,6 +267,18 @@ def make_reference_step(graphdef: nnx.GraphDef, policy: grpo.GrpoConfig | None =
     return reference
 
 
+def make_policy_logps_step(graphdef: nnx.GraphDef, policy: grpo.GrpoConfig) -> Callable:
+    """`old_logps(trainable, frozen, dropout, batch) -> [B, C]`: GRPO's completions scored by
+    the policy as it is (adapters on), once as they are drawn, for the later iterations over
+    them (`num_iterations` > 1)."""
+
+    def old_logps(trainable, frozen, dropout, batch):
+        model = nnx.merge(graphdef, trainable, frozen, dropout)
+        return grpo.completion_logps(model, batch, policy.temperature)[0]
+
+    return old_logps
+
+
 # ---------------------------------------------------------------------------------------------
 # The assembly: split → shardings → optimizer → jit, for jaxft.train, the planner, the benchmark
 # ---------------------------------------------------------------------------------------------
@@ -319,6 +331,8 @@ class Step(Evaluation):
     schedule: optax.Schedule
     train: Callable
     num_experts: int = 0  # a mixture of experts: its window also sums `ROUTER_SUMS`
+    # GRPO with num_iterations > 1: scores a batch of completions with the sampling policy
+    old_logps: Callable | None = None
 
     def place(self, states: dict[str, nnx.State]) -> dict[str, Any]:
         """`Evaluation.place`, plus the optimizer state."""
@@ -413,9 +427,15 @@ def build(model: nnx.Module, run: RunSpec, mesh: Mesh) -> tuple[Step, dict[str, 
                       shardings["opt_state"], replicated, None, replicated),
         out_shardings=(shardings["trainable"], shardings["opt_state"], replicated),
         donate_argnums=(0, 3, 4))
+    old_logps = None
+    if run.grpo is not None and run.grpo.num_iterations > 1:
+        old_logps = jax.jit(sharding.traced_under(mesh, make_policy_logps_step(
+            eval_graphdef, run.grpo)), in_shardings=(shardings["trainable"], shardings["frozen"],
+                                                     shardings["dropout"], None),
+            out_shardings=sharding.batch_sharding(mesh))  # rows as the batch's, kept with it
     fields = {f.name: getattr(evaluation, f.name) for f in dataclasses.fields(Evaluation)}
     return Step(**fields, graphdef=graphdef, tx=tx, schedule=schedule, train=train,
-                num_experts=routed_experts(model)), states
+                num_experts=routed_experts(model), old_logps=old_logps), states
 
 
 def _is_abstract(state: Any) -> bool:

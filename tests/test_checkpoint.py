@@ -72,8 +72,9 @@ def test_resume_after_sigkill_is_bitwise_exact(mode, model_dir, tmp_path):
     scored from the loaded weights on every start, so a resumed run must score exactly what the
     first start did, not the checkpoint's weights. `dpo_copy`: the same with the reference a
     frozen copy of the loaded weights, scoring each batch (taken before the restore). `grpo`:
-    LoRA whose batches are its own sampled completions, scored, with a KL to its base: the
-    resumed run must draw the same prompts and sample the same completions."""
+    LoRA whose batches are its own sampled completions, scored, with a KL to its base, each
+    batch trained twice (num_iterations 2): the resumed run must draw the same prompts, sample
+    the same completions, and resume mid-batch (the checkpoint at step 3) on the batch it kept."""
     lora_run = mode in ("lora", "grpo")
     overrides = {"train.steps": 8, "checkpoint.every": 3, "lora.enabled": lora_run,
                  "optim.lr": 3e-3 if lora_run else 1e-3, "data.eval_fraction": 0.0,
@@ -85,6 +86,7 @@ def test_resume_after_sigkill_is_bitwise_exact(mode, model_dir, tmp_path):
         overrides.update({"task": "grpo", "data.train_path": str(DATA / GRPO_PROMPTS),
                           "data.max_len": 40, "grpo.max_completion_length": 12,
                           "grpo.num_generations": 4, "grpo.beta": 0.04,
+                          "grpo.num_iterations": 2,
                           "grpo.reward_funcs": "tests.grpo_rewards:low_id_share"})
     straight = tmp_path / "straight"
     train.run(tiny_config(model_dir, straight, **overrides))

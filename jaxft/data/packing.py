@@ -45,11 +45,12 @@ LM_ARRAYS = {"input_ids": np.int32, "targets": np.int32, "loss_mask": np.float32
 
 
 def batch_spec(task: str, batch_size: int, seq_len: int, *,
-               ref_logps: bool = False, completion_len: int = 0
+               ref_logps: bool = False, completion_len: int = 0, old_logps: bool = False
                ) -> dict[str, tuple[tuple[int, ...], type]]:
     """The batch contract above as data: {key: (shape, dtype)} of a batch of `batch_size` rows
-    for `task`; `ref_logps`: preference pairs carry their reference's scores; GRPO's rows end
-    in a completion of `completion_len` tokens (`jaxft.grpo`). What the loader (or GRPO's
+    for `task`; `ref_logps`: preference pairs (or GRPO's completions) carry their reference's
+    scores; GRPO's rows end in a completion of `completion_len` tokens (`jaxft.grpo`), and with
+    `old_logps` carry the sampling policy's scores. What the loader (or GRPO's
     rollout) fills and what the dry run compiles the step for."""
     rows, per_row = (batch_size, seq_len), (batch_size,)
     if task == tasks.GRPO:
@@ -58,6 +59,8 @@ def batch_spec(task: str, batch_size: int, seq_len: int, *,
                 "completion_mask": ((batch_size, completion_len), np.int32),
                 "advantages": (per_row, np.float32),
                 **({"ref_logps": ((batch_size, completion_len), np.float32)} if ref_logps
+                   else {}),
+                **({"old_logps": ((batch_size, completion_len), np.float32)} if old_logps
                    else {})}
     if task == tasks.DPO:
         pairs = {k: ((batch_size, 2, seq_len), dtype) for k, dtype in LM_ARRAYS.items()}

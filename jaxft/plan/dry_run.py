@@ -287,7 +287,8 @@ def abstract_batch(run: spec.RunSpec, mesh) -> dict[str, Any]:
     whose rows are sharded over the mesh's data axes."""
     found = batch_spec(run.task, run.train.batch_size, run.config.data.max_len,
                        ref_logps=run.batch_ref_logps,
-                       completion_len=run.grpo.max_completion_length if run.grpo else 0)
+                       completion_len=run.grpo.max_completion_length if run.grpo else 0,
+                       old_logps=bool(run.grpo) and run.grpo.num_iterations > 1)
     return {k: jax.ShapeDtypeStruct(shape, dtype,
                                     sharding=sharding.batch_sharding(mesh, ndim=len(shape)))
             for k, (shape, dtype) in found.items()}
