@@ -3,7 +3,8 @@ r"""One picture of a training run: `workdir/metrics.png` from `workdir/metrics.j
   python -m jaxft.plot --workdir=runs/lora        # writes runs/lora/metrics.png
 
 Four panels: train and eval loss, learning rate, tokens/s and gradient norm, each against the
-step; a preference (DPO) run adds a fifth, its reward accuracy and margin. `jaxft.train`
+step; a preference (DPO) run adds a fifth, its reward accuracy and margin, and a GRPO run its
+mean reward (sampled, and greedy on the held-out prompts). `jaxft.train`
 writes the same file at the end of every run, so a finished workdir can be judged at a glance
 without TensorBoard. The figure is drawn on matplotlib's Agg canvas directly
 (no pyplot, no global backend switch), at a fixed 12×8 in and 100 dpi: always 1200×800 pixels.
@@ -31,6 +32,7 @@ PANELS = (
 # Preference runs (task 'dpo') add one: how often, and by how much, chosen beats rejected.
 REWARD_PANEL = ("rewards: accuracy and margin", ("rewards/accuracies", "eval_rewards/accuracies",
                                                  "rewards/margins", "eval_rewards/margins"))
+GRPO_PANEL = ("reward", ("reward", "eval_reward"))  # GRPO: its samples' and the held-out mean
 
 
 def read_series(workdir: str | os.PathLike) -> dict[str, tuple[list[int], list[float]]]:
@@ -69,7 +71,8 @@ def plot_metrics(workdir: str | os.PathLike, out: str | os.PathLike | None = Non
     series = read_series(workdir)
     fig = Figure(figsize=SIZE_INCHES, dpi=DPI)
     FigureCanvasAgg(fig)
-    panels = PANELS + ((REWARD_PANEL,) if any(n in series for n in REWARD_PANEL[1]) else ())
+    panels = PANELS + tuple(panel for panel in (REWARD_PANEL, GRPO_PANEL)
+                            if any(n in series for n in panel[1]))
     axes = list(fig.subplots(2, 2 if len(panels) <= 4 else 3).flat)
     for ax in axes[len(panels):]:
         ax.set_visible(False)

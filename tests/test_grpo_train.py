@@ -54,6 +54,23 @@ def test_reward_rises_and_trls_metrics_are_logged(model_dir, tmp_path):
     assert shown and {"prompt", "completion", "reward"} <= set(shown[-1][0])
     assert "eval_reward" in final and "base_eval_reward" in final
     assert 0 <= final["eval_reward"] <= 1
+    assert (run / "metrics.png").is_file()
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_truncated_completions_train_only_when_not_masked(masked, model_dir, tmp_path):
+    """The loss counts every completion's tokens through its EOS; with
+    mask_truncated_completions, none of a completion that never reached EOS (TRL's rule), so
+    each step's loss tokens are exactly the ended completions' lengths."""
+    train.run(grpo_config(model_dir, tmp_path / "run", **{
+        "train.steps": 3, "grpo.max_completion_length": 6, "data.eval_fraction": 0.0,
+        "grpo.mask_truncated_completions": masked}))
+    rows = 8
+    for m in [m for m in read_metrics(tmp_path / "run") if "train_tokens" in m]:
+        ended = rows * (1 - m["completions/clipped_ratio"])
+        expected = (ended * m.get("completions/mean_terminated_length", 0) if masked
+                    else rows * m["completions/mean_length"])
+        assert m["train_tokens"] == pytest.approx(expected, abs=1e-6), m
 
 
 def test_full_fine_tuning_with_kl_keeps_a_frozen_copy_as_its_reference(model_dir, tmp_path):
