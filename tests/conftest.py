@@ -50,11 +50,12 @@ def pytest_terminal_summary(terminalreporter):
 
 
 # The files that take longest start first: pytest-xdist's `--dist loadfile` hands out whole
-# files in collection order, and a long file handed out last runs alone while the other
-# worker idles.
-LONGEST_FIRST = ("test_readme_commands.py", "test_dpo_train.py", "test_checkpoint.py",
-                 "test_model_configs.py", "test_sharding.py", "test_multihost.py",
-                 "test_benchmark.py", "test_grpo_train.py")
+# files in collection order (pyproject.toml turns off its reordering by test count), and a long
+# file handed out last runs alone while the other worker idles.
+LONGEST_FIRST = ("test_checkpoint.py", "test_readme_commands.py", "test_dpo_train.py",
+                 "test_tpu_compile.py", "test_gpu_compile.py", "test_sharding.py",
+                 "test_multihost.py", "test_benchmark.py", "test_model_configs.py",
+                 "test_grpo_train.py", "test_families.py", "test_generate.py")
 
 
 def pytest_collection_modifyitems(items):
