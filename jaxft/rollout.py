@@ -83,7 +83,6 @@ class Rollouts:
         self.pad_id = (self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None
                        else self.eos_ids[0])
         self._samplers: dict[bool, Any] = {}
-        self.truncated_prompts = 0
 
     # -- sampling ------------------------------------------------------------------------------
 
@@ -95,19 +94,18 @@ class Rollouts:
                 filtered=self.cfg.top_k > 0 or self.cfg.top_p < 1.0)
         return self._samplers[greedy]
 
-    def encode(self, prompts: Sequence[Any]) -> tuple[np.ndarray, np.ndarray]:
+    def encode(self, prompts: Sequence[Any]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Prompts (text, or conversations through the chat template) as left-padded ids and
-        mask [N, P]; a longer prompt keeps its last P tokens."""
+        mask [N, P], and which were cut: a longer prompt keeps its last P tokens."""
         encoded = generate.encode_prompts(self.tokenizer, prompts, chat=False)
         ids = np.full((len(encoded), self.prompt_width), self.pad_id, np.int32)
         mask = np.zeros_like(ids)
+        cut = np.asarray([len(tokens) > self.prompt_width for tokens in encoded])
         for row, tokens in enumerate(encoded):
-            if len(tokens) > self.prompt_width:
-                self.truncated_prompts += 1
-                tokens = tokens[-self.prompt_width:]
+            tokens = tokens[-self.prompt_width:]
             ids[row, self.prompt_width - len(tokens):] = tokens
             mask[row, self.prompt_width - len(tokens):] = 1
-        return ids, mask
+        return ids, mask, cut
 
     def sample(self, params: tuple, ids: np.ndarray, mask: np.ndarray, rng: jax.Array, *,
                greedy: bool = False) -> np.ndarray:
@@ -157,7 +155,7 @@ class Rollouts:
         g = self.cfg.num_generations
         prompts = [p for p in prompts for _ in range(g)]
         columns = {k: [v for v in values for _ in range(g)] for k, values in columns.items()}
-        ids, mask = self.encode(prompts)
+        ids, mask, cut = self.encode(prompts)
         tokens = self.sample(params, ids, mask, self.step_key(number))
         completion_mask, truncated, completion_ids, completions = self._completions(tokens,
                                                                                     prompts)
@@ -174,7 +172,8 @@ class Rollouts:
                  "completion_mask": completion_mask.astype(np.int32),
                  "advantages": advantage}
         metrics = {**stats, **self._reward_metrics(per_func),
-                   **completion_metrics(lengths, truncated)}
+                   **completion_metrics(lengths, truncated),
+                   "prompts/clipped_ratio": float(cut.mean())}  # prompts cut to their end
         texts = [rewards.completion_text(c) for c in completions]
         shown = [{"prompt": rewards.completion_text(p) if not isinstance(p, str) else p,
                   "completion": t, "reward": float(r)}
@@ -202,7 +201,7 @@ class Rollouts:
         for start in range(0, count, self.rows_at_once):
             indices = range(start, min(start + self.rows_at_once, count))
             prompts, columns = held_out.take(indices)
-            ids, mask = self.encode(prompts)
+            ids, mask, _ = self.encode(prompts)
             tokens = self.sample(params, ids, mask, self.step_key(0), greedy=True)
             completion_mask, cut, completion_ids, completions = self._completions(tokens,
                                                                                   prompts)

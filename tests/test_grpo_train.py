@@ -48,7 +48,7 @@ def test_reward_rises_and_trls_metrics_are_logged(model_dir, tmp_path):
     assert np.mean(rewards[-5:]) > np.mean(rewards[:5]) + 0.03, rewards
     for name in ("reward", "reward_std", "frac_reward_zero_std", "rewards/low_id_share/mean",
                  "completions/mean_length", "completions/clipped_ratio", "entropy",
-                 "clip_ratio/region_mean"):
+                 "clip_ratio/region_mean", "prompts/clipped_ratio"):
         assert name in logged[-1], name
     shown = [m["completions"] for m in lines if "completions" in m]
     assert shown and {"prompt", "completion", "reward"} <= set(shown[-1][0])
