@@ -265,8 +265,13 @@ def encode_prompts(tokenizer, prompts: Sequence[Prompt], *, chat: bool) -> list[
 
 def stop_ids(model: nnx.Module, tokenizer) -> list[int]:
     """EOS ids from the tokenizer and the checkpoint config (which may list several)."""
+    return eos_ids(tokenizer, model.config.to_hf())
+
+
+def eos_ids(tokenizer, hf_config: dict) -> list[int]:
+    """EOS ids from the tokenizer and a `config.json` dict (which may list several)."""
     ids = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
-    from_config = model.config.to_hf().get("eos_token_id")
+    from_config = hf_config.get("eos_token_id")
     ids.update(from_config if isinstance(from_config, list) else [from_config])
     return sorted(i for i in ids if i is not None)
 

@@ -70,6 +70,11 @@ class GrpoConfig:
     top_k: int = 0
 
     @property
+    def filtered(self) -> bool:
+        """Whether top-k or top-p rules out any token (else sampling sorts nothing)."""
+        return self.top_k > 0 or self.top_p < 1.0
+
+    @property
     def epsilon_low(self) -> float:
         return self.epsilon
 
@@ -124,16 +129,22 @@ def nanstd(x: np.ndarray, axis=None) -> np.ndarray:
     return np.sqrt(np.where(count > 1, variance, np.nan)).astype(np.float32)
 
 
+def weighted_rewards(rewards_per_func: np.ndarray, weights: np.ndarray) -> np.ndarray:
+    """Each completion's reward [N]: its functions' rewards [N, F] weighted and summed, NaNs
+    (None) left out; NaN where no function scored it (TRL's unscorable completion)."""
+    per_func = np.asarray(rewards_per_func, np.float32)
+    rewards = np.nansum(per_func * np.asarray(weights, np.float32)[None], axis=1)
+    rewards = rewards.astype(np.float32)
+    rewards[np.all(np.isnan(per_func), axis=1)] = np.nan
+    return rewards
+
+
 def advantages(rewards_per_func: np.ndarray, weights: np.ndarray, num_generations: int,
                scale_rewards: str) -> tuple[np.ndarray, dict[str, float]]:
     """(advantages [N], TRL's reward metrics) from each completion's rewards [N, F] (NaN where a
     function returned None; consecutive groups of `num_generations` share a prompt) and the
     functions' weights [F]: TRL's `sum_then_normalize`."""
-    per_func = np.asarray(rewards_per_func, np.float32)
-    weights = np.asarray(weights, np.float32)
-    unscorable = np.all(np.isnan(per_func), axis=1)
-    rewards = np.nansum(per_func * weights[None], axis=1).astype(np.float32)
-    rewards[unscorable] = np.nan
+    rewards = weighted_rewards(rewards_per_func, weights)
     groups = rewards.reshape(-1, num_generations)
     with np.errstate(invalid="ignore"):
         group_mean = np.repeat(np.nanmean(groups, axis=1), num_generations)

@@ -83,6 +83,7 @@ class Rollouts:
         self.pad_id = (self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None
                        else self.eos_ids[0])
         self._samplers: dict[bool, Any] = {}
+        self.weights = np.asarray([r.weight for r in self.rewards], np.float32)
 
     # -- sampling ------------------------------------------------------------------------------
 
@@ -91,7 +92,7 @@ class Rollouts:
             self._samplers[greedy] = make_sampler(
                 self.graphdef, self.shardings, self.mesh, prompt_width=self.prompt_width,
                 completion_len=self.cfg.max_completion_length, greedy=greedy,
-                filtered=self.cfg.top_k > 0 or self.cfg.top_p < 1.0)
+                filtered=self.cfg.filtered)
         return self._samplers[greedy]
 
     def encode(self, prompts: Sequence[Any]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -160,8 +161,7 @@ class Rollouts:
         completion_mask, truncated, completion_ids, completions = self._completions(tokens,
                                                                                     prompts)
         per_func = rewards.score(self.rewards, prompts, completions, completion_ids, columns)
-        weights = np.asarray([r.weight for r in self.rewards], np.float32)
-        advantage, stats = grpo.advantages(per_func, weights, g, self.cfg.scale_rewards)
+        advantage, stats = grpo.advantages(per_func, self.weights, g, self.cfg.scale_rewards)
         lengths = completion_mask.sum(1)
         if self.cfg.mask_truncated_completions:
             completion_mask = completion_mask * (~truncated)[:, None]
@@ -175,10 +175,10 @@ class Rollouts:
                    **completion_metrics(lengths, truncated),
                    "prompts/clipped_ratio": float(cut.mean())}  # prompts cut to their end
         texts = [rewards.completion_text(c) for c in completions]
+        scored = np.nan_to_num(grpo.weighted_rewards(per_func, self.weights))  # unscored: 0
         shown = [{"prompt": rewards.completion_text(p) if not isinstance(p, str) else p,
                   "completion": t, "reward": float(r)}
-                 for p, t, r in zip(prompts, texts,
-                                    np.nansum(per_func * weights[None], 1), strict=True)]
+                 for p, t, r in zip(prompts, texts, scored, strict=True)]
         return batch, metrics, shown
 
     def _reward_metrics(self, per_func: np.ndarray) -> dict[str, float]:
@@ -210,10 +210,8 @@ class Rollouts:
             lengths.append(completion_mask.sum(1))
             truncated.append(cut)
         scores = np.concatenate(per_func)
-        weights = np.asarray([r.weight for r in self.rewards], np.float32)
         with np.errstate(invalid="ignore"):
-            total = np.nansum(scores * weights[None], 1)
-            total[np.all(np.isnan(scores), 1)] = np.nan
+            total = grpo.weighted_rewards(scores, self.weights)
             out = {"reward": float(np.nanmean(total)),
                    **{f"rewards/{r.name}/mean": float(np.nanmean(scores[:, j]))
                       for j, r in enumerate(self.rewards)}}

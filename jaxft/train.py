@@ -249,7 +249,11 @@ def _run(cfg: ml_collections.ConfigDict, preemption: Preemption) -> dict[str, An
     # GRPO over several iterations: a checkpoint between two draws keeps the batch of
     # completions the steps after it still train on
     iterations = run_spec.grpo.num_iterations if run_spec.grpo else 1
-    kept = {"rollout": _abstract_rollout(run_spec, mesh)} if iterations > 1 else {}
+    kept = {}
+    if iterations > 1:  # the batch as the step takes it: what the dry run compiles it for
+        from jaxft.plan.dry_run import abstract_batch
+
+        kept = {"rollout": abstract_batch(run_spec, mesh)}
     restored = ckpts.restore_latest(checkpoint.abstract_like(
         {"trainable": trainable, "opt_state": opt_state}) | kept)
     pending: dict[str, Any] | None = None  # the completions this cycle of iterations trains on
@@ -423,13 +427,10 @@ def _run(cfg: ml_collections.ConfigDict, preemption: Preemption) -> dict[str, An
 
 def _rollouts(step: train_step.Step, run: spec.RunSpec, tokenizer, hf_config: dict):
     """GRPO's sampler and scorer over the step's own weights (`jaxft.rollout`)."""
-    from jaxft import rewards, rollout
+    from jaxft import generate, rewards, rollout
 
     g, cfg = run.grpo, run.config
-    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
-    configured = hf_config.get("eos_token_id")
-    eos += configured if isinstance(configured, list) else [configured]
-    eos_ids = tuple(sorted({i for i in eos if i is not None}))
+    eos_ids = tuple(generate.eos_ids(tokenizer, hf_config))
     if not eos_ids:
         raise JaxftError("task 'grpo' needs an end-of-sequence token to end completions: "
                          "neither the tokenizer nor the model's config.json names one")
@@ -439,19 +440,6 @@ def _rollouts(step: train_step.Step, run: spec.RunSpec, tokenizer, hf_config: di
         prompt_width=cfg.data.max_len - g.max_completion_length,
         rows_at_once=cfg.grpo.rollout_batch_size or cfg.train.batch_size,
         seed=cfg.train.seed, eos_ids=eos_ids)
-
-
-def _abstract_rollout(run: spec.RunSpec, mesh) -> dict[str, jax.ShapeDtypeStruct]:
-    """A GRPO batch as the step takes it (old and reference log-probabilities included), as
-    shapes on its shardings: what a checkpoint between two draws restores."""
-    from jaxft.data.packing import batch_spec
-
-    found = batch_spec(run.task, run.train.batch_size, run.config.data.max_len,
-                       ref_logps=run.batch_ref_logps,
-                       completion_len=run.grpo.max_completion_length, old_logps=True)
-    return {k: jax.ShapeDtypeStruct(shape, dtype,
-                                    sharding=sharding.batch_sharding(mesh, ndim=len(shape)))
-            for k, (shape, dtype) in found.items()}
 
 
 def _local_rows(rows: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

@@ -16,6 +16,7 @@ import pytest
 from jaxft import train
 from tests.tiny_run import (
     DATA,
+    GRPO_TINY,
     REPO,
     read_metrics,
     subprocess_env,
@@ -37,9 +38,6 @@ def saved_state(workdir: Path, step: int) -> list[np.ndarray]:
     """Every array of a checkpoint's state, in tree order, as numpy."""
     tree = ocp.PyTreeCheckpointer().restore(workdir / "checkpoints" / str(step) / "state")
     return [np.asarray(x) for x in jax.tree.leaves(tree)]
-
-
-GRPO_PROMPTS = "faq_prompt_completion.jsonl"  # text prompts (and a completion column)
 
 
 def start(config: Path) -> subprocess.Popen:
@@ -83,11 +81,7 @@ def test_resume_after_sigkill_is_bitwise_exact(mode, model_dir, tmp_path):
         overrides.update({"task": "dpo", "dpo.precompute_ref": mode == "dpo",
                           "data.train_path": str(DATA / "support_preferences.jsonl")})
     if mode == "grpo":
-        overrides.update({"task": "grpo", "data.train_path": str(DATA / GRPO_PROMPTS),
-                          "data.max_len": 40, "grpo.max_completion_length": 12,
-                          "grpo.num_generations": 4, "grpo.beta": 0.04,
-                          "grpo.num_iterations": 2,
-                          "grpo.reward_funcs": "tests.grpo_rewards:low_id_share"})
+        overrides.update({**GRPO_TINY, "grpo.beta": 0.04, "grpo.num_iterations": 2})
     straight = tmp_path / "straight"
     train.run(tiny_config(model_dir, straight, **overrides))
 

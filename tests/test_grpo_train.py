@@ -16,9 +16,7 @@ import jaxft
 from jaxft import export, train
 from jaxft.workdir import load_run
 from tests import hf_models
-from tests.tiny_run import DATA, read_metrics, tiny_config, tiny_model_dir
-
-PROMPTS = DATA / "faq_prompt_completion.jsonl"  # text prompts, a `completion` column beside
+from tests.tiny_run import DATA, GRPO_TINY, read_metrics, tiny_config, tiny_model_dir
 
 
 @pytest.fixture(scope="module")
@@ -27,10 +25,7 @@ def model_dir(tmp_path_factory):
 
 
 def grpo_config(model_dir, workdir, **overrides):
-    return tiny_config(model_dir, workdir, **{
-        "task": "grpo", "data.train_path": str(PROMPTS), "data.max_len": 40,
-        "grpo.max_completion_length": 12, "grpo.num_generations": 4,
-        "grpo.reward_funcs": "tests.grpo_rewards:low_id_share", **overrides})
+    return tiny_config(model_dir, workdir, **{**GRPO_TINY, **overrides})
 
 
 def test_reward_rises_and_trls_metrics_are_logged(model_dir, tmp_path):

@@ -57,6 +57,13 @@ def tiny_config(model_dir: Path, workdir: Path, **overrides) -> ml_collections.C
     return c
 
 
+# A GRPO run of the tiny model: text prompts (with a `completion` column beside), rows of 28
+# prompt + 12 completion tokens, groups of 4, a reward the tiny model can move
+GRPO_TINY = {"task": "grpo", "data.train_path": str(DATA / "faq_prompt_completion.jsonl"),
+             "data.max_len": 40, "grpo.max_completion_length": 12, "grpo.num_generations": 4,
+             "grpo.reward_funcs": "tests.grpo_rewards:low_id_share"}
+
+
 def read_metrics(workdir: Path) -> list[dict]:
     return [json.loads(line) for line in (Path(workdir) / "metrics.jsonl").read_text().splitlines()]
 

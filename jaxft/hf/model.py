@@ -122,19 +122,15 @@ class Blueprint:
         """The model as shapes only: what the dry run compiles and the loader fills."""
         return nnx.eval_shape(self.build)
 
-    def initialised(self) -> nnx.Module:
+    def initialised(self, mesh: Mesh | None = None) -> nnx.Module:
         """The model with random weights, initialised inside one jit, so only the weights
-        themselves are ever allocated (the benchmark's model)."""
-        graphdef, _ = nnx.split(self.abstract())
-        return nnx.merge(graphdef, jax.jit(lambda: nnx.split(self.build())[1])())
-
-    def initialised_on(self, mesh: Mesh) -> nnx.Module:
-        """`initialised`, each weight created straight on its sharding over `mesh`, so no
-        device ever holds the whole model."""
+        themselves are ever allocated (the benchmark's model, a model trained from scratch);
+        with a `mesh`, each weight created straight on its sharding over it, so no device ever
+        holds the whole model."""
         from jaxft import sharding
 
         graphdef, abstract = nnx.split(self.abstract())
-        shardings = sharding.state_shardings(abstract, mesh)
+        shardings = None if mesh is None else sharding.state_shardings(abstract, mesh)
         return nnx.merge(graphdef, jax.jit(lambda: nnx.split(self.build())[1],
                                            out_shardings=shardings)())
 

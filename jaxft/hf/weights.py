@@ -137,7 +137,7 @@ def load_hf_model(path_or_id: str | os.PathLike, options: ModelOptions | None = 
     hf_config = hub.read_config(path)
     plan = blueprint(hf_config, hub.config_source(path), options)
     if options.random_init:
-        model = plan.initialised() if mesh is None else plan.initialised_on(mesh)
+        model = plan.initialised(mesh)
         model.eval()
         return model
     cfg = plan.config

@@ -257,7 +257,7 @@ def _rollout_plan(run: spec.RunSpec, step: train_step.Step, placed: dict[str, An
     width = cfg.data.max_len - g.max_completion_length
     sampler = rollout.make_sampler(step.eval_graphdef, step.shardings, step.mesh,
                                    prompt_width=width, completion_len=g.max_completion_length,
-                                   filtered=g.top_k > 0 or g.top_p < 1.0)
+                                   filtered=g.filtered)
     lowered = sampler.lower(placed["trainable"], placed["frozen"], placed["dropout"],
                             *rollout.abstract_sampler_args(rows, width))
     with progress.waiting("compiling the rollout sampler"):
