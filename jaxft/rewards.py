@@ -131,7 +131,7 @@ def _load(name: str) -> RewardFn:
         module = importlib.import_module(module_name)
     except Exception as e:  # noqa: BLE001  (ImportError, or whatever the module raises)
         raise JaxftError(f"config: grpo.reward_funcs entry {name!r}: module {module_name!r} does "
-                         f"not import ({type(e).__name__}: {first_line(e)})") from None
+                         f"not import ({first_line(e)})") from None
     fn = getattr(module, attribute, None)
     if not callable(fn):
         raise JaxftError(f"config: grpo.reward_funcs entry {name!r}: {module_name} has no "

@@ -106,7 +106,7 @@ def test_lora_grpo_exports_an_adapter_peft_loads_with_jaxfts_logits(model_dir, t
 @pytest.mark.parametrize("overrides, message", [
     ({"grpo.reward_funcs": "no_such_module:f"},
      "config: grpo.reward_funcs entry 'no_such_module:f': module 'no_such_module' does not "
-     "import"),
+     "import (ModuleNotFoundError: No module named 'no_such_module')"),
     ({"grpo.reward_funcs": "tests.grpo_rewards:nothing"},
      "config: grpo.reward_funcs entry 'tests.grpo_rewards:nothing': tests.grpo_rewards has no "
      "function 'nothing'"),
