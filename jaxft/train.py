@@ -18,6 +18,7 @@ copy, so a regression fails loudly instead of silently serialising host and devi
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import logging
@@ -92,11 +93,13 @@ def run(cfg: ml_collections.ConfigDict) -> dict[str, Any]:
     Device-to-host copies are allowed where the run needs them (loading, log, eval and
     checkpoint steps) whatever the caller's JAX transfer guard says, and refused in between.
     """
-    with Preemption() as preemption, jax.transfer_guard_device_to_host("allow"):
-        return _run(cfg, preemption)
+    with (Preemption() as preemption, jax.transfer_guard_device_to_host("allow"),
+          contextlib.ExitStack() as cleanup):
+        return _run(cfg, preemption, cleanup)
 
 
-def _run(cfg: ml_collections.ConfigDict, preemption: Preemption) -> dict[str, Any]:
+def _run(cfg: ml_collections.ConfigDict, preemption: Preemption,
+         cleanup: contextlib.ExitStack) -> dict[str, Any]:
     # ----------------------------------------------------------------------------------------
     # Config and workdir: refused in one line before anything loads; nothing written yet
     # ----------------------------------------------------------------------------------------
@@ -139,11 +142,23 @@ def _run(cfg: ml_collections.ConfigDict, preemption: Preemption) -> dict[str, An
     print(f"data: {bundle.describe()}")
     for note in bundle.notes:
         print(f"data: {note}")
-    rows = bundle.stats["rows_per_epoch"]
-    if cfg.train.epochs:  # steps from epochs, before anything reads train.steps
-        cfg.train.steps = max(1, math.ceil(cfg.train.epochs * rows / cfg.train.batch_size))
-    print(f"train: {cfg.train.steps:,} steps of {cfg.train.batch_size} rows = "
-          f"{cfg.train.steps * cfg.train.batch_size / rows:.2f} epochs of the {rows:,} train rows")
+    streamed = getattr(bundle, "streamed", None)  # (GRPO's prompts are never streamed)
+    if streamed is not None:
+        cleanup.callback(streamed.close)
+    if streamed is not None and not cfg.train.epochs:  # its size: once tokenized
+        print(f"train: {cfg.train.steps:,} steps of {cfg.train.batch_size} rows of "
+              f"{bundle.seq_len} tokens, streamed while the corpus is tokenized")
+    else:
+        if streamed is not None:
+            print("train: train.epochs needs the streamed corpus's size: waiting for "
+                  f"{streamed.to_tokenize} shards to be tokenized")
+        rows = (bundle.train.rows_per_epoch() if streamed is not None
+                else bundle.stats["rows_per_epoch"])
+        if cfg.train.epochs:  # steps from epochs, before anything reads train.steps
+            cfg.train.steps = max(1, math.ceil(cfg.train.epochs * rows / cfg.train.batch_size))
+        print(f"train: {cfg.train.steps:,} steps of {cfg.train.batch_size} rows = "
+              f"{cfg.train.steps * cfg.train.batch_size / rows:.2f} epochs of the {rows:,} "
+              "train rows")
     num_labels = None
     if run_spec.task == tasks.CLASSIFICATION:
         num_labels = cfg.model.num_labels or len(bundle.label_map)
@@ -308,6 +323,8 @@ def _run(cfg: ml_collections.ConfigDict, preemption: Preemption) -> dict[str, An
         """A metrics line for the steps of `window`, written and shown on the bar (or, with no
         bar drawn, printed as a line: logs and pipes see every log step)."""
         line = {**window.metrics(), "lr": learning_rate(at - 1), "skipped_steps": skipped}
+        if streamed is not None and streamed.to_tokenize:  # a corpus still being tokenized
+            line["shards_to_tokenize"] = streamed.to_tokenize
         writer.write(at, line)
         bar.update(at, line)
         if not progress.shown():

@@ -14,6 +14,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 from jaxft import train
+from tests.articles import write_articles
 from tests.tiny_run import (
     DATA,
     GRPO_TINY,
@@ -32,6 +33,14 @@ pytestmark = pytest.mark.slow  # (see the README: the -m 'not slow' lane)
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
     return tiny_model_dir(tmp_path_factory.mktemp("llama"), "llama", num_key_value_heads=2)
+
+
+def streamed_corpus(path: Path) -> dict:
+    """Overrides streaming a generated corpus (27 MB, 108 shards) through one worker:
+    tokenizing it takes longer (~30 s) than starting and the first steps do."""
+    write_articles(path, 6000)
+    return {"data.train_path": str(path), "data.streaming": True, "data.num_workers": 1,
+            "data.shard_mb": 0.25, "data.eval_fraction": 0.0}
 
 
 def saved_state(workdir: Path, step: int) -> list[np.ndarray]:
@@ -64,7 +73,7 @@ def finish(proc: subprocess.Popen) -> str:
     return out
 
 
-@pytest.mark.parametrize("mode", ["lora", "full", "dpo", "dpo_copy", "grpo"])
+@pytest.mark.parametrize("mode", ["lora", "full", "dpo", "dpo_copy", "grpo", "streamed"])
 def test_resume_after_sigkill_is_bitwise_exact(mode, model_dir, tmp_path):
     """`dpo`: full fine-tuning on preference pairs, whose reference log-probabilities are
     scored from the loaded weights on every start, so a resumed run must score exactly what the
@@ -72,7 +81,10 @@ def test_resume_after_sigkill_is_bitwise_exact(mode, model_dir, tmp_path):
     frozen copy of the loaded weights, scoring each batch (taken before the restore). `grpo`:
     LoRA whose batches are its own sampled completions, scored, with a KL to its base, each
     batch trained twice (num_iterations 2): the resumed run must draw the same prompts, sample
-    the same completions, and resume mid-batch (the checkpoint at step 3) on the batch it kept."""
+    the same completions, and resume mid-batch (the checkpoint at step 3) on the batch it kept.
+    `streamed`: full fine-tuning on a generated corpus streamed through one tokenizing worker
+    (data.streaming), killed while shards are still being tokenized into a cache of its own:
+    the resumed run keeps the finished shards, tokenizes the rest, and trains the same rows."""
     lora_run = mode in ("lora", "grpo")
     overrides = {"train.steps": 8, "checkpoint.every": 3, "lora.enabled": lora_run,
                  "optim.lr": 3e-3 if lora_run else 1e-3, "data.eval_fraction": 0.0,
@@ -82,8 +94,13 @@ def test_resume_after_sigkill_is_bitwise_exact(mode, model_dir, tmp_path):
                           "data.train_path": str(DATA / "support_preferences.jsonl")})
     if mode == "grpo":
         overrides.update({**GRPO_TINY, "grpo.beta": 0.04, "grpo.num_iterations": 2})
+    if mode == "streamed":
+        overrides.update({"lora.enabled": False, "optim.lr": 1e-3,
+                          "data.cache_dir": str(tmp_path / "cache_killed"),
+                          **streamed_corpus(tmp_path / "corpus.jsonl")})
     straight = tmp_path / "straight"
-    train.run(tiny_config(model_dir, straight, **overrides))
+    train.run(tiny_config(model_dir, straight, **{**overrides, "data.cache_dir": str(
+        tmp_path / "cache_straight")}))
 
     killed = tmp_path / "killed"
     config = write_config_file(tmp_path / "cfg.py", model_dir, killed, **overrides)
@@ -93,6 +110,9 @@ def test_resume_after_sigkill_is_bitwise_exact(mode, model_dir, tmp_path):
         time.sleep(0.05)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
+    if mode == "streamed":  # killed mid-tokenization: the cache holds some shards, not all
+        metrics = [m for m in read_metrics(killed) if m.get("step") == 4]
+        assert metrics[0].get("shards_to_tokenize", 0) > 0
     resumed_from = max(int(p.name) for p in (killed / "checkpoints").iterdir()
                        if p.name.isdigit())
     out = finish(start(config))

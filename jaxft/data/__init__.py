@@ -15,22 +15,20 @@ spans), `preference` (DPO pairs as TRL tokenizes them), `labels` (label maps), `
 `iterator` (resumable, per-process batches), `pipeline` (build_data, build_eval).
 """
 
-from jaxft.data.config import default_config
-from jaxft.data.iterator import EvalBatches, TrainIterator, to_global_arrays
-from jaxft.data.labels import load_label_map, save_label_map
-from jaxft.data.pipeline import DataBundle, EvalData, build_data, build_eval
-from jaxft.hf.tokenizer import load_tokenizer
+_LAZY = {"default_config": "jaxft.data.config", "EvalBatches": "jaxft.data.iterator",
+         "TrainIterator": "jaxft.data.iterator", "to_global_arrays": "jaxft.data.iterator",
+         "load_label_map": "jaxft.data.labels", "save_label_map": "jaxft.data.labels",
+         "DataBundle": "jaxft.data.pipeline", "EvalData": "jaxft.data.pipeline",
+         "build_data": "jaxft.data.pipeline", "build_eval": "jaxft.data.pipeline",
+         "load_tokenizer": "jaxft.hf.tokenizer"}
+__all__ = sorted(_LAZY)
 
-__all__ = [
-    "DataBundle",
-    "EvalBatches",
-    "EvalData",
-    "TrainIterator",
-    "build_data",
-    "build_eval",
-    "default_config",
-    "load_label_map",
-    "load_tokenizer",
-    "save_label_map",
-    "to_global_arrays",
-]
+
+def __getattr__(name: str):
+    """Each name loads its module on first use: the tokenizing workers import
+    `jaxft.data.shards` and `jaxft.data.token_cache` without JAX or transformers."""
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'jaxft.data' has no attribute {name!r}")

@@ -45,6 +45,21 @@ def default_config() -> ml_collections.ConfigDict:
     # For 'messages' with a tokenizer that has no chat template: 'chatml', or a Jinja template
     # string. When set it also overrides the tokenizer's own template.
     c.chat_template = ml_collections.FieldReference(None, field_type=str)
+    # Stream a raw-text corpus of any size (format 'text'; .jsonl, .jsonl.gz, .parquet, .txt or
+    # a tree of text/code files): worker processes tokenize it shard by shard into an on-disk
+    # cache (reused by later runs) while training reads finished shards, memory-mapped, in a
+    # seeded order. Host memory then holds one shard, not the corpus (see jaxft.data.stream).
+    c.streaming = False
+    # Tokenizing processes for data.streaming; 0 = every core this process may use.
+    c.num_workers = 0
+    # Where data.streaming keeps tokenized shards; None = $JAXFT_CACHE, else
+    # ~/.cache/jaxft/tokenized. Keyed by tokenizer and settings: a change is never read stale.
+    c.cache_dir = ml_collections.FieldReference(None, field_type=str)
+    # Text per shard (MiB) for data.streaming: the unit of tokenizing, reading and shuffling.
+    c.shard_mb = 8.0
+    # What one document of a .txt file is: 'paragraph' (blank-line separated) or 'file' (the
+    # whole file, as for a code base). Files of other extensions are always one document each.
+    c.txt_document = "paragraph"
     # Seeds the eval split and each epoch's shuffle.
     c.seed = 0
     # Column names, for files whose columns are named differently.

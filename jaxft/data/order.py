@@ -10,6 +10,7 @@ from __future__ import annotations
 import numpy as np
 
 _HOLDOUT_SALT = 0x5EED_E7A1
+_SHARD_SALT = 0x5AA2_D000_0000
 _MASK64 = np.uint64(0xFFFF_FFFF_FFFF_FFFF)
 
 
@@ -25,7 +26,17 @@ def hash64(seed: int, salt: int, index: np.ndarray) -> np.ndarray:
 
 def epoch_order(n: int, seed: int, epoch: int) -> np.ndarray:
     """The order in which epoch `epoch` visits examples 0..n-1: a fresh permutation per epoch."""
-    keys = hash64(seed, epoch + 1, np.arange(n))
+    return permutation(n, seed, epoch + 1)
+
+
+def shard_order(n: int, seed: int, epoch: int) -> np.ndarray:
+    """The order in which epoch `epoch` reads a streamed corpus's shards 0..n-1."""
+    return permutation(n, seed, _SHARD_SALT + epoch)
+
+
+def permutation(n: int, seed: int, salt: int) -> np.ndarray:
+    """A permutation of 0..n-1 fixed by (seed, salt)."""
+    keys = hash64(seed, salt, np.arange(n))
     return np.argsort(keys, kind="stable").astype(np.int64)
 
 

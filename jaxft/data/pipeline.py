@@ -18,14 +18,16 @@ import os
 from collections.abc import Iterator
 
 import datasets
+import jax
 import ml_collections
 from transformers import PreTrainedTokenizerBase
 
 from jaxft import progress, tasks
-from jaxft.data import encode, formats, labels, packing, sources
+from jaxft.data import encode, formats, labels, packing, sources, stream
 from jaxft.data.files import LOCATION_COLUMNS, Loaded
 from jaxft.data.formats import Schema
 from jaxft.data.iterator import Batch, EvalBatches, TrainIterator
+from jaxft.data.stream import StreamedCorpus, StreamIterator
 from jaxft.errors import JaxftError
 
 log = logging.getLogger(__name__)
@@ -41,7 +43,8 @@ _LOSSES = {  # stats that mean data was altered or left out: always worth a warn
 class DataBundle:
     """Everything the trainer needs from the data, built by `build_data`."""
 
-    train: TrainIterator  # endless local batches; get_state()/set_state() for exact resumption
+    # endless local batches; get_state()/set_state() for exact resumption
+    train: TrainIterator | StreamIterator
     eval: EvalBatches | None  # one pass per iteration; None when there is no eval data
     label_map: dict[str, int] | None  # {name: id} for classification, else None
     stats: dict[str, float]  # counts of rows, truncations, drops, tokens; packing efficiency
@@ -51,10 +54,18 @@ class DataBundle:
     packed: bool = False  # several examples share a row
     chat_template: str | None = None  # what conversations rendered with; None: no chat data
     notes: list[str] = dataclasses.field(default_factory=list)  # data altered or left out
+    streamed: StreamedCorpus | None = None  # data.streaming's corpus, still being tokenized
 
     def describe(self) -> str:
         """One line on what the run trains on: 'messages, 1,050 train + 118 eval examples,
         1,050 rows per epoch, packing efficiency 0.93, 24 truncated'."""
+        if self.streamed is not None:
+            s = self.streamed
+            counts = (f", {self.stats['eval_examples']:,} eval examples"
+                      if "eval_examples" in self.stats else "")
+            return (f"text, streamed: {len(s.shards):,} shards of {s.origin}, "
+                    f"{s.to_tokenize:,} of this process's {len(s.mine):,} to tokenize "
+                    f"(cache {s.directory}){counts}, rows of {self.seq_len} tokens")
         unit = "pairs" if self.sequences_per_row == 2 else "examples"
         counts = f"{self.stats['examples']:,} train"
         if "eval_examples" in self.stats:
@@ -64,6 +75,11 @@ class DataBundle:
         if self.packed:
             parts.append(f"packing efficiency {self.stats['packing_efficiency']:.2f}")
         return ", ".join(parts)
+
+    def close(self) -> None:
+        """Stop a streamed corpus's tokenizing workers (nothing to do otherwise)."""
+        if self.streamed is not None:
+            self.streamed.close()
 
     def eval_batches(self) -> Iterator[Batch]:
         """One pass over the eval set as local batches (nothing when there is no eval set)."""
@@ -93,6 +109,9 @@ def build_data(cfg: ml_collections.ConfigDict, tokenizer: PreTrainedTokenizerBas
 def _build_data(cfg: ml_collections.ConfigDict, tokenizer: PreTrainedTokenizerBase, *,
                 global_batch_size: int, task: str, process_index: int | None,
                 process_count: int | None) -> DataBundle:
+    if cfg.streaming:
+        return _build_streamed(cfg, tokenizer, global_batch_size=global_batch_size, task=task,
+                               process_index=process_index, process_count=process_count)
     split = sources.load_split(cfg.train_path, cfg.eval_path, eval_fraction=cfg.eval_fraction,
                                seed=cfg.seed, skip_bad_rows=cfg.skip_bad_rows,
                                text_column=cfg.text_column)
@@ -122,6 +141,52 @@ def _build_data(cfg: ml_collections.ConfigDict, tokenizer: PreTrainedTokenizerBa
     return DataBundle(train, eval_set, label_map, stats, schema.format, cfg.max_len, per_row,
                       packed=train.packing, notes=notes,
                       chat_template=encode.chat_template_for(tokenizer, schema, split.train, cfg))
+
+
+def _build_streamed(cfg: ml_collections.ConfigDict, tokenizer: PreTrainedTokenizerBase, *,
+                    global_batch_size: int, task: str, process_index: int | None,
+                    process_count: int | None) -> DataBundle:
+    """data.streaming: shards tokenized in the background, trained on as they finish."""
+    if task != tasks.LM or cfg.format not in ("auto", "text"):
+        raise JaxftError(f"data.streaming reads raw text for task 'lm' (data.format 'text'), "
+                         f"not task {task!r} with data.format {cfg.format!r}")
+    if not cfg.train_path:
+        raise JaxftError("data.train_path is not set (a corpus file, directory or glob)")
+    if not 0 <= cfg.eval_fraction < 1:
+        raise JaxftError(f"data.eval_fraction must be in [0, 1), got {cfg.eval_fraction}")
+    if cfg.max_len < 2:
+        raise JaxftError(f"data.max_len must be at least 2, got {cfg.max_len}")
+    index = jax.process_index() if process_index is None else process_index
+    count = jax.process_count() if process_count is None else process_count
+    holdout = (cfg.eval_fraction, cfg.seed) if cfg.eval_fraction and not cfg.eval_path else None
+    corpus = StreamedCorpus.open(cfg.train_path, cfg, tokenizer, holdout=holdout,
+                                 process_index=index, process_count=count)
+    try:
+        train = StreamIterator(corpus, seq_len=cfg.max_len, global_batch_size=global_batch_size,
+                               seed=cfg.seed, pad_id=_pad_id(tokenizer), process_index=index,
+                               process_count=count)
+        examples = None
+        if cfg.eval_path:
+            held_out = StreamedCorpus.open(cfg.eval_path, cfg, tokenizer, holdout=None,
+                                           process_index=index, process_count=count,
+                                           all_are_mine=True)
+            examples = stream.eval_examples(held_out, cfg.max_len)
+            held_out.close()
+        elif holdout is not None:
+            examples = stream.eval_examples(corpus, cfg.max_len)
+    except BaseException:
+        corpus.close()
+        raise
+    stats: dict[str, float] = {"shards": len(corpus.shards)}
+    eval_set = None
+    if examples is not None:
+        eval_set = EvalBatches(examples, seq_len=cfg.max_len,
+                               global_batch_size=global_batch_size, packing=bool(cfg.packing),
+                               pad_id=_pad_id(tokenizer), classification=False,
+                               process_index=index, process_count=count)
+        stats.update(eval_examples=len(examples), eval_tokens=int(len(examples.tokens)))
+    return DataBundle(train, eval_set, None, stats, "text", cfg.max_len, packed=True,
+                      streamed=corpus)
 
 
 def _notes(stats: dict[str, float], split: sources.Split) -> list[str]:

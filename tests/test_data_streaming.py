@@ -1,0 +1,258 @@
+"""data.streaming: a corpus tokenized by worker processes into an on-disk cache while training
+reads it. Checked against transformers' own tokenizer, the in-memory text path's examples, and
+itself across worker counts, restarts and a changed tokenizer; bad shards and a full disk."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from jaxft import data
+from jaxft.data import encode, formats, sources, stream
+from jaxft.errors import JaxftError
+from tests.articles import write_articles
+from tests.test_data_helpers import tiny_bpe
+from tests.tiny_run import REPO
+
+
+@pytest.fixture(scope="module")
+def tok(tmp_path_factory):
+    return tiny_bpe(str(tmp_path_factory.mktemp("tok")))
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> Path:
+    return write_articles(tmp_path_factory.mktemp("corpus") / "articles.jsonl", 400,
+                          mean_sentences=6)
+
+
+def cfg_for(path, cache, **overrides):
+    cfg = data.default_config()
+    cfg.train_path, cfg.streaming, cfg.cache_dir = str(path), True, str(cache)
+    cfg.shard_mb, cfg.max_len, cfg.num_workers = 0.05, 64, 2
+    for k, v in overrides.items():
+        cfg[k] = v
+    return cfg
+
+
+def build(cfg, tok, batch=4):
+    return data.build_data(cfg, tok, global_batch_size=batch, task="lm", process_index=0,
+                           process_count=1)
+
+
+def batches(bundle, n):
+    return [next(bundle.train) for _ in range(n)]
+
+
+def cached_documents(bundle) -> list[list[int]]:
+    corpus, out = bundle.streamed, []
+    for i in range(len(corpus.shards)):
+        for part in ("eval", "") if i == corpus.holdout_shard else ("",):
+            docs = corpus.documents(i, part)
+            if docs is not None:
+                out += [docs.tokens[a:b].tolist() for a, b in
+                        zip(docs.offsets[:-1], docs.offsets[1:], strict=True)]
+    return out
+
+
+def test_tokens_are_the_tokenizers_own(corpus, tok, tmp_path):
+    """Every document is transformers' encoding of its text plus EOS, and none is lost: the
+    shards' byte ranges cover every line exactly once."""
+    bundle = build(cfg_for(corpus, tmp_path), tok)
+    assert len(bundle.streamed.shards) > 5
+    got = Counter(map(tuple, cached_documents(bundle)))
+    texts = [json.loads(line)["text"] for line in corpus.read_text().splitlines()]
+    want = Counter(tuple(tok(t)["input_ids"] + [tok.eos_token_id]) for t in texts)
+    assert got == want
+    bundle.close()
+
+
+def test_an_epoch_holds_the_in_memory_paths_examples(corpus, tok, tmp_path):
+    """One epoch of streamed rows trains exactly the examples the in-memory text format cuts
+    from the same documents (pieces of max_len overlapping by one), each once."""
+    cfg = cfg_for(corpus, tmp_path, eval_fraction=0.0)
+    bundle = build(cfg, tok)
+    rows = bundle.train.rows_per_epoch()
+    seen = Counter()
+    for batch in batches(bundle, rows // 4):
+        for r in range(4):
+            seg = batch["segment_ids"][r]
+            for s in range(1, seg.max() + 1):
+                seen[tuple(batch["input_ids"][r][seg == s].tolist())] += 1
+    loaded = sources.load_split(str(corpus), None, eval_fraction=0.0, seed=0,
+                                skip_bad_rows=False, text_column="text").train
+    in_memory = data.default_config()
+    in_memory.max_len = 64
+    schema = formats.resolve(in_memory, ["text"], "lm", "x")
+    examples, _ = encode.encode(loaded, schema, tok, in_memory)
+    want = Counter(tuple(examples.tokens[a:b].tolist())
+                   for a, b in zip(examples.offsets[:-1], examples.offsets[1:], strict=True))
+    # the last batch may be short of an epoch's end by < 4 rows
+    missing = want - seen
+    assert sum(missing.values()) <= 4 * 8 and not (seen - want)
+    bundle.close()
+
+
+def test_order_depends_on_the_seed_alone(corpus, tok, tmp_path):
+    """One worker or three, a cold cache or a warm one: the same batches, bit for bit."""
+    one = build(cfg_for(corpus, tmp_path / "a", num_workers=1), tok)
+    three = build(cfg_for(corpus, tmp_path / "b", num_workers=3), tok)
+    warm = build(cfg_for(corpus, tmp_path / "a", num_workers=1), tok)
+    assert warm.streamed.cached == len(warm.streamed.shards) and warm.streamed.pool is None
+    for x, y, z in zip(batches(one, 40), batches(three, 40), batches(warm, 40), strict=True):
+        for k in x:
+            np.testing.assert_array_equal(x[k], y[k])
+            np.testing.assert_array_equal(x[k], z[k])
+    other = build(cfg_for(corpus, tmp_path / "a", seed=1), tok)
+    assert not np.array_equal(next(other.train)["input_ids"], next(warm.train)["input_ids"])
+    for b in (one, three, warm, other):
+        b.close()
+
+
+def test_resume_from_state_is_exact(corpus, tok, tmp_path):
+    """get_state after 37 batches (into the second epoch), set on a new run: the same next
+    batches as the run that went on."""
+    straight = build(cfg_for(corpus, tmp_path), tok)
+    rows = straight.train.rows_per_epoch()
+    k = rows // 4 + 5
+    batches(straight, k)
+    state = json.loads(json.dumps(straight.train.get_state()))
+    assert state["epoch"] == 1
+    want = batches(straight, 10)
+    resumed = build(cfg_for(corpus, tmp_path), tok)
+    resumed.train.set_state(state)
+    for x, y in zip(want, batches(resumed, 10), strict=True):
+        for key in x:
+            np.testing.assert_array_equal(x[key], y[key])
+    with pytest.raises(JaxftError, match="shards"):
+        resumed.train.set_state({**state, "shards": 3})
+    straight.close(), resumed.close()
+
+
+def test_another_tokenizer_rebuilds_the_cache(corpus, tok, tmp_path):
+    """A cache written by one tokenizer is never read for another: the second run's tokens
+    are its own tokenizer's."""
+    build(cfg_for(corpus, tmp_path), tok).close()
+    from transformers import PreTrainedTokenizerFast
+    other = PreTrainedTokenizerFast(tokenizer_object=tok.backend_tokenizer, eos_token="<|im_end|>")
+    bundle = build(cfg_for(corpus, tmp_path), other)
+    assert bundle.streamed.cached == 0
+    first = json.loads(corpus.read_text().splitlines()[0])["text"]
+    docs = cached_documents(bundle)
+    assert other(first)["input_ids"] + [other.eos_token_id] in docs
+    bundle.close()
+
+
+def test_unreadable_shard_is_named_or_skipped(tmp_path, tok):
+    """A corrupt .jsonl.gz among good ones: the run stops naming it, or with
+    data.skip_bad_rows goes on without it and counts it."""
+    root = tmp_path / "shards"
+    root.mkdir()
+    for i in range(4):
+        lines = [json.dumps({"text": f"document {i} {j} " * 20}) for j in range(30)]
+        (root / f"part-{i}.jsonl.gz").write_bytes(gzip.compress("\n".join(lines).encode()))
+    (root / "part-2.jsonl.gz").write_bytes(b"\x1f\x8b\x08 not gzip at all")
+    cfg = cfg_for(str(root / "*.jsonl.gz"), tmp_path / "cache", eval_fraction=0.0)
+    bundle = build(cfg, tok)
+    with pytest.raises(JaxftError, match=r"part-2\.jsonl\.gz: cannot read"):
+        bundle.train.rows_per_epoch()
+    cfg.skip_bad_rows = True
+    bundle = build(cfg, tok)
+    assert bundle.train.rows_per_epoch() > 0
+    assert bundle.streamed.totals()["unreadable_shards"] == 1
+
+
+def test_bad_line_is_named_with_its_line_number(tmp_path, tok):
+    """A malformed line deep in a shard that starts mid-file is named by its file line."""
+    path = tmp_path / "c.jsonl"
+    lines = [json.dumps({"text": f"line {i} " * 30}) for i in range(300)]
+    lines[250] = '{"text": "broken'
+    path.write_text("\n".join(lines) + "\n")
+    bundle = build(cfg_for(path, tmp_path / "cache", eval_fraction=0.0), tok)
+    with pytest.raises(JaxftError, match=rf"{path} line 251: malformed JSON"):
+        bundle.train.rows_per_epoch()
+    bundle = build(cfg_for(path, tmp_path / "cache", eval_fraction=0.0, skip_bad_rows=True), tok)
+    bundle.train.rows_per_epoch()
+    assert bundle.streamed.totals()["skipped_bad_rows"] == 1
+
+
+def test_text_trees_and_parquet(tmp_path, tok):
+    """A tree of code files is one document a file; parquet shards by row groups."""
+    tree = tmp_path / "repo"
+    (tree / "pkg" / ".git").mkdir(parents=True)
+    (tree / "pkg" / ".git" / "HEAD").write_text("ignored")
+    texts = {}
+    for i in range(12):
+        f = tree / "pkg" / f"mod{i}.py"
+        texts[f] = f"def f{i}(x):\n\n    return x + {i}\n"
+        f.write_text(texts[f])
+    bundle = build(cfg_for(tree, tmp_path / "c1", eval_fraction=0.0), tok)
+    want = Counter(tuple(tok(t)["input_ids"] + [tok.eos_token_id]) for t in texts.values())
+    assert Counter(map(tuple, cached_documents(bundle))) == want
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    rows = [f"row {i} " * 40 for i in range(200)]
+    pq.write_table(pa.table({"text": rows}), tmp_path / "c.parquet", row_group_size=20)
+    bundle = build(cfg_for(tmp_path / "c.parquet", tmp_path / "c2", eval_fraction=0.0,
+                           shard_mb=0.01), tok)
+    assert len(bundle.streamed.shards) > 2
+    want = Counter(tuple(tok(t)["input_ids"] + [tok.eos_token_id]) for t in rows)
+    assert Counter(map(tuple, cached_documents(bundle))) == want
+
+
+FULL_DISK = """
+import resource, signal, sys
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+resource.setrlimit(resource.RLIMIT_FSIZE, (20_000, 20_000))
+from jaxft import data
+from jaxft.errors import JaxftError
+from tests.test_data_streaming import cfg_for
+tok = data.load_tokenizer(sys.argv[1])
+cfg = cfg_for(sys.argv[2], sys.argv[3], eval_fraction=0.0, shard_mb=0.2)
+bundle = data.build_data(cfg, tok, global_batch_size=4, task="lm", process_index=0,
+                         process_count=1)
+try:
+    bundle.train.rows_per_epoch()
+except JaxftError as e:
+    print("ERROR", e)
+"""
+
+
+def test_full_disk_is_one_line_and_leaves_nothing_to_reuse(corpus, tok, tmp_path):
+    """Writing the cache past a file-size limit (the disk refusing bytes): one line naming the
+    cache; no shard file is left half-written, and the next run's tokens are whole."""
+    tok.save_pretrained(tmp_path / "tok")
+    cache = tmp_path / "cache"
+    out = subprocess.run([sys.executable, "-c", FULL_DISK, str(tmp_path / "tok"), str(corpus),
+                          str(cache)], cwd=REPO, capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    line = next(x for x in out.stdout.splitlines() if x.startswith("ERROR"))
+    assert "no room to write the tokenized corpus" in line and str(cache) in line, out
+    assert not list(cache.rglob("*.tmp*"))
+    bundle = build(cfg_for(corpus, cache, eval_fraction=0.0, shard_mb=0.2), tok)
+    texts = [json.loads(x)["text"] for x in corpus.read_text().splitlines()]
+    want = Counter(tuple(tok(t)["input_ids"] + [tok.eos_token_id]) for t in texts)
+    assert Counter(map(tuple, cached_documents(bundle))) == want
+    bundle.close()
+
+
+def test_pieces_match_the_in_memory_cut():
+    """pieces(): the cut encode's text format makes, from lengths alone."""
+    lengths = np.array([1, 2, 5, 9, 64, 65, 200])
+    docs = stream.token_cache.ShardTokens(np.zeros(lengths.sum(), np.uint16),
+                                          np.concatenate([[0], np.cumsum(lengths)]))
+    starts, sizes = stream.pieces(docs, 8)
+    want = []
+    for d, n in enumerate(lengths):
+        if n < 2:
+            continue
+        want += [(docs.offsets[d] + s, min(8, n - s)) for s in range(0, n - 1, 7)]
+    assert list(zip(starts.tolist(), sizes.tolist(), strict=True)) == want
