@@ -384,6 +384,7 @@ def _run_base(config: ml_collections.ConfigDict, data_cfg: ml_collections.Config
     _check_batch_size(batch_size, mesh)
     bundle = data.build_data(data_cfg, data.load_tokenizer(tokenizer_path),
                              global_batch_size=batch_size, task=task)
+    bundle.close()  # (a streamed corpus: its eval rows are read, the rest is not needed)
     if bundle.eval is None:
         raise JaxftError("no eval data: set data.eval_path, or data.eval_fraction > 0")
     num_labels = (config.model.num_labels or len(bundle.label_map)

@@ -54,7 +54,8 @@ def pytest_terminal_summary(terminalreporter):
 # file handed out last runs alone while the other worker idles.
 LONGEST_FIRST = ("test_checkpoint.py", "test_readme_commands.py", "test_dpo_train.py",
                  "test_tpu_compile.py", "test_gpu_compile.py", "test_sharding.py",
-                 "test_multihost.py", "test_benchmark.py", "test_model_configs.py",
+                 "test_multihost.py", "test_benchmark.py", "test_data_streaming.py",
+                 "test_model_configs.py",
                  "test_grpo_train.py", "test_families.py", "test_generate.py")
 
 

@@ -77,3 +77,23 @@ def test_quick_grpo_benchmark_times_both_rollouts_and_steps(tmp_path):
     for r in rows.values():
         assert r["rollout_tokens_per_s"] > 0 and r["train_tokens_per_s"] > 0
         assert 0 < r["generation_s"] < r["step_s"] and r["timed_steps"] >= 1
+
+
+def test_quick_data_benchmark_writes_json_rows(tmp_path):
+    """tools/benchmark_data.py --quick: both preparations of 2,000 generated articles, in their
+    own processes; both count the same tokens (the same tokenizer, the same EOS), and jaxft's
+    first batch comes before its last shard is tokenized or at once after."""
+    out = tmp_path / "data.json"
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "tools" / "benchmark_data.py"), "--quick",
+         "--corpus-dir", str(tmp_path / "articles"), "--json", str(out)],
+        capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = {r["impl"]: r for r in json.loads(out.read_text())}
+    assert set(rows) == {"jaxft", "peer"}
+    assert rows["jaxft"]["tokens"] == rows["peer"]["tokens"] > 2_000_000
+    for r in rows.values():
+        for field in ("first_batch_s", "tokens_per_s", "main_peak_rss_mb", "tree_peak_rss_mb",
+                      "rows"):
+            assert r[field] > 0, (r["impl"], field)
+    assert rows["jaxft"]["first_batch_s"] <= rows["jaxft"]["tokenized_s"]

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from jaxft import train
+from tests.articles import write_articles
 from tests.tiny_run import (
     REPO,
     read_metrics,
@@ -60,6 +61,32 @@ def test_two_processes_match_one_process(model_dir, tmp_path):
     assert all(f"resumed from {workdir / 'checkpoints' / '2'}" in out for out in outputs)
     got = train_losses(workdir)  # the resumed steps 3 and 4 are logged again, last one wins
     np.testing.assert_allclose([got[3], got[4]], [expected[3], expected[4]], rtol=1e-4)
+
+
+def test_streamed_corpus_over_two_processes_resumes_exactly(model_dir, tmp_path):
+    """data.streaming over two processes: each tokenizes and reads its own half of the shards
+    (the hold-out shard both), and a resume from checkpoint 2 trains steps 3 and 4 exactly as
+    the uninterrupted run did (each process's stream position saved in the checkpoint)."""
+    corpus = write_articles(tmp_path / "corpus.jsonl", 400, mean_sentences=6)
+    overrides = {"train.steps": 4, "lora.enabled": False, "optim.lr": 1e-3, "mesh.data": 2,
+                 "mesh.fsdp": 4, "checkpoint.every": 2, "data.train_path": str(corpus),
+                 "data.streaming": True, "data.shard_mb": 0.02, "data.num_workers": 1,
+                 "data.cache_dir": str(tmp_path / "cache"), "train.eval_every": 2}
+    workdir = tmp_path / "multi"
+    config = write_config_file(tmp_path / "cfg.py", model_dir, workdir, **overrides)
+    outputs = run_two_processes(config)
+    halves = [int(out.split("of this process's ")[1].split()[0]) for out in outputs]
+    shards = int(outputs[0].split("streamed: ")[1].split()[0])
+    assert sorted(halves) == [shards // 2, shards - shards // 2]
+    expected = train_losses(workdir)
+    evals = {m["step"]: m["eval_loss"] for m in read_metrics(workdir) if "eval_loss" in m}
+    shutil.rmtree(workdir / "checkpoints" / "4")
+    outputs = run_two_processes(config)
+    assert all(f"resumed from {workdir / 'checkpoints' / '2'}" in out for out in outputs)
+    got = train_losses(workdir)
+    assert [got[3], got[4]] == [expected[3], expected[4]]
+    assert {m["step"]: m["eval_loss"] for m in read_metrics(workdir) if "eval_loss" in m
+            }[4] == evals[4]
 
 
 def run_two_processes(config) -> list[str]:

@@ -16,6 +16,7 @@ it, so a new one cannot go unchecked.
 
 from __future__ import annotations
 
+import importlib
 import json
 import re
 import shlex
@@ -106,15 +107,15 @@ def how(argv: list[str], cwd: Path) -> str:
     if argv[:2] == ["python", "-m"]:
         run([sys.executable, *argv[1:]], cwd)
         return "ran"
-    if argv[:2] == ["python", "tools/benchmark.py"]:
+    if argv[0] == "python" and argv[1] in ("tools/benchmark.py", "tools/benchmark_data.py"):
         # a run is minutes; tests/test_benchmark.py runs the printed command at its --quick
         # shape (and checks its rows), so here each printed form's flags must parse
         sys.path.insert(0, str(REPO / "tools"))
         try:
-            import benchmark
+            tool = importlib.import_module(Path(argv[1]).stem)
         finally:
             sys.path.remove(str(REPO / "tools"))
-        benchmark.parse_args(argv[2:])
+        tool.parse_args(argv[2:])
         return "flags parse (tests/test_benchmark.py runs it, --quick)"
     if program == "tensorboard":
         logdir = cwd / argv[argv.index("--logdir") + 1]

@@ -12,7 +12,10 @@ Modules, one job each: `config` (fields), `tokenizer` (load_tokenizer), `files` 
 `chatterbot` (rows), `formats` (which columns mean what), `chat` (chat templates, assistant
 spans), `preference` (DPO pairs as TRL tokenizes them), `labels` (label maps), `encode`
 (tokens + loss mask), `order` (seeded orderings), `packing` (rows and the batch contract),
-`iterator` (resumable, per-process batches), `pipeline` (build_data, build_eval).
+`iterator` (resumable, per-process batches), `pipeline` (build_data, build_eval). A raw-text
+corpus of any size (data.streaming): `shards` (plan and read shards), `tokenize_worker` (a
+tokenizing process), `worker_pool` (feeding them in order), `token_cache` (the on-disk tokens),
+`stream` (reading it in a seeded, resumable order while it is still being written).
 """
 
 _LAZY = {"default_config": "jaxft.data.config", "EvalBatches": "jaxft.data.iterator",

@@ -1,7 +1,8 @@
 """Read local data files into a `datasets.Dataset`, with every row remembering where it came from.
 
 Accepted: `.jsonl`, `.json` (an array of objects, or JSON Lines), `.csv`, `.parquet` and `.txt`
-(one document per blank-line-separated paragraph), given as a file, a directory or a glob.
+(one document per blank-line-separated paragraph, or per file with data.txt_document='file'),
+given as a file, a directory or a glob.
 
 JSON is parsed here, line by line, rather than by the `datasets` json loader, because that loader
 reports a bad line as an Arrow error without a line number. Every row gains two columns, `_file`
@@ -78,24 +79,30 @@ def file_kind(path: str) -> str:
     return KINDS[ext]
 
 
-def read_files(path: str, *, skip_bad_rows: bool, text_column: str = "text") -> Loaded:
-    """Load every file that `path` names into one Dataset plus its `Origin`."""
+def read_files(path: str, *, skip_bad_rows: bool, text_column: str = "text",
+               txt_document: str = "paragraph") -> Loaded:
+    """Load every file that `path` names into one Dataset plus its `Origin`; a `.txt` file is
+    one document per blank-line paragraph, or with txt_document='file' one in all."""
+    if txt_document not in ("paragraph", "file"):
+        raise JaxftError(f"data.txt_document must be 'paragraph' or 'file', got "
+                         f"{txt_document!r}")
     files = expand(path)
     kind = file_kind(files[0])
     if kind in ("jsonl", "json"):
         loaded = _read_json(files, skip_bad_rows)
     else:
-        loaded = _read_tabulars(path, files, kind, skip_bad_rows, text_column)
+        loaded = _read_tabulars(path, files, kind, skip_bad_rows, text_column, txt_document)
     if len(loaded.rows) == 0:
         skipped = f", {loaded.bad_rows} malformed rows skipped" if loaded.bad_rows else ""
         raise JaxftError(f"{path}: no rows (the dataset is empty{skipped})")
     return loaded
 
 
-def _read_tabulars(path: str, files: list[str], kind: str, skip: bool, text_column: str) -> Loaded:
+def _read_tabulars(path: str, files: list[str], kind: str, skip: bool, text_column: str,
+                   txt_document: str) -> Loaded:
     parts, bad = [], 0
     for i, f in enumerate(files):
-        ds, n_bad = _read_tabular(f, kind, skip, text_column)
+        ds, n_bad = _read_tabular(f, kind, skip, text_column, txt_document)
         bad += n_bad
         if len(ds):
             parts.append(ds.add_column("_file", [i] * len(ds))
@@ -105,12 +112,14 @@ def _read_tabulars(path: str, files: list[str], kind: str, skip: bool, text_colu
                 else datasets.concatenate_datasets(parts))
     except ValueError as e:
         raise JaxftError(f"{path}: files have different columns ({first_line(e)})") from e
-    return Loaded(rows, Origin(tuple(files), "paragraph" if kind == "txt" else "row"), bad)
+    unit = ("paragraph" if txt_document == "paragraph" else "document") if kind == "txt" else "row"
+    return Loaded(rows, Origin(tuple(files), unit), bad)
 
 
-def _read_tabular(path: str, kind: str, skip: bool,
-                  text_column: str) -> tuple[datasets.Dataset, int]:
-    kwargs = {"sample_by": "paragraph"} if kind == "txt" else {}
+def _read_tabular(path: str, kind: str, skip: bool, text_column: str,
+                  txt_document: str = "paragraph") -> tuple[datasets.Dataset, int]:
+    kwargs = ({"sample_by": "paragraph" if txt_document == "paragraph" else "document"}
+              if kind == "txt" else {})
     builder = {"csv": "csv", "parquet": "parquet", "txt": "text"}[kind]
     try:
         ds = datasets.load_dataset(builder, data_files=path, split="train", **kwargs)

@@ -114,7 +114,8 @@ def _build_data(cfg: ml_collections.ConfigDict, tokenizer: PreTrainedTokenizerBa
                                process_index=process_index, process_count=process_count)
     split = sources.load_split(cfg.train_path, cfg.eval_path, eval_fraction=cfg.eval_fraction,
                                seed=cfg.seed, skip_bad_rows=cfg.skip_bad_rows,
-                               text_column=cfg.text_column)
+                               text_column=cfg.text_column,
+                               txt_document=cfg.txt_document)
     schema = formats.resolve(cfg, _data_columns(split.train), task, str(split.train.origin))
     if split.eval is not None:
         formats.require(schema, _data_columns(split.eval), str(split.eval.origin))
@@ -152,41 +153,60 @@ def _build_streamed(cfg: ml_collections.ConfigDict, tokenizer: PreTrainedTokeniz
                          f"not task {task!r} with data.format {cfg.format!r}")
     if not cfg.train_path:
         raise JaxftError("data.train_path is not set (a corpus file, directory or glob)")
+    if not cfg.packing:
+        raise JaxftError("data.streaming packs its rows (pieces of raw text, several to a row); "
+                         "data.packing=False is for example-per-row data")
     if not 0 <= cfg.eval_fraction < 1:
         raise JaxftError(f"data.eval_fraction must be in [0, 1), got {cfg.eval_fraction}")
     if cfg.max_len < 2:
         raise JaxftError(f"data.max_len must be at least 2, got {cfg.max_len}")
     index = jax.process_index() if process_index is None else process_index
     count = jax.process_count() if process_count is None else process_count
-    holdout = (cfg.eval_fraction, cfg.seed) if cfg.eval_fraction and not cfg.eval_path else None
-    corpus = StreamedCorpus.open(cfg.train_path, cfg, tokenizer, holdout=holdout,
+    corpus = StreamedCorpus.open(cfg.train_path, cfg, tokenizer, holdout=_streamed_holdout(cfg),
                                  process_index=index, process_count=count)
     try:
         train = StreamIterator(corpus, seq_len=cfg.max_len, global_batch_size=global_batch_size,
                                seed=cfg.seed, pad_id=_pad_id(tokenizer), process_index=index,
                                process_count=count)
-        examples = None
-        if cfg.eval_path:
-            held_out = StreamedCorpus.open(cfg.eval_path, cfg, tokenizer, holdout=None,
-                                           process_index=index, process_count=count,
-                                           all_are_mine=True)
-            examples = stream.eval_examples(held_out, cfg.max_len)
-            held_out.close()
-        elif holdout is not None:
-            examples = stream.eval_examples(corpus, cfg.max_len)
+        eval_set = _streamed_eval(cfg, tokenizer, corpus, global_batch_size, index, count)
     except BaseException:
         corpus.close()
         raise
     stats: dict[str, float] = {"shards": len(corpus.shards)}
-    eval_set = None
-    if examples is not None:
-        eval_set = EvalBatches(examples, seq_len=cfg.max_len,
-                               global_batch_size=global_batch_size, packing=bool(cfg.packing),
-                               pad_id=_pad_id(tokenizer), classification=False,
-                               process_index=index, process_count=count)
-        stats.update(eval_examples=len(examples), eval_tokens=int(len(examples.tokens)))
+    if eval_set is not None:
+        stats.update(eval_examples=len(eval_set.examples),
+                     eval_tokens=int(len(eval_set.examples.tokens)))
     return DataBundle(train, eval_set, None, stats, "text", cfg.max_len, packed=True,
                       streamed=corpus)
+
+
+def _streamed_holdout(cfg: ml_collections.ConfigDict) -> tuple[float, int] | None:
+    """(fraction, seed) of the first shard's documents held out for eval, if any are."""
+    return (cfg.eval_fraction, cfg.seed) if cfg.eval_fraction and not cfg.eval_path else None
+
+
+def _streamed_eval(cfg: ml_collections.ConfigDict, tokenizer: PreTrainedTokenizerBase,
+                   corpus: StreamedCorpus | None, global_batch_size: int, index: int,
+                   count: int) -> EvalBatches | None:
+    """A streamed corpus's eval set: data.eval_path's corpus, else the hold-out of the train
+    corpus's first shard (`corpus`, or opened here for that shard alone); None without one."""
+    if not cfg.eval_path and _streamed_holdout(cfg) is None:
+        return None
+    path = cfg.eval_path or cfg.train_path
+    held_out = corpus if corpus is not None and not cfg.eval_path else StreamedCorpus.open(
+        path, cfg, tokenizer, holdout=None if cfg.eval_path else _streamed_holdout(cfg),
+        process_index=index, process_count=count, all_are_mine=bool(cfg.eval_path),
+        eval_only=True)
+    try:
+        examples = stream.eval_examples(held_out, cfg.max_len)
+    finally:
+        if held_out is not corpus:
+            held_out.close()
+    if examples is None:
+        return None
+    return EvalBatches(examples, seq_len=cfg.max_len, global_batch_size=global_batch_size,
+                       packing=True, pad_id=_pad_id(tokenizer), classification=False,
+                       process_index=index, process_count=count)
 
 
 def _notes(stats: dict[str, float], split: sources.Split) -> list[str]:
@@ -242,6 +262,14 @@ def build_eval(cfg: ml_collections.ConfigDict, tokenizer: PreTrainedTokenizerBas
     """
     if task == tasks.CLASSIFICATION and label_map is None:
         raise JaxftError("evaluating a classifier needs the label map it trained with")
+    if cfg.streaming and task == tasks.LM and not predict:  # the eval set training used
+        index = jax.process_index() if process_index is None else process_index
+        count = jax.process_count() if process_count is None else process_count
+        batches = _streamed_eval(cfg, tokenizer, None, global_batch_size, index, count)
+        if batches is None:
+            raise JaxftError("no eval data: set data.eval_path, or data.eval_fraction > 0")
+        return EvalData(batches, datasets.Dataset.from_dict({}), {"text": cfg.text_column},
+                        {"examples": len(batches.examples)}, cfg.eval_path or cfg.train_path)
     if predict:
         cfg = cfg.copy_and_resolve_references()
         cfg.skip_bad_rows, cfg.overlong = False, "truncate"
@@ -257,7 +285,8 @@ def _build_eval(cfg: ml_collections.ConfigDict, tokenizer: PreTrainedTokenizerBa
                 process_count: int | None) -> EvalData:
     loaded = sources.load_eval(cfg.train_path, cfg.eval_path, eval_fraction=cfg.eval_fraction,
                                seed=cfg.seed, skip_bad_rows=cfg.skip_bad_rows,
-                               text_column=cfg.text_column)
+                               text_column=cfg.text_column,
+                               txt_document=cfg.txt_document)
     if loaded is None:
         raise JaxftError("no eval data: set data.eval_path, or data.eval_fraction > 0")
     where = str(loaded.origin)

@@ -14,6 +14,7 @@ What a shard is, by kind of file:
 | `.txt` (document=paragraph)  | a byte range, cut after a blank line     | a paragraph        |
 | `.txt` (document=file), any  | whole files grouped to ~shard_bytes      | a whole file       |
 | other extension (a code base)|                                          |                    |
+| a hub dataset (`hub_shards`) | one of its data files, streamed          | a row's text col.  |
 
 Shards are planned from file sizes (plus a short read at each cut), never by reading the corpus,
 so a corpus of any size is planned in a moment and its first shard can be tokenized at once.
@@ -47,7 +48,10 @@ class Shard:
     stop: int = -1  # end byte or row group, exclusive; -1: to the end
 
     def identity(self) -> list:
-        """What the tokens of this shard depend on, as JSON: files with size and time, range."""
+        """What the tokens of this shard depend on, as JSON: files with size and time, range
+        (a hub dataset's shard: its name, index and count)."""
+        if self.kind == "hub":
+            return [self.kind, list(self.files), self.start, self.stop]
         stamps = [[f, *_stamp(f)] for f in self.files]
         return [self.kind, stamps, self.start, self.stop]
 
@@ -180,6 +184,19 @@ def _parquet_shards(path: str, shard_bytes: int) -> list[Shard]:
     return shards
 
 
+def hub_shards(name: str) -> list[Shard]:
+    """A hub dataset's train split, streamed (nothing is downloaded whole): one shard per data
+    file, as `datasets` splits it (`IterableDataset.shard`)."""
+    import datasets
+
+    try:
+        count = datasets.load_dataset(name, split="train", streaming=True).num_shards
+    except Exception as e:  # noqa: BLE001 - hub/network errors come in many types
+        raise JaxftError(f"'{name}' is not a local corpus and could not be streamed from the "
+                         f"Hugging Face hub ({first_line(e)[:200]})") from e
+    return [Shard("hub", (name,), i, count) for i in range(count)]
+
+
 class BadShard(Exception):
     """A shard, or a row of it, that cannot be read; the message names the file (and line)."""
 
@@ -188,7 +205,7 @@ def read_documents(shard: Shard, *, text_column: str, skip: bool) -> tuple[list[
     """The documents of `shard` in order, the count of malformed rows skipped (with `skip`),
     and where the first of them is. A malformed row without `skip` raises BadShard naming it."""
     reader = {"jsonl": _jsonl, "jsonl.gz": _jsonl, "parquet": _parquet,
-              "paragraphs": _paragraphs, "files": _files}[shard.kind]
+              "paragraphs": _paragraphs, "files": _files, "hub": _hub}[shard.kind]
     return reader(shard, text_column, skip)
 
 
@@ -250,6 +267,25 @@ def _parquet(shard: Shard, column: str, skip: bool) -> tuple[list[str], int, str
     if bad and not skip:
         raise BadShard(f"{path}: {bad} rows of '{column}' are not strings")
     return texts, bad, f"{path}: rows of '{column}' that are not strings" if bad else ""
+
+
+def _hub(shard: Shard, column: str, skip: bool) -> tuple[list[str], int, str]:
+    import datasets
+
+    (name,) = shard.files
+    try:
+        rows = datasets.load_dataset(name, split="train", streaming=True).shard(
+            num_shards=shard.stop, index=shard.start)
+        values = [row.get(column) for row in rows]
+    except Exception as e:  # noqa: BLE001 - hub/network errors come in many types
+        raise BadShard(f"{name} shard {shard.start} of {shard.stop}: cannot stream "
+                       f"({first_line(e)[:200]})") from e
+    texts = [v for v in values if isinstance(v, str)]
+    bad = len(values) - len(texts)
+    where = f"{name} shard {shard.start}: {bad} rows without a string '{column}'"
+    if bad and not skip:
+        raise BadShard(where)
+    return texts, bad, where if bad else ""
 
 
 def _paragraphs(shard: Shard, column: str, skip: bool) -> tuple[list[str], int, str]:

@@ -29,15 +29,15 @@ class Split:
 
 
 def load_split(train_path: str | None, eval_path: str | None, *, eval_fraction: float, seed: int,
-               skip_bad_rows: bool, text_column: str) -> Split:
+               skip_bad_rows: bool, text_column: str, txt_document: str = "paragraph") -> Split:
     """Train rows and (possibly no) eval rows, as the config asks."""
     if not train_path:
         raise JaxftError("data.train_path is not set (a data file, glob, hub name or built-in)")
     if not 0 <= eval_fraction < 1:
         raise JaxftError(f"data.eval_fraction must be in [0, 1), got {eval_fraction}")
-    train, own_eval = _load(train_path, skip_bad_rows, text_column)
+    train, own_eval = _load(train_path, skip_bad_rows, text_column, txt_document)
     if eval_path:
-        return Split(train, _load(eval_path, skip_bad_rows, text_column)[0])
+        return Split(train, _load(eval_path, skip_bad_rows, text_column, txt_document)[0])
     if eval_fraction == 0:  # no eval, even where the source has its own eval split
         return Split(train, None)
     if own_eval is not None:
@@ -49,25 +49,29 @@ def load_split(train_path: str | None, eval_path: str | None, *, eval_fraction: 
 
 
 def load_eval(train_path: str | None, eval_path: str | None, *, eval_fraction: float, seed: int,
-              skip_bad_rows: bool, text_column: str) -> Loaded | None:
+              skip_bad_rows: bool, text_column: str,
+              txt_document: str = "paragraph") -> Loaded | None:
     """Only the eval rows, as `load_split` would give them: the rows of `eval_path` when it is
     set (the train data is then never read, so a finished run evaluates on new data without
     its train file), else the eval split of `train_path`; None when there is none."""
     if eval_path:
-        return _load(eval_path, skip_bad_rows, text_column)[0]
+        return _load(eval_path, skip_bad_rows, text_column, txt_document)[0]
     return load_split(train_path, None, eval_fraction=eval_fraction, seed=seed,
-                      skip_bad_rows=skip_bad_rows, text_column=text_column).eval
+                      skip_bad_rows=skip_bad_rows, text_column=text_column,
+                      txt_document=txt_document).eval
 
 
 def _select(loaded: Loaded, indices: np.ndarray, **changes) -> Loaded:
     return dataclasses.replace(loaded, rows=loaded.rows.select(indices), **changes)
 
 
-def _load(path: str, skip_bad_rows: bool, text_column: str) -> tuple[Loaded, Loaded | None]:
+def _load(path: str, skip_bad_rows: bool, text_column: str,
+          txt_document: str = "paragraph") -> tuple[Loaded, Loaded | None]:
     if path.startswith("chatterbot:"):
         return chatterbot.load(path)
     if hub.looks_local(path):
-        return files.read_files(path, skip_bad_rows=skip_bad_rows, text_column=text_column), None
+        return files.read_files(path, skip_bad_rows=skip_bad_rows, text_column=text_column,
+                                txt_document=txt_document), None
     return _load_hub(path)
 
 

@@ -42,6 +42,7 @@ from jaxft.data.encode import Examples
 from jaxft.data.iterator import Batch
 from jaxft.data.worker_pool import WorkerPool
 from jaxft.errors import JaxftError
+from jaxft.hf import hub
 
 log = logging.getLogger(__name__)
 STATE_KEYS = ("epoch", "shard", "row", "step", "shards")
@@ -68,6 +69,7 @@ class StreamedCorpus:
     holdout_shard: int | None  # the shard eval documents are held out of
     mine: list[int]  # this process's shards
     pool: WorkerPool | None
+    settings_path: Path | None = None  # what the workers read at start; removed at close
     counts: dict[int, dict] = dataclasses.field(default_factory=dict)
     skip_bad_rows: bool = False
     cached: int = 0  # shards found already tokenized when the run started
@@ -75,31 +77,32 @@ class StreamedCorpus:
     @classmethod
     def open(cls, path: str, cfg: ml_collections.ConfigDict,
              tokenizer: PreTrainedTokenizerBase, *, holdout: tuple[float, int] | None,
-             process_index: int, process_count: int, all_are_mine: bool = False
-             ) -> StreamedCorpus:
+             process_index: int, process_count: int, all_are_mine: bool = False,
+             eval_only: bool = False) -> StreamedCorpus:
         """Plan `path`'s shards, find those already cached and start tokenizing the others (this
-        process's, in the order training reads them; the hold-out shard first)."""
+        process's, in the order training reads them; the hold-out shard first). `eval_only`:
+        the hold-out shard alone (or, with no hold-out, every shard: an eval corpus)."""
         if cfg.shard_mb <= 0:
             raise JaxftError(f"data.shard_mb must be positive, got {cfg.shard_mb}")
-        planned = shards.plan_shards(path, shard_bytes=int(cfg.shard_mb * (1 << 20)),
-                                     document=cfg.txt_document)
+        if path.startswith(hub.PACKAGE_PREFIX):  # a corpus shipped inside a package
+            path = str(hub.packaged_path(path))
+        planned = (shards.plan_shards(path, shard_bytes=int(cfg.shard_mb * (1 << 20)),
+                                      document=cfg.txt_document) if hub.looks_local(path)
+                   else shards.hub_shards(path))
         if not all_are_mine and len(planned) < process_count:
             raise JaxftError(f"{path}: {len(planned)} shards for {process_count} processes; "
                              "lower data.shard_mb so that every process has one")
         directory, settings = _settings(cfg, tokenizer)
-        keys = []
-        for i, shard in enumerate(planned):
-            identity = {"shard": shard.identity()}
-            if holdout is not None and i == 0:
-                identity["holdout"] = list(holdout)
-            keys.append(token_cache.key(identity))
+        keys = shard_keys(planned, holdout)
         mine = (list(range(len(planned))) if all_are_mine else
                 list(range(process_index, len(planned), process_count)))
         corpus = cls(path, planned, keys, directory, 0 if holdout is not None else None, mine,
-                     None, skip_bad_rows=bool(cfg.skip_bad_rows))
+                     None, settings, skip_bad_rows=bool(cfg.skip_bad_rows))
         need = ([0] if holdout is not None else []) + [
             mine[i] for i in order.shard_order(len(mine), cfg.seed, 0) if mine[i] != 0
             or holdout is None]
+        if eval_only and holdout is not None:
+            need = [0]
         jobs = []
         for i in need:
             found = token_cache.read_counts(directory, keys[i])
@@ -149,8 +152,11 @@ class StreamedCorpus:
         return token_cache.open_shard(self.directory, self.keys[index], part)
 
     def close(self) -> None:
+        """End the workers (shards in progress are abandoned, never half-read later)."""
         if self.pool is not None:
             self.pool.close()
+        if self.settings_path is not None:
+            self.settings_path.unlink(missing_ok=True)
 
     def totals(self) -> dict[str, int]:
         """Counts summed over this process's shards, waiting for all of them."""
@@ -162,6 +168,17 @@ class StreamedCorpus:
             if "unreadable" in self.counts[i]:
                 out["unreadable_shards"] = out.get("unreadable_shards", 0) + 1
         return out
+
+
+def shard_keys(planned: list[shards.Shard], holdout: tuple[float, int] | None) -> list[str]:
+    """Each shard's cache key: its files and range, and for the first, the eval hold-out."""
+    keys = []
+    for i, shard in enumerate(planned):
+        identity = {"shard": shard.identity()}
+        if holdout is not None and i == 0:
+            identity["holdout"] = list(holdout)
+        keys.append(token_cache.key(identity))
+    return keys
 
 
 def _settings(cfg: ml_collections.ConfigDict,
@@ -312,7 +329,11 @@ class StreamIterator:
         return {**state, "processes": np.asarray(every).reshape(-1, 4).tolist()}
 
     def set_state(self, state: dict) -> None:
-        if int(state.get("shards", -1)) != len(self.corpus.shards):
+        if "shards" not in state:
+            raise JaxftError("the checkpoint's data state is not a streamed corpus's "
+                             "(data.streaming was off when it was saved); it cannot resume "
+                             "exactly")
+        if int(state["shards"]) != len(self.corpus.shards):
             raise JaxftError(f"data iterator state was saved for {state.get('shards')} shards of "
                              f"a streamed corpus, which now has {len(self.corpus.shards)}; it "
                              "cannot resume exactly")

@@ -58,12 +58,14 @@ class WorkerPool:
                 reply = json.loads(line) if line else None
             except (OSError, ValueError):
                 reply = None
-            if reply is None:  # the worker died (killed, or out of memory)
+            dead = reply is None  # the worker died (killed, or out of memory)
+            if dead:
                 reply = {"index": job["index"], "kind": "crash",
-                         "error": f"a tokenizing worker exited (code {proc.poll()})"}
+                         "error": f"a tokenizing worker exited (code {proc.poll()}) on shard "
+                                  f"{job['shard']['files'][0]}"}
             self._done[job["index"]] = reply
             self._events[job["index"]].set()
-            if reply.get("kind") == "crash":
+            if dead:
                 break
         self._close(proc)
 

