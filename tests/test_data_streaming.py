@@ -383,3 +383,17 @@ def cfg_keys(cfg) -> list[str]:
     planned = shards.plan_shards(cfg.data.train_path, shard_bytes=int(cfg.data.shard_mb * 2**20),
                                  document=cfg.data.txt_document)
     return stream.shard_keys(planned, (cfg.data.eval_fraction, cfg.data.seed))
+
+
+def test_txt_document_file_reads_whole_files_in_memory_too(tmp_path):
+    """data.txt_document='file' without streaming: a .txt file is one document, blank lines
+    and all (datasets' own `sample_by='document'`); 'paragraph' splits it at blank lines."""
+    for i in range(3):
+        (tmp_path / f"play{i}.txt").write_text(f"ACT {i}.\n\nSCENE I.\n\nLine {i}.\n")
+    whole = sources.load_split(str(tmp_path / "*.txt"), None, eval_fraction=0.0, seed=0,
+                               skip_bad_rows=False, text_column="text", txt_document="file")
+    assert sorted(whole.train.rows["text"]) == [
+        f"ACT {i}.\n\nSCENE I.\n\nLine {i}.\n" for i in range(3)]
+    split = sources.load_split(str(tmp_path / "*.txt"), None, eval_fraction=0.0, seed=0,
+                               skip_bad_rows=False, text_column="text")
+    assert len(split.train.rows) == 9

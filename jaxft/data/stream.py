@@ -1,7 +1,9 @@
 """A raw-text corpus of any size, trained on while it is still being tokenized (data.streaming).
 
-    corpus = StreamedCorpus.open(cfg, tokenizer)          # plans shards, starts the workers
-    train = StreamIterator(corpus, seq_len=2048, global_batch_size=32, seed=0, pad_id=0)
+    corpus = StreamedCorpus.open(path, cfg, tokenizer, holdout=(0.1, 0), process_index=0,
+                                 process_count=1)         # plans shards, starts the workers
+    train = StreamIterator(corpus, seq_len=2048, global_batch_size=32, seed=0, pad_id=0,
+                           process_index=0, process_count=1)
     batch = next(train)                                   # as soon as its shard is tokenized
 
 The corpus is cut into shards (`shards.py`), tokenized by `data.num_workers` worker processes
@@ -114,6 +116,8 @@ class StreamedCorpus:
         corpus.cached = len(need) - len(jobs)
         if jobs:
             corpus.pool = WorkerPool(str(settings), workers_wanted(cfg.num_workers), jobs)
+        else:  # nothing to tokenize: no worker will read the settings
+            corpus.close()
         log.info("data: %s: %d shards, %d cached, %d to tokenize in %s", path, len(planned),
                  len(need) - len(jobs), len(jobs), directory)
         return corpus
@@ -122,9 +126,6 @@ class StreamedCorpus:
     def to_tokenize(self) -> int:
         """Shards of this process still being tokenized."""
         return 0 if self.pool is None else self.pool.pending()
-
-    def ready(self, index: int) -> bool:
-        return index in self.counts or (self.pool is not None and self.pool.finished(index))
 
     def shard_counts(self, index: int) -> dict:
         """Shard `index`'s counts, waiting for its tokens; a shard that cannot be read stops
@@ -199,11 +200,11 @@ def _settings(cfg: ml_collections.ConfigDict,
     directory = root / token_cache.key(settings)
     try:
         directory.mkdir(parents=True, exist_ok=True)
-        (directory / "tokenizer.json").write_text(tokenizer_json)
+        token_cache.write_atomic(directory / "tokenizer.json", tokenizer_json.encode())
         worker = {**settings, "tokenizer": str(directory / "tokenizer.json"),
                   "directory": str(directory), "skip_bad_rows": bool(cfg.skip_bad_rows)}
         path = directory / f"settings.{os.getpid()}.json"
-        path.write_text(json.dumps(worker))
+        token_cache.write_atomic(path, json.dumps(worker).encode())
     except OSError as e:
         raise JaxftError(f"data.cache_dir {root}: cannot write the tokenized corpus there "
                          f"({os.strerror(e.errno) if e.errno else e})") from e

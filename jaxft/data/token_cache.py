@@ -106,6 +106,12 @@ def write_shard(directory: Path, shard_key: str, parts: dict[str, tuple[np.ndarr
         raise
 
 
+def write_atomic(path: Path, data: bytes) -> None:
+    """Write `data` to `path` so that a reader (another process's worker) never sees it half
+    written."""
+    _atomic(path, [], lambda fh: fh.write(data))
+
+
 def _save_npy(fh, array: np.ndarray) -> None:
     """np.save's format, written by Python's own file object: numpy's `tofile` reports a full
     disk as a short write without an errno, this says ENOSPC (or EFBIG) as the OS did."""
