@@ -69,6 +69,7 @@ def test_random_init_draws_every_tensor_as_transformers_from_config(name, tmp_pa
         assert abs(a.std() - b.std()) < error, (kind, a.std(), b.std())
         assert abs(b.std() - sigma) < error, (kind, b.std())  # the premise: transformers' draw
 
+@pytest.mark.slow  # (a whole training run: the slow lane)
 def test_random_init_reads_no_weights_and_follows_the_seed(tmp_path):
     """The directory has no weights at all; the same seed draws the same model, another seed
     another one."""
@@ -83,6 +84,7 @@ def test_random_init_reads_no_weights_and_follows_the_seed(tmp_path):
         weights.load_hf_model(tmp_path)
 
 
+@pytest.mark.slow  # (a whole training run: the slow lane)
 def test_from_scratch_moe_run_learns_and_exports_what_transformers_loads(tmp_path):
     """A tiny Qwen3-MoE from its config.json alone, trained in full with its load-balancing
     loss on the sample chats: the loss falls, the experts' loads are logged, and the export

@@ -18,6 +18,8 @@ from jaxft.workdir import load_run
 from tests import hf_models
 from tests.tiny_run import DATA, GRPO_TINY, read_metrics, tiny_config, tiny_model_dir
 
+pytestmark = pytest.mark.slow  # GRPO training runs (see the README: the -m 'not slow' lane)
+
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):

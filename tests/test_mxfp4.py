@@ -80,6 +80,7 @@ def test_mxfp4_checkpoint_loads_with_transformers_logits(tmp_path):
     assert "quantization_config" not in json.loads((tmp_path / "out" / "config.json").read_text())
 
 
+@pytest.mark.slow  # (a whole training run: the slow lane)
 def test_mxfp4_base_stays_packed_as_released_and_trains_lora(tmp_path):
     """`quantize="mxfp4"` (`lora.base_quant=mxfp4`) keeps the experts in the checkpoint's own
     codes and scales, 4.25 bits a weight, with transformers' logits; adapters on the experts

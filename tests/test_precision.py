@@ -75,6 +75,7 @@ def test_lora_on_a_bfloat16_base_keeps_float32_adapters(tmp_path):
     np.testing.assert_allclose(losses, ref_losses, rtol=2e-2)
 
 
+@pytest.mark.slow  # (a whole training run: the slow lane)
 def test_training_run_with_the_smallest_policy(tmp_path):
     """bfloat16 weights, compute and optimizer state through `jaxft.train` (on CPU, where
     bfloat16 is slow but exact enough to learn)."""

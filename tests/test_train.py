@@ -19,7 +19,7 @@ def llama_dir(tmp_path_factory):
     return tiny_model_dir(tmp_path_factory.mktemp("llama"), "llama")
 
 
-@pytest.mark.parametrize("mode", ["lora", "full"])
+@pytest.mark.parametrize("mode", ["lora", pytest.param("full", marks=pytest.mark.slow)])
 def test_training_lowers_eval_loss(mode, llama_dir, tmp_path):
     cfg = tiny_config(llama_dir, tmp_path, **{
         "lora.enabled": mode == "lora", "optim.lr": 3e-3 if mode == "lora" else 1e-3,
@@ -44,6 +44,7 @@ def test_text_format_full_fine_tune_of_gpt2(tmp_path):
     assert final["eval_loss"] < final["base_eval_loss"]
 
 
+@pytest.mark.slow  # (a whole training run: the slow lane)
 def test_bert_classifier_lora_learns(tmp_path):
     model_dir = tiny_model_dir(tmp_path / "bert", "bert")
     cfg = tiny_config(model_dir, tmp_path / "run", **{

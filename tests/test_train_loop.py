@@ -80,6 +80,7 @@ class _Counted:
         return getattr(self.inner, name)
 
 
+@pytest.mark.slow  # (a whole training run: the slow lane)
 def test_nonfinite_steps_are_counted_on_the_device_and_never_saved(model_dir, tmp_path,
                                                                    monkeypatch):
     """A NaN at step 2 is skipped on the device, counted at the next read (step 4), and no
@@ -126,6 +127,7 @@ def test_logged_loss_is_the_token_weighted_mean_of_its_window(model_dir, tmp_pat
     assert len({round(m["train_loss"], 6) for m in per_step.values()}) > 1  # windows differ
 
 
+@pytest.mark.slow  # (a whole training run: the slow lane)
 def test_a_resumed_run_logs_each_step_once(model_dir, tmp_path):
     """A run whose last checkpoint is behind what it logged (killed between a log line and the
     next save) runs those steps again on resume; metrics.jsonl keeps one line per step."""

@@ -21,6 +21,7 @@ def listing(workdir):
     return sorted(str(p.relative_to(workdir)) for p in workdir.rglob("*"))
 
 
+@pytest.mark.slow  # (a whole training run: the slow lane)
 def test_changed_lora_setup_is_refused_and_leaves_the_run_and_its_export_intact(model_dir,
                                                                               tmp_path):
     """Another LoRA rank, or a quantized base under adapters trained on a 16-bit one (or the
