@@ -30,6 +30,16 @@ Batch = dict[str, np.ndarray]
 STATE_KEYS = ("epoch", "row", "step", "examples")
 
 
+def local_batch_size(global_batch_size: int, process_index: int, process_count: int) -> int:
+    """Each process's rows of a global batch, which every process must share equally."""
+    if global_batch_size < 1 or global_batch_size % process_count:
+        raise JaxftError(f"global_batch_size={global_batch_size} must be a positive multiple "
+                         f"of the process count ({process_count})")
+    if not 0 <= process_index < process_count:
+        raise JaxftError(f"process_index={process_index} is outside [0, {process_count})")
+    return global_batch_size // process_count
+
+
 class _Layout:
     """How global batches map onto this process: shared by the train and eval iterators."""
 
@@ -41,13 +51,8 @@ class _Layout:
         self.process_index = jax.process_index() if process_index is None else process_index
         self.process_count = jax.process_count() if process_count is None else process_count
         self.global_batch_size = global_batch_size
-        if global_batch_size < 1 or global_batch_size % self.process_count:
-            raise JaxftError(f"global_batch_size={global_batch_size} must be a positive multiple "
-                             f"of the process count ({self.process_count})")
-        if not 0 <= self.process_index < self.process_count:
-            raise JaxftError(f"process_index={self.process_index} is outside "
-                             f"[0, {self.process_count})")
-        self.local_batch_size = global_batch_size // self.process_count
+        self.local_batch_size = local_batch_size(global_batch_size, self.process_index,
+                                                 self.process_count)
 
     @property
     def units(self) -> int:

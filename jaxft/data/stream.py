@@ -41,7 +41,7 @@ from transformers import PreTrainedTokenizerBase
 
 from jaxft.data import order, packing, shards, token_cache
 from jaxft.data.encode import Examples
-from jaxft.data.iterator import Batch
+from jaxft.data.iterator import Batch, local_batch_size
 from jaxft.data.worker_pool import WorkerPool
 from jaxft.errors import JaxftError
 from jaxft.hf import hub
@@ -250,12 +250,10 @@ class StreamIterator:
 
     def __init__(self, corpus: StreamedCorpus, *, seq_len: int, global_batch_size: int,
                  seed: int, pad_id: int, process_index: int, process_count: int):
-        if global_batch_size < 1 or global_batch_size % process_count:
-            raise JaxftError(f"global_batch_size={global_batch_size} must be a positive multiple "
-                             f"of the process count ({process_count})")
         self.corpus, self.seq_len, self.seed, self.pad_id = corpus, seq_len, seed, pad_id
         self.global_batch_size = global_batch_size
-        self.local_batch_size = global_batch_size // process_count
+        self.local_batch_size = local_batch_size(global_batch_size, process_index,
+                                                 process_count)
         self.process_index, self.process_count = process_index, process_count
         self._epoch = self._shard = self._row = self._step = 0
         self._current: tuple[tuple[int, int], list[list[tuple]]] | None = None
@@ -314,7 +312,6 @@ class StreamIterator:
     def rows_per_epoch(self) -> int:
         """Rows of epoch 0 over every process (waits for the whole corpus to be tokenized)."""
         mine = sum(len(self.shard_rows(0, s)) for s in self.shard_sequence(0))
-        self._current = None
         return mine * self.process_count
 
     def get_state(self) -> dict:

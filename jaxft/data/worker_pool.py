@@ -76,9 +76,6 @@ class WorkerPool:
         except OSError:
             pass
 
-    def finished(self, index: int) -> bool:
-        return self._events[index].is_set()
-
     def wait(self, index: int) -> dict:
         """The reply for job `index` once it is done ({'counts'} or {'error', 'kind'})."""
         event = self._events[index]
